@@ -1,0 +1,27 @@
+"""atlasflow: cohort brain MRI preprocessing, deep registration, atlases and tumour-growth maps.
+
+Thin entry point: configuration and cohort validation, then one rules file per stage.
+"""
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/register.smk"
+
+
+rule all:
+    """Every preprocessed scan, its registration to the template and its QC metrics."""
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,246 @@
+"""Command-line entry points: ``atlasflow <command>``; each calls one package function.
+
+User-facing problems (:class:`AtlasflowError`) become one line on stderr and exit code 1, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import AtlasflowError
+
+
+def _threads(n: int | None) -> None:
+    """Bound every thread pool to the job's share of the machine before heavy imports run."""
+    if not n:
+        return
+    for var in ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .synth import make_demo_cohort
+
+    manifest = make_demo_cohort(
+        Path(args.out_dir),
+        seed=args.seed,
+        n_cross=args.n_cross,
+        n_long=args.n_long,
+        n_timepoints=args.n_timepoints,
+        spacing_mm=args.spacing,
+    )
+    print(f"demo cohort written; manifest: {manifest}")
+    return 0
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    from .template import prepare_template
+
+    prepare_template(args.source, args.spacing, args.out_image, args.out_mask, args.mask)
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import preprocess as pp
+
+    if args.step == "reorient":
+        pp.reorient(args.input, args.output, dtype=np.float32)
+    elif args.step == "n4":
+        if args.skip:
+            pp.reorient(args.input, args.output)
+        else:
+            pp.bias_correct(args.input, args.output, args.mask)
+    elif args.step == "mask":
+        template = template_mask = None
+        if args.template:
+            from .io import load_image
+
+            template = load_image(args.template)
+            template_mask = load_image(args.template_mask).data > 0
+        pp.brain_mask(
+            args.input,
+            args.output,
+            given_mask=args.given_mask,
+            labels=args.labels,
+            template=template,
+            template_mask=template_mask,
+        )
+    elif args.step == "finalize":
+        pp.finalize(args.input, args.mask, args.output, args.out_mask, spacing=args.spacing)
+    elif args.step == "carry":
+        pp.carry_labels(args.input, args.reference, args.output)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .register import RegisterOutputs, register_files
+
+    if args.out_dir:
+        outputs = RegisterOutputs.in_dir(args.out_dir, labels=bool(args.moving_labels))
+    elif args.out_image and args.out_affine and args.out_warp:
+        outputs = RegisterOutputs(Path(args.out_image), Path(args.out_affine), Path(args.out_warp))
+    else:
+        raise AtlasflowError("give --out-dir, or --out-image, --out-affine and --out-warp")
+    for name in ("inverse_warp", "warped_labels", "metrics", "velocity"):
+        value = getattr(args, f"out_{name}")
+        if value:
+            setattr(outputs, name, Path(value))
+    metrics = register_files(
+        args.fixed,
+        args.moving,
+        outputs,
+        moving_labels=args.moving_labels,
+        fixed_labels=args.fixed_labels,
+        fixed_mask=args.fixed_mask,
+        moving_mask=args.moving_mask,
+        cost_mask=args.cost_mask,
+        backend=args.backend,
+        refine_steps=args.refine,
+        model_path=args.model,
+        device=args.device,
+        ants_type=args.ants_type,
+        affine_only=args.affine_only,
+        seed=args.seed,
+    )
+    print(
+        f"registered {args.moving} -> {args.fixed} with {metrics['backend']} in {metrics['seconds']:.2f} s; "
+        f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; "
+        f"folding {100 * metrics['folding_fraction']:.4f}%"
+    )
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .io import load_image, save_image
+    from .transforms import apply_transform, load_transform
+
+    fixed = load_image(args.fixed)
+    labels = args.interpolation in ("nearest", "label")
+    moving = load_image(args.moving, dtype=None if labels else __import__("numpy").float32)
+    warped = apply_transform(moving, load_transform(args.affine, args.warp), fixed.grid, args.interpolation)
+    save_image(warped, args.output)
+    return 0
+
+
+def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module(f"atlasflow.{module}"), func)(args.rest) or 0)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlasflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="generate the embedded demo cohort")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-cross", type=int, default=8)
+    p.add_argument("--n-long", type=int, default=3)
+    p.add_argument("--n-timepoints", type=int, default=3)
+    p.add_argument("--spacing", type=float, default=2.0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("template", help="write the template and its mask on the working grid")
+    p.add_argument("--source", default="mni152")
+    p.add_argument("--mask", default=None)
+    p.add_argument("--spacing", type=float, default=2.0)
+    p.add_argument("--out-image", required=True)
+    p.add_argument("--out-mask", required=True)
+    p.set_defaults(func=cmd_template)
+
+    p = sub.add_parser("preprocess", help="one preprocessing step of one scan")
+    p.add_argument("step", choices=["reorient", "n4", "mask", "finalize", "carry"])
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--mask", help="brain/head mask (n4: optional; finalize: required)")
+    p.add_argument("--skip", action="store_true", help="n4: copy instead of correcting")
+    p.add_argument("--given-mask")
+    p.add_argument("--labels")
+    p.add_argument("--template")
+    p.add_argument("--template-mask")
+    p.add_argument("--out-mask")
+    p.add_argument("--spacing", type=float, default=2.0)
+    p.add_argument("--reference", help="carry: image whose grid the labels are resampled onto")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("register", help="register one pair (moving -> fixed)")
+    p.add_argument("--fixed", required=True)
+    p.add_argument("--moving", required=True)
+    p.add_argument("--out-dir")
+    p.add_argument("--out-image")
+    p.add_argument("--out-affine")
+    p.add_argument("--out-warp")
+    p.add_argument("--out-inverse-warp")
+    p.add_argument("--out-warped-labels")
+    p.add_argument("--out-metrics")
+    p.add_argument("--out-velocity")
+    p.add_argument("--moving-labels")
+    p.add_argument("--fixed-labels", help="score Dice of the warped moving labels against these")
+    p.add_argument("--fixed-mask")
+    p.add_argument("--moving-mask")
+    p.add_argument("--cost-mask", help="fixed-grid mask of voxels excluded from the similarity")
+    p.add_argument("--backend", choices=["deep", "ants"], default="deep")
+    p.add_argument("--refine", type=int, default=0, help="instance-optimisation steps (deep)")
+    p.add_argument("--model", default=None, help="weights file (default: shipped)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--ants-type", default="SyN", help="antspyx type_of_transform (ants backend)")
+    p.add_argument("--affine-only", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("apply", help="apply a written transform ([warp, affine]) to an image")
+    p.add_argument("--fixed", required=True, help="image defining the output grid")
+    p.add_argument("--moving", required=True)
+    p.add_argument("--affine", required=True)
+    p.add_argument("--warp", default=None)
+    p.add_argument("--interpolation", choices=["linear", "nearest", "label"], default="linear")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_apply)
+
+    for name, module, func, text in [
+        ("validate", "manifest", "main_validate", "validate a cohort manifest or BIDS folder"),
+        ("train", "train", "train_main", "train the registration networks on synthetic pairs"),
+        ("finetune", "train", "finetune_main", "fine-tune the networks on a cohort"),
+    ]:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module, func))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _threads(args.threads)
+        return args.func(args)
+    except AtlasflowError as exc:
+        print(f"atlasflow: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("atlasflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

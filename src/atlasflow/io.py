@@ -1,0 +1,162 @@
+"""Image I/O: the one way atlasflow reads and writes NIfTI files, and the grid they live on.
+
+An :class:`Image` is a 3-D array plus its voxel-to-world affine in nibabel's RAS millimetre
+convention. Everything that touches files goes through :func:`load_image` / :func:`save_image`,
+so that checks, dtypes and atomic writes are in one place.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import AtlasflowError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: shape and voxel-to-world (RAS mm) affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    def same_as(self, other: Grid, atol: float = 1e-3) -> bool:
+        return tuple(self.shape) == tuple(other.shape) and np.allclose(
+            self.affine, other.affine, atol=atol
+        )
+
+
+@dataclass
+class Image:
+    """A 3-D image (or a 3-D grid of vectors, shape (X, Y, Z, C)) with its RAS affine."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(tuple(int(s) for s in self.data.shape[:3]), np.asarray(self.affine, float))
+
+    def with_data(self, data: np.ndarray) -> Image:
+        return Image(data, self.affine.copy())
+
+
+def _check_gzip(path: Path) -> None:
+    """Read a .gz file to its end so truncation is reported here, not deep inside a job."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise AtlasflowError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def load_header(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only; data stays on disk) with a clear error when it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise AtlasflowError(f"{path}: file not found")
+    if path.is_dir():
+        raise AtlasflowError(f"{path}: is a folder, expected a NIfTI file")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for garbage input
+        raise AtlasflowError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise AtlasflowError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def load_image(path: str | os.PathLike, dtype: type | None = np.float32, allow_vector: bool = False) -> Image:
+    """Load a 3-D NIfTI image (trailing singleton dimensions are dropped).
+
+    Raises AtlasflowError naming the file for anything that is not a finite 3-D image.
+    """
+    path = Path(path)
+    img = load_header(path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise AtlasflowError(f"{path}: image data cannot be read ({type(exc).__name__}: {exc})") from None
+    while data.ndim > 3 and data.shape[-1] == 1 and not allow_vector:
+        data = data[..., 0]
+    if allow_vector and data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
+    if not allow_vector and data.ndim != 3:
+        raise AtlasflowError(f"{path}: expected a 3-D image, got {data.ndim}-D with shape {data.shape}")
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise AtlasflowError(f"{path}: image contains NaN or infinite voxels")
+    affine = img.affine if img.affine is not None else np.eye(4)
+    return Image(np.ascontiguousarray(data), np.asarray(affine, dtype=float))
+
+
+def save_image(
+    image: Image,
+    path: str | os.PathLike,
+    dtype: type | np.dtype | None = None,
+    intent: str | None = None,
+) -> Path:
+    """Write an image atomically (temporary file in the same folder, then rename).
+
+    A partly written file therefore never survives under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = image.data if dtype is None else image.data.astype(dtype)
+    nii = nib.Nifti1Image(data, image.affine)
+    nii.header.set_qform(image.affine, code=1)
+    nii.header.set_sform(image.affine, code=1)
+    nii.header.set_xyzt_units("mm", "sec")
+    if intent is not None:
+        nii.header.set_intent(intent)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        # Fixed gzip mtime so identical inputs give byte-identical files.
+        if suffix == ".nii.gz":
+            raw = nii.to_bytes()
+            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+                gz.write(raw)
+        else:
+            nib.save(nii, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def check_gzip_integrity(path: str | os.PathLike) -> None:
+    """Public wrapper used by validation: a truncated .nii.gz fails here with a clear message."""
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        _check_gzip(path)

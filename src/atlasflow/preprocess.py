@@ -1,0 +1,200 @@
+"""Preprocessing of one scan: orientation, N4 bias correction, brain mask, intensity scale, grid.
+
+Each step is a function from files to files so that the workflow can cache it as its own target:
+
+1. :func:`reorient` - reorder the voxel array to RAS from the header (no resampling, no interpolation).
+2. :func:`bias_correct` - N4 bias-field correction (ANTs) inside a rough head/brain mask.
+3. :func:`brain_mask` - the given mask, else the label map (dilated), else the template mask carried
+   in by an affine registration of the template to the scan.
+4. :func:`finalize` - intensity normalisation inside the mask (robust percentiles to [0, 1]) and
+   resampling onto the working grid (isotropic spacing of the template, RAS, covering the brain).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .errors import AtlasflowError
+from .io import Grid, Image, load_image, save_image
+from .transforms import Transform, apply_transform
+
+
+def to_ras(image: Image) -> Image:
+    """Same image in world space, voxel array reordered so that axes run R, A, S."""
+    ornt = nib.orientations.io_orientation(image.affine)
+    target = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    transform = nib.orientations.ornt_transform(ornt, target)
+    data = nib.orientations.apply_orientation(image.data, transform)
+    inv = nib.orientations.inv_ornt_aff(transform, image.data.shape[:3])
+    return Image(np.ascontiguousarray(data), image.affine @ inv)
+
+
+def check_image_content(image: Image, path: str | Path) -> None:
+    """Reject images that cannot be preprocessed meaningfully."""
+    spacing = image.grid.spacing
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > 20):
+        raise AtlasflowError(f"{path}: implausible voxel size {np.round(spacing, 3).tolist()} mm")
+    if float(image.data.max()) <= float(image.data.min()):
+        raise AtlasflowError(f"{path}: image is constant ({float(image.data.min())}), nothing to align")
+
+
+def reorient(in_path: str | Path, out_path: str | Path, dtype=np.float32) -> Image:
+    """Step 1: reorient a file to RAS (intensity images as float32, label maps kept integer)."""
+    image = load_image(in_path, dtype=dtype)
+    if dtype is np.float32:
+        check_image_content(image, in_path)
+    ras = to_ras(image)
+    save_image(ras, out_path)
+    return ras
+
+
+def head_mask(image: Image) -> np.ndarray:
+    """Rough foreground mask: Otsu-like threshold, largest component, holes filled."""
+    data = image.data
+    positive = data[data > 0]
+    if positive.size == 0:
+        return np.ones(data.shape, bool)
+    threshold = 0.5 * float(np.percentile(positive, 50)) * 0.3
+    mask = data > threshold
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labels, range(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
+
+
+def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Path | None = None) -> Image:
+    """Step 2: N4 bias-field correction with ANTs' default schedule (shrink factor 2 at 2 mm)."""
+    import ants
+
+    from .register import from_ants, to_ants
+
+    image = load_image(in_path)
+    mask = load_image(mask_path).data > 0 if mask_path else head_mask(image)
+    shrink = 2 if max(image.data.shape) > 80 else 1
+    corrected = ants.n4_bias_field_correction(
+        to_ants(image), mask=to_ants(image.with_data(mask.astype(np.float32))), shrink_factor=shrink
+    )
+    out = from_ants(corrected)
+    out.data[~np.isfinite(out.data)] = 0
+    save_image(out, out_path)
+    return out
+
+
+def brain_mask(
+    image_path: str | Path,
+    out_path: str | Path,
+    *,
+    given_mask: str | Path | None = None,
+    labels: str | Path | None = None,
+    template: Image | None = None,
+    template_mask: np.ndarray | None = None,
+    dilate_voxels: int = 1,
+) -> Image:
+    """Step 3: brain mask on the image's grid.
+
+    Preference: a given mask; else the label map's foreground (dilated); else the template mask
+    carried onto the scan by an affine ANTs registration of the template (the only option for a
+    bare scan; it is coarse, so the mask is dilated generously).
+    """
+    image = load_image(image_path)
+    if given_mask:
+        mask_img = to_ras(load_image(given_mask))
+        mask = _on_grid(mask_img, image.grid) > 0.5
+        source = "given"
+    elif labels:
+        lab = to_ras(load_image(labels, dtype=None))
+        mask = ndimage.binary_dilation(_on_grid(lab, image.grid, "nearest") > 0, iterations=dilate_voxels)
+        mask = ndimage.binary_fill_holes(mask)
+        source = "labels"
+    else:
+        if template is None or template_mask is None:
+            raise AtlasflowError(f"{image_path}: no brain mask, no labels and no template to derive one")
+        from .register import register
+
+        reg = register(
+            image,
+            template,
+            backend="ants",
+            ants_type="Affine",
+            fixed_mask=head_mask(image),
+            moving_mask=template_mask,
+        )
+        warped = apply_transform(template.with_data(template_mask.astype(np.float32)), reg.transform, image.grid)
+        mask = ndimage.binary_dilation(warped.data > 0.5, iterations=max(dilate_voxels, 2))
+        mask = ndimage.binary_fill_holes(mask)
+        source = "template"
+    if mask.sum() == 0:
+        raise AtlasflowError(f"{image_path}: brain mask ({source}) is empty")
+    out = image.with_data(mask.astype(np.uint8))
+    save_image(out, out_path, dtype=np.uint8)
+    return out
+
+
+def _on_grid(image: Image, grid: Grid, interpolation: str = "linear") -> np.ndarray:
+    if image.grid.same_as(grid):
+        return image.data
+    return apply_transform(image, Transform.identity(), grid, interpolation).data
+
+
+def working_grid(image: Image, mask: np.ndarray, spacing: float, margin_mm: float = 10.0) -> Grid:
+    """RAS grid with isotropic ``spacing`` covering the mask's bounding box plus a margin."""
+    idx = np.argwhere(mask)
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float)
+    lo, hi = idx.min(0), idx.max(0)
+    box = lo + corners * (hi - lo)
+    world = box @ image.affine[:3, :3].T + image.affine[:3, 3]
+    wmin, wmax = world.min(0) - margin_mm, world.max(0) + margin_mm
+    shape = tuple(int(np.ceil((wmax[i] - wmin[i]) / spacing)) + 1 for i in range(3))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = wmin
+    return Grid(shape, affine)
+
+
+def normalise_intensity(data: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Map the ``low``-``high`` percentiles inside the mask to [0, 1], clip, zero outside."""
+    inside = data[mask]
+    lo, hi = np.percentile(inside, [low, high])
+    if hi <= lo:
+        raise AtlasflowError("intensity range inside the brain mask is empty")
+    out = np.clip((data - lo) / (hi - lo), 0, 1)
+    return (out * mask).astype(np.float32)
+
+
+def finalize(
+    image_path: str | Path,
+    mask_path: str | Path,
+    out_image: str | Path,
+    out_mask: str | Path,
+    *,
+    spacing: float = 2.0,
+) -> Image:
+    """Step 4: normalise intensities in the brain and resample image and mask to the working grid."""
+    image = load_image(image_path)
+    mask = load_image(mask_path).data > 0
+    grid = working_grid(image, mask, spacing)
+    norm = image.with_data(normalise_intensity(image.data, mask))
+    identity = Transform.identity()
+    out = apply_transform(norm, identity, grid, "linear")
+    out_m = apply_transform(image.with_data(mask.astype(np.uint8)), identity, grid, "nearest")
+    out.data *= out_m.data > 0
+    save_image(out, out_image, dtype=np.float32)
+    save_image(out_m, out_mask, dtype=np.uint8)
+    return out
+
+
+def carry_labels(in_path: str | Path, reference_path: str | Path, out_path: str | Path) -> Image:
+    """Resample a label map or mask (any orientation) onto a reference grid, nearest neighbour."""
+    labels = to_ras(load_image(in_path, dtype=None))
+    reference = load_image(reference_path)
+    out = apply_transform(labels, Transform.identity(), reference.grid, "nearest")
+    save_image(out, out_path, dtype=_label_dtype(out.data))
+    return out
+
+
+def _label_dtype(data: np.ndarray) -> type:
+    return np.uint8 if data.max() < 256 and data.min() >= 0 else np.int32

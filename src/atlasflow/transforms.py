@@ -1,0 +1,284 @@
+"""Transforms: the one representation of a spatial mapping, its files and the one warping function.
+
+A :class:`Transform` maps points of the *fixed* space to points of the *moving* space (a pull-back,
+as in ITK/ANTs), in world RAS millimetres::
+
+    x_moving = A @ (x_fixed + u(x_fixed))
+
+where ``A`` is a 4x4 affine and ``u`` an optional displacement field sampled on the fixed grid.
+On disk this is exactly what ANTs reads: ``affine.mat`` (ITK MatlabTransformIO, LPS) plus a
+displacement field NIfTI (vector intent, LPS mm, fixed grid), applied by
+``ants.apply_transforms(fixed, moving, [warp, affine])``.
+
+The torch primitives at the bottom work in voxel units of the fixed grid (channel order i, j, k)
+and are shared by the networks, the instance optimiser and the atlas shape update.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+import torch.nn.functional as F
+
+from .errors import AtlasflowError
+from .io import Grid, Image, load_image, save_image
+
+# RAS <-> LPS flips the first two world axes.
+_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Transform:
+    """Fixed-to-moving world mapping ``x_m = affine @ (x + displacement(x))``.
+
+    ``displacement`` is an Image of shape (X, Y, Z, 3) in RAS mm on the fixed grid, or None for a
+    purely affine transform.
+    """
+
+    affine: np.ndarray
+    displacement: Image | None = None
+
+    @classmethod
+    def identity(cls) -> Transform:
+        return cls(np.eye(4))
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def write_itk_affine(affine_ras: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a fixed->moving RAS affine as an ITK ``AffineTransform_double_3_3`` .mat (LPS)."""
+    lps = _FLIP @ np.asarray(affine_ras, float) @ _FLIP
+    params = np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]]).reshape(12, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mat", dir=path.parent)
+    os.close(fd)
+    try:
+        scipy.io.savemat(
+            tmp,
+            {"AffineTransform_double_3_3": params, "fixed": np.zeros((3, 1))},
+            format="4",
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_itk_affine(path: str | os.PathLike) -> np.ndarray:
+    """Read an ITK affine .mat (as written by ANTs or by us) as a fixed->moving RAS 4x4."""
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except Exception as exc:
+        raise AtlasflowError(f"{path}: not a readable ITK transform file ({exc})") from None
+    key = next((k for k in mat if k.startswith("AffineTransform") or k.startswith("MatrixOffset")), None)
+    if key is None or "fixed" not in mat:
+        raise AtlasflowError(f"{path}: no affine transform parameters found")
+    params = np.asarray(mat[key], float).ravel()
+    center = np.asarray(mat["fixed"], float).ravel()
+    matrix = params[:9].reshape(3, 3)
+    translation = params[9:12]
+    # ITK: y = M (x - c) + t + c
+    offset = translation + center - matrix @ center
+    lps = np.eye(4)
+    lps[:3, :3] = matrix
+    lps[:3, 3] = offset
+    return _FLIP @ lps @ _FLIP
+
+
+def write_itk_displacement(displacement: Image, path: str | os.PathLike) -> Path:
+    """Write a RAS-mm displacement field as an ITK/ANTs displacement field (LPS mm, 5-D vector)."""
+    data = np.asarray(displacement.data, np.float32).copy()
+    data[..., 0] *= -1.0
+    data[..., 1] *= -1.0
+    return save_image(Image(data[:, :, :, None, :], displacement.affine), path, intent="vector")
+
+
+def read_itk_displacement(path: str | os.PathLike) -> Image:
+    """Read an ITK/ANTs displacement field as RAS mm, shape (X, Y, Z, 3)."""
+    img = load_image(path, allow_vector=True)
+    data = img.data
+    if data.ndim != 4 or data.shape[-1] != 3:
+        raise AtlasflowError(f"{path}: expected a 3-D displacement field, got shape {data.shape}")
+    data = data.copy()
+    data[..., 0] *= -1.0
+    data[..., 1] *= -1.0
+    return Image(data, img.affine)
+
+
+def save_transform(transform: Transform, affine_path: str | os.PathLike, warp_path: str | os.PathLike | None) -> None:
+    """Write a transform as ANTs reads it: ``[warp_path, affine_path]``.
+
+    An affine-only transform still gets a (zero) displacement field when ``warp_path`` is given, so
+    every backend produces the same files.
+    """
+    write_itk_affine(transform.affine, affine_path)
+    if warp_path is not None:
+        if transform.displacement is None:
+            raise AtlasflowError("an affine-only transform has no grid for a displacement field")
+        write_itk_displacement(transform.displacement, warp_path)
+
+
+def load_transform(affine_path: str | os.PathLike, warp_path: str | os.PathLike | None = None) -> Transform:
+    disp = read_itk_displacement(warp_path) if warp_path is not None else None
+    return Transform(read_itk_affine(affine_path), disp)
+
+
+# ------------------------------------------------------------------------------------ grids, maps
+
+
+def world_coordinates(grid: Grid) -> np.ndarray:
+    """World RAS coordinates of every voxel centre, shape (X, Y, Z, 3)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in grid.shape], indexing="ij"), -1)
+    return ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+
+
+def moving_voxel_coordinates(transform: Transform, fixed: Grid, moving_affine: np.ndarray) -> np.ndarray:
+    """Continuous voxel index in the moving image for every fixed voxel, shape (X, Y, Z, 3)."""
+    points = world_coordinates(fixed)
+    if transform.displacement is not None:
+        if not transform.displacement.grid.same_as(fixed):
+            raise AtlasflowError("displacement field is not on the fixed grid")
+        points = points + transform.displacement.data
+    total = np.linalg.inv(moving_affine) @ transform.affine
+    return points @ total[:3, :3].T + total[:3, 3]
+
+
+def sample_voxels(volume: np.ndarray, coords: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+    """Sample a 3-D (or (X,Y,Z,C)) array at continuous voxel coordinates (..., 3).
+
+    Matches ITK's conventions: a point is inside when its index lies within [-0.5, n - 0.5] on every
+    axis (outside gives 0), linear interpolation clamps neighbours at the border, nearest rounds.
+    """
+    vol = np.asarray(volume)
+    channels = vol.ndim == 4
+    src = torch.from_numpy(np.ascontiguousarray(vol if channels else vol[..., None], dtype=np.float32))
+    src = src.permute(3, 0, 1, 2)[None]  # (1, C, X, Y, Z)
+    shape = np.array(vol.shape[:3], float)
+    out_shape = coords.shape[:-1]
+    c = torch.from_numpy(np.ascontiguousarray(coords.reshape(1, 1, 1, -1, 3), dtype=np.float32))
+    norm = 2.0 * c / torch.from_numpy(np.maximum(shape - 1, 1).astype(np.float32)) - 1.0
+    norm = norm.flip(-1)  # grid_sample wants (z, y, x) ordering for (X, Y, Z) input dims
+    mode = "nearest" if interpolation == "nearest" else "bilinear"
+    values = F.grid_sample(src, norm, mode=mode, padding_mode="border", align_corners=True)
+    values = values[0, :, 0, 0].T.numpy()  # (N, C)
+    flat = coords.reshape(-1, 3)
+    inside = np.all((flat >= -0.5) & (flat <= shape - 0.5), axis=1)
+    values[~inside] = 0.0
+    values = values.reshape(*out_shape, -1)
+    return values if channels else values[..., 0]
+
+
+def apply_transform(
+    moving: Image, transform: Transform, fixed: Grid, interpolation: str = "linear"
+) -> Image:
+    """Resample ``moving`` onto the ``fixed`` grid through ``transform``.
+
+    ``interpolation``: ``linear`` for intensities, ``nearest`` or ``label`` for label maps (labels are
+    never averaged as numbers: ``label`` interpolates each label's one-hot map linearly and keeps
+    the most likely label, which is smoother than nearest neighbour).
+    """
+    coords = moving_voxel_coordinates(transform, fixed, moving.affine)
+    if interpolation == "label":
+        labels = np.asarray(moving.data).astype(np.int64)
+        values = np.unique(labels)
+        best = np.zeros(fixed.shape, np.float32)
+        out = np.zeros(fixed.shape, labels.dtype)
+        # Process labels in chunks so memory stays bounded for large parcellations.
+        for start in range(0, len(values), 16):
+            chunk = values[start : start + 16]
+            onehot = np.stack([(labels == v).astype(np.float32) for v in chunk], -1)
+            prob = sample_voxels(onehot, coords, "linear")
+            idx = prob.argmax(-1)
+            top = np.take_along_axis(prob, idx[..., None], -1)[..., 0]
+            better = top > best
+            out[better] = chunk[idx[better]]
+            best[better] = top[better]
+        return Image(out.astype(moving.data.dtype), fixed.affine.copy())
+    data = sample_voxels(moving.data, coords, interpolation)
+    if interpolation == "nearest":
+        data = np.rint(data).astype(moving.data.dtype)
+    return Image(data.astype(np.float32) if interpolation == "linear" else data, fixed.affine.copy())
+
+
+def jacobian_determinant(displacement: Image) -> np.ndarray:
+    """Determinant of the Jacobian of ``x -> x + u(x)`` (central differences, world units)."""
+    u = np.asarray(displacement.data, np.float64)
+    grad_vox = np.stack([np.stack(np.gradient(u[..., c], axis=(0, 1, 2)), -1) for c in range(3)], -2)
+    # grad_vox[..., c, a] = du_c / d index_a; chain rule to world coordinates.
+    inv = np.linalg.inv(displacement.affine[:3, :3])
+    jac = np.einsum("...ca,aw->...cw", grad_vox, inv) + np.eye(3)
+    return np.linalg.det(jac).astype(np.float32)
+
+
+def folding_fraction(displacement: Image | None, mask: np.ndarray | None = None) -> float:
+    """Share of voxels (inside ``mask`` if given) where the Jacobian determinant is <= 0."""
+    if displacement is None:
+        return 0.0
+    det = jacobian_determinant(displacement)
+    region = det if mask is None else det[np.asarray(mask) > 0]
+    return float((region <= 0).mean()) if region.size else 0.0
+
+
+def displacement_vox_to_world(disp_vox: np.ndarray, grid: Grid) -> np.ndarray:
+    """Voxel-unit displacement (X, Y, Z, 3; i, j, k) to RAS mm."""
+    return disp_vox @ grid.affine[:3, :3].T
+
+
+def displacement_world_to_vox(disp_world: np.ndarray, grid: Grid) -> np.ndarray:
+    return disp_world @ np.linalg.inv(grid.affine[:3, :3]).T
+
+
+# ------------------------------------------------------------------------ torch, voxel units
+
+
+def identity_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Voxel index grid of shape (1, 3, X, Y, Z)."""
+    axes = [torch.arange(s, dtype=torch.float32, device=device) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def warp_tensor(
+    src: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Sample ``src`` (B, C, X, Y, Z) at ``identity + disp`` (B, 3, X, Y, Z, voxel units)."""
+    shape = disp.shape[2:]
+    loc = identity_grid(tuple(shape), disp.device) + disp
+    scale = torch.tensor([max(s - 1, 1) for s in src.shape[2:]], dtype=disp.dtype, device=disp.device)
+    norm = 2.0 * loc / scale.view(1, 3, 1, 1, 1) - 1.0
+    norm = norm.permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(src, norm, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> y + second(y)`` with ``y = x + first(x)``."""
+    return first + warp_tensor(second, first)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Exponential of a stationary velocity field by scaling and squaring (voxel units)."""
+    disp = velocity / (2**steps)
+    for _ in range(steps):
+        disp = disp + warp_tensor(disp, disp)
+    return disp
+
+
+def resize_displacement(disp: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a voxel-unit displacement field to another grid covering the same extent."""
+    if tuple(disp.shape[2:]) == tuple(shape):
+        return disp
+    scale = torch.tensor(
+        [(n - 1) / max(o - 1, 1) for n, o in zip(shape, disp.shape[2:], strict=True)],
+        dtype=disp.dtype,
+        device=disp.device,
+    )
+    up = F.interpolate(disp, size=tuple(shape), mode="trilinear", align_corners=True)
+    return up * scale.view(1, 3, 1, 1, 1)

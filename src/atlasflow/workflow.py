@@ -1,0 +1,54 @@
+"""Glue between the Snakemake workflow and the package: the cohort table the rules are built from.
+
+The Snakefile calls :func:`resolve_cohort` once at parse time; it either validates the user's
+manifest / BIDS folder (raising :class:`AtlasflowError` before any job runs) or describes the demo
+cohort that the ``demo_data`` rule will generate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+OPTIONAL_COLUMNS = ("labels", "tumor_mask", "brain_mask", "acq_date", "group")
+
+
+def _normalise(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.copy()
+    for column in OPTIONAL_COLUMNS:
+        if column not in table:
+            table[column] = ""
+    for column in ("subject", "session", "t1w", *OPTIONAL_COLUMNS):
+        table[column] = table[column].fillna("").astype(str)
+    return table.reset_index(drop=True)
+
+
+def resolve_cohort(config: dict, workdir: Path | None = None) -> pd.DataFrame:
+    """The cohort as a table with string columns subject, session, t1w and the optional ones.
+
+    Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
+    rule writes (relative to the working directory, as Snakemake expects for outputs).
+    """
+    cohort = config.get("cohort")
+    if cohort is None:
+        from .synth import demo_manifest
+
+        demo = config["demo"]
+        table = demo_manifest(
+            seed=demo["seed"],
+            n_cross=demo["n_cross"],
+            n_long=demo["n_long"],
+            n_timepoints=demo["n_timepoints"],
+        )
+        table = _normalise(table)
+        for column in ("t1w", "labels", "tumor_mask", "brain_mask"):
+            table[column] = [f"{demo['dir']}/{v}" if v else "" for v in table[column]]
+        return table
+    from .manifest import load_cohort, validate_cohort
+
+    source = Path(cohort)
+    if not source.is_absolute() and workdir is not None and not source.exists():
+        source = workdir / source
+    table = validate_cohort(load_cohort(source), source)
+    return _normalise(table)

@@ -1,0 +1,117 @@
+"""Preprocessing steps on small volumes with known answers, and on a real IXI head when present."""
+
+import numpy as np
+import pytest
+from conftest import blob_image
+
+from atlasflow import preprocess as pp
+from atlasflow.errors import AtlasflowError
+from atlasflow.io import Image, load_image, save_image
+from atlasflow.template import prepare_template
+from atlasflow.transforms import world_coordinates
+
+
+def psr(image: Image) -> Image:
+    """The same image stored with axes P, S, R (like the IXI scans)."""
+    data = np.transpose(image.data, (1, 2, 0))[::-1]  # axes now (A->P flipped, S, R)
+    ras_from_psr = np.zeros((4, 4))
+    ras_from_psr[0, 2] = 1
+    ras_from_psr[1, 0] = -1
+    ras_from_psr[2, 1] = 1
+    ras_from_psr[3, 3] = 1
+    ras_from_psr[1, 3] = data.shape[0] - 1
+    return Image(np.ascontiguousarray(data), image.affine @ ras_from_psr)
+
+
+def test_psr_helper_is_the_same_image_in_world_space(blob):
+    stored = psr(blob)
+    w_orig = world_coordinates(blob.grid)[3, 4, 5]
+    # the voxel holding blob[3, 4, 5] in the PSR array
+    ijk = np.linalg.inv(stored.affine) @ np.append(w_orig, 1)
+    assert stored.data[tuple(np.rint(ijk[:3]).astype(int))] == blob.data[3, 4, 5]
+
+
+def test_reorient_to_ras_restores_axes_without_resampling(tmp_path, blob):
+    save_image(psr(blob), tmp_path / "psr.nii.gz")
+    out = pp.reorient(tmp_path / "psr.nii.gz", tmp_path / "ras.nii.gz")
+    np.testing.assert_array_equal(out.data, blob.data)
+    np.testing.assert_allclose(out.affine, blob.affine, atol=1e-6)
+
+
+def test_constant_image_is_rejected(tmp_path, blob):
+    save_image(blob.with_data(np.zeros_like(blob.data)), tmp_path / "zero.nii.gz")
+    with pytest.raises(AtlasflowError, match="constant"):
+        pp.reorient(tmp_path / "zero.nii.gz", tmp_path / "out.nii.gz")
+
+
+def test_normalise_maps_percentiles_to_unit_range(blob):
+    mask = blob.data > 0.2
+    out = pp.normalise_intensity(blob.data * 500 + 30, mask)
+    assert out.min() == 0 and out.max() == 1
+    assert np.all(out[~mask] == 0)
+    order = np.argsort(blob.data[mask])
+    assert np.all(np.diff(out[mask][order]) >= -1e-6), "normalisation must be monotonic"
+
+
+def test_bias_correction_flattens_a_smooth_bias(tmp_path):
+    # Piecewise-constant "tissues" (N4 must not mistake real contrast for bias) under a smooth ramp.
+    x = np.linspace(-1, 1, 32)
+    r = np.sqrt(sum(g**2 for g in np.meshgrid(x, x, x, indexing="ij")))
+    checker = (np.add.outer(np.add.outer(np.arange(32) // 4, np.arange(32) // 4), np.arange(32) // 4) % 2)
+    tissue = np.where(r < 0.85, 1.0 + checker, 0.0).astype(np.float32)
+    image = Image(tissue, np.diag([2.0, 2.0, 2.0, 1.0]))
+    bias = np.exp(0.4 * x)[:, None, None] * np.ones((32, 32, 32))
+    save_image(image.with_data(image.data * bias * 100), tmp_path / "biased.nii.gz")
+    out = pp.bias_correct(tmp_path / "biased.nii.gz", tmp_path / "n4.nii.gz")
+    mask = tissue > 0
+
+    def left_right_ratio(data):
+        return data[:14][mask[:14]].mean() / data[18:][mask[18:]].mean()
+
+    before = left_right_ratio(image.data * bias)
+    after = left_right_ratio(out.data)
+    truth = left_right_ratio(image.data)
+    assert abs(after - truth) < 0.5 * abs(before - truth)
+
+
+def test_brain_mask_from_labels_and_finalize(tmp_path, blob):
+    labels = blob.with_data((blob.data > 0.4).astype(np.uint8) * 3)
+    save_image(blob, tmp_path / "t1.nii.gz")
+    save_image(labels, tmp_path / "labels.nii.gz")
+    mask = pp.brain_mask(tmp_path / "t1.nii.gz", tmp_path / "mask.nii.gz", labels=tmp_path / "labels.nii.gz")
+    assert mask.data.sum() >= (labels.data > 0).sum()
+    out = pp.finalize(tmp_path / "t1.nii.gz", tmp_path / "mask.nii.gz", tmp_path / "pre.nii.gz", tmp_path / "prem.nii.gz", spacing=3.0)
+    np.testing.assert_allclose(out.grid.spacing, 3.0)
+    assert out.data.max() <= 1.0 and out.data.min() >= 0.0
+    carried = pp.carry_labels(tmp_path / "labels.nii.gz", tmp_path / "pre.nii.gz", tmp_path / "lab.nii.gz")
+    assert carried.data.shape == out.data.shape
+    assert set(np.unique(carried.data)) == {0, 3}
+
+
+def test_empty_brain_mask_is_rejected(tmp_path, blob):
+    save_image(blob, tmp_path / "t1.nii.gz")
+    save_image(blob.with_data(np.zeros(blob.data.shape, np.uint8)), tmp_path / "empty.nii.gz")
+    with pytest.raises(AtlasflowError, match="empty"):
+        pp.brain_mask(tmp_path / "t1.nii.gz", tmp_path / "m.nii.gz", given_mask=tmp_path / "empty.nii.gz")
+
+
+def test_mni152_template_is_written_on_the_working_grid(tmp_path):
+    out = prepare_template("mni152", 4.0, tmp_path / "t.nii.gz", tmp_path / "m.nii.gz")
+    np.testing.assert_allclose(out.grid.spacing, 4.0)
+    mask = load_image(tmp_path / "m.nii.gz").data
+    assert 0.1 < mask.mean() < 0.6
+    assert out.data[mask > 0].mean() > 0.3
+
+
+@pytest.mark.slow
+def test_real_psr_head_is_reoriented_and_masked(tmp_path, shared_data):
+    t1 = shared_data / "ixi10/t1w/IXI012-HH-1211-T1_ds.nii.gz"
+    labels = shared_data / "ixi10/labels/IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"
+    ras = pp.reorient(t1, tmp_path / "r.nii.gz")
+    import nibabel as nib
+
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    pp.brain_mask(tmp_path / "r.nii.gz", tmp_path / "m.nii.gz", labels=labels)
+    out = pp.finalize(tmp_path / "r.nii.gz", tmp_path / "m.nii.gz", tmp_path / "p.nii.gz", tmp_path / "pm.nii.gz")
+    assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
+    assert 60 < out.data.shape[0] < 120

@@ -1,0 +1,83 @@
+"""The registration entry point and its file outputs (ANTs backend; the deep one in test_deep.py)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import blob_image
+
+from atlasflow.cli import main
+from atlasflow.errors import AtlasflowError
+from atlasflow.io import Image, load_image, save_image
+from atlasflow.register import dice_per_label, from_ants, ncc, register, to_ants
+from atlasflow.transforms import Transform, apply_transform
+
+
+def shifted_pair():
+    fixed = blob_image((28, 30, 26), seed=1)
+    truth = np.eye(4)
+    truth[:3, 3] = [4.0, -3.0, 2.0]  # mm
+    # moving sampled so that x_moving = truth @ x_fixed is the correspondence
+    moving = apply_transform(fixed, Transform(np.linalg.inv(truth)), fixed.grid)
+    return fixed, moving, truth
+
+
+def test_ants_image_conversion_round_trip():
+    image = blob_image()
+    image.affine[:3, :3] = image.affine[:3, :3] @ np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]])
+    back = from_ants(to_ants(image))
+    np.testing.assert_allclose(back.affine, image.affine, atol=1e-5)
+    np.testing.assert_allclose(back.data, image.data)
+
+
+def test_ants_backend_recovers_a_translation():
+    fixed, moving, truth = shifted_pair()
+    reg = register(fixed, moving, backend="ants", ants_type="Rigid")
+    np.testing.assert_allclose(reg.transform.affine[:3, 3], truth[:3, 3], atol=0.6)
+    warped = apply_transform(moving, reg.transform, fixed.grid)
+    assert ncc(fixed.data, warped.data) > ncc(fixed.data, moving.data)
+
+
+def test_unknown_backend_is_a_clear_error(blob):
+    with pytest.raises(AtlasflowError, match="unknown registration backend"):
+        register(blob, blob, backend="elastix")
+
+
+def test_dice_per_label():
+    a = np.array([0, 1, 1, 2, 2, 3])
+    b = np.array([0, 1, 2, 2, 2, 0])
+    d = dice_per_label(a, b)
+    assert d == {1: pytest.approx(2 / 3), 2: pytest.approx(0.8)}
+
+
+def test_register_command_writes_every_output(tmp_path, capsys):
+    fixed, moving, _ = shifted_pair()
+    labels = moving.with_data((moving.data > 0.5).astype(np.uint8) * 2)
+    save_image(fixed, tmp_path / "f.nii.gz")
+    save_image(moving, tmp_path / "m.nii.gz")
+    save_image(labels, tmp_path / "l.nii.gz")
+    code = main(
+        [
+            "register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
+            "--moving-labels", str(tmp_path / "l.nii.gz"), "--out-dir", str(tmp_path / "out"),
+            "--backend", "ants", "--ants-type", "SyN",
+        ]
+    )
+    assert code == 0
+    out = tmp_path / "out"
+    for name in ("warped.nii.gz", "affine.mat", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz", "metrics.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ncc_after"] > metrics["ncc_before"]
+    assert metrics["folding_fraction"] < 0.01
+    assert metrics["seconds"] > 0
+    warped_labels = load_image(out / "warped_labels.nii.gz", dtype=None).data
+    assert set(np.unique(warped_labels)) <= {0, 2}
+
+
+def test_register_command_reports_missing_input_in_one_line(tmp_path, capsys):
+    code = main(["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving", str(tmp_path / "x.nii.gz"), "--out-dir", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.nii.gz" in err[0] and "not found" in err[0]
+    assert not (tmp_path / "warped.nii.gz").exists()

@@ -1,0 +1,23 @@
+"""The embedded demo cohort, generated from nilearn's MNI152 (runs only when `cohort` is empty)."""
+
+if config["cohort"] is None:
+
+    rule demo_data:
+        """Generate the synthetic demo cohort and its ground truth."""
+        output:
+            manifest=f"{config['demo']['dir']}/manifest.csv",
+            files=demo_outputs(COHORT),
+        log:
+            f"{LOGS}/demo_data.log",
+        benchmark:
+            f"{BENCH}/demo_data.tsv"
+        params:
+            demo=config["demo"],
+        threads: THREADS
+        resources:
+            mem_mb=3000,
+            runtime=15,
+        shell:
+            "atlasflow --threads {threads} demo-data {params.demo[dir]} --seed {params.demo[seed]} "
+            "--n-cross {params.demo[n_cross]} --n-long {params.demo[n_long]} "
+            "--n-timepoints {params.demo[n_timepoints]} --spacing {params.demo[spacing_mm]} > {log} 2>&1"

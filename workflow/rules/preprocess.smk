@@ -1,0 +1,163 @@
+"""Preprocessing of every scan: reorient -> N4 -> brain mask -> normalise + working grid."""
+
+
+rule template:
+    """The reference template and its brain mask on the working grid."""
+    output:
+        image=TEMPLATE,
+        mask=TEMPLATE_MASK,
+    log:
+        f"{LOGS}/template.log",
+    benchmark:
+        f"{BENCH}/template.tsv"
+    params:
+        source=config["template"],
+        mask=f"--mask {config['template_mask']}" if config["template_mask"] else "",
+        spacing=config["working_spacing"],
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "atlasflow template --source {params.source} {params.mask} --spacing {params.spacing} "
+        "--out-image {output.image} --out-mask {output.mask} > {log} 2>&1"
+
+
+rule reorient:
+    """Reorder the voxel array to RAS from the header (no resampling)."""
+    input:
+        lambda wc: row(wc)["t1w"],
+    output:
+        temp(anat("T1w", desc="reoriented")),
+    log:
+        log("reorient"),
+    benchmark:
+        bench("reorient")
+    group:
+        "subject"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "atlasflow preprocess reorient --input {input} --output {output} > {log} 2>&1"
+
+
+rule bias_correct:
+    """N4 bias-field correction (ANTs)."""
+    input:
+        anat("T1w", desc="reoriented"),
+    output:
+        temp(anat("T1w", desc="n4")),
+    log:
+        log("n4"),
+    benchmark:
+        bench("n4")
+    params:
+        skip="" if config["preprocess"]["n4"] else "--skip",
+    threads: THREADS
+    group:
+        "subject"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "atlasflow --threads {threads} preprocess n4 {params.skip} --input {input} --output {output} > {log} 2>&1"
+
+
+def mask_inputs(wc):
+    """What the brain mask is derived from, by config and by what the manifest gives."""
+    mode = config["preprocess"]["brain_mask"]
+    given = optional(wc, "brain_mask")
+    labels = optional(wc, "labels")
+    if mode in ("auto", "given") and given:
+        return {"given": given}
+    if mode in ("auto", "labels") and labels:
+        return {"labels": labels}
+    return {"template": TEMPLATE, "template_mask": TEMPLATE_MASK}
+
+
+def mask_args(wc, input):
+    flags = {"given": "--given-mask", "labels": "--labels", "template": "--template", "template_mask": "--template-mask"}
+    return " ".join(f"{flags[k]} {input[k]}" for k in flags if k in input.keys())
+
+
+rule brain_mask:
+    """Brain mask on the scan's own grid: given, from labels, or carried in from the template."""
+    input:
+        image=anat("T1w", desc="n4"),
+        unpack(mask_inputs),
+    output:
+        temp(anat("mask", space="orig", desc="brain")),
+    log:
+        log("brain_mask"),
+    benchmark:
+        bench("brain_mask")
+    params:
+        extra=mask_args,
+    threads: THREADS
+    group:
+        "subject"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "atlasflow --threads {threads} preprocess mask --input {input.image} --output {output} {params.extra} > {log} 2>&1"
+
+
+rule preprocess:
+    """Intensity normalisation in the brain and resampling onto the working grid."""
+    input:
+        image=anat("T1w", desc="n4"),
+        mask=anat("mask", space="orig", desc="brain"),
+    output:
+        image=anat("T1w", desc="preproc"),
+        mask=anat("mask", desc="brain"),
+    log:
+        log("preprocess"),
+    benchmark:
+        bench("preprocess")
+    params:
+        spacing=config["working_spacing"],
+    group:
+        "subject"
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "atlasflow preprocess finalize --input {input.image} --mask {input.mask} --output {output.image} "
+        "--out-mask {output.mask} --spacing {params.spacing} > {log} 2>&1"
+
+
+rule preprocess_labels:
+    """The scan's label map on its working grid (nearest neighbour: labels are never averaged)."""
+    input:
+        labels=lambda wc: row(wc)["labels"],
+        reference=anat("T1w", desc="preproc"),
+    output:
+        anat("dseg", desc="preproc"),
+    log:
+        log("preprocess_labels"),
+    group:
+        "subject"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "atlasflow preprocess carry --input {input.labels} --reference {input.reference} --output {output} > {log} 2>&1"
+
+
+rule preprocess_tumor_mask:
+    """The scan's tumour mask on its working grid."""
+    input:
+        mask=lambda wc: row(wc)["tumor_mask"],
+        reference=anat("T1w", desc="preproc"),
+    output:
+        anat("mask", label="tumor", desc="preproc"),
+    log:
+        log("preprocess_tumor_mask"),
+    group:
+        "subject"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "atlasflow preprocess carry --input {input.mask} --reference {input.reference} --output {output} > {log} 2>&1"

@@ -1,0 +1,69 @@
+"""Registration of every preprocessed scan to the template (deep backend by default)."""
+
+REG = config["registration"]
+
+
+def model_input(wildcards):
+    return [REG["model"]] if REG["model"] else []
+
+
+rule register_template:
+    """Align one preprocessed scan to the template: ITK affine + displacement field, warped image."""
+    input:
+        fixed=TEMPLATE,
+        fixed_mask=TEMPLATE_MASK,
+        moving=anat("T1w", desc="preproc"),
+        moving_mask=anat("mask", desc="brain"),
+        model=model_input,
+    output:
+        warped=anat("T1w", space="template", desc="warped"),
+        affine=anat("xfm", from_="T1w", to="template", mode="image", ext="mat"),
+        warp=anat("xfm", from_="T1w", to="template", mode="image"),
+        inverse_warp=anat("xfm", from_="template", to="T1w", mode="image"),
+        metrics=anat("xfm", from_="T1w", to="template", mode="image", desc="qc", ext="json"),
+    log:
+        log("register_template"),
+    benchmark:
+        bench("register_template")
+    params:
+        backend=REG["backend"],
+        refine=REG["refine_steps"],
+        device=REG["device"],
+        ants_type=REG["ants_type"],
+        seed=REG["seed"],
+        model=lambda wc, input: f"--model {input.model}" if input.model else "",
+    threads: THREADS
+    group:
+        "subject"
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=0,
+    shell:
+        "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.model} "
+        "--backend {params.backend} --refine {params.refine} --device {params.device} "
+        "--ants-type {params.ants_type} --seed {params.seed} "
+        "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
+        "--out-inverse-warp {output.inverse_warp} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule warp_labels:
+    """A scan's label map carried into template space through its transform (label-aware)."""
+    input:
+        labels=anat("dseg", desc="preproc"),
+        fixed=TEMPLATE,
+        affine=anat("xfm", from_="T1w", to="template", mode="image", ext="mat"),
+        warp=anat("xfm", from_="T1w", to="template", mode="image"),
+    output:
+        anat("dseg", space="template"),
+    log:
+        log("warp_labels"),
+    group:
+        "subject"
+    resources:
+        mem_mb=1500,
+        runtime=5,
+    shell:
+        "atlasflow apply --fixed {input.fixed} --moving {input.labels} --affine {input.affine} "
+        "--warp {input.warp} --interpolation nearest --output {output} > {log} 2>&1"
