@@ -18,10 +18,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/register.smk"
+include: "workflow/rules/atlas.smk"
 
 
 rule all:
-    """Every preprocessed scan, its registration to the template and its QC metrics."""
+    """Every preprocessed scan, its registrations to the template and the atlas, and the atlas."""
     input:
         all_targets(),
     default_target: True

@@ -136,6 +136,31 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_atlas(args: argparse.Namespace) -> int:
+    from . import atlas
+
+    if args.step == "init":
+        atlas.affine_mean(args.images, args.affines, args.template, args.output)
+    elif args.step == "iterate":
+        atlas.build_iteration(
+            args.warped,
+            args.velocity,
+            args.previous,
+            args.output,
+            args.out_metrics,
+            gradient_step=args.gradient_step,
+            do_sharpen=not args.no_sharpen,
+            registration_metrics=args.metrics or [],
+            iteration=args.iteration,
+            mask=args.mask,
+        )
+    elif args.step == "vote":
+        atlas.label_vote(args.labels, args.output, args.out_probseg)
+    elif args.step == "gather":
+        atlas.gather_metrics(args.metrics, args.output)
+    return 0
+
+
 def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         return int(getattr(importlib.import_module(f"atlasflow.{module}"), func)(args.rest) or 0)
@@ -207,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affine-only", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("atlas", help="atlas building steps (init, iterate, vote, gather)")
+    p.add_argument("step", choices=["init", "iterate", "vote", "gather"])
+    p.add_argument("--output", required=True)
+    p.add_argument("--images", nargs="*", help="init: preprocessed images")
+    p.add_argument("--affines", nargs="*", help="init: their affines to the template")
+    p.add_argument("--template", help="init: reference template (grid and pose)")
+    p.add_argument("--warped", nargs="*", help="iterate: members warped to the previous template")
+    p.add_argument("--velocity", nargs="*", help="iterate: their velocity fields")
+    p.add_argument("--metrics", nargs="*", help="iterate/gather: metrics JSON files")
+    p.add_argument("--previous", help="iterate: previous template")
+    p.add_argument("--mask", help="iterate: template brain mask (for metrics)")
+    p.add_argument("--out-metrics", help="iterate: metrics JSON of this iteration")
+    p.add_argument("--iteration", type=int, default=1)
+    p.add_argument("--gradient-step", type=float, default=0.25)
+    p.add_argument("--no-sharpen", action="store_true")
+    p.add_argument("--labels", nargs="*", help="vote: label maps in atlas space")
+    p.add_argument("--out-probseg", help="vote: 4-D probability maps")
+    p.set_defaults(func=cmd_atlas)
 
     p = sub.add_parser("apply", help="apply a written transform ([warp, affine]) to an image")
     p.add_argument("--fixed", required=True, help="image defining the output grid")

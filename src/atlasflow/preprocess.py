@@ -68,14 +68,19 @@ def head_mask(image: Image) -> np.ndarray:
 
 
 def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Path | None = None) -> Image:
-    """Step 2: N4 bias-field correction with ANTs' default schedule (shrink factor 2 at 2 mm)."""
+    """Step 2: N4 bias-field correction with ANTs' default schedule.
+
+    The bias field is smooth, so it is estimated on a grid shrunk 4x (2x on small images): at 2 mm
+    this costs about 9 s of CPU instead of 68 s at shrink 2, for a 2.8% mean difference in the brain.
+    """
     import ants
 
     from .register import from_ants, to_ants
 
     image = load_image(in_path)
     mask = load_image(mask_path).data > 0 if mask_path else head_mask(image)
-    shrink = 2 if max(image.data.shape) > 80 else 1
+    smallest = min(image.data.shape)
+    shrink = 4 if smallest >= 64 else 2 if smallest >= 24 else 1
     corrected = ants.n4_bias_field_correction(
         to_ants(image), mask=to_ants(image.with_data(mask.astype(np.float32))), shrink_factor=shrink
     )

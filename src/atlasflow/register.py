@@ -238,8 +238,11 @@ def register_files(
     save_transform(reg.transform, outputs.affine, outputs.warp)
     if outputs.inverse_warp is not None and reg.inverse_displacement is not None:
         write_itk_displacement(reg.inverse_displacement, outputs.inverse_warp)
-    if outputs.velocity is not None and reg.velocity is not None:
-        save_image(reg.velocity, outputs.velocity, dtype=np.float32)
+    if outputs.velocity is not None:
+        # ANTs gives no velocity: its displacement is the first-order stand-in (v ~ u when small),
+        # so the atlas shape update works the same way for both backends.
+        field = reg.velocity if reg.velocity is not None else reg.transform.displacement
+        save_image(field, outputs.velocity, dtype=np.float32)
     if moving_labels:
         labels = load_image(moving_labels, dtype=None)
         warped_labels = apply_transform(labels, reg.transform, fixed.grid, "nearest")

@@ -52,3 +52,34 @@ def resolve_cohort(config: dict, workdir: Path | None = None) -> pd.DataFrame:
         source = workdir / source
     table = validate_cohort(load_cohort(source), source)
     return _normalise(table)
+
+
+def session_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted per subject by acquisition date (session label where dates are missing)."""
+    table = table.copy()
+    table["_date"] = pd.to_datetime(table["acq_date"].replace("", None), errors="coerce")
+    table = table.sort_values(["subject", "_date", "session"], na_position="last", kind="stable")
+    return table.drop(columns="_date")
+
+
+def baselines(table: pd.DataFrame) -> pd.DataFrame:
+    """The first session of every subject."""
+    return session_order(table).groupby("subject", sort=True).head(1)
+
+
+def atlas_members(table: pd.DataFrame, min_subjects: int = 2) -> list[tuple[str, str]]:
+    """Scans the atlas is built from: each subject's baseline, tumour-free subjects first.
+
+    A tumour has no counterpart in other brains, so subjects with a tumour mask only join the
+    atlas when there are too few tumour-free subjects to reach ``min_subjects``.
+    """
+    base = baselines(table)
+    clean = base[base["tumor_mask"] == ""]
+    chosen = clean if len(clean) >= min_subjects else base
+    if len(chosen) < min_subjects:
+        from .errors import AtlasflowError
+
+        raise AtlasflowError(
+            f"the atlas needs at least {min_subjects} subjects (atlas.min_subjects); the cohort has {len(chosen)}"
+        )
+    return list(zip(chosen["subject"], chosen["session"], strict=True))

@@ -4,15 +4,18 @@ import sys
 from pathlib import Path
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.workflow import resolve_cohort
+from atlasflow.workflow import atlas_members, resolve_cohort
 
 OUT = config["outdir"]
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 THREADS = config["threads"]
+# Conda environment for `--sdm conda` (paths in conda: are relative to the rules folder).
+CONDA_ENV = "../../envs/atlasflow.yaml"
 
 try:
     COHORT = resolve_cohort(config, workdir=Path(workflow.basedir))
+    ATLAS_MEMBERS = atlas_members(COHORT, config["atlas"]["min_subjects"])
 except AtlasflowError as exc:
     # One line naming the row/file and the problem, nothing written, non-zero exit.
     print(f"atlasflow: error: {exc}", file=sys.stderr)
@@ -67,8 +70,13 @@ TEMPLATE_MASK = f"{OUT}/template/template_desc-brain_mask.nii.gz"
 
 
 def all_targets():
-    targets = [TEMPLATE]
+    targets = [TEMPLATE, ATLAS_T1W, ATLAS_METRICS]
+    if any(has(s, t, "labels") for s, t in ATLAS_MEMBERS):
+        targets.append(ATLAS_DSEG)
     for subject, session in SCANS:
+        targets.append(anat("T1w", subject, session, space="atlas"))
+        if has(subject, session, "labels"):
+            targets.append(anat("dseg", subject, session, space="atlas"))
         targets.append(anat("T1w", subject, session, desc="preproc"))
         targets.append(anat("T1w", subject, session, space="template", desc="warped"))
         targets.append(anat("xfm", subject, session, from_="T1w", to="template", mode="image", desc="qc", ext="json"))
@@ -84,3 +92,74 @@ def demo_outputs(cohort):
         if column in cohort:
             files += [v for v in cohort[column] if isinstance(v, str) and v]
     return files
+
+
+# --- preprocess helpers
+
+def mask_inputs(wc):
+    """What the brain mask is derived from, by config and by what the manifest gives."""
+    mode = config["preprocess"]["brain_mask"]
+    given = optional(wc, "brain_mask")
+    labels = optional(wc, "labels")
+    if mode in ("auto", "given") and given:
+        return {"given": given}
+    if mode in ("auto", "labels") and labels:
+        return {"labels": labels}
+    return {"template": TEMPLATE, "template_mask": TEMPLATE_MASK}
+
+
+def mask_args(wc, input):
+    flags = {"given": "--given-mask", "labels": "--labels", "template": "--template", "template_mask": "--template-mask"}
+    return " ".join(f"{flags[k]} {input[k]}" for k in flags if k in input.keys())
+
+
+# --- register helpers
+
+REG = config["registration"]
+
+
+def model_input(wildcards):
+    return [REG["model"]] if REG["model"] else []
+
+
+def registration_options(wildcards, input):
+    """The registration flags shared by every registration rule."""
+    model = f"--model {input.model}" if input.model else ""
+    return (
+        f"--backend {REG['backend']} --refine {REG['refine_steps']} --device {REG['device']} "
+        f"--ants-type {REG['ants_type']} --seed {REG['seed']} {model}"
+    )
+
+
+# --- atlas helpers
+
+ATLAS = f"{OUT}/atlas"
+
+
+ATL = config["atlas"]
+
+
+N_ITER = ATL["iterations"]
+
+
+def iter_file(iteration, name):
+    return f"{ATLAS}/iter-{iteration}/{name}"
+
+
+def member_file(name, iteration="{iteration}", subject="{subject}", session="{session}"):
+    return f"{ATLAS}/iter-{iteration}/sub-{subject}/sub-{subject}_ses-{session}_{name}"
+
+
+def members(name, iteration):
+    return [member_file(name, iteration, s, t) for s, t in ATLAS_MEMBERS]
+
+
+def previous_template(wildcards):
+    return iter_file(int(wildcards.iteration) - 1, "template_T1w.nii.gz")
+
+
+ATLAS_T1W = f"{ATLAS}/atlas_T1w.nii.gz"
+ATLAS_DSEG = f"{ATLAS}/atlas_dseg.nii.gz"
+
+
+ATLAS_METRICS = f"{ATLAS}/metrics.tsv"

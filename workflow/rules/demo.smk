@@ -7,6 +7,8 @@ if config["cohort"] is None:
         output:
             manifest=f"{config['demo']['dir']}/manifest.csv",
             files=demo_outputs(COHORT),
+        conda:
+            CONDA_ENV
         log:
             f"{LOGS}/demo_data.log",
         benchmark:

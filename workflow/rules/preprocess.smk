@@ -6,6 +6,8 @@ rule template:
     output:
         image=TEMPLATE,
         mask=TEMPLATE_MASK,
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/template.log",
     benchmark:
@@ -28,6 +30,8 @@ rule reorient:
         lambda wc: row(wc)["t1w"],
     output:
         temp(anat("T1w", desc="reoriented")),
+    conda:
+        CONDA_ENV
     log:
         log("reorient"),
     benchmark:
@@ -47,6 +51,8 @@ rule bias_correct:
         anat("T1w", desc="reoriented"),
     output:
         temp(anat("T1w", desc="n4")),
+    conda:
+        CONDA_ENV
     log:
         log("n4"),
     benchmark:
@@ -63,30 +69,15 @@ rule bias_correct:
         "atlasflow --threads {threads} preprocess n4 {params.skip} --input {input} --output {output} > {log} 2>&1"
 
 
-def mask_inputs(wc):
-    """What the brain mask is derived from, by config and by what the manifest gives."""
-    mode = config["preprocess"]["brain_mask"]
-    given = optional(wc, "brain_mask")
-    labels = optional(wc, "labels")
-    if mode in ("auto", "given") and given:
-        return {"given": given}
-    if mode in ("auto", "labels") and labels:
-        return {"labels": labels}
-    return {"template": TEMPLATE, "template_mask": TEMPLATE_MASK}
-
-
-def mask_args(wc, input):
-    flags = {"given": "--given-mask", "labels": "--labels", "template": "--template", "template_mask": "--template-mask"}
-    return " ".join(f"{flags[k]} {input[k]}" for k in flags if k in input.keys())
-
-
 rule brain_mask:
     """Brain mask on the scan's own grid: given, from labels, or carried in from the template."""
     input:
-        image=anat("T1w", desc="n4"),
         unpack(mask_inputs),
+        image=anat("T1w", desc="n4"),
     output:
         temp(anat("mask", space="orig", desc="brain")),
+    conda:
+        CONDA_ENV
     log:
         log("brain_mask"),
     benchmark:
@@ -111,6 +102,8 @@ rule preprocess:
     output:
         image=anat("T1w", desc="preproc"),
         mask=anat("mask", desc="brain"),
+    conda:
+        CONDA_ENV
     log:
         log("preprocess"),
     benchmark:
@@ -134,6 +127,8 @@ rule preprocess_labels:
         reference=anat("T1w", desc="preproc"),
     output:
         anat("dseg", desc="preproc"),
+    conda:
+        CONDA_ENV
     log:
         log("preprocess_labels"),
     group:
@@ -152,6 +147,8 @@ rule preprocess_tumor_mask:
         reference=anat("T1w", desc="preproc"),
     output:
         anat("mask", label="tumor", desc="preproc"),
+    conda:
+        CONDA_ENV
     log:
         log("preprocess_tumor_mask"),
     group:

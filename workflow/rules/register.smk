@@ -1,12 +1,5 @@
 """Registration of every preprocessed scan to the template (deep backend by default)."""
 
-REG = config["registration"]
-
-
-def model_input(wildcards):
-    return [REG["model"]] if REG["model"] else []
-
-
 rule register_template:
     """Align one preprocessed scan to the template: ITK affine + displacement field, warped image."""
     input:
@@ -21,17 +14,14 @@ rule register_template:
         warp=anat("xfm", from_="T1w", to="template", mode="image"),
         inverse_warp=anat("xfm", from_="template", to="T1w", mode="image"),
         metrics=anat("xfm", from_="T1w", to="template", mode="image", desc="qc", ext="json"),
+    conda:
+        CONDA_ENV
     log:
         log("register_template"),
     benchmark:
         bench("register_template")
     params:
-        backend=REG["backend"],
-        refine=REG["refine_steps"],
-        device=REG["device"],
-        ants_type=REG["ants_type"],
-        seed=REG["seed"],
-        model=lambda wc, input: f"--model {input.model}" if input.model else "",
+        options=registration_options,
     threads: THREADS
     group:
         "subject"
@@ -41,9 +31,7 @@ rule register_template:
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
-        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.model} "
-        "--backend {params.backend} --refine {params.refine} --device {params.device} "
-        "--ants-type {params.ants_type} --seed {params.seed} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} "
         "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
         "--out-inverse-warp {output.inverse_warp} --out-metrics {output.metrics} > {log} 2>&1"
 
@@ -57,6 +45,8 @@ rule warp_labels:
         warp=anat("xfm", from_="T1w", to="template", mode="image"),
     output:
         anat("dseg", space="template"),
+    conda:
+        CONDA_ENV
     log:
         log("warp_labels"),
     group:

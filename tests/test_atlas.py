@@ -1,0 +1,92 @@
+"""Atlas building blocks with known answers: streaming means, shape update, label votes."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import blob_image
+
+from atlasflow import atlas
+from atlasflow.errors import AtlasflowError
+from atlasflow.io import Image, load_image, save_image
+from atlasflow.register import ncc
+from atlasflow.transforms import Transform, apply_transform
+
+
+def write(tmp_path, name, image, **kw):
+    return save_image(image, tmp_path / name, **kw)
+
+
+def test_stream_mean_equals_numpy_mean(tmp_path, blob):
+    paths = [write(tmp_path, f"{i}.nii.gz", blob.with_data(blob.data * (i + 1))) for i in range(4)]
+    mean = atlas.stream_mean(paths)
+    np.testing.assert_allclose(mean.data, blob.data * 2.5, rtol=1e-5)
+
+
+def test_stream_mean_rejects_mixed_grids(tmp_path, blob):
+    other = blob_image((10, 10, 10))
+    paths = [write(tmp_path, "a.nii.gz", blob), write(tmp_path, "b.nii.gz", other)]
+    with pytest.raises(AtlasflowError, match="grid differs"):
+        atlas.stream_mean(paths)
+
+
+def test_constant_velocity_integrates_to_a_translation(blob):
+    v = np.zeros((*blob.data.shape, 3), np.float32)
+    v[..., 0] = 3.0
+    disp = atlas.velocity_to_displacement(Image(v, blob.affine))
+    core = disp.data[4:-4, 4:-4, 4:-4]
+    np.testing.assert_allclose(core[..., 0], 3.0, atol=0.05)
+    np.testing.assert_allclose(core[..., 1:], 0.0, atol=0.05)
+
+
+def test_shape_update_moves_the_template_to_the_cohort_centre(blob):
+    """Subjects are the template shifted by +s on average: the update must shift the template by s."""
+    shift = np.array([4.0, 0.0, 0.0])
+    truth = apply_transform(blob, Transform(np.diag([1, 1, 1, 1.0]) + np.pad(-shift[:, None], ((0, 1), (3, 0)))), blob.grid)
+    # x_subject = x_template + u with u = +shift: the mean velocity is the shift
+    v = np.broadcast_to(shift, (*blob.data.shape, 3)).astype(np.float32).copy()
+    moved = atlas.shape_update(blob, Image(v, blob.affine), gradient_step=1.0)
+    inner = (slice(5, -5),) * 3
+    assert ncc(moved.data[inner], truth.data[inner]) > 0.99
+    assert ncc(blob.data[inner], truth.data[inner]) < ncc(moved.data[inner], truth.data[inner])
+
+
+def test_sharpen_keeps_range_and_raises_contrast(blob):
+    out = atlas.sharpen(blob)
+    assert out.data.min() >= blob.data.min() and out.data.max() <= blob.data.max()
+    assert np.abs(np.diff(out.data, axis=0)).mean() > np.abs(np.diff(blob.data, axis=0)).mean()
+
+
+def test_label_vote_majority_and_probabilities(tmp_path):
+    affine = np.eye(4)
+    maps = [np.array([[[1, 2, 0, 3]]]), np.array([[[1, 2, 2, 0]]]), np.array([[[1, 1, 2, 0]]])]
+    paths = [write(tmp_path, f"l{i}.nii.gz", Image(m.astype(np.uint8), affine)) for i, m in enumerate(maps)]
+    vote, _ = atlas.label_vote(paths, tmp_path / "dseg.nii.gz", tmp_path / "prob.nii.gz")
+    np.testing.assert_array_equal(vote.data[0, 0], [1, 2, 2, 0])
+    prob = load_image(tmp_path / "prob.nii.gz", allow_vector=True).data
+    assert prob.shape[-1] == 3  # labels 1, 2, 3
+    np.testing.assert_allclose(prob[0, 0, 0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(prob[0, 0, 3], [0.0, 0.0, 1 / 3], atol=1e-6)
+    assert "label" in (tmp_path / "prob.tsv").read_text()
+
+
+def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob):
+    labels = blob.with_data(np.digitize(blob.data, [0.3, 0.7]).astype(np.uint8))
+    paths = [write(tmp_path, f"{i}.nii.gz", labels) for i in range(3)]
+    assert atlas.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_build_iteration_writes_template_and_metrics(tmp_path, blob):
+    warped = [write(tmp_path, f"w{i}.nii.gz", blob.with_data(blob.data + 0.01 * i)) for i in range(3)]
+    vel = [write(tmp_path, f"v{i}.nii.gz", Image(np.zeros((*blob.data.shape, 3), np.float32), blob.affine)) for i in range(3)]
+    reg = []
+    for i in range(3):
+        p = tmp_path / f"m{i}.json"
+        p.write_text(json.dumps({"ncc_after": 0.9, "folding_fraction": 0.0}))
+        reg.append(p)
+    prev = write(tmp_path, "prev.nii.gz", blob)
+    metrics = atlas.build_iteration(warped, vel, prev, tmp_path / "t.nii.gz", tmp_path / "m.json", registration_metrics=reg, do_sharpen=False)
+    assert metrics["members"] == 3 and metrics["mean_velocity_norm_max_mm"] == 0.0
+    assert metrics["template_change_rms"] == pytest.approx(0.01, rel=1e-3)
+    atlas.gather_metrics([tmp_path / "m.json"], tmp_path / "metrics.tsv")
+    assert (tmp_path / "metrics.tsv").read_text().startswith("iteration\t")

@@ -1,0 +1,180 @@
+"""Unbiased atlas: iteration 0 = affine mean; iteration i = register -> average -> shape update.
+
+Each iteration is its own set of targets (`iter-{iteration}`), so raising `atlas.iterations` reruns
+only the new iterations and what follows them.
+"""
+
+rule atlas_init:
+    """Iteration 0: mean of the members after affine alignment to the reference template."""
+    input:
+        template=TEMPLATE,
+        images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
+        affines=[anat("xfm", s, t, from_="T1w", to="template", mode="image", ext="mat") for s, t in ATLAS_MEMBERS],
+    output:
+        iter_file(0, "template_T1w.nii.gz"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/atlas/iter-0.log",
+    benchmark:
+        f"{BENCH}/atlas/iter-0.tsv"
+    params:
+        init=ATL["init"],
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "if [ {params.init} = template ]; then cp {input.template} {output}; else "
+        "atlasflow atlas init --template {input.template} --images {input.images} "
+        "--affines {input.affines} --output {output}; fi > {log} 2>&1"
+
+
+rule atlas_register:
+    """Register one member to the previous iteration's template."""
+    input:
+        fixed=previous_template,
+        fixed_mask=TEMPLATE_MASK,
+        moving=anat("T1w", desc="preproc"),
+        moving_mask=anat("mask", desc="brain"),
+        model=model_input,
+    output:
+        warped=member_file("desc-warped_T1w.nii.gz"),
+        velocity=member_file("desc-velocity_xfm.nii.gz"),
+        affine=member_file("xfm.mat"),
+        warp=member_file("xfm.nii.gz"),
+        metrics=member_file("desc-qc_xfm.json"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.log",
+    benchmark:
+        f"{BENCH}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
+    params:
+        options=registration_options,
+    threads: THREADS
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=0,
+    shell:
+        "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} "
+        "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
+        "--out-velocity {output.velocity} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule atlas_iterate:
+    """Average the members, pull the average by the negated mean velocity, sharpen."""
+    input:
+        previous=previous_template,
+        mask=TEMPLATE_MASK,
+        warped=lambda wc: members("desc-warped_T1w.nii.gz", wc.iteration),
+        velocity=lambda wc: members("desc-velocity_xfm.nii.gz", wc.iteration),
+        metrics=lambda wc: members("desc-qc_xfm.json", wc.iteration),
+    output:
+        template=iter_file("{iteration}", "template_T1w.nii.gz"),
+        metrics=iter_file("{iteration}", "metrics.json"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/atlas/iter-{{iteration}}.log",
+    benchmark:
+        f"{BENCH}/atlas/iter-{{iteration}}.tsv"
+    params:
+        step=ATL["gradient_step"],
+        sharpen="" if ATL["sharpen"] else "--no-sharpen",
+    resources:
+        mem_mb=2500,
+        runtime=10,
+    shell:
+        "atlasflow atlas iterate --iteration {wildcards.iteration} --previous {input.previous} "
+        "--mask {input.mask} --warped {input.warped} --velocity {input.velocity} "
+        "--metrics {input.metrics} --gradient-step {params.step} {params.sharpen} "
+        "--output {output.template} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule atlas_final:
+    """The final atlas (last iteration's template) and the per-iteration metrics table."""
+    input:
+        template=iter_file(N_ITER, "template_T1w.nii.gz"),
+        metrics=[iter_file(i, "metrics.json") for i in range(1, N_ITER + 1)],
+    output:
+        template=ATLAS_T1W,
+        metrics=ATLAS_METRICS,
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/atlas/final.log",
+    shell:
+        "(cp {input.template} {output.template} && "
+        "atlasflow atlas gather --metrics {input.metrics} --output {output.metrics}) > {log} 2>&1"
+
+
+rule register_atlas:
+    """Every scan registered to the final atlas: transforms and the scan in atlas space."""
+    input:
+        fixed=ATLAS_T1W,
+        fixed_mask=TEMPLATE_MASK,
+        moving=anat("T1w", desc="preproc"),
+        moving_mask=anat("mask", desc="brain"),
+        model=model_input,
+    output:
+        warped=anat("T1w", space="atlas"),
+        affine=anat("xfm", from_="T1w", to="atlas", mode="image", ext="mat"),
+        warp=anat("xfm", from_="T1w", to="atlas", mode="image"),
+        inverse_warp=anat("xfm", from_="atlas", to="T1w", mode="image"),
+        metrics=anat("xfm", from_="T1w", to="atlas", mode="image", desc="qc", ext="json"),
+    conda:
+        CONDA_ENV
+    log:
+        log("register_atlas"),
+    benchmark:
+        bench("register_atlas")
+    params:
+        options=registration_options,
+    threads: THREADS
+    group:
+        "subject_atlas"
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=0,
+    shell:
+        "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} "
+        "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
+        "--out-inverse-warp {output.inverse_warp} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+use rule warp_labels as warp_labels_atlas with:
+    input:
+        labels=anat("dseg", desc="preproc"),
+        fixed=ATLAS_T1W,
+        affine=anat("xfm", from_="T1w", to="atlas", mode="image", ext="mat"),
+        warp=anat("xfm", from_="T1w", to="atlas", mode="image"),
+    output:
+        anat("dseg", space="atlas"),
+    conda:
+        CONDA_ENV
+    log:
+        log("warp_labels_atlas"),
+    group:
+        "subject_atlas"
+
+
+rule atlas_labels:
+    """Atlas label map: majority vote of the members' labels in atlas space, + probabilities."""
+    input:
+        [anat("dseg", s, t, space="atlas") for s, t in ATLAS_MEMBERS if has(s, t, "labels")],
+    output:
+        dseg=ATLAS_DSEG,
+        probseg=f"{ATLAS}/atlas_probseg.nii.gz",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/atlas/labels.log",
+    resources:
+        mem_mb=3000,
+        runtime=10,
+    shell:
+        "atlasflow atlas vote --labels {input} --output {output.dseg} --out-probseg {output.probseg} > {log} 2>&1"
