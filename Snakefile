@@ -19,6 +19,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/atlas.smk"
+include: "workflow/rules/longitudinal.smk"
 
 
 rule all:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -161,6 +162,50 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_longitudinal(args: argparse.Namespace) -> int:
+    from . import longitudinal as lg
+
+    if args.step == "pair":
+        outputs = lg.PairOutputs(
+            warped=Path(args.out_image),
+            affine=Path(args.out_affine),
+            warp=Path(args.out_warp),
+            log_jacobian=Path(args.out_log_jacobian),
+            difference=Path(args.out_difference),
+            displacement=Path(args.out_displacement),
+            metrics=Path(args.out_metrics),
+            tumor_mask=Path(args.out_tumor_mask) if args.out_tumor_mask else None,
+        )
+        metrics = lg.register_followup(
+            args.baseline,
+            args.followup,
+            outputs,
+            baseline_mask=args.baseline_mask,
+            followup_mask=args.followup_mask,
+            baseline_tumor=args.baseline_tumor,
+            followup_tumor=args.followup_tumor,
+            backend=args.backend,
+            refine_steps=args.refine,
+            model_path=args.model,
+            device=args.device,
+            ants_type=args.ants_type,
+            seed=args.seed,
+        )
+        print(json.dumps(metrics))
+    elif args.step == "table":
+        sessions = [
+            {"session": s, "acq_date": "" if d == "-" else d, "tumor_mask": "" if m == "-" else m}
+            for s, d, m in args.session
+        ]
+        pair_metrics = dict(zip(args.pair_sessions or [], args.pair_metrics or [], strict=True))
+        lg.write_tumour_table(sessions, args.output, pair_metrics)
+    elif args.step == "to-atlas":
+        lg.to_atlas(args.input, args.atlas, args.affine, args.warp, args.output, args.interpolation)
+    elif args.step == "frequency":
+        lg.tumour_frequency(args.masks, args.output)
+    return 0
+
+
 def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         return int(getattr(importlib.import_module(f"atlasflow.{module}"), func)(args.rest) or 0)
@@ -251,6 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="*", help="vote: label maps in atlas space")
     p.add_argument("--out-probseg", help="vote: 4-D probability maps")
     p.set_defaults(func=cmd_atlas)
+
+    p = sub.add_parser("longitudinal", help="follow-up -> baseline change maps, tumour tables")
+    p.add_argument("step", choices=["pair", "table", "to-atlas", "frequency"])
+    p.add_argument("--baseline")
+    p.add_argument("--followup")
+    p.add_argument("--baseline-mask")
+    p.add_argument("--followup-mask")
+    p.add_argument("--baseline-tumor")
+    p.add_argument("--followup-tumor")
+    for name in ("image", "affine", "warp", "log-jacobian", "difference", "displacement", "metrics", "tumor-mask"):
+        p.add_argument(f"--out-{name}")
+    p.add_argument("--backend", choices=["deep", "ants"], default="deep")
+    p.add_argument("--refine", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--ants-type", default="SyN")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--session", nargs=3, action="append", metavar=("ID", "DATE", "MASK"), help="table: one per session, '-' when empty")
+    p.add_argument("--pair-sessions", nargs="*")
+    p.add_argument("--pair-metrics", nargs="*")
+    p.add_argument("--input")
+    p.add_argument("--atlas")
+    p.add_argument("--affine")
+    p.add_argument("--warp")
+    p.add_argument("--interpolation", choices=["linear", "nearest"], default="linear")
+    p.add_argument("--masks", nargs="*")
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_longitudinal)
 
     p = sub.add_parser("apply", help="apply a written transform ([warp, affine]) to an image")
     p.add_argument("--fixed", required=True, help="image defining the output grid")

@@ -70,7 +70,7 @@ TEMPLATE_MASK = f"{OUT}/template/template_desc-brain_mask.nii.gz"
 
 
 def all_targets():
-    targets = [TEMPLATE, ATLAS_T1W, ATLAS_METRICS]
+    targets = [TEMPLATE, ATLAS_T1W, ATLAS_METRICS, *longitudinal_targets()]
     if any(has(s, t, "labels") for s, t in ATLAS_MEMBERS):
         targets.append(ATLAS_DSEG)
     for subject, session in SCANS:
@@ -163,3 +163,63 @@ ATLAS_DSEG = f"{ATLAS}/atlas_dseg.nii.gz"
 
 
 ATLAS_METRICS = f"{ATLAS}/metrics.tsv"
+
+
+# --- longitudinal helpers
+
+from atlasflow.workflow import session_order  # noqa: E402
+
+_ORDERED = session_order(COHORT)
+SESSIONS = {s: list(g["session"]) for s, g in _ORDERED.groupby("subject", sort=True)}
+BASELINE = {s: sessions[0] for s, sessions in SESSIONS.items()}
+FOLLOWUPS = [(s, t) for s, sessions in SESSIONS.items() for t in sessions[1:]]
+LONGITUDINAL_SUBJECTS = [s for s, sessions in SESSIONS.items() if len(sessions) > 1]
+
+
+def row_of(subject, session):
+    return COHORT[(COHORT["subject"] == subject) & (COHORT["session"] == session)].iloc[0]
+
+
+def longitudinal_inputs(wc):
+    base = BASELINE[wc.subject]
+    inputs = {
+        "baseline": anat("T1w", wc.subject, base, desc="preproc"),
+        "baseline_mask": anat("mask", wc.subject, base, desc="brain"),
+        "followup": anat("T1w", wc.subject, wc.session, desc="preproc"),
+        "followup_mask": anat("mask", wc.subject, wc.session, desc="brain"),
+    }
+    if has(wc.subject, base, "tumor_mask"):
+        inputs["baseline_tumor"] = anat("mask", wc.subject, base, label="tumor", desc="preproc")
+    if has(wc.subject, wc.session, "tumor_mask"):
+        inputs["followup_tumor"] = anat("mask", wc.subject, wc.session, label="tumor", desc="preproc")
+    return inputs
+
+
+def atlas_tumor_mask(subject, session):
+    """A session's tumour mask in atlas space (baselines directly, follow-ups through the baseline)."""
+    if session == BASELINE[subject]:
+        return anat("mask", subject, session, space="atlas", label="tumor", desc="baseline")
+    return f"{OUT}/sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}_space-atlas_label-tumor_mask.nii.gz"
+
+
+def tumor_frequency_inputs(wildcards):
+    masks = []
+    for subject, sessions in SESSIONS.items():
+        with_mask = [t for t in sessions if has(subject, t, "tumor_mask")]
+        if with_mask:
+            masks.append(atlas_tumor_mask(subject, with_mask[-1]))
+    return masks
+
+
+def longitudinal_targets():
+    targets = []
+    for subject in LONGITUDINAL_SUBJECTS:
+        targets.append(f"{OUT}/sub-{subject}/longitudinal/sub-{subject}_tumor.tsv")
+        for session in SESSIONS[subject][1:]:
+            for change in ("desc-logjacobian_map", "desc-displacement_map", "desc-difference_T1w"):
+                targets.append(f"{OUT}/sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}_space-atlas_{change}.nii.gz")
+            if has(subject, session, "tumor_mask"):
+                targets.append(atlas_tumor_mask(subject, session))
+    if tumor_frequency_inputs(None):
+        targets.append(f"{ATLAS}/tumor_frequency.nii.gz")
+    return targets

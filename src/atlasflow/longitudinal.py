@@ -1,0 +1,244 @@
+"""Longitudinal tumour monitoring: follow-up -> baseline registration, change maps, volumes, growth.
+
+For each follow-up session the follow-up scan (moving) is registered to the subject's baseline scan
+(fixed) with the tumour of both timepoints excluded from the similarity (a tumour has no true
+correspondence). From that transform come the change maps on the baseline grid:
+
+* ``log_jacobian``: log of the Jacobian determinant of the baseline -> follow-up mapping. Positive
+  where tissue expanded between the two scans (a growing tumour and the tissue it pushes),
+  negative where it shrank. Integrated over the baseline tumour, ``sum(exp(log_jacobian) - 1) *
+  voxel volume`` estimates the tumour's volume change.
+* ``difference``: follow-up warped onto the baseline minus the baseline (both normalised).
+* ``displacement``: magnitude (mm) of the deformable part of the mapping; around the tumour this is
+  the mass effect.
+* the follow-up tumour mask carried onto the baseline grid.
+
+Tumour volumes come from the masks themselves (voxel count x voxel volume of the mask's own grid), so
+they are exact to the mask; growth rate, doubling time and a volumetric response category follow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .errors import AtlasflowError
+from .io import Image, atomic_write_text, load_image, save_image
+from .register import ncc, register
+from .transforms import Transform, apply_transform, jacobian_determinant, save_transform
+
+# Volumetric response thresholds after RANO / mRANO (relative change of the tumour volume from the
+# baseline): >= +40 % progression, <= -65 % partial response, 0 left = complete response.
+PROGRESSION_PCT = 40.0
+PARTIAL_RESPONSE_PCT = -65.0
+
+
+def mask_volume_mm3(path: str | Path) -> float:
+    """Tumour volume from a mask file: voxels > 0.5 times the voxel volume of its own grid."""
+    mask = load_image(path)
+    voxel = float(abs(np.linalg.det(mask.affine[:3, :3])))
+    return float((mask.data > 0.5).sum()) * voxel
+
+
+def response_category(change_pct: float | None, volume: float | None, baseline_volume: float | None) -> str:
+    """Volumetric response from the change relative to the baseline (rule in the module constants)."""
+    if volume is None or baseline_volume is None or change_pct is None:
+        return "not_evaluable"
+    if baseline_volume > 0 and volume == 0:
+        return "complete_response"
+    if change_pct >= PROGRESSION_PCT:
+        return "progression"
+    if change_pct <= PARTIAL_RESPONSE_PCT:
+        return "partial_response"
+    return "stable"
+
+
+def _pct(new: float, old: float) -> float | None:
+    return 100.0 * (new - old) / old if old > 0 else None
+
+
+def tumour_table(sessions: list[dict]) -> pd.DataFrame:
+    """One row per session (ordered, first = baseline) with volumes, changes, growth and response.
+
+    Each input dict has ``session``, ``acq_date`` (ISO string or ""), ``tumor_mask`` (path or "").
+    """
+    rows = []
+    dates = [pd.to_datetime(s["acq_date"]) if s.get("acq_date") else None for s in sessions]
+    volumes = [mask_volume_mm3(s["tumor_mask"]) if s.get("tumor_mask") else None for s in sessions]
+    base_date, base_vol = dates[0], volumes[0]
+    for i, s in enumerate(sessions):
+        vol, date = volumes[i], dates[i]
+        days = (date - base_date).days if date is not None and base_date is not None else None
+        row = {
+            "session": s["session"],
+            "acq_date": s.get("acq_date", ""),
+            "days_since_baseline": days,
+            "volume_mm3": vol,
+        }
+        prev_vol = volumes[i - 1] if i > 0 else None
+        have = vol is not None and base_vol is not None
+        row["change_from_baseline_mm3"] = vol - base_vol if have else None
+        row["change_from_baseline_pct"] = _pct(vol, base_vol) if have else None
+        row["change_from_previous_mm3"] = vol - prev_vol if vol is not None and prev_vol is not None else None
+        row["change_from_previous_pct"] = _pct(vol, prev_vol) if vol is not None and prev_vol else None
+        rate = doubling = None
+        if have and days:
+            rate = (vol - base_vol) / days
+            if vol > base_vol > 0:
+                doubling = days * math.log(2) / math.log(vol / base_vol)
+        row["growth_rate_mm3_per_day"] = rate
+        row["doubling_time_days"] = doubling
+        row["response"] = "baseline" if i == 0 else response_category(row["change_from_baseline_pct"], vol, base_vol)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class PairOutputs:
+    """Files of one follow-up registered to its baseline."""
+
+    warped: Path
+    affine: Path
+    warp: Path
+    log_jacobian: Path
+    difference: Path
+    displacement: Path
+    metrics: Path
+    tumor_mask: Path | None = None
+
+
+def _shell(mask: np.ndarray, spacing: float, inner_mm: float = 0.0, outer_mm: float = 10.0) -> np.ndarray:
+    """Voxels between ``inner_mm`` and ``outer_mm`` outside the mask's boundary."""
+    distance = ndimage.distance_transform_edt(~mask) * spacing
+    return (distance > inner_mm) & (distance <= outer_mm)
+
+
+def register_followup(
+    baseline_path: str | Path,
+    followup_path: str | Path,
+    outputs: PairOutputs,
+    *,
+    baseline_mask: str | Path | None = None,
+    followup_mask: str | Path | None = None,
+    baseline_tumor: str | Path | None = None,
+    followup_tumor: str | Path | None = None,
+    exclusion_margin_mm: float = 4.0,
+    **options,
+) -> dict:
+    """Register a follow-up to its baseline with the tumours excluded; write the change maps."""
+    fixed = load_image(baseline_path)
+    moving = load_image(followup_path)
+    fmask = load_image(baseline_mask).data > 0 if baseline_mask else None
+    mmask = load_image(followup_mask).data > 0 if followup_mask else None
+    spacing = float(fixed.grid.spacing.mean())
+    tumour_b = load_image(baseline_tumor).data > 0.5 if baseline_tumor else np.zeros(fixed.data.shape, bool)
+    cost = None
+    if baseline_tumor or followup_tumor:
+        # The follow-up tumour is found on the baseline grid through an affine first pass.
+        first = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, affine_only=True, **options)
+        tumour_f = np.zeros(fixed.data.shape, bool)
+        if followup_tumor:
+            tumour_f = apply_transform(load_image(followup_tumor), first.transform, fixed.grid, "linear").data > 0.5
+        union = tumour_b | tumour_f
+        if union.any():
+            margin = max(1, int(round(exclusion_margin_mm / spacing)))
+            cost = ~ndimage.binary_dilation(union, iterations=margin)
+    reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=cost, **options)
+    transform = reg.transform
+    if transform.displacement is None:
+        transform = Transform(transform.affine, Image(np.zeros((*fixed.data.shape, 3), np.float32), fixed.affine))
+    warped = apply_transform(moving, transform, fixed.grid, "linear")
+    det = jacobian_determinant(transform.displacement) * float(np.linalg.det(transform.affine[:3, :3]))
+    log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
+    difference = (warped.data - fixed.data).astype(np.float32)
+    magnitude = np.linalg.norm(transform.displacement.data, axis=-1).astype(np.float32)
+    save_image(warped, outputs.warped, dtype=np.float32)
+    save_transform(transform, outputs.affine, outputs.warp)
+    save_image(fixed.with_data(log_jac), outputs.log_jacobian, dtype=np.float32)
+    save_image(fixed.with_data(difference), outputs.difference, dtype=np.float32)
+    save_image(fixed.with_data(magnitude), outputs.displacement, dtype=np.float32)
+    region = fmask if fmask is not None else fixed.data > 0
+    outside = region & (cost if cost is not None else np.ones_like(region))
+    before = apply_transform(moving, Transform(np.eye(4)), fixed.grid, "linear")
+    affine_only = apply_transform(moving, Transform(transform.affine), fixed.grid, "linear")
+    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
+    metrics: dict = {
+        "backend": reg.backend,
+        "seconds": round(reg.seconds, 3),
+        "folding_fraction": float((det[region] <= 0).mean()),
+        "ncc_before": ncc(fixed.data, before.data, region),
+        "ncc_after": ncc(fixed.data, warped.data, region),
+        "ncc_outside_tumor_affine": ncc(fixed.data, affine_only.data, outside),
+        "ncc_outside_tumor_after": ncc(fixed.data, warped.data, outside),
+    }
+    if tumour_b.any():
+        jac_change = float(((det - 1.0)[tumour_b]).sum() * voxel_mm3)
+        shell = _shell(tumour_b, spacing, 0.0, 10.0) & region
+        metrics.update(
+            {
+                "baseline_tumor_mm3_on_grid": float(tumour_b.sum() * voxel_mm3),
+                "jacobian_volume_change_mm3": jac_change,
+                "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
+                "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
+            }
+        )
+    if followup_tumor and outputs.tumor_mask is not None:
+        carried = apply_transform(load_image(followup_tumor), transform, fixed.grid, "linear").data > 0.5
+        save_image(fixed.with_data(carried.astype(np.uint8)), outputs.tumor_mask, dtype=np.uint8)
+    atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+PAIR_COLUMNS = (
+    "jacobian_volume_change_mm3",
+    "mass_effect_mean_mm",
+    "mass_effect_max_mm",
+    "ncc_outside_tumor_affine",
+    "ncc_outside_tumor_after",
+)
+
+
+def write_tumour_table(sessions: list[dict], out_tsv: str | Path, pair_metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """The subject's tumour TSV; follow-up rows also get the registration's mass-effect numbers."""
+    table = tumour_table(sessions)
+    for key in PAIR_COLUMNS:
+        table[key] = None
+    for session, path in (pair_metrics or {}).items():
+        values = json.loads(Path(path).read_text())
+        for key in PAIR_COLUMNS:
+            if key in values:
+                table.loc[table["session"] == session, key] = values[key]
+    atomic_write_text(out_tsv, table.to_csv(sep="\t", index=False, na_rep=""))
+    return table
+
+
+def to_atlas(
+    map_path: str | Path, atlas_path: str | Path, affine: str | Path, warp: str | Path, out_path: str | Path, interpolation: str = "linear"
+) -> Image:
+    """Carry a map on the baseline grid into atlas space through the baseline's atlas transform."""
+    from .transforms import load_transform
+
+    image = load_image(map_path, dtype=None if interpolation == "nearest" else np.float32)
+    atlas = load_image(atlas_path)
+    out = apply_transform(image, load_transform(affine, warp), atlas.grid, interpolation)
+    save_image(out, out_path)
+    return out
+
+
+def tumour_frequency(mask_paths: list[str | Path], out_path: str | Path) -> Image:
+    """Share of tumour subjects with tumour at each atlas voxel (masks already in atlas space)."""
+    if not mask_paths:
+        raise AtlasflowError("no tumour masks in atlas space to build a frequency map")
+    first = load_image(mask_paths[0])
+    total = np.zeros(first.data.shape, np.float32)
+    for path in mask_paths:
+        total += load_image(path).data > 0.5
+    out = first.with_data(total / len(mask_paths))
+    save_image(out, out_path, dtype=np.float32)
+    return out
