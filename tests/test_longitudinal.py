@@ -1,0 +1,90 @@
+"""Longitudinal change maps and tumour tables against known answers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import blob_image
+
+from atlasflow import longitudinal as lg
+from atlasflow.io import Image, load_image, save_image
+from atlasflow.transforms import Transform, apply_transform
+
+
+def ball(shape, centre, radius, affine):
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    return (np.linalg.norm(ijk - np.array(centre), axis=-1) <= radius).astype(np.uint8)
+
+
+def test_volume_is_voxel_count_times_voxel_volume(tmp_path):
+    affine = np.diag([0.9, 0.9, 5.0, 1.0])
+    mask = ball((20, 20, 8), (10, 10, 4), 5, affine)
+    save_image(Image(mask, affine), tmp_path / "m.nii.gz")
+    assert lg.mask_volume_mm3(tmp_path / "m.nii.gz") == pytest.approx(mask.sum() * 0.9 * 0.9 * 5.0)
+
+
+@pytest.mark.parametrize(
+    "pct, volume, category",
+    [(40.0, 1.4, "progression"), (39.9, 1.399, "stable"), (-65.0, 0.35, "partial_response"), (-100.0, 0.0, "complete_response"), (None, None, "not_evaluable")],
+)
+def test_response_categories_follow_the_stated_thresholds(pct, volume, category):
+    assert lg.response_category(pct, volume, 1.0) == category
+
+
+def test_tumour_table_growth_and_doubling_time(tmp_path):
+    affine = np.eye(4)
+    paths = []
+    for i, radius in enumerate([3, 4, 5]):
+        save_image(Image(ball((16, 16, 16), (8, 8, 8), radius, affine), affine), tmp_path / f"m{i}.nii.gz")
+        paths.append(str(tmp_path / f"m{i}.nii.gz"))
+    sessions = [
+        {"session": "1", "acq_date": "2020-01-01", "tumor_mask": paths[0]},
+        {"session": "2", "acq_date": "2020-03-01", "tumor_mask": paths[1]},
+        {"session": "3", "acq_date": "2020-05-01", "tumor_mask": paths[2]},
+    ]
+    table = lg.tumour_table(sessions)
+    v = table["volume_mm3"].to_numpy()
+    assert v[0] < v[1] < v[2]
+    days = table["days_since_baseline"].tolist()
+    assert days == [0, 60, 121]
+    np.testing.assert_allclose(table.loc[2, "growth_rate_mm3_per_day"], (v[2] - v[0]) / 121)
+    np.testing.assert_allclose(table.loc[2, "doubling_time_days"], 121 * np.log(2) / np.log(v[2] / v[0]))
+    assert table.loc[0, "response"] == "baseline"
+    assert table.loc[2, "response"] == "progression"
+
+
+def test_table_without_masks_has_empty_volumes(tmp_path):
+    sessions = [{"session": "1", "acq_date": "", "tumor_mask": ""}, {"session": "2", "acq_date": "", "tumor_mask": ""}]
+    out = lg.write_tumour_table(sessions, tmp_path / "t.tsv")
+    back = pd.read_csv(tmp_path / "t.tsv", sep="\t")
+    assert back["volume_mm3"].isna().all()
+    assert list(out["response"]) == ["baseline", "not_evaluable"]
+
+
+def test_followup_registration_measures_growth_and_writes_maps(tmp_path):
+    """A blob whose 'tumour' grows by an outward push: the log-Jacobian is positive there."""
+    base = blob_image((32, 32, 32), seed=3)
+    grid = base.grid
+    centre = np.array([16, 16, 16])
+    ijk = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"), -1).astype(float)
+    r = np.linalg.norm(ijk - centre, axis=-1)
+    # baseline -> follow-up mapping x -> x + u with u pulling points inward (so follow-up tissue is pushed out)
+    push = -(2.5 * np.exp(-((r / 7.0) ** 2)))[..., None] * (ijk - centre) / np.maximum(r, 1)[..., None] * 2.0
+    follow = apply_transform(base, Transform(np.eye(4), Image(push.astype(np.float32), grid.affine)), grid)
+    save_image(base, tmp_path / "b.nii.gz")
+    save_image(follow, tmp_path / "f.nii.gz")
+    tumour_b = (r <= 3).astype(np.uint8)
+    save_image(base.with_data(tumour_b), tmp_path / "tb.nii.gz")
+    outputs = lg.PairOutputs(
+        warped=tmp_path / "w.nii.gz", affine=tmp_path / "a.mat", warp=tmp_path / "u.nii.gz",
+        log_jacobian=tmp_path / "lj.nii.gz", difference=tmp_path / "d.nii.gz",
+        displacement=tmp_path / "disp.nii.gz", metrics=tmp_path / "m.json",
+    )
+    metrics = lg.register_followup(tmp_path / "b.nii.gz", tmp_path / "f.nii.gz", outputs, baseline_tumor=tmp_path / "tb.nii.gz", backend="ants", ants_type="SyN")
+    print(metrics)
+    assert metrics["ncc_after"] >= metrics["ncc_before"]
+    assert metrics["jacobian_volume_change_mm3"] > 0, "the tumour region expanded"
+    assert metrics["folding_fraction"] < 0.001
+    for path in (outputs.warped, outputs.affine, outputs.warp, outputs.log_jacobian, outputs.difference, outputs.displacement):
+        assert path.exists()
+    assert load_image(outputs.displacement).data.max() > 0
+    assert "jacobian_volume_change_mm3" in metrics and "mass_effect_mean_mm" in metrics
