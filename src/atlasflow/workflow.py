@@ -24,11 +24,13 @@ def _normalise(table: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def resolve_cohort(config: dict, workdir: Path | None = None) -> pd.DataFrame:
+def resolve_cohort(config: dict, workdir: Path | None = None, check_data: bool = True) -> pd.DataFrame:
     """The cohort as a table with string columns subject, session, t1w and the optional ones.
 
     Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
     rule writes (relative to the working directory, as Snakemake expects for outputs).
+    ``check_data`` reads the voxels too (NaN, constant, truncated files); jobs spawned by Snakemake
+    skip it since the main process already did it.
     """
     cohort = config.get("cohort")
     if cohort is None:
@@ -50,7 +52,7 @@ def resolve_cohort(config: dict, workdir: Path | None = None) -> pd.DataFrame:
     source = Path(cohort)
     if not source.is_absolute() and workdir is not None and not source.exists():
         source = workdir / source
-    table = validate_cohort(load_cohort(source), source)
+    table = validate_cohort(load_cohort(source), source, check_data=check_data)
     return _normalise(table)
 
 

@@ -14,7 +14,7 @@ THREADS = config["threads"]
 CONDA_ENV = "../../envs/atlasflow.yaml"
 
 try:
-    COHORT = resolve_cohort(config, workdir=Path(workflow.basedir))
+    COHORT = resolve_cohort(config, workdir=Path(workflow.basedir), check_data=workflow.is_main_process)
     ATLAS_MEMBERS = atlas_members(COHORT, config["atlas"]["min_subjects"])
 except AtlasflowError as exc:
     # One line naming the row/file and the problem, nothing written, non-zero exit.
