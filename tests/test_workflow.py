@@ -95,8 +95,20 @@ def test_tiny_demo_cohort_end_to_end(tmp_path):
     assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
     metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
     assert list(metrics["iteration"]) == [1, 2]
+    assert metrics["mean_velocity_norm_mean_mm"].iloc[-1] < metrics["mean_velocity_norm_mean_mm"].iloc[0]
     atlas_img = load_image(results / "atlas" / "atlas_T1w.nii.gz")
     assert atlas_img.data.max() > 0.5
+    # longitudinal: the tumour table matches the demo's mask volumes exactly, the maps exist in atlas space
+    truth = pd.read_csv(tmp_path / "demo_data" / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
+    for subject, rows in truth.groupby("subject"):
+        table = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
+        np.testing.assert_allclose(table["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
+        assert table["response"].iloc[0] == "baseline"
+        for session in rows["session"].iloc[1:]:
+            anat = results / f"sub-{subject}" / f"ses-{session}" / "anat"
+            for change in ("desc-logjacobian_map", "desc-displacement_map", "desc-difference_T1w", "label-tumor_mask"):
+                assert (anat / f"sub-{subject}_ses-{session}_space-atlas_{change}.nii.gz").exists(), change
+    assert (results / "atlas" / "tumor_frequency.nii.gz").exists()
     again = snakemake("-c", "2", "--configfile", str(TINY), "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
