@@ -81,3 +81,16 @@ def test_register_command_reports_missing_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.nii.gz" in err[0] and "not found" in err[0]
     assert not (tmp_path / "warped.nii.gz").exists()
+
+
+def test_qc_flags_name_the_failed_check_and_its_threshold():
+    from atlasflow.register import QCThresholds, qc_flags
+
+    good = {"folding_fraction": 0.0, "ncc_before": 0.3, "ncc_after": 0.8}
+    assert qc_flags(good, QCThresholds()) == []
+    folded = {**good, "folding_fraction": 0.01}
+    (flag,) = qc_flags(folded, QCThresholds(max_folding_fraction=0.001))
+    assert "folding" in flag and "0.001" in flag
+    worse = {**good, "ncc_before": 0.9, "ncc_after": 0.45}
+    flags = qc_flags(worse, QCThresholds(min_ncc_after=0.5))
+    assert len(flags) == 2 and any("lowered" in f for f in flags)

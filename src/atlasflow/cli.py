@@ -88,7 +88,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from .register import RegisterOutputs, register_files
+    from .register import QCThresholds, RegisterOutputs, register_files
 
     if args.out_dir:
         outputs = RegisterOutputs.in_dir(args.out_dir, labels=bool(args.moving_labels))
@@ -116,11 +116,13 @@ def cmd_register(args: argparse.Namespace) -> int:
         ants_type=args.ants_type,
         affine_only=args.affine_only,
         seed=args.seed,
+        thresholds=QCThresholds(args.max_folding, args.min_ncc),
     )
+    flags = "; ".join(metrics["qc_flags"]) or "QC pass"
     print(
         f"registered {args.moving} -> {args.fixed} with {metrics['backend']} in {metrics['seconds']:.2f} s; "
         f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; "
-        f"folding {100 * metrics['folding_fraction']:.4f}%"
+        f"folding {100 * metrics['folding_fraction']:.4f}%; {flags}"
     )
     return 0
 
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ants-type", default="SyN", help="antspyx type_of_transform (ants backend)")
     p.add_argument("--affine-only", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-folding", type=float, default=0.001, help="QC: flag above this folding fraction")
+    p.add_argument("--min-ncc", type=float, default=0.5, help="QC: flag below this NCC after registration")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("atlas", help="atlas building steps (init, iterate, vote, gather)")

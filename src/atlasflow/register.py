@@ -174,6 +174,30 @@ def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return out
 
 
+@dataclass(frozen=True)
+class QCThresholds:
+    """Bounds outside which a registration is flagged (config ``qc``)."""
+
+    max_folding_fraction: float = 0.001
+    min_ncc_after: float = 0.5
+
+
+def qc_flags(metrics: dict, thresholds: QCThresholds) -> list[str]:
+    """Reasons to distrust a registration; empty when it passes every check."""
+    flags = []
+    if metrics["folding_fraction"] > thresholds.max_folding_fraction:
+        flags.append(
+            f"folding fraction {metrics['folding_fraction']:.5f} > {thresholds.max_folding_fraction}"
+        )
+    if metrics["ncc_after"] < thresholds.min_ncc_after:
+        flags.append(f"NCC after registration {metrics['ncc_after']:.3f} < {thresholds.min_ncc_after}")
+    if metrics["ncc_after"] < metrics["ncc_before"] - 0.02:
+        flags.append(
+            f"registration lowered the similarity ({metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f})"
+        )
+    return flags
+
+
 @dataclass
 class RegisterOutputs:
     """Where :func:`register_files` writes; ``None`` skips that file."""
@@ -209,9 +233,14 @@ def register_files(
     fixed_mask: str | Path | None = None,
     moving_mask: str | Path | None = None,
     cost_mask: str | Path | None = None,
+    thresholds: QCThresholds | None = None,
     **options,
 ) -> dict:
-    """Register two files and write every output named in ``outputs``; returns the metrics."""
+    """Register two files and write every output named in ``outputs``; returns the metrics.
+
+    The metrics carry ``qc_flags`` (reasons to distrust the result, by ``thresholds``) and
+    ``qc_pass``; a flagged registration still writes its outputs so a person can inspect it.
+    """
     fixed = load_image(fixed_path)
     moving = load_image(moving_path)
     fmask = load_image(fixed_mask).data > 0 if fixed_mask else None
@@ -252,6 +281,13 @@ def register_files(
             target = load_image(fixed_labels, dtype=None).data
             per_label = dice_per_label(warped_labels.data, target)
             metrics["dice_mean"] = float(np.mean(list(per_label.values()))) if per_label else None
+    thresholds = thresholds or QCThresholds()
+    metrics["qc_thresholds"] = {
+        "max_folding_fraction": thresholds.max_folding_fraction,
+        "min_ncc_after": thresholds.min_ncc_after,
+    }
+    metrics["qc_flags"] = qc_flags(metrics, thresholds)
+    metrics["qc_pass"] = not metrics["qc_flags"]
     if outputs.metrics is not None:
         atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics

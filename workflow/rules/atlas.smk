@@ -51,6 +51,7 @@ rule atlas_register:
         f"{BENCH}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
     params:
         options=registration_options,
+        qc=qc_options,
     threads: THREADS
     resources:
         mem_mb=3000,
@@ -58,7 +59,7 @@ rule atlas_register:
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
-        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} {params.qc} "
         "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
         "--out-velocity {output.velocity} --out-metrics {output.metrics} > {log} 2>&1"
 
@@ -132,6 +133,7 @@ rule register_atlas:
         bench("register_atlas")
     params:
         options=registration_options,
+        qc=qc_options,
     threads: THREADS
     group:
         "subject_atlas"
@@ -141,7 +143,7 @@ rule register_atlas:
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
-        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} {params.qc} "
         "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
         "--out-inverse-warp {output.inverse_warp} --out-metrics {output.metrics} > {log} 2>&1"
 

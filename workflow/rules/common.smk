@@ -131,6 +131,11 @@ def registration_options(wildcards, input):
     )
 
 
+def qc_options(wildcards):
+    qc = config["qc"]
+    return f"--max-folding {qc['max_folding_fraction']} --min-ncc {qc['min_ncc_after']}"
+
+
 # --- atlas helpers
 
 ATLAS = f"{OUT}/atlas"

@@ -22,6 +22,7 @@ rule register_template:
         bench("register_template")
     params:
         options=registration_options,
+        qc=qc_options,
     threads: THREADS
     group:
         "subject"
@@ -31,7 +32,7 @@ rule register_template:
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
-        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} "
+        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} {params.qc} "
         "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
         "--out-inverse-warp {output.inverse_warp} --out-metrics {output.metrics} > {log} 2>&1"
 
