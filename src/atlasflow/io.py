@@ -126,10 +126,14 @@ def save_image(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        # Fixed gzip mtime so identical inputs give byte-identical files.
+        # Fixed gzip mtime so identical inputs give byte-identical files. Level 1 (nibabel's own
+        # default): level 9 took 5-10x longer on float displacement fields for files ~5 % smaller.
         if suffix == ".nii.gz":
             raw = nii.to_bytes()
-            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+            with (
+                open(tmp, "wb") as fh,
+                gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="", compresslevel=1) as gz,
+            ):
                 gz.write(raw)
         else:
             nib.save(nii, tmp)
