@@ -14,16 +14,21 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/atlas.smk"
 include: "workflow/rules/longitudinal.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     """Every preprocessed scan, its registrations to the template and the atlas, and the atlas."""
     input:
         all_targets(),
+        f"{OUT}/reports/cohort.html",
     default_target: True

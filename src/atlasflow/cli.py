@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", "manifest", "main_validate", "validate a cohort manifest or BIDS folder"),
         ("train", "train", "train_main", "train the registration networks on synthetic pairs"),
         ("finetune", "train", "finetune_main", "fine-tune the networks on a cohort"),
+        ("report", "report", "report_main", "write the HTML reports (subject, cohort)"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

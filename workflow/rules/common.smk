@@ -228,3 +228,28 @@ def longitudinal_targets():
     if tumor_frequency_inputs(None):
         targets.append(f"{ATLAS}/tumor_frequency.nii.gz")
     return targets
+
+
+# --- report helpers
+
+from atlasflow.report import cohort_report_inputs, subject_report_inputs  # noqa: E402
+
+REPORTS = f"{OUT}/reports"
+QC = config["qc"]
+QC_FLAGS = (
+    f"--max-folding-fraction {QC['max_folding_fraction']} --min-ncc-after {QC['min_ncc_after']} "
+    f"--min-dice {QC.get('min_dice', 0.5)}"
+)
+SCAN_LIST = " ".join(f"{s}:{t}" for s, sessions in SESSIONS.items() for t in sessions)
+
+
+def subject_report_files(wildcards):
+    sessions = SESSIONS[wildcards.subject]
+    return subject_report_inputs(
+        OUT,
+        wildcards.subject,
+        sessions,
+        baseline=BASELINE[wildcards.subject],
+        labels=[t for t in sessions if has(wildcards.subject, t, "labels")],
+        tumour=[t for t in sessions if has(wildcards.subject, t, "tumor_mask")],
+    ) + [row_of(wildcards.subject, t)["t1w"] for t in sessions]

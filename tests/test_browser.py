@@ -1,0 +1,270 @@
+"""The HTML reports in a real headless browser (Debian's chromium, installed by scripts/install-system-deps.sh).
+
+Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`` (JSON messages
+separated by NUL bytes on file descriptors 3 and 4), so no Python package beyond the standard
+library is needed. For the subject and the cohort report: every <img> decodes with a non-zero
+size, nothing is logged as an error (console, uncaught exception, failed load), the sortable table
+sorts, and a screenshot goes to ``test-artifacts/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_report import SESSIONS, THRESHOLDS, make_outputs
+
+from atlasflow.report import write_cohort_report, write_subject_report
+
+CHROMIUM = Path(os.environ.get("ATLASFLOW_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = REPO / "test-artifacts"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--window-size=1280,900",
+    "--remote-debugging-pipe",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason=f"{CHROMIUM} is absent: the browser test of the HTML reports needs Debian's chromium "
+    "(`make system-deps` or `sudo scripts/install-system-deps.sh browser`)",
+)
+
+
+class Browser:
+    """A headless chromium and one page, spoken to with DevTools-protocol commands."""
+
+    def __init__(self, profile: Path, timeout: float = 60.0):
+        self.timeout = timeout
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        # The browser reads commands on fd 3 and writes replies on fd 4; bash puts our pipe ends there.
+        command = shlex.join([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"])
+        command += f" 3<&{to_browser_r} 4>&{from_browser_w}"
+        # stderr to a file: a pipe nobody reads would block a chatty browser once it fills.
+        self.stderr_path = profile / "chromium-stderr.txt"
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(
+                ["bash", "-c", f"exec {command}"],
+                pass_fds=(to_browser_r, from_browser_w),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.events: list[dict] = []
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        for domain in ("Page", "Runtime", "Log"):
+            self.send(f"{domain}.enable", session=True)
+
+    def _read_message(self, deadline: float) -> dict:
+        while b"\0" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("chromium did not answer in time")
+            ready, _, _ = select.select([self._from_browser], [], [], remaining)
+            if ready:
+                chunk = os.read(self._from_browser, 1 << 20)
+                if not chunk:
+                    stderr = self.stderr_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"chromium closed the DevTools pipe: {stderr}")
+                self._buffer += chunk
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        return json.loads(message)
+
+    def send(self, method: str, params: dict | None = None, session: bool = False) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            reply = self._read_message(deadline)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_for(self, method: str) -> dict:
+        deadline = time.monotonic() + self.timeout
+        for index, event in enumerate(self.events):
+            if event.get("method") == method:
+                return self.events.pop(index)
+        while True:
+            event = self._read_message(deadline)
+            if event.get("method") == method:
+                return event
+            self.events.append(event)
+
+    def open(self, path: Path) -> None:
+        self.events.clear()
+        self.send("Page.navigate", {"url": path.resolve().as_uri()}, session=True)
+        self.wait_for("Page.loadEventFired")
+
+    def evaluate(self, expression: str):
+        result = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            session=True,
+        )
+        if "exceptionDetails" in result:
+            raise AssertionError(f"script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def errors(self) -> list[str]:
+        """Everything the page logged as an error since it was opened."""
+        found = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                found.append(
+                    "console: "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+                )
+            elif method == "Runtime.exceptionThrown":
+                found.append("exception: " + json.dumps(params["exceptionDetails"])[:500])
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
+        return found
+
+    def screenshot(self, path: Path, full_page: bool) -> None:
+        params: dict = {"format": "png"}
+        if full_page:
+            size = self.send("Page.getLayoutMetrics", session=True)["cssContentSize"]
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
+        data = self.send("Page.captureScreenshot", params, session=True)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+
+IMAGES_JS = """
+Promise.all(Array.from(document.images).map(function (img) {
+  return img.decode().then(function () { return true; }, function () { return false; }).then(function (decoded) {
+    return {alt: img.alt, decoded: decoded, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight};
+  });
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("browser")
+    outdir, raw = make_outputs(root)
+    reports = outdir / "reports"
+    for s, sessions in SESSIONS.items():
+        raw_inputs = {t: str(raw[s]) for t in sessions} if s in raw else None
+        write_subject_report(
+            outdir,
+            s,
+            sessions,
+            reports / f"sub-{s}.html",
+            raw_inputs=raw_inputs,
+            thresholds=THRESHOLDS,
+        )
+    write_cohort_report(
+        outdir,
+        list(SESSIONS),
+        reports / "cohort.html",
+        thresholds=THRESHOLDS,
+        sessions=SESSIONS,
+        iterations=2,
+    )
+    return reports
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    instance = Browser(profile)
+    yield instance
+    instance.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name, n_images", [("sub-03", 11), ("sub-02", 3), ("cohort", 3)])
+def test_report_renders_in_chromium(browser, pages, name, n_images):
+    browser.open(pages / f"{name}.html")
+    images = browser.evaluate(IMAGES_JS)
+    assert len(images) == n_images
+    broken = [
+        i
+        for i in images
+        if not (i["decoded"] and i["complete"] and i["width"] > 0 and i["height"] > 0)
+    ]
+    assert not broken, broken
+    assert browser.errors() == []
+    # The page is laid out: the first figure is visible and no wider than the window.
+    box = browser.evaluate(
+        "(function(){var r=document.images[0].getBoundingClientRect();return [r.width,r.height];})()"
+    )
+    assert 100 < box[0] <= 1280 and box[1] > 50
+    browser.screenshot(ARTIFACTS / f"report-{name}.png", full_page=False)
+    browser.screenshot(ARTIFACTS / f"report-{name}-full.png", full_page=True)
+    assert (ARTIFACTS / f"report-{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cohort_table_sorts_when_a_header_is_clicked(browser, pages):
+    browser.open(pages / "cohort.html")
+    subjects = "Array.from(document.querySelectorAll('#subject-table tbody tr td:first-child')).map(c => c.textContent)"
+    assert browser.evaluate(subjects) == ["sub-04", "sub-02", "sub-01", "sub-03"]  # problems first
+    browser.evaluate("document.querySelector('#subject-table th').click()")
+    assert browser.evaluate(subjects) == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    browser.evaluate("document.querySelector('#subject-table th').click()")
+    assert browser.evaluate(subjects) == ["sub-04", "sub-03", "sub-02", "sub-01"]
+    # Numeric column: NCC to atlas, ascending puts the failing 0.31 first, the subject without a value last.
+    browser.evaluate("document.querySelectorAll('#subject-table th')[5].click()")
+    assert browser.evaluate(subjects)[0] == "sub-02"
+    assert browser.errors() == []
+
+
+def test_missing_figure_placeholder_is_visible(browser, pages):
+    browser.open(pages / "sub-02.html")
+    shown = browser.evaluate("""(function () {
+        var box = document.querySelector('[data-missing="sub-02_ses-1_jacobian"]');
+        var r = box.getBoundingClientRect();
+        return {text: box.textContent, width: r.width, height: r.height};
+    })()""")
+    assert "missing" in shown["text"] and "xfm.nii.gz not found" in shown["text"]
+    assert shown["width"] > 200 and shown["height"] > 20
