@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from conftest import blob_image
 
 from atlasflow import preprocess as pp
 from atlasflow.errors import AtlasflowError

@@ -8,7 +8,7 @@ from conftest import blob_image
 
 from atlasflow.cli import main
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Image, load_image, save_image
+from atlasflow.io import load_image, save_image
 from atlasflow.register import dice_per_label, from_ants, ncc, register, to_ants
 from atlasflow.transforms import Transform, apply_transform
 

@@ -1,0 +1,226 @@
+"""Pairwise registration benchmark on real IXI scans: atlasflow's deep engine beside ANTs.
+
+Pairs: consecutive subjects of ``ixi10`` (fixed = subject i, moving = subject i+1, native grids),
+both brain-masked by their own label map dilated by 2 voxels and intensity-normalised to [0, 1]
+inside it. Each (pair, method) runs in its own forked process, interleaved, so every method sees
+the same machine load and the peak resident memory of one registration can be read per run.
+
+Scores: mean Dice over DLMUSE labels present in both subjects (background excluded; moving labels
+warped nearest-neighbour through the transform), folding fraction (Jacobian determinant <= 0 inside
+the fixed mask), median seconds per pair (registration only: model loading and imports excluded),
+peak resident memory. ANTs runs with ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS = the torch thread count.
+
+    python benchmarks/bench_register.py --data ../shared/data/ixi10 --refine-steps 100
+
+prints a markdown table and writes it to benchmarks/results/register.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = os.cpu_count() or 1
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(THREADS))
+# torch threads for the deep rows (set by --torch-threads; on a shared, busy machine one thread
+# was several times faster than two, because OpenMP workers wait for descheduled siblings).
+TORCH_THREADS = [THREADS]
+
+
+def load_subject(t1: Path, labels: Path):
+    from scipy import ndimage
+
+    from atlasflow.io import load_image
+    from atlasflow.preprocess import normalise_intensity
+
+    image = load_image(t1)
+    lab = load_image(labels, dtype=None)
+    mask = ndimage.binary_dilation(lab.data > 0, iterations=2)
+    image = image.with_data(normalise_intensity(image.data, mask))
+    return image, lab, mask
+
+
+def run_method(
+    method: str, fixed, moving, fixed_mask, moving_mask, refine_steps: int, model: str | None
+):
+    """Returns (transform, seconds)."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS[0])
+    if method.startswith("ants:"):
+        from atlasflow.register import register
+
+        kind = method.split(":", 1)[1]
+        reg = register(
+            fixed,
+            moving,
+            backend="ants",
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
+            ants_type=kind,
+            affine_only=False,
+        )
+        return reg.transform, reg.seconds
+    from atlasflow.deep import get_model, register_deep
+
+    get_model(model)  # loading is start-up, not registration time
+    res = register_deep(
+        fixed,
+        moving,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+        model_path=model,
+        refine_steps=refine_steps if method == "deep+refine" else 0,
+        affine_only=method == "deep-affine",
+    )
+    return res.transform, res.seconds
+
+
+def evaluate(transform, fixed_labels, moving_labels, fixed_mask) -> tuple[float, float]:
+    from atlasflow.transforms import apply_transform, folding_fraction
+
+    warped = apply_transform(moving_labels, transform, fixed_labels.grid, "nearest").data
+    present = np.intersect1d(np.unique(fixed_labels.data), np.unique(moving_labels.data))
+    dices = []
+    for lab in present[present != 0]:
+        a, b = fixed_labels.data == lab, warped == lab
+        dices.append(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(dices)), folding_fraction(transform.displacement, fixed_mask)
+
+
+def _child(queue, method, pair, subjects, refine_steps, model):
+    try:
+        (fixed, fixed_labels, fixed_mask), (moving, moving_labels, moving_mask) = (
+            subjects[pair[0]],
+            subjects[pair[1]],
+        )
+        transform, seconds = run_method(
+            method, fixed, moving, fixed_mask, moving_mask, refine_steps, model
+        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MB (Linux: KB)
+        dice, folding = evaluate(transform, fixed_labels, moving_labels, fixed_mask)
+        queue.put((dice, folding, seconds, peak, None))
+    except Exception as exc:  # report, do not hang the benchmark
+        queue.put((np.nan, np.nan, np.nan, np.nan, f"{type(exc).__name__}: {exc}"))
+
+
+LABELS = {
+    "deep": "atlasflow deep (no refinement)",
+    "deep+refine": "atlasflow deep + refinement ({steps} steps)",
+    "deep-affine": "atlasflow deep affine only",
+    "ants:SyN": 'ANTs `type_of_transform="SyN"`',
+    "ants:Affine": 'ANTs `"Affine"`',
+    "ants:antsRegistrationSyN[s]": 'ANTs `"antsRegistrationSyN[s]"`',
+}
+
+
+def table(results: dict, methods: list[str], pairs: list[int], steps: int, anchor: str) -> str:
+    rows = [
+        "| method | pairs | mean Dice | folding % | median s/pair | anchor s / method s | peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    anchor_s = np.median([results[(anchor, p)][2] for p in pairs])
+    for m in methods:
+        vals = np.array([results[(m, p)][:4] for p in pairs], float)
+        med = float(np.median(vals[:, 2]))
+        rows.append(
+            f"| {LABELS[m].format(steps=steps)} | {len(pairs)} | {np.nanmean(vals[:, 0]):.3f} | "
+            f"{100 * np.nanmean(vals[:, 1]):.4f} | {med:.2f} | {anchor_s / med:.1f} | {np.nanmax(vals[:, 3]):.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ixi10")
+    )
+    p.add_argument("--pairs", type=int, default=9)
+    p.add_argument(
+        "--slow-pairs", type=int, default=3, help="pairs for antsRegistrationSyN[s] (0 skips it)"
+    )
+    p.add_argument("--refine-steps", type=int, default=100)
+    p.add_argument("--model", default=None, help="weights (default: the shipped model)")
+    p.add_argument("--methods", default="deep,deep+refine,deep-affine,ants:SyN,ants:Affine")
+    p.add_argument(
+        "--torch-threads", type=int, default=THREADS, help="torch threads for the deep rows"
+    )
+    p.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent / "results" / "register.md")
+    )
+    args = p.parse_args(argv)
+
+    TORCH_THREADS[0] = args.torch_threads
+    data = Path(args.data)
+    t1s = sorted((data / "t1w").glob("*.nii.gz"))
+    labels = sorted((data / "labels").glob("*.nii.gz"))
+    if not t1s or len(t1s) != len(labels):
+        print(f"{data}: expected t1w/ and labels/ with one label map per image", file=sys.stderr)
+        return 1
+    subjects = [load_subject(t, lab) for t, lab in zip(t1s, labels, strict=True)]
+    pairs = [(i, i + 1) for i in range(min(args.pairs, len(subjects) - 1))]
+    methods = args.methods.split(",")
+    slow = "ants:antsRegistrationSyN[s]"
+    jobs = [(m, k) for k in range(len(pairs)) for m in methods]
+    jobs += [(slow, k) for k in range(min(args.slow_pairs, len(pairs)))]
+    ctx = mp.get_context("fork")
+    results = {}
+    start = time.perf_counter()
+    for method, k in jobs:
+        queue = ctx.Queue()
+        proc = ctx.Process(
+            target=_child, args=(queue, method, pairs[k], subjects, args.refine_steps, args.model)
+        )
+        proc.start()
+        out = queue.get()
+        proc.join()
+        results[(method, k)] = out
+        note = f" ERROR {out[4]}" if out[4] else ""
+        print(
+            f"pair {k} {pairs[k]} {method:30s} dice {out[0]:.4f} folding {out[1]:.5f} "
+            f"seconds {out[2]:.2f} peak_MB {out[3]:.0f}{note}  [{time.perf_counter() - start:.0f}s]",
+            flush=True,
+        )
+
+    all_pairs = list(range(len(pairs)))
+    text = [
+        f"# Pairwise registration, IXI ({len(pairs)} consecutive pairs, native 2 mm grids)\n",
+        f"Threads: torch {args.torch_threads}, ITK {THREADS}. Refinement steps: {args.refine_steps}. "
+        "Seconds exclude imports and model loading. Peak MB = max resident set size of the "
+        "forked process doing one registration (includes the Python interpreter, torch/ANTs and "
+        "the loaded cohort).",
+        f"Command: `python benchmarks/bench_register.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
+        f"## All {len(pairs)} pairs (anchor: ANTs SyN)\n",
+        table(
+            results,
+            methods,
+            all_pairs,
+            args.refine_steps,
+            "ants:SyN" if "ants:SyN" in methods else methods[0],
+        ),
+    ]
+    n_slow = min(args.slow_pairs, len(pairs))
+    if n_slow:
+        few = list(range(n_slow))
+        text += [
+            f"\n## First {n_slow} pairs (anchor: antsRegistrationSyN[s])\n",
+            table(results, methods + [slow], few, args.refine_steps, slow),
+        ]
+    report = "\n".join(text) + "\n"
+    print(report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

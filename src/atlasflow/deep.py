@@ -1,0 +1,498 @@
+"""The deep registration engine: one public function, :func:`register_deep`.
+
+Owns the path from two Images on any grids to a world-space :class:`~atlasflow.transforms.Transform`:
+
+1. working grid = the fixed grid with its voxel axes reordered to RAS (a permutation, no
+   resampling) and padded to a multiple of 16, so the networks always see brains the way round
+   they were trained;
+2. initial alignment by centres of mass (or ``init_affine``);
+3. deep affine (12 parameters around the identity), kept only when it improves the similarity, then
+   a short test-time optimisation of the affine (Adam on LNCC at half resolution);
+4. deep SVF (U-Net, half-resolution velocity), integrated by scaling and squaring (7 steps);
+5. optional instance optimisation of the velocity for ``refine_steps`` steps (Adam, LNCC +
+   diffusion, masked by the fixed mask minus the cost mask), coarse-to-fine;
+6. conversion to world millimetres on the fixed grid: forward displacement, inverse displacement
+   (exp of the negated velocity) and the velocity itself.
+
+Everything runs in torch on ``device`` with deterministic algorithms; model loading is cached and
+not counted in ``seconds``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import AtlasflowError
+from .io import Grid, Image
+from .nn.losses import diffusion_loss, local_ncc
+from .nn.networks import RegistrationModel
+from .transforms import Transform, integrate_velocity, resize_displacement, warp_tensor
+
+MODEL_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODEL_DIR / "atlasflow_synthmorph_2mm.safetensors"
+
+#: Defaults of the test-time optimisation, chosen on synthetic pairs (not on the benchmark).
+AFFINE_STEPS = 40
+AFFINE_LR = 0.01
+REFINE_LR = 0.2
+REFINE_WINDOW = 7
+REFINE_DIFFUSION = 1.0
+
+
+@dataclass
+class DeepResult:
+    """Output of :func:`register_deep` (all fields on the fixed grid, RAS mm)."""
+
+    transform: Transform  # fixed -> moving
+    inverse_displacement: Image  # x_fixed = y + v(y), y = affine^-1 x_moving
+    velocity: Image  # stationary velocity field (world mm)
+    seconds: float  # compute time, model loading excluded
+
+
+# ------------------------------------------------------------------------------- working grid
+
+
+@dataclass
+class WorkingGrid:
+    """The fixed grid reordered to RAS voxel axes and zero-padded to a multiple of ``multiple``."""
+
+    fixed: Grid
+    ornt: np.ndarray  # nibabel orientation transform fixed voxels -> RAS voxels
+    ras_shape: tuple[int, int, int]
+    pad_low: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # working voxel -> world
+
+    @classmethod
+    def for_grid(cls, fixed: Grid, multiple: int = 16) -> WorkingGrid:
+        ornt = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(fixed.affine),
+            nib.orientations.axcodes2ornt(("R", "A", "S")),
+        )
+        ras_affine = fixed.affine @ nib.orientations.inv_ornt_aff(ornt, fixed.shape)
+        ras_shape = tuple(int(fixed.shape[int(ornt[i, 0])]) for i in np.argsort(ornt[:, 0]))
+        # ornt[i, 0] is the RAS axis of fixed axis i; RAS axis a gets the length of that fixed axis.
+        ras_shape = [0, 0, 0]
+        for i, (axis, _) in enumerate(ornt):
+            ras_shape[int(axis)] = int(fixed.shape[i])
+        shape = tuple(int(np.ceil(n / multiple) * multiple) for n in ras_shape)
+        low = tuple((s - n) // 2 for s, n in zip(shape, ras_shape, strict=True))
+        shift = np.eye(4)
+        shift[:3, 3] = -np.array(low, float)
+        return cls(fixed, ornt, tuple(ras_shape), low, shape, ras_affine @ shift)
+
+    def to_working(self, data: np.ndarray) -> np.ndarray:
+        """Array on the fixed grid (X, Y, Z[, C]) -> working grid (zero padding)."""
+        ras = nib.orientations.apply_orientation(np.asarray(data), self.ornt)
+        pad = [
+            (lo, s - n - lo)
+            for lo, s, n in zip(self.pad_low, self.shape, self.ras_shape, strict=True)
+        ]
+        pad += [(0, 0)] * (ras.ndim - 3)
+        return np.ascontiguousarray(np.pad(ras, pad))
+
+    def to_fixed(self, data: np.ndarray) -> np.ndarray:
+        """Array on the working grid -> fixed grid (crop, then undo the axis reordering)."""
+        sl = tuple(slice(lo, lo + n) for lo, n in zip(self.pad_low, self.ras_shape, strict=True))
+        inverse = nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt(("R", "A", "S")),
+            nib.orientations.io_orientation(self.fixed.affine),
+        )
+        return np.ascontiguousarray(
+            nib.orientations.apply_orientation(np.asarray(data)[sl], inverse)
+        )
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+_MODEL_CACHE: dict[tuple[str, float], RegistrationModel] = {}
+
+
+def get_model(model_path: str | os.PathLike | None, device: str = "cpu") -> RegistrationModel:
+    """Load (once per process) the model at ``model_path`` or the shipped default."""
+    from .train import load_model
+
+    path = Path(model_path) if model_path is not None else DEFAULT_MODEL
+    if not path.is_file():
+        raise AtlasflowError(f"{path}: registration model not found")
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _MODEL_CACHE:
+        model, _ = load_model(path, device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _MODEL_CACHE[key] = model
+    return _MODEL_CACHE[key]
+
+
+def _centred_to_vox4(matrix: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """4x4 voxel matrix of the centred pull-back ``x -> M (x - c) + c + t``."""
+    c = (np.array(shape, float) - 1) / 2
+    out = np.eye(4)
+    out[:3, :3] = matrix[:3, :3]
+    out[:3, 3] = matrix[:3, 3] + c - matrix[:3, :3] @ c
+    return out
+
+
+def _centre_of_mass(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    weights = np.clip(np.asarray(data, np.float64), 0, None)
+    total = weights.sum()
+    if total <= 0:
+        raise AtlasflowError("image is empty inside its mask; nothing to register")
+    idx = [np.arange(n, dtype=np.float64) for n in weights.shape]
+    com = np.array(
+        [
+            (weights.sum(axis=tuple(j for j in range(3) if j != a)) * idx[a]).sum() / total
+            for a in range(3)
+        ]
+    )
+    return affine[:3, :3] @ com + affine[:3, 3]
+
+
+def _sample_moving(
+    moving: torch.Tensor,
+    vox_matrix: torch.Tensor,
+    shape: tuple[int, int, int],
+    disp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample ``moving`` (1, C, *moving shape) at ``vox_matrix @ (ijk + disp)`` for a grid ``shape``.
+
+    ``vox_matrix`` (4x4 torch) maps grid voxels to moving voxels; outside the moving image is zero.
+    """
+    axes = [torch.arange(s, dtype=moving.dtype, device=moving.device) for s in shape]
+    ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (X, Y, Z, 3)
+    if disp is not None:
+        ijk = ijk + disp[0].permute(1, 2, 3, 0)
+    loc = ijk @ vox_matrix[:3, :3].T + vox_matrix[:3, 3]
+    size = torch.tensor(
+        [max(n - 1, 1) for n in moving.shape[2:]], dtype=moving.dtype, device=moving.device
+    )
+    norm = (2 * loc / size - 1).flip(-1)[None]
+    return F.grid_sample(moving, norm, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def mask_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice, slice]:
+    """Bounding box (slices) of ``mask > 0`` grown by ``margin`` voxels, clipped to the grid."""
+    idx = torch.nonzero(mask[0, 0] > 0)
+    if idx.numel() == 0:
+        return tuple(slice(0, n) for n in mask.shape[2:])
+    lo = (idx.min(0).values - margin).clamp_min(0)
+    hi = idx.max(0).values + margin + 1
+    return tuple(
+        slice(int(a), min(int(b), n)) for a, b, n in zip(lo, hi, mask.shape[2:], strict=True)
+    )
+
+
+def warp_region(
+    src: torch.Tensor, disp: torch.Tensor, offset: tuple[int, int, int]
+) -> torch.Tensor:
+    """Sample ``src`` at ``ijk + offset + disp`` for the voxels ``ijk`` of a region of its grid."""
+    from .transforms import identity_grid
+
+    loc = identity_grid(tuple(disp.shape[2:]), disp.device) + disp
+    loc = loc + torch.tensor(offset, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
+    scale = torch.tensor(
+        [max(n - 1, 1) for n in src.shape[2:]], dtype=disp.dtype, device=disp.device
+    )
+    norm = (2.0 * loc / scale.view(1, 3, 1, 1, 1) - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(src, norm, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask > 0
+    x, y = a[m], b[m]
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / ((x.pow(2).sum() * y.pow(2).sum()).sqrt() + 1e-8))
+
+
+# ------------------------------------------------------------------------------------ affine
+
+
+def optimise_affine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    mask: torch.Tensor,
+    base: torch.Tensor,
+    steps: int,
+    lr: float = AFFINE_LR,
+    window: int = 5,
+) -> torch.Tensor:
+    """Refine a 4x4 grid-voxel -> moving-voxel matrix ``base`` by Adam on LNCC over ``fixed``'s grid.
+
+    The update is a centred affine on the grid (translation scaled by 10 voxels so every parameter
+    is of order one); returns the refined 4x4 matrix.
+    """
+    # Only the region around the mask matters: crop to it (the loss ignores the rest anyway).
+    box = mask_box(mask, window)
+    shift = torch.eye(4, dtype=base.dtype)
+    shift[:3, 3] = torch.tensor([float(b.start) for b in box], dtype=base.dtype)
+    base = base @ shift
+    fixed, mask = fixed[(..., *box)], mask[(..., *box)]
+    shape = tuple(fixed.shape[2:])
+    c = torch.tensor([(n - 1) / 2 for n in shape], dtype=fixed.dtype)
+    params = torch.zeros(3, 4, requires_grad=True)
+    opt = torch.optim.Adam([params], lr=lr)
+    eye = torch.eye(4, dtype=fixed.dtype)
+
+    def matrix_of(p: torch.Tensor) -> torch.Tensor:
+        lin = torch.eye(3) + p[:, :3]
+        upd = torch.cat([torch.cat([lin, (10 * p[:, 3] + c - lin @ c)[:, None]], 1), eye[3:]], 0)
+        return base @ upd
+
+    for _ in range(steps):
+        opt.zero_grad()
+        warped = _sample_moving(moving, matrix_of(params), shape)
+        loss = 1 - local_ncc(fixed, warped, window, mask)
+        loss.backward()
+        opt.step()
+    return matrix_of(params.detach()) @ torch.linalg.inv(shift)
+
+
+# ------------------------------------------------------------------------------------ refine
+
+
+def _upsample_region(
+    disp_half: torch.Tensor,
+    offset_half: tuple[int, ...],
+    half_shape: tuple[int, ...],
+    box: tuple[slice, ...],
+    full_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """Full-resolution displacement on the voxels ``box`` from a half-resolution field on a region.
+
+    Uses the same grid correspondence as :func:`resize_displacement` (corner-aligned), so the
+    optimised field and the one the final full-grid integration gives agree.
+    """
+    ratio = [(h - 1) / max(n - 1, 1) for h, n in zip(half_shape, full_shape, strict=True)]
+    axes = [
+        torch.arange(b.start, b.stop, dtype=disp_half.dtype) * r - o
+        for b, r, o in zip(box, ratio, offset_half, strict=True)
+    ]
+    loc = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+    size = torch.tensor([max(n - 1, 1) for n in disp_half.shape[2:]], dtype=disp_half.dtype)
+    norm = (2 * loc / size - 1).flip(-1)[None]
+    up = F.grid_sample(disp_half, norm, mode="bilinear", padding_mode="border", align_corners=True)
+    return up / torch.tensor(ratio, dtype=up.dtype).view(1, 3, 1, 1, 1)
+
+
+def refine_velocity(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    mask: torch.Tensor,
+    velocity: torch.Tensor,
+    steps: int,
+    lr: float = REFINE_LR,
+    window: int = REFINE_WINDOW,
+    diffusion_weight: float = REFINE_DIFFUSION,
+    integration_steps: int = 5,
+    coarse_share: float = 0.7,
+) -> torch.Tensor:
+    """Instance optimisation of a half-resolution velocity (Adam on 1 - LNCC + diffusion).
+
+    Only the velocity inside the box around the mask is optimised (the rest cannot change the
+    loss). Coarse-to-fine: the first ``coarse_share`` of the steps compares images at half
+    resolution, the rest at full resolution. The exponential uses fewer squaring steps here than
+    the final one (the fields are small per step; 5 squarings are ample for the loss).
+    """
+    full_shape = tuple(fixed.shape[2:])
+    half_shape = tuple(velocity.shape[2:])
+    fixed_half, moving_half, mask_half = (F.avg_pool3d(t, 2) for t in (fixed, moving, mask))
+    if tuple(fixed_half.shape[2:]) != half_shape:
+        fixed_half, moving_half, mask_half = (
+            F.interpolate(t, size=half_shape, mode="trilinear", align_corners=True)
+            for t in (fixed, moving, mask)
+        )
+    box_half = mask_box(mask_half, max(2, window // 2))
+    offset_half = tuple(b.start for b in box_half)
+    box = mask_box(mask, window)
+    offset = tuple(b.start for b in box)
+    fixed_box, mask_full_box = fixed[(..., *box)], mask[(..., *box)]
+    fixed_hb, mask_hb = fixed_half[(..., *box_half)], mask_half[(..., *box_half)]
+    window_half = max(3, window // 2 + 1)
+
+    v_box = velocity[(..., *box_half)].detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([v_box], lr=lr)
+    coarse = int(round(steps * coarse_share))
+    for step in range(steps):
+        opt.zero_grad()
+        disp_half = integrate_velocity(v_box, integration_steps)
+        if step < coarse:
+            warped = warp_region(moving_half, disp_half, offset_half)
+            sim = 1 - local_ncc(fixed_hb, warped, window_half, mask_hb)
+        else:
+            disp = _upsample_region(disp_half, offset_half, half_shape, box, full_shape)
+            warped = warp_region(moving, disp, offset)
+            sim = 1 - local_ncc(fixed_box, warped, window, mask_full_box)
+        loss = sim + diffusion_weight * diffusion_loss(v_box)
+        loss.backward()
+        opt.step()
+    out = velocity.detach().clone()
+    out[(..., *box_half)] = v_box.detach()
+    return out
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def register_deep(
+    fixed: Image,
+    moving: Image,
+    *,
+    fixed_mask: np.ndarray | None = None,
+    moving_mask: np.ndarray | None = None,
+    cost_mask: np.ndarray | None = None,
+    model_path: str | None = None,
+    refine_steps: int = 0,
+    affine_only: bool = False,
+    init_affine: np.ndarray | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    affine_steps: int = AFFINE_STEPS,
+) -> DeepResult:
+    """Register ``moving`` to ``fixed``; the transform maps fixed world points to moving ones.
+
+    Masks live on their own image's grid (similarity only inside); ``cost_mask`` (fixed grid) marks
+    voxels left out of the similarity (for example a tumour). ``init_affine`` (4x4, fixed world ->
+    moving world) replaces the centre-of-mass initialisation.
+    """
+    for name, mask, image in (
+        ("fixed_mask", fixed_mask, fixed),
+        ("moving_mask", moving_mask, moving),
+        ("cost_mask", cost_mask, fixed),
+    ):
+        if mask is not None and tuple(np.shape(mask)) != tuple(image.data.shape[:3]):
+            raise AtlasflowError(
+                f"{name} has shape {np.shape(mask)}, expected {image.data.shape[:3]}"
+            )
+    if fixed.data.ndim != 3 or moving.data.ndim != 3:
+        raise AtlasflowError("register_deep needs 3-D images")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    # Affine-only registration still works without any weights (moments + test-time optimisation).
+    no_weights = affine_only and model_path is None and not DEFAULT_MODEL.exists()
+    model = None if no_weights else get_model(model_path, device)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    start = time.perf_counter()
+
+    work = WorkingGrid.for_grid(fixed.grid)
+    fmask_np = np.ones(fixed.data.shape, bool) if fixed_mask is None else np.asarray(fixed_mask) > 0
+    fixed_np = np.where(fmask_np, fixed.data, 0).astype(np.float32)
+    cost_np = fmask_np if cost_mask is None else fmask_np & ~(np.asarray(cost_mask) > 0)
+    mmask_np = (
+        np.ones(moving.data.shape, bool) if moving_mask is None else np.asarray(moving_mask) > 0
+    )
+    moving_np = np.where(mmask_np, moving.data, 0).astype(np.float32)
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(device)
+
+    fixed_t = tensor(work.to_working(fixed_np))
+    cost_t = tensor(work.to_working(cost_np))
+    moving_t = tensor(moving_np)
+
+    # 1. Initial alignment (fixed world -> moving world).
+    if init_affine is not None:
+        world = np.asarray(init_affine, float)
+    else:
+        world = np.eye(4)
+        world[:3, 3] = _centre_of_mass(moving_np, moving.affine) - _centre_of_mass(
+            fixed_np, fixed.affine
+        )
+    inv_moving = np.linalg.inv(moving.affine)
+
+    def vox_matrix(world_map: np.ndarray, grid_affine: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(inv_moving @ world_map @ grid_affine).float()
+
+    # 2. Deep affine on the working grid, kept only when it helps.
+    half_affine = work.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    half_affine[:3, 3] = work.affine[:3, :3] @ np.full(3, 0.5) + work.affine[:3, 3]
+    fixed_half = F.avg_pool3d(fixed_t, 2)
+    cost_half = F.avg_pool3d(cost_t, 2)
+    blurred_moving = F.avg_pool3d(moving_t, 3, stride=1, padding=1, count_include_pad=False)
+    with torch.no_grad():
+        moving_w = _sample_moving(moving_t, vox_matrix(world, work.affine), work.shape)
+        if model is not None:
+            pred = model.affine(torch.cat([fixed_t, moving_w], 1))[0].double().numpy()
+            cand = (
+                world
+                @ work.affine
+                @ _centred_to_vox4(pred, work.shape)
+                @ np.linalg.inv(work.affine)
+            )
+            before = _global_ncc(
+                fixed_half,
+                _sample_moving(
+                    blurred_moving, vox_matrix(world, half_affine), fixed_half.shape[2:]
+                ),
+                cost_half,
+            )
+            after = _global_ncc(
+                fixed_half,
+                _sample_moving(blurred_moving, vox_matrix(cand, half_affine), fixed_half.shape[2:]),
+                cost_half,
+            )
+            if after > before:
+                world = cand
+    # 3. Test-time affine optimisation at half resolution.
+    if affine_steps > 0:
+        refined = optimise_affine(
+            fixed_half, blurred_moving, cost_half, vox_matrix(world, half_affine), affine_steps
+        )
+        world = moving.affine @ refined.double().numpy() @ np.linalg.inv(half_affine)
+
+    zeros = np.zeros((*fixed.data.shape, 3), np.float32)
+    if affine_only:
+        seconds = time.perf_counter() - start
+        return DeepResult(
+            Transform(world, Image(zeros, fixed.affine.copy())),
+            Image(zeros.copy(), fixed.affine.copy()),
+            Image(zeros.copy(), fixed.affine.copy()),
+            seconds,
+        )
+
+    # 4. Deep SVF on the affinely aligned pair.
+    with torch.no_grad():
+        moving_w = _sample_moving(moving_t, vox_matrix(world, work.affine), work.shape)
+        velocity = model.flow(torch.cat([fixed_t, moving_w], 1)).contiguous()
+        # Keep the network's field only when it improves the (masked) similarity at half
+        # resolution; otherwise start from the identity.
+        half_shape = tuple(velocity.shape[2:])
+        disp_half = integrate_velocity(velocity, model.config.integration_steps)
+        fixed_h, moving_h, cost_h = (
+            F.interpolate(t, size=half_shape, mode="trilinear", align_corners=True)
+            for t in (fixed_t, moving_w, cost_t)
+        )
+        if local_ncc(fixed_h, warp_tensor(moving_h, disp_half), 3, cost_h) <= local_ncc(
+            fixed_h, moving_h, 3, cost_h
+        ):
+            velocity = torch.zeros_like(velocity)
+    # 5. Instance optimisation.
+    if refine_steps > 0:
+        velocity = refine_velocity(fixed_t, moving_w, cost_t, velocity, refine_steps)
+    # 6. Fields in working voxels -> world mm on the fixed grid.
+    with torch.no_grad():
+        steps = model.config.integration_steps
+        forward = resize_displacement(integrate_velocity(velocity, steps), work.shape)
+        backward = resize_displacement(integrate_velocity(-velocity, steps), work.shape)
+        velocity_full = resize_displacement(velocity, work.shape)
+    linear = torch.from_numpy(work.affine[:3, :3]).float()
+
+    def to_world(field: torch.Tensor) -> Image:
+        vec = torch.einsum("wc,cxyz->xyzw", linear, field[0].cpu()).numpy()
+        return Image(work.to_fixed(vec).astype(np.float32), fixed.affine.copy())
+
+    result = DeepResult(
+        Transform(world, to_world(forward)), to_world(backward), to_world(velocity_full), 0.0
+    )
+    result.seconds = time.perf_counter() - start
+    return result

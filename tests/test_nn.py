@@ -1,0 +1,146 @@
+"""Networks, losses and the torch transform primitives the deep engine relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atlasflow.io import Image
+from atlasflow.nn import AffineNet, NetConfig, RegistrationModel, VelocityUNet
+from atlasflow.nn.losses import (
+    box_filter,
+    diffusion_loss,
+    inverse_consistency_loss,
+    lncc_loss,
+    local_ncc,
+    mse_loss,
+    soft_dice_loss,
+)
+from atlasflow.nn.networks import centred_affine_grid
+from atlasflow.transforms import (
+    compose_displacements,
+    folding_fraction,
+    integrate_velocity,
+    warp_tensor,
+)
+
+
+def smooth_field(shape, amplitude, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((1, 3, 4, 4, 4), generator=gen) * amplitude
+    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def smooth_volume(shape=(24, 24, 24), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((1, 1, 10, 10, 10), generator=gen)
+    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def test_unet_outputs_half_resolution_velocity():
+    net = VelocityUNet([8, 16, 16, 16], [16, 16, 8, 8])
+    out = net(torch.randn(2, 2, 32, 48, 32))
+    assert out.shape == (2, 3, 16, 24, 16)
+    # The flow head starts near zero so an untrained network is close to the identity.
+    assert out.abs().max() < 1e-2
+
+
+def test_affine_net_starts_at_identity_and_has_12_outputs():
+    net = AffineNet([8, 8, 16, 16, 16])
+    out = net(torch.randn(1, 2, 32, 32, 32))
+    assert out.shape == (1, 3, 4)
+    assert torch.allclose(out[0, :, :3], torch.eye(3))
+    assert torch.allclose(out[0, :, 3], torch.zeros(3))
+
+
+def test_registration_model_config_round_trip():
+    config = NetConfig(
+        unet_encoder=[8, 8, 8, 8], unet_decoder=[8, 8, 8, 8], affine_channels=[4, 4, 4, 4, 4]
+    )
+    model = RegistrationModel(NetConfig.from_dict(config.to_dict()))
+    assert model.flow(torch.zeros(1, 2, 16, 16, 16)).shape == (1, 3, 8, 8, 8)
+
+
+def test_centred_affine_grid_matches_direct_formula():
+    matrix = torch.tensor([[[1.1, 0.05, 0.0, 1.5], [0.0, 0.95, 0.1, -2.0], [0.02, 0.0, 1.0, 0.5]]])
+    shape = (5, 6, 7)
+    disp = centred_affine_grid(matrix, shape)
+    c = (np.array(shape) - 1) / 2
+    ijk = np.array([3, 1, 6], float)
+    expected = matrix[0, :, :3].numpy() @ (ijk - c) + c + matrix[0, :, 3].numpy() - ijk
+    assert np.allclose(disp[0, :, 3, 1, 6].numpy(), expected, atol=1e-5)
+
+
+def test_integrated_smooth_field_is_diffeomorphic_and_inverts():
+    shape = (24, 24, 24)
+    velocity = smooth_field(shape, 3.0)
+    forward = integrate_velocity(velocity, 7)
+    backward = integrate_velocity(-velocity, 7)
+    disp = Image(forward[0].permute(1, 2, 3, 0).numpy(), np.eye(4))
+    assert folding_fraction(disp) < 1e-3
+    residual = compose_displacements(forward, backward)[..., 4:-4, 4:-4, 4:-4]
+    # exp(v) o exp(-v) ~ identity (interior, away from border clamping), much smaller than |u|.
+    assert residual.abs().max() < 0.1 * forward.abs().max()
+    assert residual.abs().mean() < 0.05
+
+
+def test_box_filter_matches_average_pooling():
+    x = torch.randn(1, 2, 9, 10, 11)
+    for window in (3, 5, 7):
+        pad = window // 2
+        ref = F.avg_pool3d(F.pad(x, [pad, window - 1 - pad] * 3), window, stride=1)
+        assert torch.allclose(box_filter(x, window), ref, atol=1e-5)
+
+
+def test_lncc_is_one_for_identical_images_and_drops_after_shift():
+    vol = smooth_volume()
+    assert local_ncc(vol, vol, 5).item() == pytest.approx(1.0, abs=1e-3)
+    assert lncc_loss(vol, 2.0 * vol, 5).item() == pytest.approx(0.0, abs=1e-3)
+    shifted = torch.roll(vol, 3, dims=2)
+    assert local_ncc(vol, shifted, 5).item() < 0.9
+
+
+def test_masked_losses_ignore_excluded_voxels():
+    vol = smooth_volume()
+    other = vol.clone()
+    other[..., :12] = torch.rand_like(other[..., :12])
+    mask = torch.zeros_like(vol)
+    mask[..., 14:] = 1  # away from the box-filter footprint of the changed half
+    assert local_ncc(vol, other, 3, mask).item() == pytest.approx(1.0, abs=5e-3)
+    assert local_ncc(vol, other, 3).item() < 0.8
+    assert mse_loss(vol, other, mask).item() == pytest.approx(0.0, abs=1e-8)
+    assert mse_loss(vol, other).item() > 0.01
+
+
+def test_soft_dice_and_diffusion():
+    labels = torch.randint(0, 4, (1, 16, 16, 16))
+    onehot = F.one_hot(labels, 4).permute(0, 4, 1, 2, 3).float()
+    assert soft_dice_loss(onehot, onehot).item() == pytest.approx(0.0, abs=1e-6)
+    shuffled = onehot[:, [0, 2, 3, 1]]
+    assert soft_dice_loss(onehot, shuffled).item() > 0.5
+    assert diffusion_loss(torch.ones(1, 3, 8, 8, 8)).item() == 0.0
+    assert diffusion_loss(smooth_field((8, 8, 8), 1.0)).item() > 0.0
+
+
+def test_inverse_consistency_small_for_exact_inverse():
+    velocity = smooth_field((20, 20, 20), 1.0)
+    fwd, bwd = integrate_velocity(velocity), integrate_velocity(-velocity)
+    assert inverse_consistency_loss(fwd, bwd).item() < 0.05 * fwd.pow(2).sum(1).mean().item()
+
+
+def test_gradients_flow_through_warp_and_losses():
+    fixed = smooth_volume(seed=1)
+    moving = torch.roll(fixed, 2, dims=3)
+    velocity = torch.zeros(1, 3, 12, 12, 12, requires_grad=True)
+    disp = F.interpolate(
+        integrate_velocity(velocity), size=(24, 24, 24), mode="trilinear", align_corners=True
+    )
+    loss = lncc_loss(fixed, warp_tensor(moving, disp), 5) + 0.1 * diffusion_loss(velocity)
+    loss.backward()
+    assert velocity.grad is not None and velocity.grad.abs().sum() > 0
+    net = VelocityUNet([4, 4, 4, 4], [4, 4, 4, 4])
+    out = net(torch.cat([fixed, moving], 1))
+    lncc_loss(fixed, warp_tensor(moving, F.interpolate(out, size=(24, 24, 24))), 5).backward()
+    assert all(p.grad is not None for p in net.parameters())
