@@ -109,13 +109,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         fixed_mask=args.fixed_mask,
         moving_mask=args.moving_mask,
         cost_mask=args.cost_mask,
-        backend=args.backend,
-        refine_steps=args.refine,
-        model_path=args.model,
-        device=args.device,
-        ants_type=args.ants_type,
         affine_only=args.affine_only,
-        seed=args.seed,
+        **_engine_options(args),
         thresholds=QCThresholds(args.max_folding, args.min_ncc),
     )
     flags = "; ".join(metrics["qc_flags"]) or "QC pass"
@@ -186,12 +181,7 @@ def cmd_longitudinal(args: argparse.Namespace) -> int:
             followup_mask=args.followup_mask,
             baseline_tumor=args.baseline_tumor,
             followup_tumor=args.followup_tumor,
-            backend=args.backend,
-            refine_steps=args.refine,
-            model_path=args.model,
-            device=args.device,
-            ants_type=args.ants_type,
-            seed=args.seed,
+            **_engine_options(args),
         )
         print(json.dumps(metrics))
     elif args.step == "table":
@@ -216,6 +206,28 @@ def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
 
 
 # ------------------------------------------------------------------------------------ parser
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Registration-engine flags shared by every command that registers."""
+    p.add_argument("--backend", choices=["deep", "ants"], default="deep")
+    p.add_argument("--refine", type=int, default=0, help="instance-optimisation steps (deep)")
+    p.add_argument("--model", default=None, help="weights file (default: shipped)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--ants-type", default="SyN", help="antspyx type_of_transform (ants backend)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of atlasflow.register.register those flags stand for."""
+    return {
+        "backend": args.backend,
+        "refine_steps": args.refine,
+        "model_path": args.model,
+        "device": args.device,
+        "ants_type": args.ants_type,
+        "seed": args.seed,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,13 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
     p.add_argument("--cost-mask", help="fixed-grid mask of voxels excluded from the similarity")
-    p.add_argument("--backend", choices=["deep", "ants"], default="deep")
-    p.add_argument("--refine", type=int, default=0, help="instance-optimisation steps (deep)")
-    p.add_argument("--model", default=None, help="weights file (default: shipped)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--ants-type", default="SyN", help="antspyx type_of_transform (ants backend)")
+    _add_engine_options(p)
     p.add_argument("--affine-only", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-folding", type=float, default=0.001, help="QC: flag above this folding fraction")
     p.add_argument("--min-ncc", type=float, default=0.5, help="QC: flag below this NCC after registration")
     p.set_defaults(func=cmd_register)
@@ -311,12 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--followup-tumor")
     for name in ("image", "affine", "warp", "log-jacobian", "difference", "displacement", "metrics", "tumor-mask"):
         p.add_argument(f"--out-{name}")
-    p.add_argument("--backend", choices=["deep", "ants"], default="deep")
-    p.add_argument("--refine", type=int, default=0)
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--ants-type", default="SyN")
-    p.add_argument("--seed", type=int, default=0)
+    _add_engine_options(p)
     p.add_argument("--session", nargs=3, action="append", metavar=("ID", "DATE", "MASK"), help="table: one per session, '-' when empty")
     p.add_argument("--pair-sessions", nargs="*")
     p.add_argument("--pair-metrics", nargs="*")
