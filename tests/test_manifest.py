@@ -715,6 +715,12 @@ def test_cli_dispatch(cohort: Path, capsys):
 
     assert main(["validate", str(cohort), "--headers-only"]) == 0
     assert "headers checked" in capsys.readouterr().out
+    # Options before any positional reach the delegated command (argparse REMAINDER drops them).
+    assert main(["--threads", "1", "validate", "--headers-only", str(cohort)]) == 0
+    assert "headers checked" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["validate", "--no-such-option", str(cohort)])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ real data

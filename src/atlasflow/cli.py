@@ -354,7 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse's REMAINDER drops a delegated command's leading "--option"s, so those commands
+    # get every token after their name verbatim.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "rest", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        tokens = list(sys.argv[1:] if argv is None else argv)
+        args.rest = tokens[tokens.index(args.command) + 1 :]
     try:
         _threads(args.threads)
         return args.func(args)
