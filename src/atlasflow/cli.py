@@ -181,6 +181,8 @@ def cmd_longitudinal(args: argparse.Namespace) -> int:
             followup_mask=args.followup_mask,
             baseline_tumor=args.baseline_tumor,
             followup_tumor=args.followup_tumor,
+            exclusion_margin_mm=args.exclusion_margin,
+            tumor_weight=args.tumor_weight,
             **_engine_options(args),
         )
         print(json.dumps(metrics))
@@ -319,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("image", "affine", "warp", "log-jacobian", "difference", "displacement", "metrics", "tumor-mask"):
         p.add_argument(f"--out-{name}")
     _add_engine_options(p)
+    p.add_argument("--exclusion-margin", type=float, default=4.0, help="pair: mm around the tumours left out of the similarity")
+    p.add_argument("--tumor-weight", type=float, default=1.0, help="pair: weight of the tumour-region Dice (0 = off)")
     p.add_argument("--session", nargs=3, action="append", metavar=("ID", "DATE", "MASK"), help="table: one per session, '-' when empty")
     p.add_argument("--pair-sessions", nargs="*")
     p.add_argument("--pair-metrics", nargs="*")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .errors import AtlasflowError
 from .io import Grid, Image
-from .nn.losses import diffusion_loss, local_ncc
+from .nn.losses import diffusion_loss, local_ncc, soft_dice_loss
 from .nn.networks import RegistrationModel
 from .transforms import Transform, integrate_velocity, resize_displacement, warp_tensor
 
@@ -294,6 +294,9 @@ def refine_velocity(
     diffusion_weight: float = REFINE_DIFFUSION,
     integration_steps: int = 5,
     coarse_share: float = 0.7,
+    fixed_seg: torch.Tensor | None = None,
+    moving_seg: torch.Tensor | None = None,
+    seg_weight: float = 1.0,
 ) -> torch.Tensor:
     """Instance optimisation of a half-resolution velocity (Adam on 1 - LNCC + diffusion).
 
@@ -301,18 +304,31 @@ def refine_velocity(
     loss). Coarse-to-fine: the first ``coarse_share`` of the steps compares images at half
     resolution, the rest at full resolution. The exponential uses fewer squaring steps here than
     the final one (the fields are small per step; 5 squarings are ample for the loss).
+
+    ``fixed_seg``/``moving_seg`` (one-hot, channel 0 = background, on the grid of ``fixed``) add
+    ``seg_weight`` x soft Dice: regions that correspond even where their intensities do not (a
+    tumour left out of the similarity by the mask) are mapped onto each other.
     """
     full_shape = tuple(fixed.shape[2:])
     half_shape = tuple(velocity.shape[2:])
-    fixed_half, moving_half, mask_half = (F.avg_pool3d(t, 2) for t in (fixed, moving, mask))
-    if tuple(fixed_half.shape[2:]) != half_shape:
-        fixed_half, moving_half, mask_half = (
-            F.interpolate(t, size=half_shape, mode="trilinear", align_corners=True)
-            for t in (fixed, moving, mask)
-        )
-    box_half = mask_box(mask_half, max(2, window // 2))
+
+    def halve(t: torch.Tensor) -> torch.Tensor:
+        small = F.avg_pool3d(t, 2)
+        if tuple(small.shape[2:]) == half_shape:
+            return small
+        return F.interpolate(t, size=half_shape, mode="trilinear", align_corners=True)
+
+    fixed_half, moving_half, mask_half = halve(fixed), halve(moving), halve(mask)
+    use_seg = fixed_seg is not None and moving_seg is not None
+    box_mask = mask
+    if use_seg:
+        fixed_seg_half, moving_seg_half = halve(fixed_seg), halve(moving_seg)
+        # The optimised box must hold the segmented regions too: the mask may leave them out.
+        box_mask = torch.maximum(mask, (fixed_seg[:, 1:].sum(1, keepdim=True) > 0).to(mask.dtype))
+    box_mask_half = halve(box_mask) if use_seg else mask_half
+    box_half = mask_box(box_mask_half, max(2, window // 2))
     offset_half = tuple(b.start for b in box_half)
-    box = mask_box(mask, window)
+    box = mask_box(box_mask, window)
     offset = tuple(b.start for b in box)
     fixed_box, mask_full_box = fixed[(..., *box)], mask[(..., *box)]
     fixed_hb, mask_hb = fixed_half[(..., *box_half)], mask_half[(..., *box_half)]
@@ -327,10 +343,19 @@ def refine_velocity(
         if step < coarse:
             warped = warp_region(moving_half, disp_half, offset_half)
             sim = 1 - local_ncc(fixed_hb, warped, window_half, mask_hb)
+            if use_seg:
+                sim = sim + seg_weight * soft_dice_loss(
+                    fixed_seg_half[(..., *box_half)],
+                    warp_region(moving_seg_half, disp_half, offset_half),
+                )
         else:
             disp = _upsample_region(disp_half, offset_half, half_shape, box, full_shape)
             warped = warp_region(moving, disp, offset)
             sim = 1 - local_ncc(fixed_box, warped, window, mask_full_box)
+            if use_seg:
+                sim = sim + seg_weight * soft_dice_loss(
+                    fixed_seg[(..., *box)], warp_region(moving_seg, disp, offset)
+                )
         loss = sim + diffusion_weight * diffusion_loss(v_box)
         loss.backward()
         opt.step()
@@ -356,17 +381,24 @@ def register_deep(
     device: str = "cpu",
     seed: int = 0,
     affine_steps: int = AFFINE_STEPS,
+    fixed_labels: np.ndarray | None = None,
+    moving_labels: np.ndarray | None = None,
+    label_weight: float = 1.0,
 ) -> DeepResult:
     """Register ``moving`` to ``fixed``; the transform maps fixed world points to moving ones.
 
     Masks live on their own image's grid (similarity only inside); ``cost_mask`` (fixed grid) marks
     voxels left out of the similarity (for example a tumour). ``init_affine`` (4x4, fixed world ->
-    moving world) replaces the centre-of-mass initialisation.
+    moving world) replaces the centre-of-mass initialisation. ``fixed_labels``/``moving_labels``
+    (integer maps on their image's grid) add ``label_weight`` x soft Dice over the labels present
+    in both to the instance optimisation (``refine_steps`` > 0).
     """
     for name, mask, image in (
         ("fixed_mask", fixed_mask, fixed),
         ("moving_mask", moving_mask, moving),
         ("cost_mask", cost_mask, fixed),
+        ("fixed_labels", fixed_labels, fixed),
+        ("moving_labels", moving_labels, moving),
     ):
         if mask is not None and tuple(np.shape(mask)) != tuple(image.data.shape[:3]):
             raise AtlasflowError(
@@ -478,7 +510,26 @@ def register_deep(
             velocity = torch.zeros_like(velocity)
     # 5. Instance optimisation.
     if refine_steps > 0:
-        velocity = refine_velocity(fixed_t, moving_w, cost_t, velocity, refine_steps)
+        segs = {}
+        if fixed_labels is not None and moving_labels is not None:
+            shared = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels))
+            shared = shared[shared != 0]
+            if shared.size:
+                fixed_onehot = np.stack([~np.isin(fixed_labels, shared)] + [fixed_labels == v for v in shared], -1)
+                moving_onehot = np.stack([~np.isin(moving_labels, shared)] + [moving_labels == v for v in shared], -1)
+                fixed_seg = torch.from_numpy(work.to_working(fixed_onehot.astype(np.float32)))
+                moving_seg = torch.from_numpy(np.ascontiguousarray(moving_onehot, np.float32))
+                with torch.no_grad():
+                    segs = {
+                        "fixed_seg": fixed_seg.permute(3, 0, 1, 2)[None].to(device),
+                        "moving_seg": _sample_moving(
+                            moving_seg.permute(3, 0, 1, 2)[None].to(device),
+                            vox_matrix(world, work.affine),
+                            work.shape,
+                        ),
+                        "seg_weight": label_weight,
+                    }
+        velocity = refine_velocity(fixed_t, moving_w, cost_t, velocity, refine_steps, **segs)
     # 6. Fields in working voxels -> world mm on the fixed grid.
     with torch.no_grad():
         steps = model.config.integration_steps

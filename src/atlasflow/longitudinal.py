@@ -129,27 +129,43 @@ def register_followup(
     baseline_tumor: str | Path | None = None,
     followup_tumor: str | Path | None = None,
     exclusion_margin_mm: float = 4.0,
+    tumor_weight: float = 1.0,
     **options,
 ) -> dict:
-    """Register a follow-up to its baseline with the tumours excluded; write the change maps."""
+    """Register a follow-up to its baseline with the tumours excluded; write the change maps.
+
+    The tumour's intensities have no counterpart at the other timepoint, so the tumours of both
+    sessions (dilated by ``exclusion_margin_mm``) are left out of the image similarity. The tumour
+    *region* does correspond, though: when both masks are given, ``tumor_weight`` x Dice between the
+    baseline tumour and the warped follow-up tumour joins the instance optimisation, so the
+    Jacobian inside the baseline tumour measures its growth instead of being a smooth guess.
+    """
     fixed = load_image(baseline_path)
     moving = load_image(followup_path)
     fmask = load_image(baseline_mask).data > 0 if baseline_mask else None
     mmask = load_image(followup_mask).data > 0 if followup_mask else None
     spacing = float(fixed.grid.spacing.mean())
     tumour_b = load_image(baseline_tumor).data > 0.5 if baseline_tumor else np.zeros(fixed.data.shape, bool)
-    cost = None
+    tumour_moving = load_image(followup_tumor).data > 0.5 if followup_tumor else None
+    excluded = None  # voxels left out of the image similarity
     if baseline_tumor or followup_tumor:
         # The follow-up tumour is found on the baseline grid through an affine first pass.
         first = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, affine_only=True, **options)
         tumour_f = np.zeros(fixed.data.shape, bool)
-        if followup_tumor:
-            tumour_f = apply_transform(load_image(followup_tumor), first.transform, fixed.grid, "linear").data > 0.5
+        if tumour_moving is not None:
+            tumour_f = apply_transform(moving.with_data(tumour_moving.astype(np.float32)), first.transform, fixed.grid, "linear").data > 0.5
         union = tumour_b | tumour_f
         if union.any():
             margin = max(1, int(round(exclusion_margin_mm / spacing)))
-            cost = ~ndimage.binary_dilation(union, iterations=margin)
-    reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=cost, **options)
+            excluded = ndimage.binary_dilation(union, iterations=margin)
+    labels = {}
+    if tumor_weight > 0 and tumour_b.any() and tumour_moving is not None and tumour_moving.any():
+        labels = {
+            "fixed_labels": tumour_b.astype(np.uint8),
+            "moving_labels": tumour_moving.astype(np.uint8),
+            "label_weight": tumor_weight,
+        }
+    reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels, **options)
     transform = reg.transform
     if transform.displacement is None:
         transform = Transform(transform.affine, Image(np.zeros((*fixed.data.shape, 3), np.float32), fixed.affine))
@@ -164,7 +180,7 @@ def register_followup(
     save_image(fixed.with_data(difference), outputs.difference, dtype=np.float32)
     save_image(fixed.with_data(magnitude), outputs.displacement, dtype=np.float32)
     region = fmask if fmask is not None else fixed.data > 0
-    outside = region & (cost if cost is not None else np.ones_like(region))
+    outside = region if excluded is None else region & ~excluded
     before = apply_transform(moving, Transform(np.eye(4)), fixed.grid, "linear")
     affine_only = apply_transform(moving, Transform(transform.affine), fixed.grid, "linear")
     voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
@@ -174,6 +190,7 @@ def register_followup(
         "folding_fraction": float((det[region] <= 0).mean()),
         "ncc_before": ncc(fixed.data, before.data, region),
         "ncc_after": ncc(fixed.data, warped.data, region),
+        "ncc_outside_tumor_before": ncc(fixed.data, before.data, outside),
         "ncc_outside_tumor_affine": ncc(fixed.data, affine_only.data, outside),
         "ncc_outside_tumor_after": ncc(fixed.data, warped.data, outside),
     }

@@ -79,8 +79,10 @@ def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Pat
 
     image = load_image(in_path)
     mask = load_image(mask_path).data > 0 if mask_path else head_mask(image)
-    smallest = min(image.data.shape)
-    shrink = 4 if smallest >= 64 else 2 if smallest >= 24 else 1
+    # The shrink factor is isotropic: a thick-slice slab (256x256x24) is judged by its in-plane
+    # size, as long as a few slices remain along the short axis.
+    smallest, middle = sorted(image.data.shape)[:2]
+    shrink = 4 if middle >= 64 and smallest >= 16 else 2 if middle >= 24 and smallest >= 8 else 1
     corrected = ants.n4_bias_field_correction(
         to_ants(image), mask=to_ants(image.with_data(mask.astype(np.float32))), shrink_factor=shrink
     )

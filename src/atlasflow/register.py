@@ -130,10 +130,21 @@ def register(
     ants_type: str = "SyN",
     affine_only: bool = False,
     seed: int = 0,
+    fixed_labels: np.ndarray | None = None,
+    moving_labels: np.ndarray | None = None,
+    label_weight: float = 1.0,
 ) -> Registration:
-    """Register ``moving`` to ``fixed``; the transform maps fixed points to moving points."""
+    """Register ``moving`` to ``fixed``; the transform maps fixed points to moving points.
+
+    ``fixed_labels``/``moving_labels`` (integer maps of regions that correspond, for example the
+    tumour at two timepoints) steer the deep backend's instance optimisation; ANTs ignores them.
+    """
     if backend == "ants":
         kind = "Affine" if affine_only else ants_type
+        if cost_mask is not None:
+            # ANTs has no separate cost mask: the excluded voxels leave its fixed mask.
+            keep = np.ones(fixed.data.shape, bool) if fixed_mask is None else fixed_mask > 0
+            fixed_mask = keep & ~(np.asarray(cost_mask) > 0)
         return _register_ants(fixed, moving, fixed_mask, moving_mask, kind, seed)
     if backend == "deep":
         from .deep import register_deep
@@ -149,6 +160,9 @@ def register(
             affine_only=affine_only,
             device=device,
             seed=seed,
+            fixed_labels=fixed_labels,
+            moving_labels=moving_labels,
+            label_weight=label_weight,
         )
         return Registration(res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep")
     raise AtlasflowError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")

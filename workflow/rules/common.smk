@@ -122,12 +122,22 @@ def model_input(wildcards):
     return [REG["model"]] if REG["model"] else []
 
 
-def registration_options(wildcards, input):
+def registration_options(wildcards, input, refine_steps=None):
     """The registration flags shared by every registration rule."""
     model = f"--model {input.model}" if input.model else ""
+    refine = REG["refine_steps"] if refine_steps is None else refine_steps
     return (
-        f"--backend {REG['backend']} --refine {REG['refine_steps']} --device {REG['device']} "
+        f"--backend {REG['backend']} --refine {refine} --device {REG['device']} "
         f"--ants-type {REG['ants_type']} --seed {REG['seed']} {model}"
+    )
+
+
+def longitudinal_options(wildcards, input):
+    """Follow-up -> baseline: the shared engine flags with the longitudinal stage's own settings."""
+    lg = config["longitudinal"]
+    return (
+        f"{registration_options(wildcards, input, lg['refine_steps'])} "
+        f"--tumor-weight {lg['tumor_weight']} --exclusion-margin {lg['exclusion_margin_mm']}"
     )
 
 

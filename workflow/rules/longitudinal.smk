@@ -21,7 +21,7 @@ rule longitudinal_register:
     benchmark:
         bench("longitudinal_register")
     params:
-        options=registration_options,
+        options=longitudinal_options,
         tumors=lambda wc, input: " ".join(
             f"--{k.replace('_', '-')} {input[k]}" for k in ("baseline_tumor", "followup_tumor") if k in input.keys()
         ),
