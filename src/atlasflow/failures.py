@@ -28,6 +28,13 @@ ON_ERROR_ENV = "ATLASFLOW_ON_SCAN_ERROR"
 MODES = ("fail", "skip")
 
 
+def set_policy(mode: str) -> None:
+    """Make ``mode`` the default of every ``atlasflow`` command started from this process."""
+    if mode not in MODES:
+        raise AtlasflowError(f"on_scan_error must be one of {', '.join(MODES)}, not {mode!r}")
+    os.environ[ON_ERROR_ENV] = mode
+
+
 def on_error_default() -> str:
     """The mode set by the workflow (environment), else ``fail``."""
     mode = os.environ.get(ON_ERROR_ENV, "fail")

@@ -1,10 +1,10 @@
 """Cohort table and path helpers: every output name is spelled here, once."""
 
-import os
 import sys
 from pathlib import Path
 
 from atlasflow.errors import AtlasflowError
+from atlasflow.failures import set_policy
 from atlasflow.workflow import atlas_members, resolve_cohort
 
 OUT = config["outdir"]
@@ -27,7 +27,7 @@ SCANS = list(zip(COHORT["subject"], COHORT["session"]))
 # The failure policy reaches the `atlasflow` commands through the environment rather than their
 # command lines, so switching it does not make Snakemake rerun every finished job (every job
 # process, local or on a cluster node, parses this file and sets it again).
-os.environ["ATLASFLOW_ON_SCAN_ERROR"] = config["on_scan_error"]
+set_policy(config["on_scan_error"])
 
 
 wildcard_constraints:
