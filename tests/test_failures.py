@@ -178,3 +178,22 @@ def test_reports_list_a_skipped_scan_as_failed_with_its_reason(tmp_path, blob):
     text = (out / "reports" / "cohort.html").read_text()
     failed_section = text.split('id="failed"')[1]
     assert "sub-05" in failed_section and "intensity range inside the brain mask is empty" in failed_section
+
+
+def test_a_tampered_or_truncated_weights_file_is_one_line_from_the_command(tmp_path, blob, capsys):
+    """The register command given damaged weights: exit 1 and one line naming the file, no traceback."""
+    from atlasflow.deep import DEFAULT_MODEL
+    from atlasflow.train import sidecar_path
+
+    save_image(blob, tmp_path / "f.nii.gz")
+    save_image(blob, tmp_path / "m.nii.gz")
+    raw = DEFAULT_MODEL.read_bytes()
+    sidecar_path(tmp_path / "w.safetensors").write_text(sidecar_path(DEFAULT_MODEL).read_text())
+    for damaged, expected in ((raw[: len(raw) // 3], "truncated"), (raw[:-8] + b"\0" * 8, "SHA-256")):
+        (tmp_path / "w.safetensors").write_bytes(damaged)
+        code = cli.main(["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
+                         "--model", str(tmp_path / "w.safetensors"), "--out-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1, err
+        assert err[0].startswith("atlasflow: error:") and "w.safetensors" in err[0] and expected in err[0]
+        assert not (tmp_path / "out" / "warped.nii.gz").exists()
