@@ -1,7 +1,9 @@
 """Command-line entry points: ``atlasflow <command>``; each calls one package function.
 
 User-facing problems (:class:`AtlasflowError`) become one line on stderr and exit code 1, never a
-traceback.
+traceback. Under ``--on-scan-error skip`` (the workflow's ``on_scan_error``), a per-scan command
+that fails writes failure records in place of its outputs and exits 0 instead (see
+:mod:`atlasflow.failures`).
 """
 
 from __future__ import annotations
