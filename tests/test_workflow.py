@@ -225,11 +225,15 @@ def test_a_killed_run_resumes_and_redoes_only_the_interrupted_registration(tmp_p
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert not all(p.exists() for p in [*outputs, metrics_file]), "killed too late: the job had finished"
+    # Snakemake's record of the job it started and never saw finish (what --rerun-incomplete acts on).
+    incomplete = tmp_path / ".snakemake" / "incomplete"
+    assert [p for p in incomplete.rglob("*") if p.is_file()], "no incomplete job recorded"
 
     assert snakemake("--unlock", *cfg, cwd=tmp_path).returncode == 0
     second = snakemake(target, "-c", "1", *cfg, cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert job_counts(second.stdout + second.stderr) == {"register_template": 1}
+    assert not [p for p in incomplete.rglob("*") if p.is_file()]
     recovered = {p.name: p.read_bytes() for p in outputs}
     from atlasflow.transforms import read_itk_affine
 
