@@ -197,3 +197,17 @@ def test_a_tampered_or_truncated_weights_file_is_one_line_from_the_command(tmp_p
         assert code == 1 and len(err) == 1, err
         assert err[0].startswith("atlasflow: error:") and "w.safetensors" in err[0] and expected in err[0]
         assert not (tmp_path / "out" / "warped.nii.gz").exists()
+
+
+def test_a_member_left_out_of_an_atlas_iteration_is_reported(tmp_path):
+    """Preprocessing and registrations fine, but its registration to iteration 2 failed: the
+    subject is listed as failed with that reason, not silently passed."""
+    from atlasflow.report import subject_qc
+
+    out = tmp_path / "results"
+    member = out / "atlas" / "iter-2" / "sub-07" / "sub-07_ses-1_desc-qc_xfm.json"
+    write_failure([member], "register", "no overlap with the template")
+    qc = subject_qc(out, "07", ["1"])
+    assert qc.status == "failed"
+    assert any("register failed: no overlap with the template" in r for r in qc.reasons), qc.reasons
+    assert any("left out of the atlas" in m["reason"] for m in qc.missing)

@@ -149,6 +149,11 @@ class CohortFiles:
     def iteration(self, i: int) -> Path:
         return self.outdir / "atlas" / f"iter-{i}" / "template_T1w.nii.gz"
 
+    def member_qc(self, subject: str, session: str) -> list[Path]:
+        """QC JSONs of a scan's registrations to the atlas iterations (atlas members only)."""
+        pattern = f"iter-*/sub-{subject}/sub-{subject}_ses-{session}_desc-qc_xfm.json"
+        return sorted((self.outdir / "atlas").glob(pattern))
+
     def tumor_table(self, subject: str) -> Path:
         return self.outdir / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv"
 
@@ -668,6 +673,21 @@ def subject_qc(
                     "backend": raw.get("backend"),
                     "seconds": _number(raw.get("seconds")),
                 }
+        # A member whose registration to an atlas iteration failed (under on_scan_error: skip)
+        # was left out of that average, even if its later steps succeeded.
+        for member in files.member_qc(subject, session):
+            sources.append(member)
+            record = failure_record(member)
+            if record is not None:
+                skipped.setdefault(session, record)
+                qc.missing.append(
+                    {
+                        "session": session,
+                        "file": _rel(member, outdir),
+                        "reason": f"left out of the atlas, {describe(record)}",
+                        "required": True,
+                    }
+                )
 
     if qc.missing:  # only then can a job's error explain something
         prefixes = [f"sub-{subject}_ses-{t}" for t in sessions] + [f"sub-{subject}"]
