@@ -66,3 +66,26 @@ def test_vector_images_keep_their_components(tmp_path):
     save_image(Image(field.data[:, :, :, None, :], field.affine), tmp_path / "v.nii.gz", intent="vector")
     back = load_image(tmp_path / "v.nii.gz", allow_vector=True)
     np.testing.assert_allclose(back.data, field.data)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_write_that_fails_midway_leaves_nothing_under_the_final_name(tmp_path, blob, monkeypatch, existing):
+    """A crash while writing (disk full, killed job) never leaves a partial file as if complete."""
+    import atlasflow.io as aio
+
+    target = tmp_path / "a.nii.gz"
+    if existing:  # an earlier complete version stays exactly as it was
+        save_image(blob.with_data(blob.data * 2), target)
+    before = target.read_bytes() if existing else None
+
+    class FullDisk(gzip.GzipFile):
+        def write(self, data):
+            super().write(bytes(data)[: len(data) // 2])  # part of the bytes reach the disk
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aio.gzip, "GzipFile", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        save_image(blob, target)
+    assert [p.name for p in tmp_path.iterdir()] == (["a.nii.gz"] if existing else [])
+    if existing:
+        assert target.read_bytes() == before

@@ -94,3 +94,22 @@ def test_qc_flags_name_the_failed_check_and_its_threshold():
     worse = {**good, "ncc_before": 0.9, "ncc_after": 0.45}
     flags = qc_flags(worse, QCThresholds(min_ncc_after=0.5))
     assert len(flags) == 2 and any("lowered" in f for f in flags)
+
+
+def test_flagged_registration_keeps_its_outputs_and_says_why_in_the_metrics(tmp_path, capsys):
+    """QC bounds outside what a registration reached: outputs are written, qc_pass is false and
+    qc_flags names each failed check with its bound (what the reports show)."""
+    fixed, moving, _ = shifted_pair()
+    save_image(fixed, tmp_path / "f.nii.gz")
+    save_image(moving, tmp_path / "m.nii.gz")
+    args = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
+            "--out-dir", str(tmp_path / "out"), "--backend", "ants", "--ants-type", "Affine"]
+    assert main([*args, "--min-ncc", "1.5", "--max-folding", "-1"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["qc_pass"] is False
+    assert len(metrics["qc_flags"]) == 2
+    assert any("1.5" in f for f in metrics["qc_flags"]) and any("folding" in f for f in metrics["qc_flags"])
+    assert (tmp_path / "out" / "warped.nii.gz").exists()
+    assert main([*args, "--min-ncc", "0.0", "--max-folding", "1"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["qc_pass"] is True and metrics["qc_flags"] == []

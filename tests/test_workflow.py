@@ -75,14 +75,67 @@ def test_bad_manifest_stops_with_one_line_before_any_job(tmp_path, problem):
     assert after == before, "a rejected cohort must write nothing"
 
 
+def user_cohort(folder: Path) -> Path:
+    """The tiny demo cohort written as a user's input folder (manifest + images), plus one scan
+    that passes validation but fails in a job: its brain is blank inside its given brain mask."""
+    import nibabel as nib
+    import yaml
+
+    demo = yaml.safe_load(TINY.read_text())["demo"]
+    subprocess.run(
+        [str(BIN / "atlasflow"), "--threads", "1", "demo-data", str(folder), "--seed", str(demo["seed"]),
+         "--n-cross", str(demo["n_cross"]), "--n-long", str(demo["n_long"]),
+         "--n-timepoints", str(demo["n_timepoints"]), "--spacing", str(demo["spacing_mm"])],
+        check=True, env=ENV, capture_output=True,
+    )
+    manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    first = manifest.iloc[0]
+    t1w = nib.load(folder / first["t1w"])
+    brain = np.asarray(nib.load(folder / first["labels"]).dataobj) > 0
+    data = np.asarray(t1w.dataobj, dtype=np.float32)
+    data[brain] = 0
+    anat = folder / "sub-99" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(data, t1w.affine), anat / "sub-99_ses-1_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), t1w.affine), anat / "sub-99_ses-1_desc-brain_mask.nii.gz")
+    broken = {"subject": "99", "session": "1", "t1w": "sub-99/ses-1/anat/sub-99_ses-1_T1w.nii.gz",
+              "brain_mask": "sub-99/ses-1/anat/sub-99_ses-1_desc-brain_mask.nii.gz", "acq_date": "2020-01-01",
+              "group": "control"}
+    pd.concat([manifest, pd.DataFrame([broken])]).fillna("").to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime (ns) of every file under ``folder``."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
 def test_tiny_demo_cohort_end_to_end(tmp_path):
-    """The whole workflow on the tiny demo cohort; then a second run has nothing to do."""
-    out = snakemake("-c", "2", "--configfile", str(TINY), cwd=tmp_path, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    """The whole workflow on the tiny demo cohort given as a read-only input folder with one broken
+    scan, under --keep-going and on_scan_error: skip: every other output is made, the atlas comes
+    from the scans that succeeded, the report lists the broken one, the inputs are untouched, and a
+    second run has nothing to do."""
+    inputs = tmp_path / "inputs"
+    manifest = user_cohort(inputs)
+    subprocess.run(["chmod", "-R", "a-w", str(inputs)], check=True)
+    before = fingerprint(inputs)
+    try:
+        args = ("-c", "2", "--keep-going", "--configfile", str(TINY), "--config", f"cohort={manifest}",
+                "on_scan_error=skip")
+        out = snakemake(*args, cwd=tmp_path, timeout=1500)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert fingerprint(inputs) == before, "the workflow modified its input folder"
+        again = snakemake(*args, "-n", cwd=tmp_path)
+        assert "Nothing to be done" in again.stdout + again.stderr
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(inputs)], check=True)
     results = tmp_path / "results"
-    manifest = pd.read_csv(tmp_path / "demo_data" / "manifest.csv", dtype=str)
-    for row in manifest.itertuples():
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for row in table[table["subject"] != "99"].itertuples():
         anat = results / f"sub-{row.subject}" / f"ses-{row.session}" / "anat"
         stem = f"sub-{row.subject}_ses-{row.session}"
         for name in ("desc-preproc_T1w.nii.gz", "from-T1w_to-template_mode-image_xfm.mat",
@@ -95,20 +148,106 @@ def test_tiny_demo_cohort_end_to_end(tmp_path):
     assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
     metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
     assert list(metrics["iteration"]) == [1, 2]
+    # Members: the tumour-free baselines, less the broken scan.
+    clean = table[(table["tumor_mask"] == "") & (table["subject"] != "99")]
+    assert list(metrics["members"]) == [len(clean)] * 2
     assert metrics["mean_velocity_norm_mean_mm"].iloc[-1] < metrics["mean_velocity_norm_mean_mm"].iloc[0]
     atlas_img = load_image(results / "atlas" / "atlas_T1w.nii.gz")
     assert atlas_img.data.max() > 0.5
+    # The broken scan: its outputs are failure records; both reports say why it failed.
+    from atlasflow.failures import failure_record
+
+    record = failure_record(results / "sub-99" / "ses-1" / "anat" / "sub-99_ses-1_desc-preproc_T1w.nii.gz")
+    assert record["step"] == "preprocess finalize" and "brain mask is empty" in record["reason"]
+    failed = (results / "reports" / "cohort.html").read_text().split('id="failed"')[1]
+    assert "sub-99" in failed and "intensity range inside the brain mask is empty" in failed
+    assert "intensity range inside the brain mask is empty" in (results / "reports" / "sub-99.html").read_text()
     # longitudinal: the tumour table matches the demo's mask volumes exactly, the maps exist in atlas space
-    truth = pd.read_csv(tmp_path / "demo_data" / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
+    truth = pd.read_csv(inputs / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
     for subject, rows in truth.groupby("subject"):
-        table = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
-        np.testing.assert_allclose(table["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
-        assert table["response"].iloc[0] == "baseline"
+        tumour = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
+        np.testing.assert_allclose(tumour["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
+        assert tumour["response"].iloc[0] == "baseline"
         for session in rows["session"].iloc[1:]:
             anat = results / f"sub-{subject}" / f"ses-{session}" / "anat"
             for change in ("desc-logjacobian_map", "desc-displacement_map", "desc-difference_T1w", "label-tumor_mask"):
                 assert (anat / f"sub-{subject}_ses-{session}_space-atlas_{change}.nii.gz").exists(), change
     assert (results / "atlas" / "tumor_frequency.nii.gz").exists()
-    again = snakemake("-c", "2", "--configfile", str(TINY), "-n", cwd=tmp_path)
-    assert "Nothing to be done" in again.stdout + again.stderr
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """Rule -> number of jobs from Snakemake's "Job stats" table."""
+    counts, inside = {}, False
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("job ") and "count" in line:
+            inside = True
+        elif inside and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_redoes_only_the_interrupted_registration(tmp_path):
+    """SIGKILL the whole workflow (snakemake and its job) in the middle of a registration; the next
+    run (after --unlock, as Snakemake asks) redoes only that job, and its outputs are the ones an
+    uninterrupted registration writes."""
+    import signal
+    import time
+
+    import yaml
+
+    config = yaml.safe_load(TINY.read_text())
+    config["demo"].update(n_cross=2, n_long=0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    anat = tmp_path / "results" / "sub-01" / "ses-1" / "anat"
+    stem = "sub-01_ses-1_from-T1w_to-template_mode-image"
+    outputs = [anat / "sub-01_ses-1_space-template_desc-warped_T1w.nii.gz", anat / f"{stem}_xfm.mat",
+               anat / f"{stem}_xfm.nii.gz", anat / "sub-01_ses-1_from-template_to-T1w_mode-image_xfm.nii.gz"]
+    metrics_file = anat / f"{stem}_desc-qc_xfm.json"
+    target = str(metrics_file.relative_to(tmp_path))  # output patterns are relative to the run folder
+    # Targets before the options: --configfile and --forcerun take every word that follows them.
+    cfg = ("--configfile", str(tmp_path / "config.yaml"))
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), target, "-c", "1", *cfg]
+    reg_log = tmp_path / "results" / "logs" / "register_template" / "sub-01_ses-1.log"
+    with open(tmp_path / "first_run.log", "w") as sink:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=sink, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not reg_log.exists():
+            assert first.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the registration job never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the job is importing torch / registering
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not all(p.exists() for p in [*outputs, metrics_file]), "killed too late: the job had finished"
+    # Snakemake's record of the job it started and never saw finish (what --rerun-incomplete acts on).
+    incomplete = tmp_path / ".snakemake" / "incomplete"
+    assert [p for p in incomplete.rglob("*") if p.is_file()], "no incomplete job recorded"
+
+    assert snakemake("--unlock", *cfg, cwd=tmp_path).returncode == 0
+    second = snakemake(target, "-c", "1", *cfg, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert job_counts(second.stdout + second.stderr) == {"register_template": 1}
+    assert not [p for p in incomplete.rglob("*") if p.is_file()]
+    recovered = {p.name: p.read_bytes() for p in outputs}
+    from atlasflow.transforms import read_itk_affine
+
+    for p in outputs:
+        if p.suffix == ".mat":
+            assert np.isfinite(read_itk_affine(p)).all()
+        else:
+            load_image(p, allow_vector=True)
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["ncc_after"] > metrics["ncc_before"]
+
+    # The same job run without interruption writes the same bytes (determinism makes this exact).
+    third = snakemake(target, "-c", "1", "--forcerun", "register_template", *cfg, cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert job_counts(third.stdout + third.stderr) == {"register_template": 1}
+    assert {p.name: p.read_bytes() for p in outputs} == recovered
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)

@@ -1,7 +1,9 @@
 """Command-line entry points: ``atlasflow <command>``; each calls one package function.
 
 User-facing problems (:class:`AtlasflowError`) become one line on stderr and exit code 1, never a
-traceback.
+traceback. Under ``--on-scan-error skip`` (the workflow's ``on_scan_error``), a per-scan command
+that fails writes failure records in place of its outputs and exits 0 instead (see
+:mod:`atlasflow.failures`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import AtlasflowError
+from .failures import describe, first_failed_input, keep_successful, on_error_default, write_failure
 
 
 def _threads(n: int | None) -> None:
@@ -134,26 +138,40 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _successful(args: argparse.Namespace, columns: list[list[str]], what: str) -> list[list[str]]:
+    """Under on_scan_error: skip, the members (rows of the aligned lists) whose scans succeeded."""
+    if args.on_scan_error != "skip":
+        return columns
+    kept, dropped = keep_successful(columns, args.min_inputs, what, args.min_inputs_setting)
+    for line in dropped:
+        print(f"atlasflow: left out {line}")
+    return kept
+
+
 def cmd_atlas(args: argparse.Namespace) -> int:
     from . import atlas
 
     if args.step == "init":
-        atlas.affine_mean(args.images, args.affines, args.template, args.output)
+        images, affines = _successful(args, [args.images or [], args.affines or []], "atlas iteration 0")
+        atlas.affine_mean(images, affines, args.template, args.output)
     elif args.step == "iterate":
+        columns = [args.warped or [], args.velocity or []] + ([args.metrics] if args.metrics else [])
+        warped, velocity, *metrics = _successful(args, columns, f"atlas iteration {args.iteration}")
         atlas.build_iteration(
-            args.warped,
-            args.velocity,
+            warped,
+            velocity,
             args.previous,
             args.output,
             args.out_metrics,
             gradient_step=args.gradient_step,
             do_sharpen=not args.no_sharpen,
-            registration_metrics=args.metrics or [],
+            registration_metrics=metrics[0] if metrics else [],
             iteration=args.iteration,
             mask=args.mask,
         )
     elif args.step == "vote":
-        atlas.label_vote(args.labels, args.output, args.out_probseg)
+        (labels,) = _successful(args, [args.labels or []], "atlas label vote")
+        atlas.label_vote(labels, args.output, args.out_probseg)
     elif args.step == "gather":
         atlas.gather_metrics(args.metrics, args.output)
     return 0
@@ -196,7 +214,8 @@ def cmd_longitudinal(args: argparse.Namespace) -> int:
     elif args.step == "to-atlas":
         lg.to_atlas(args.input, args.atlas, args.affine, args.warp, args.output, args.interpolation)
     elif args.step == "frequency":
-        lg.tumour_frequency(args.masks, args.output)
+        (masks,) = _successful(args, [args.masks or []], "tumour frequency map")
+        lg.tumour_frequency(masks, args.output)
     return 0
 
 
@@ -232,9 +251,21 @@ def _engine_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _add_min_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-inputs", type=int, default=1, help="skip mode: fewest successful scans to go on")
+    p.add_argument("--min-inputs-setting", default="", help="config key of that minimum, for the message")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasflow", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument(
+        "--on-scan-error",
+        choices=["fail", "skip"],
+        default=on_error_default(),
+        help="skip: a per-scan command that fails writes a failure record in place of its outputs and "
+        "exits 0; cohort steps leave that scan out (default: $ATLASFLOW_ON_SCAN_ERROR, else fail)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", help="generate the embedded demo cohort")
@@ -308,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sharpen", action="store_true")
     p.add_argument("--labels", nargs="*", help="vote: label maps in atlas space")
     p.add_argument("--out-probseg", help="vote: 4-D probability maps")
+    _add_min_inputs(p)
     p.set_defaults(func=cmd_atlas)
 
     p = sub.add_parser("longitudinal", help="follow-up -> baseline change maps, tumour tables")
@@ -333,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", choices=["linear", "nearest"], default="linear")
     p.add_argument("--masks", nargs="*")
     p.add_argument("--output")
+    _add_min_inputs(p)
     p.set_defaults(func=cmd_longitudinal)
 
     p = sub.add_parser("apply", help="apply a written transform ([warp, affine]) to an image")
@@ -366,15 +399,68 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         tokens = list(sys.argv[1:] if argv is None else argv)
         args.rest = tokens[tokens.index(args.command) + 1 :]
+    outputs, inputs = _scan_files(args) if args.on_scan_error == "skip" else ([], [])
+    step = " ".join(str(x) for x in (args.command, getattr(args, "step", None)) if x)
     try:
         _threads(args.threads)
+        failed = first_failed_input(inputs) if outputs else None
+        if failed is not None:  # an upstream job of this scan failed: pass its record on
+            path, record = failed
+            write_failure(outputs, record.get("step", "?"), record.get("reason", ""), record.get("source", path))
+            print(f"atlasflow: skipped: {path} records a failed scan ({describe(record)})", file=sys.stderr)
+            return 0
         return args.func(args)
     except AtlasflowError as exc:
         print(f"atlasflow: error: {exc}", file=sys.stderr)
-        return 1
+        return _skip(outputs, step, str(exc))
     except KeyboardInterrupt:
         print("atlasflow: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not outputs:
+            raise
+        # Under skip, an unforeseen failure (e.g. inside ITK) also costs only this scan; the
+        # traceback stays in the job's log for a bug report.
+        traceback.print_exc()
+        print(f"atlasflow: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return _skip(outputs, step, f"unexpected {type(exc).__name__}: {exc}")
+
+
+# Per-scan commands: under on_scan_error: skip their failures are recorded instead of raised.
+PER_SCAN_COMMANDS = {
+    ("preprocess", None),
+    ("register", None),
+    ("apply", None),
+    ("longitudinal", "pair"),
+    ("longitudinal", "table"),
+    ("longitudinal", "to-atlas"),
+}
+
+
+def _scan_files(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(outputs, inputs) named on a per-scan command line; ([], []) for other commands."""
+    keys = {(args.command, None), (args.command, getattr(args, "step", None))}
+    if not keys & PER_SCAN_COMMANDS:
+        return [], []
+    outputs: list[str] = []
+    inputs: list[str] = []
+    for name, value in vars(args).items():
+        if name in ("func", "command", "step", "out_dir", "on_scan_error"):
+            continue
+        flat = []
+        for item in value if isinstance(value, list) else [value]:
+            flat += item if isinstance(item, list) else [item]
+        strings = [v for v in flat if isinstance(v, str)]
+        (outputs if name == "output" or name.startswith("out_") else inputs).extend(strings)
+    return outputs, inputs
+
+
+def _skip(outputs: list[str], step: str, reason: str) -> int:
+    if not outputs:
+        return 1
+    write_failure(outputs, step, reason)
+    print(f"atlasflow: skipped: on_scan_error is skip; failure recorded in {len(outputs)} output(s)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

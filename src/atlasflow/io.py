@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import AtlasflowError
+from .failures import describe, failure_record
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ def load_header(path: str | os.PathLike) -> nib.Nifti1Image:
         raise AtlasflowError(f"{path}: file not found")
     if path.is_dir():
         raise AtlasflowError(f"{path}: is a folder, expected a NIfTI file")
+    record = failure_record(path)
+    if record is not None:  # written in place of an output under on_scan_error: skip
+        raise AtlasflowError(f"{path}: not an image but the record of a skipped scan ({describe(record)})")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for garbage input

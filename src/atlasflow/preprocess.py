@@ -184,7 +184,10 @@ def finalize(
     image = load_image(image_path)
     mask = load_image(mask_path).data > 0
     grid = working_grid(image, mask, spacing)
-    norm = image.with_data(normalise_intensity(image.data, mask))
+    try:
+        norm = image.with_data(normalise_intensity(image.data, mask))
+    except AtlasflowError as exc:
+        raise AtlasflowError(f"{image_path}: {exc}") from None
     identity = Transform.identity()
     out = apply_transform(norm, identity, grid, "linear")
     out_m = apply_transform(image.with_data(mask.astype(np.uint8)), identity, grid, "nearest")

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import figures as fg
 from .errors import AtlasflowError
+from .failures import describe, failure_record
 from .io import Image, atomic_write_text, load_image
 
 STAGES = ("template", "atlas", "baseline")
@@ -147,6 +148,11 @@ class CohortFiles:
 
     def iteration(self, i: int) -> Path:
         return self.outdir / "atlas" / f"iter-{i}" / "template_T1w.nii.gz"
+
+    def member_qc(self, subject: str, session: str) -> list[Path]:
+        """QC JSONs of a scan's registrations to the atlas iterations (atlas members only)."""
+        pattern = f"iter-*/sub-{subject}/sub-{subject}_ses-{session}_desc-qc_xfm.json"
+        return sorted((self.outdir / "atlas").glob(pattern))
 
     def tumor_table(self, subject: str) -> Path:
         return self.outdir / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv"
@@ -342,6 +348,9 @@ def stage_checks(
     path = scan.qc_json(stage)
     if not path.exists():
         return [], None, f"{path.name} not found"
+    record = failure_record(path)
+    if record is not None:
+        return [], None, f"{path.name}: scan skipped, {describe(record)}"
     try:
         qc = json.loads(path.read_text())
         if not isinstance(qc, dict):
@@ -578,11 +587,22 @@ def subject_qc(
     longitudinal = len(sessions) > 1 if longitudinal is None else longitudinal
     qc = SubjectQC(subject, sessions, None, longitudinal, asdict(limits))
     sources: list[Path] = []
+    skipped: dict[str, dict] = {}
 
     if longitudinal:
         table = files.tumor_table(subject)
         sources.append(table)
-        if table.exists():
+        record = failure_record(table)
+        if record is not None:
+            qc.missing.append(
+                {
+                    "session": "",
+                    "file": _rel(table, outdir),
+                    "reason": f"scan skipped, {describe(record)}",
+                    "required": False,
+                }
+            )
+        elif table.exists():
             try:
                 qc.tumor = read_tumor_table(table)
             except AtlasflowError as exc:
@@ -616,12 +636,15 @@ def subject_qc(
             ["baseline"] if longitudinal and session != qc.baseline else []
         )
         sources.append(scan.preproc)
-        if not scan.preproc.exists():
+        record = failure_record(scan.preproc)
+        if record is not None:  # under on_scan_error: skip, the record of why this scan failed
+            skipped[session] = record
+        if not scan.preproc.exists() or record is not None:
             qc.missing.append(
                 {
                     "session": session,
                     "file": _rel(scan.preproc, outdir),
-                    "reason": "not found",
+                    "reason": f"scan skipped, {describe(record)}" if record else "not found",
                     "required": True,
                 }
             )
@@ -630,6 +653,8 @@ def subject_qc(
             if stage == "atlas":
                 sources += [scan.atlas_dseg, files.atlas_dseg]
             checks, raw, problem = stage_checks(scan, stage, limits, files.atlas_dseg)
+            if session not in skipped and (record := failure_record(scan.qc_json(stage))):
+                skipped[session] = record
             qc.checks += checks
             if problem:
                 qc.missing.append(
@@ -648,6 +673,21 @@ def subject_qc(
                     "backend": raw.get("backend"),
                     "seconds": _number(raw.get("seconds")),
                 }
+        # A member whose registration to an atlas iteration failed (under on_scan_error: skip)
+        # was left out of that average, even if its later steps succeeded.
+        for member in files.member_qc(subject, session):
+            sources.append(member)
+            record = failure_record(member)
+            if record is not None:
+                skipped.setdefault(session, record)
+                qc.missing.append(
+                    {
+                        "session": session,
+                        "file": _rel(member, outdir),
+                        "reason": f"left out of the atlas, {describe(record)}",
+                        "required": True,
+                    }
+                )
 
     if qc.missing:  # only then can a job's error explain something
         prefixes = [f"sub-{subject}_ses-{t}" for t in sessions] + [f"sub-{subject}"]
@@ -657,6 +697,18 @@ def subject_qc(
                 (t for t in sessions if stem.startswith(f"sub-{subject}_ses-{t}")), ""
             )
             qc.errors.append(error)
+    # A skipped scan whose log is gone still carries its reason in the failure record.
+    logged = {e["session"] for e in qc.errors}
+    for session, record in skipped.items():
+        if session not in logged:
+            qc.errors.append(
+                {
+                    "session": session,
+                    "rule": str(record.get("step", "?")),
+                    "log": "",
+                    "message": str(record.get("reason", "")),
+                }
+            )
 
     required = [m for m in qc.missing if m["required"]]
     flags = [c for c in qc.checks if c.status == "flag"]

@@ -20,13 +20,14 @@ rule atlas_init:
         f"{BENCH}/atlas/iter-0.tsv"
     params:
         init=ATL["init"],
+        minimum=MIN_MEMBERS,
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
         "if [ {params.init} = template ]; then cp {input.template} {output}; else "
         "atlasflow atlas init --template {input.template} --images {input.images} "
-        "--affines {input.affines} --output {output}; fi > {log} 2>&1"
+        "--affines {input.affines} {params.minimum} --output {output}; fi > {log} 2>&1"
 
 
 rule atlas_register:
@@ -84,13 +85,14 @@ rule atlas_iterate:
     params:
         step=ATL["gradient_step"],
         sharpen="" if ATL["sharpen"] else "--no-sharpen",
+        minimum=MIN_MEMBERS,
     resources:
         mem_mb=2500,
         runtime=10,
     shell:
         "atlasflow atlas iterate --iteration {wildcards.iteration} --previous {input.previous} "
         "--mask {input.mask} --warped {input.warped} --velocity {input.velocity} "
-        "--metrics {input.metrics} --gradient-step {params.step} {params.sharpen} "
+        "--metrics {input.metrics} --gradient-step {params.step} {params.sharpen} {params.minimum} "
         "--output {output.template} --out-metrics {output.metrics} > {log} 2>&1"
 
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from atlasflow.errors import AtlasflowError
+from atlasflow.failures import set_policy
 from atlasflow.workflow import atlas_members, resolve_cohort
 
 OUT = config["outdir"]
@@ -22,6 +23,11 @@ except AtlasflowError as exc:
     sys.exit(1)
 
 SCANS = list(zip(COHORT["subject"], COHORT["session"]))
+
+# The failure policy reaches the `atlasflow` commands through the environment rather than their
+# command lines, so switching it does not make Snakemake rerun every finished job (every job
+# process, local or on a cluster node, parses this file and sets it again).
+set_policy(config["on_scan_error"])
 
 
 wildcard_constraints:
@@ -167,6 +173,10 @@ def member_file(name, iteration="{iteration}", subject="{subject}", session="{se
 
 def members(name, iteration):
     return [member_file(name, iteration, s, t) for s, t in ATLAS_MEMBERS]
+
+
+# Under on_scan_error: skip, the atlas averages need this many members whose scans succeeded.
+MIN_MEMBERS = f"--min-inputs {ATL['min_subjects']} --min-inputs-setting atlas.min_subjects"
 
 
 def previous_template(wildcards):
