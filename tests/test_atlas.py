@@ -90,3 +90,22 @@ def test_build_iteration_writes_template_and_metrics(tmp_path, blob):
     assert metrics["template_change_rms"] == pytest.approx(0.01, rel=1e-3)
     atlas.gather_metrics([tmp_path / "m.json"], tmp_path / "metrics.tsv")
     assert (tmp_path / "metrics.tsv").read_text().startswith("iteration\t")
+
+
+def test_velocity_bias_ratio_separates_a_shared_shift_from_independent_ones(tmp_path, blob):
+    """Subjects all displaced alike: the template is biased (ratio 1); displaced in opposite
+    directions: the mean cancels (ratio 0)."""
+    shape = (*blob.data.shape, 3)
+    warped = [write(tmp_path, f"w{i}.nii.gz", blob) for i in range(2)]
+    prev = write(tmp_path, "prev.nii.gz", blob)
+    ratios = {}
+    for name, signs in (("shared", (1, 1)), ("opposite", (1, -1))):
+        vel = [
+            write(tmp_path, f"{name}{i}.nii.gz", Image(np.full(shape, 0.5 * s, np.float32), blob.affine))
+            for i, s in enumerate(signs)
+        ]
+        metrics = atlas.build_iteration(warped, vel, prev, tmp_path / "t.nii.gz", tmp_path / "m.json", do_sharpen=False)
+        ratios[name] = metrics["velocity_bias_ratio"]
+        assert metrics["subject_velocity_norm_mean_mm"] == pytest.approx(0.5 * np.sqrt(3), rel=1e-5)
+    assert ratios["shared"] == pytest.approx(1.0, rel=1e-5)
+    assert ratios["opposite"] == pytest.approx(0.0, abs=1e-6)

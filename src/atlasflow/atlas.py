@@ -93,6 +93,16 @@ def build_iteration(
     previous = load_image(previous_template)
     region = load_image(mask).data > 0 if mask else previous.data > 0.05
     norm = np.linalg.norm(mean_velocity.data, axis=-1)[region]
+    # The mean field of N subjects deformed independently keeps a norm of about 1/sqrt(N) of theirs
+    # even around an unbiased template; the ratio to the subjects' own norms separates bias from that.
+    subject_norm = float(
+        np.mean(
+            [
+                np.linalg.norm(load_image(p, allow_vector=True).data, axis=-1)[region].mean()
+                for p in velocities
+            ]
+        )
+    )
     reg = [json.loads(Path(p).read_text()) for p in registration_metrics]
     metrics = {
         "iteration": iteration,
@@ -100,6 +110,8 @@ def build_iteration(
         "template_change_rms": float(np.sqrt(np.mean((template.data - previous.data)[region] ** 2))),
         "mean_velocity_norm_mean_mm": float(norm.mean()),
         "mean_velocity_norm_max_mm": float(norm.max()),
+        "subject_velocity_norm_mean_mm": subject_norm,
+        "velocity_bias_ratio": float(norm.mean() / subject_norm) if subject_norm > 0 else 0.0,
         "ncc_to_template_mean": float(np.mean([r["ncc_after"] for r in reg])) if reg else None,
         "folding_fraction_max": float(max(r["folding_fraction"] for r in reg)) if reg else None,
         "folding_fraction_mean": float(np.mean([r["folding_fraction"] for r in reg])) if reg else None,
