@@ -17,7 +17,7 @@ rule atlas_init:
     log:
         f"{LOGS}/atlas/iter-0.log",
     benchmark:
-        f"{BENCH}/atlas/iter-0.tsv"
+        f"{BENCH}/atlas_init.tsv"
     params:
         init=ATL["init"],
     resources:
@@ -48,7 +48,7 @@ rule atlas_register:
     log:
         f"{LOGS}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.log",
     benchmark:
-        f"{BENCH}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
+        f"{BENCH}/atlas_register/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
     params:
         options=registration_options,
         qc=qc_options,
@@ -80,7 +80,7 @@ rule atlas_iterate:
     log:
         f"{LOGS}/atlas/iter-{{iteration}}.log",
     benchmark:
-        f"{BENCH}/atlas/iter-{{iteration}}.tsv"
+        f"{BENCH}/atlas_iterate/iter-{{iteration}}.tsv"
     params:
         step=ATL["gradient_step"],
         sharpen="" if ATL["sharpen"] else "--no-sharpen",
@@ -106,6 +106,8 @@ rule atlas_final:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/final.log",
+    benchmark:
+        f"{BENCH}/atlas_final.tsv"
     shell:
         "(cp {input.template} {output.template} && "
         "atlasflow atlas gather --metrics {input.metrics} --output {output.metrics}) > {log} 2>&1"
@@ -160,6 +162,8 @@ use rule warp_labels as warp_labels_atlas with:
         CONDA_ENV
     log:
         log("warp_labels_atlas"),
+    benchmark:
+        bench("warp_labels_atlas")
     group:
         "subject_atlas"
 
@@ -175,6 +179,8 @@ rule atlas_labels:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/labels.log",
+    benchmark:
+        f"{BENCH}/atlas_labels.tsv"
     resources:
         mem_mb=3000,
         runtime=10,
