@@ -76,6 +76,12 @@ def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob)
     assert atlas.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
 
 
+def test_affine_mean_of_no_images_is_the_reference_template(tmp_path, blob):
+    template = write(tmp_path, "t.nii.gz", blob, dtype=np.float32)
+    atlas.affine_mean([], [], template, tmp_path / "iter-0.nii.gz")
+    np.testing.assert_array_equal(load_image(tmp_path / "iter-0.nii.gz").data, load_image(template).data)
+
+
 def test_leave_one_out_equals_the_vote_of_the_other_maps(tmp_path):
     rng = np.random.default_rng(3)
     maps = [rng.integers(0, 4, (6, 5, 4)).astype(np.uint8) for _ in range(5)]

@@ -111,10 +111,14 @@ def build_iteration(
 def affine_mean(
     images: Sequence[str | Path], affines: Sequence[str | Path], template: str | Path, out_path: str | Path
 ) -> Image:
-    """Iteration 0: mean of the images after their affine alignment to the reference template."""
+    """Iteration 0: mean of the images after their affine alignment to the reference template
+    (with no images: the reference template itself, the `atlas.init: template` option)."""
     from .transforms import read_itk_affine
 
     reference = load_image(template)
+    if not images:
+        save_image(reference, out_path, dtype=np.float32)
+        return reference
     total = np.zeros(reference.data.shape, np.float64)
     for image_path, affine_path in zip(images, affines, strict=True):
         moving = load_image(image_path)

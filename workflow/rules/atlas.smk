@@ -19,14 +19,14 @@ rule atlas_init:
     benchmark:
         f"{BENCH}/atlas_init.tsv"
     params:
-        init=ATL["init"],
+        # init: template = iteration 0 is the reference template itself (no members given)
+        argv=lambda wc, input, output: ["atlas", "init", "--template", input.template, "--output", output[0]]
+        + ([] if ATL["init"] == "template" else ["--images", *input.images, "--affines", *input.affines]),
     resources:
         mem_mb=2000,
         runtime=10,
-    shell:
-        "if [ {params.init} = template ]; then cp {input.template} {output}; else "
-        "atlasflow atlas init --template {input.template} --images {input.images} "
-        "--affines {input.affines} --output {output}; fi > {log} 2>&1"
+    script:
+        "../scripts/atlasflow_cli.py"
 
 
 rule atlas_register:
@@ -82,16 +82,18 @@ rule atlas_iterate:
     benchmark:
         f"{BENCH}/atlas_iterate/iter-{{iteration}}.tsv"
     params:
-        step=ATL["gradient_step"],
-        sharpen="" if ATL["sharpen"] else "--no-sharpen",
+        argv=lambda wc, input, output: [
+            "atlas", "iterate", "--iteration", wc.iteration, "--previous", input.previous,
+            "--mask", input.mask, "--warped", *input.warped, "--velocity", *input.velocity,
+            "--metrics", *input.metrics, "--gradient-step", ATL["gradient_step"],
+            *([] if ATL["sharpen"] else ["--no-sharpen"]),
+            "--output", output.template, "--out-metrics", output.metrics,
+        ],
     resources:
         mem_mb=2500,
         runtime=10,
-    shell:
-        "atlasflow atlas iterate --iteration {wildcards.iteration} --previous {input.previous} "
-        "--mask {input.mask} --warped {input.warped} --velocity {input.velocity} "
-        "--metrics {input.metrics} --gradient-step {params.step} {params.sharpen} "
-        "--output {output.template} --out-metrics {output.metrics} > {log} 2>&1"
+    script:
+        "../scripts/atlasflow_cli.py"
 
 
 rule atlas_final:
@@ -181,8 +183,10 @@ rule atlas_labels:
         f"{LOGS}/atlas/labels.log",
     benchmark:
         f"{BENCH}/atlas_labels.tsv"
+    params:
+        argv=lambda wc, input, output: ["atlas", "vote", "--labels", *input, "--output", output.dseg, "--out-probseg", output.probseg],
     resources:
         mem_mb=3000,
         runtime=10,
-    shell:
-        "atlasflow atlas vote --labels {input} --output {output.dseg} --out-probseg {output.probseg} > {log} 2>&1"
+    script:
+        "../scripts/atlasflow_cli.py"
