@@ -76,6 +76,24 @@ def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob)
     assert atlas.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
 
 
+def test_affine_mean_of_no_images_is_the_reference_template(tmp_path, blob):
+    template = write(tmp_path, "t.nii.gz", blob, dtype=np.float32)
+    atlas.affine_mean([], [], template, tmp_path / "iter-0.nii.gz")
+    np.testing.assert_array_equal(load_image(tmp_path / "iter-0.nii.gz").data, load_image(template).data)
+
+
+def test_leave_one_out_equals_the_vote_of_the_other_maps(tmp_path):
+    rng = np.random.default_rng(3)
+    maps = [rng.integers(0, 4, (6, 5, 4)).astype(np.uint8) for _ in range(5)]
+    paths = [write(tmp_path, f"m{i}.nii.gz", Image(m, np.eye(4))) for i, m in enumerate(maps)]
+    expected = []
+    for i, m in enumerate(maps):  # independent: a full vote written without map i
+        others = paths[:i] + paths[i + 1 :]
+        vote, _ = atlas.label_vote(others, tmp_path / f"vote{i}.nii.gz")
+        expected.append(atlas.dice_mean(m.astype(np.int32), vote.data.astype(np.int32)))
+    assert atlas.leave_one_out_consistency(paths) == pytest.approx(expected)
+
+
 def test_build_iteration_writes_template_and_metrics(tmp_path, blob):
     warped = [write(tmp_path, f"w{i}.nii.gz", blob.with_data(blob.data + 0.01 * i)) for i in range(3)]
     vel = [write(tmp_path, f"v{i}.nii.gz", Image(np.zeros((*blob.data.shape, 3), np.float32), blob.affine)) for i in range(3)]

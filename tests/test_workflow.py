@@ -114,6 +114,26 @@ def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_check_voxels_false_plans_from_headers_only(tmp_path):
+    """A NaN-holding scan passes the header checks: planning stops on it only when voxels are read."""
+    import nibabel as nib
+
+    good = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    bad = good.copy()
+    bad[2, 2, 2] = np.nan
+    nib.save(nib.Nifti1Image(good, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), tmp_path / "b.nii.gz")
+    manifest = write_manifest(
+        tmp_path, [{"subject": "01", "session": "1", "t1w": "a.nii.gz"}, {"subject": "02", "session": "1", "t1w": "b.nii.gz"}]
+    )
+    args = ("-n", "--configfile", str(REPO / "config.yaml"), "--config", f"cohort={manifest}")
+    full = snakemake(*args, cwd=tmp_path)
+    assert full.returncode != 0 and "b.nii.gz" in full.stderr and "Traceback" not in full.stderr
+    headers = snakemake(*args, "check_voxels=False", cwd=tmp_path)
+    assert headers.returncode == 0, headers.stderr
+    assert "register_template" in headers.stdout + headers.stderr
+
+
 @pytest.mark.slow
 def test_tiny_demo_cohort_end_to_end(tmp_path):
     """The whole workflow on the tiny demo cohort given as a read-only input folder with one broken

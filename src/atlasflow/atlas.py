@@ -123,10 +123,14 @@ def build_iteration(
 def affine_mean(
     images: Sequence[str | Path], affines: Sequence[str | Path], template: str | Path, out_path: str | Path
 ) -> Image:
-    """Iteration 0: mean of the images after their affine alignment to the reference template."""
+    """Iteration 0: mean of the images after their affine alignment to the reference template
+    (with no images: the reference template itself, the `atlas.init: template` option)."""
     from .transforms import read_itk_affine
 
     reference = load_image(template)
+    if not images:
+        save_image(reference, out_path, dtype=np.float32)
+        return reference
     total = np.zeros(reference.data.shape, np.float64)
     for image_path, affine_path in zip(images, affines, strict=True):
         moving = load_image(image_path)
@@ -136,14 +140,8 @@ def affine_mean(
     return out
 
 
-def label_vote(
-    label_paths: Sequence[str | Path], out_dseg: str | Path, out_probseg: str | Path | None = None
-) -> tuple[Image, dict[int, np.ndarray]]:
-    """Majority vote of label maps on one grid (streamed), with per-label probability maps.
-
-    Probability maps are written as one 4-D NIfTI (last axis = label, in the order of the TSV
-    written beside it) when ``out_probseg`` is given.
-    """
+def _label_counts(label_paths: Sequence[str | Path]) -> tuple[Image, dict[int, np.ndarray]]:
+    """Per label, how many of the maps hold it at each voxel; one map in memory at a time."""
     counts: dict[int, np.ndarray] = {}
     first: Image | None = None
     for path in label_paths:
@@ -158,19 +156,43 @@ def label_vote(
             counts[int(value)] += data == value
     if first is None:
         raise AtlasflowError("no label maps to vote")
-    values = sorted(counts)
-    best = np.zeros(first.data.shape, np.uint16)
-    vote = np.zeros(first.data.shape, np.int32)
-    for value in values:  # ties go to the lower label, deterministically
-        better = counts[value] > best
+    return first, counts
+
+
+def _majority(counts: dict[int, np.ndarray], shape: tuple[int, ...], exclude: np.ndarray | None = None) -> np.ndarray:
+    """Label with the most votes at each voxel (ties to the lower label); ``exclude``: one map's
+    own votes taken out (leave-one-out)."""
+    best = np.zeros(shape, np.int32)
+    vote = np.zeros(shape, np.int32)
+    for value in sorted(counts):
+        c = counts[value] if exclude is None else counts[value].astype(np.int32) - (exclude == value)
+        better = c > best
         vote[better] = value
-        best[better] = counts[value][better]
+        best[better] = c[better]
+    return vote
+
+
+def label_vote(
+    label_paths: Sequence[str | Path], out_dseg: str | Path, out_probseg: str | Path | None = None
+) -> tuple[Image, dict[int, np.ndarray]]:
+    """Majority vote of label maps on one grid (streamed), with per-label probability maps.
+
+    Memory holds one count array per label, whatever the number of maps. Probability maps are
+    written as one 4-D NIfTI (last axis = label, in the order of the TSV written beside it) when
+    ``out_probseg`` is given.
+    """
+    first, counts = _label_counts(label_paths)
+    values = sorted(counts)
+    vote = _majority(counts, first.data.shape)
     n = len(label_paths)
     out = first.with_data(vote.astype(np.uint8 if max(values) < 256 and min(values) >= 0 else np.int32))
     save_image(out, out_dseg)
     if out_probseg is not None:
         foreground = [v for v in values if v != 0]
-        prob = np.stack([counts[v].astype(np.float32) / n for v in foreground], -1) if foreground else np.zeros((*vote.shape, 0), np.float32)
+        # Filled in place: a list of per-label arrays stacked afterwards would hold them twice.
+        prob = np.empty((*vote.shape, len(foreground)), np.float32)
+        for i, v in enumerate(foreground):
+            np.divide(counts[v], n, out=prob[..., i], dtype=np.float32)
         save_image(Image(prob, first.affine), out_probseg, dtype=np.float32)
         atomic_write_text(Path(str(out_probseg).replace(".nii.gz", ".tsv")), "index\tlabel\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(foreground)))
     return out, {v: counts[v] for v in values}
@@ -185,20 +207,16 @@ def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def leave_one_out_consistency(label_paths: Sequence[str | Path]) -> list[float]:
-    """For every subject: Dice of its atlas-space labels with the vote of all the others."""
-    maps = [load_image(p, dtype=None).data.astype(np.int32) for p in label_paths]
-    values = sorted(set(np.unique(np.concatenate([np.unique(m) for m in maps])).tolist()))
-    counts = {v: sum((m == v).astype(np.uint16) for m in maps) for v in values}
+    """For every subject: Dice of its atlas-space labels with the vote of all the others.
+
+    Two streaming passes (the counts, then each map against the counts without it), so memory
+    does not grow with the number of maps.
+    """
+    first, counts = _label_counts(label_paths)
     scores = []
-    for m in maps:
-        best = np.zeros(m.shape, np.int32)
-        vote = np.zeros(m.shape, np.int32)
-        for v in values:
-            c = counts[v].astype(np.int32) - (m == v)
-            better = c > best
-            vote[better] = v
-            best[better] = c[better]
-        scores.append(dice_mean(m, vote))
+    for path in label_paths:
+        m = load_image(path, dtype=None).data.astype(np.int32)
+        scores.append(dice_mean(m, _majority(counts, first.data.shape, exclude=m)))
     return scores
 
 

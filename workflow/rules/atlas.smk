@@ -17,17 +17,16 @@ rule atlas_init:
     log:
         f"{LOGS}/atlas/iter-0.log",
     benchmark:
-        f"{BENCH}/atlas/iter-0.tsv"
+        f"{BENCH}/atlas_init.tsv"
     params:
-        init=ATL["init"],
-        minimum=MIN_MEMBERS,
+        # init: template = iteration 0 is the reference template itself (no members given)
+        argv=lambda wc, input, output: ["atlas", "init", "--template", input.template, "--output", output[0]]
+        + ([] if ATL["init"] == "template" else ["--images", *input.images, "--affines", *input.affines, *MIN_MEMBERS.split()]),
     resources:
         mem_mb=2000,
         runtime=10,
-    shell:
-        "if [ {params.init} = template ]; then cp {input.template} {output}; else "
-        "atlasflow atlas init --template {input.template} --images {input.images} "
-        "--affines {input.affines} {params.minimum} --output {output}; fi > {log} 2>&1"
+    script:
+        "../scripts/atlasflow_cli.py"
 
 
 rule atlas_register:
@@ -49,7 +48,7 @@ rule atlas_register:
     log:
         f"{LOGS}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.log",
     benchmark:
-        f"{BENCH}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
+        f"{BENCH}/atlas_register/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
     params:
         options=registration_options,
         qc=qc_options,
@@ -81,19 +80,20 @@ rule atlas_iterate:
     log:
         f"{LOGS}/atlas/iter-{{iteration}}.log",
     benchmark:
-        f"{BENCH}/atlas/iter-{{iteration}}.tsv"
+        f"{BENCH}/atlas_iterate/iter-{{iteration}}.tsv"
     params:
-        step=ATL["gradient_step"],
-        sharpen="" if ATL["sharpen"] else "--no-sharpen",
-        minimum=MIN_MEMBERS,
+        argv=lambda wc, input, output: [
+            "atlas", "iterate", "--iteration", wc.iteration, "--previous", input.previous,
+            "--mask", input.mask, "--warped", *input.warped, "--velocity", *input.velocity,
+            "--metrics", *input.metrics, "--gradient-step", ATL["gradient_step"],
+            *([] if ATL["sharpen"] else ["--no-sharpen"]), *MIN_MEMBERS.split(),
+            "--output", output.template, "--out-metrics", output.metrics,
+        ],
     resources:
         mem_mb=2500,
         runtime=10,
-    shell:
-        "atlasflow atlas iterate --iteration {wildcards.iteration} --previous {input.previous} "
-        "--mask {input.mask} --warped {input.warped} --velocity {input.velocity} "
-        "--metrics {input.metrics} --gradient-step {params.step} {params.sharpen} {params.minimum} "
-        "--output {output.template} --out-metrics {output.metrics} > {log} 2>&1"
+    script:
+        "../scripts/atlasflow_cli.py"
 
 
 rule atlas_final:
@@ -108,6 +108,8 @@ rule atlas_final:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/final.log",
+    benchmark:
+        f"{BENCH}/atlas_final.tsv"
     shell:
         "(cp {input.template} {output.template} && "
         "atlasflow atlas gather --metrics {input.metrics} --output {output.metrics}) > {log} 2>&1"
@@ -162,6 +164,8 @@ use rule warp_labels as warp_labels_atlas with:
         CONDA_ENV
     log:
         log("warp_labels_atlas"),
+    benchmark:
+        bench("warp_labels_atlas")
     group:
         "subject_atlas"
 
@@ -177,8 +181,12 @@ rule atlas_labels:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/labels.log",
+    benchmark:
+        f"{BENCH}/atlas_labels.tsv"
+    params:
+        argv=lambda wc, input, output: ["atlas", "vote", "--labels", *input, "--output", output.dseg, "--out-probseg", output.probseg],
     resources:
         mem_mb=3000,
         runtime=10,
-    shell:
-        "atlasflow atlas vote --labels {input} --output {output.dseg} --out-probseg {output.probseg} > {log} 2>&1"
+    script:
+        "../scripts/atlasflow_cli.py"

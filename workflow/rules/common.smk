@@ -15,7 +15,7 @@ THREADS = config["threads"]
 CONDA_ENV = "../../envs/atlasflow.yaml"
 
 try:
-    COHORT = resolve_cohort(config, workdir=Path(workflow.basedir), check_data=workflow.is_main_process)
+    COHORT = resolve_cohort(config, workdir=Path(workflow.basedir), check_data=workflow.is_main_process and config["check_voxels"])
     ATLAS_MEMBERS = atlas_members(COHORT, config["atlas"]["min_subjects"])
 except AtlasflowError as exc:
     # One line naming the row/file and the problem, nothing written, non-zero exit.
@@ -23,6 +23,9 @@ except AtlasflowError as exc:
     sys.exit(1)
 
 SCANS = list(zip(COHORT["subject"], COHORT["session"]))
+# Manifest rows by (subject, session): input functions look a row up per job, so a table scan
+# per lookup would make planning quadratic in the cohort size.
+ROWS = {(r["subject"], r["session"]): r for r in COHORT.to_dict("records")}
 
 # The failure policy reaches the `atlasflow` commands through the environment rather than their
 # command lines, so switching it does not make Snakemake rerun every finished job (every job
@@ -37,9 +40,8 @@ wildcard_constraints:
 
 
 def row(wildcards):
-    """The manifest row of one scan."""
-    match = COHORT[(COHORT["subject"] == wildcards.subject) & (COHORT["session"] == wildcards.session)]
-    return match.iloc[0]
+    """The manifest row of one scan (a dict: column -> string)."""
+    return ROWS[(wildcards.subject, wildcards.session)]
 
 
 def optional(wildcards, column):
@@ -48,8 +50,7 @@ def optional(wildcards, column):
 
 
 def has(subject, session, column):
-    r = COHORT[(COHORT["subject"] == subject) & (COHORT["session"] == session)].iloc[0]
-    value = r.get(column)
+    value = ROWS[(subject, session)].get(column)
     return isinstance(value, str) and bool(value)
 
 
@@ -202,7 +203,7 @@ LONGITUDINAL_SUBJECTS = [s for s, sessions in SESSIONS.items() if len(sessions) 
 
 
 def row_of(subject, session):
-    return COHORT[(COHORT["subject"] == subject) & (COHORT["session"] == session)].iloc[0]
+    return ROWS[(subject, session)]
 
 
 def longitudinal_inputs(wc):

@@ -56,7 +56,7 @@ rule bias_correct:
     log:
         log("n4"),
     benchmark:
-        bench("n4")
+        bench("bias_correct")
     params:
         skip="" if config["preprocess"]["n4"] else "--skip",
     threads: THREADS
@@ -131,6 +131,8 @@ rule preprocess_labels:
         CONDA_ENV
     log:
         log("preprocess_labels"),
+    benchmark:
+        bench("preprocess_labels")
     group:
         "subject"
     resources:
@@ -151,6 +153,8 @@ rule preprocess_tumor_mask:
         CONDA_ENV
     log:
         log("preprocess_tumor_mask"),
+    benchmark:
+        bench("preprocess_tumor_mask")
     group:
         "subject"
     resources:

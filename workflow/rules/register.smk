@@ -50,6 +50,8 @@ rule warp_labels:
         CONDA_ENV
     log:
         log("warp_labels"),
+    benchmark:
+        bench("warp_labels")
     group:
         "subject"
     resources:

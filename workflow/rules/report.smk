@@ -26,6 +26,8 @@ rule report_subject:
         CONDA_ENV
     log:
         f"{LOGS}/report/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/report_subject/sub-{{subject}}.tsv"
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
         sessions=lambda wc: " ".join(SESSIONS[wc.subject]),
@@ -60,6 +62,8 @@ rule report_cohort:
         CONDA_ENV
     log:
         f"{LOGS}/report/cohort.log",
+    benchmark:
+        f"{BENCH}/report_cohort.tsv"
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
         iterations=N_ITER,
