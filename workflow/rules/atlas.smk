@@ -19,6 +19,9 @@ rule atlas_init:
     benchmark:
         f"{BENCH}/atlas_init.tsv"
     params:
+        # Plain values are compared with the last run's when Snakemake plans (functions of
+        # `input` are not): a changed setting reruns the rule.
+        settings=f"init {ATL['init']}",
         # init: template = iteration 0 is the reference template itself (no members given)
         argv=lambda wc, input, output: ["atlas", "init", "--template", input.template, "--output", output[0]]
         + ([] if ATL["init"] == "template" else ["--images", *input.images, "--affines", *input.affines, *MIN_MEMBERS.split()]),
@@ -82,6 +85,7 @@ rule atlas_iterate:
     benchmark:
         f"{BENCH}/atlas_iterate/iter-{{iteration}}.tsv"
     params:
+        settings=f"gradient_step {ATL['gradient_step']} sharpen {ATL['sharpen']}",
         argv=lambda wc, input, output: [
             "atlas", "iterate", "--iteration", wc.iteration, "--previous", input.previous,
             "--mask", input.mask, "--warped", *input.warped, "--velocity", *input.velocity,

@@ -129,9 +129,13 @@ def model_input(wildcards):
     return [REG["model"]] if REG["model"] else []
 
 
-def registration_options(wildcards, input, refine_steps=None):
-    """The registration flags shared by every registration rule."""
-    model = f"--model {input.model}" if input.model else ""
+def registration_options(wildcards, refine_steps=None):
+    """The registration flags shared by every registration rule.
+
+    A function of the wildcards only: Snakemake compares such params with the last run's when it
+    plans, so a changed setting reruns the registrations (params that take `input` are not).
+    """
+    model = f"--model {REG['model']}" if REG["model"] else ""
     refine = REG["refine_steps"] if refine_steps is None else refine_steps
     return (
         f"--backend {REG['backend']} --refine {refine} --device {REG['device']} "
@@ -139,11 +143,11 @@ def registration_options(wildcards, input, refine_steps=None):
     )
 
 
-def longitudinal_options(wildcards, input):
+def longitudinal_options(wildcards):
     """Follow-up -> baseline: the shared engine flags with the longitudinal stage's own settings."""
     lg = config["longitudinal"]
     return (
-        f"{registration_options(wildcards, input, lg['refine_steps'])} "
+        f"{registration_options(wildcards, lg['refine_steps'])} "
         f"--tumor-weight {lg['tumor_weight']} --exclusion-margin {lg['exclusion_margin_mm']}"
     )
 
