@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train", "train_main", "train the registration networks on synthetic pairs"),
         ("finetune", "train", "finetune_main", "fine-tune the networks on a cohort"),
         ("report", "report", "report_main", "write the HTML reports (subject, cohort)"),
+        ("provenance", "provenance", "main", "record versions, config, input and model checksums of a run"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

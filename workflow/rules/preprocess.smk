@@ -3,19 +3,24 @@
 
 rule template:
     """The reference template and its brain mask on the working grid."""
+    input:
+        unpack(template_files),
     output:
         image=TEMPLATE,
         mask=TEMPLATE_MASK,
+    # Eligible for Snakemake's between-workflow cache (`--cache`): no patient data goes in, and
+    # the key (shell code, params incl. the versions below, template file checksums) determines
+    # the output. The cache forbids a benchmark directive, hence none here.
+    cache: True
     conda:
         CONDA_ENV
     log:
         f"{LOGS}/template.log",
-    benchmark:
-        f"{BENCH}/template.tsv"
     params:
         source=config["template"],
         mask=f"--mask {config['template_mask']}" if config["template_mask"] else "",
         spacing=config["working_spacing"],
+        software=f"atlasflow {VERSIONS['atlasflow']}, nilearn {VERSIONS['nilearn']}",
     resources:
         mem_mb=2000,
         runtime=5,
