@@ -212,7 +212,7 @@ def test_removing_one_preprocessed_scan_reruns_only_its_chain(tiny_run):
 
 
 @pytest.mark.slow
-def test_provenance_records_the_run_and_follows_the_config(tiny_run):
+def test_provenance_records_the_run_and_follows_the_config(tiny_run, tmp_path):
     record = json.loads((tiny_run / "results" / "provenance" / "provenance.json").read_text())
     manifest = pd.read_csv(tiny_run / "demo_data" / "manifest.csv", dtype=str).fillna("")
     expected = {
@@ -229,8 +229,11 @@ def test_provenance_records_the_run_and_follows_the_config(tiny_run):
     assert record["config"]["working_spacing"] == 4.0 and record["config"]["atlas"]["iterations"] == 2
     assert record["model"]["sidecar_sha256_matches"] is True
     assert record["packages"]["snakemake"] and record["packages"]["torch"]
-    # A config key only the record depends on reruns the record and nothing else.
-    jobs = dry_run(tiny_run, "--config", "atlas={finetune_steps: 3}")
+    # A config key only the record depends on reruns the record and nothing else. (A second config
+    # file, not --config: that one would hand the schema the string "3".)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("atlas:\n  finetune_steps: 3\n")
+    jobs = dry_run(tiny_run, str(extra))  # follows --configfile TINY: both files are merged
     assert {rule for rule, _ in jobs} == {"provenance", "all"}
 
 

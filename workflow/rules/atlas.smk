@@ -21,7 +21,7 @@ rule atlas_init:
     params:
         init=ATL["init"],
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=10,
     shell:
         "if [ {params.init} = template ]; then cp {input.template} {output}; else "
@@ -54,8 +54,8 @@ rule atlas_register:
         qc=qc_options,
     threads: THREADS
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
@@ -85,7 +85,7 @@ rule atlas_iterate:
         step=ATL["gradient_step"],
         sharpen="" if ATL["sharpen"] else "--no-sharpen",
     resources:
-        mem_mb=2500,
+        mem_mb=1000,
         runtime=10,
     shell:
         "atlasflow atlas iterate --iteration {wildcards.iteration} --previous {input.previous} "
@@ -138,8 +138,8 @@ rule register_atlas:
     group:
         "subject_atlas"
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
@@ -160,6 +160,8 @@ use rule warp_labels as warp_labels_atlas with:
         CONDA_ENV
     log:
         log("warp_labels_atlas"),
+    benchmark:
+        bench("warp_labels_atlas")
     group:
         "subject_atlas"
 
@@ -175,8 +177,10 @@ rule atlas_labels:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/labels.log",
+    benchmark:
+        f"{BENCH}/atlas/labels.tsv"
     resources:
-        mem_mb=3000,
+        mem_mb=4500,
         runtime=10,
     shell:
         "atlasflow atlas vote --labels {input} --output {output.dseg} --out-probseg {output.probseg} > {log} 2>&1"

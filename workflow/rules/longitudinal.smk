@@ -29,8 +29,8 @@ rule longitudinal_register:
     group:
         "subject"
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} longitudinal pair --baseline {input.baseline} --followup {input.followup} "
@@ -53,6 +53,8 @@ rule longitudinal_tumor_mask:
         CONDA_ENV
     log:
         log("longitudinal_tumor_mask"),
+    benchmark:
+        bench("longitudinal_tumor_mask")
     group:
         "subject"
     resources:
@@ -74,6 +76,8 @@ rule tumor_table:
         CONDA_ENV
     log:
         f"{LOGS}/tumor_table/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/tumor_table/sub-{{subject}}.tsv"
     params:
         sessions=lambda wc: " ".join(
             f"--session {t} {row_of(wc.subject, t)['acq_date'] or '-'} {row_of(wc.subject, t)['tumor_mask'] or '-'}"
@@ -103,6 +107,8 @@ rule change_map_to_atlas:
         CONDA_ENV
     log:
         f"{LOGS}/change_map_to_atlas/sub-{{subject}}_ses-{{session}}_{{change}}.log",
+    benchmark:
+        f"{BENCH}/change_map_to_atlas/sub-{{subject}}_ses-{{session}}_{{change}}.tsv"
     params:
         interpolation=lambda wc: "nearest" if wc.change.endswith("mask") else "linear",
     resources:
@@ -126,6 +132,8 @@ rule baseline_tumor_to_atlas:
         CONDA_ENV
     log:
         log("baseline_tumor_to_atlas"),
+    benchmark:
+        bench("baseline_tumor_to_atlas")
     resources:
         mem_mb=1000,
         runtime=5,
@@ -144,8 +152,10 @@ rule tumor_frequency:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/tumor_frequency.log",
+    benchmark:
+        f"{BENCH}/atlas/tumor_frequency.tsv"
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow longitudinal frequency --masks {input} --output {output} > {log} 2>&1"

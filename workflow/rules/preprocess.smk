@@ -93,7 +93,7 @@ rule brain_mask:
     group:
         "subject"
     resources:
-        mem_mb=2000,
+        mem_mb=3000,
         runtime=10,
     shell:
         "atlasflow --threads {threads} preprocess mask --input {input.image} --output {output} {params.extra} > {log} 2>&1"
@@ -118,7 +118,7 @@ rule preprocess:
     group:
         "subject"
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow preprocess finalize --input {input.image} --mask {input.mask} --output {output.image} "
@@ -136,6 +136,8 @@ rule preprocess_labels:
         CONDA_ENV
     log:
         log("preprocess_labels"),
+    benchmark:
+        bench("preprocess_labels")
     group:
         "subject"
     resources:
@@ -156,6 +158,8 @@ rule preprocess_tumor_mask:
         CONDA_ENV
     log:
         log("preprocess_tumor_mask"),
+    benchmark:
+        bench("preprocess_tumor_mask")
     group:
         "subject"
     resources:

@@ -26,6 +26,8 @@ rule report_subject:
         CONDA_ENV
     log:
         f"{LOGS}/report/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/report/sub-{{subject}}.tsv"
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
         sessions=lambda wc: " ".join(SESSIONS[wc.subject]),
@@ -60,6 +62,8 @@ rule report_cohort:
         CONDA_ENV
     log:
         f"{LOGS}/report/cohort.log",
+    benchmark:
+        f"{BENCH}/report/cohort.tsv"
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
         iterations=N_ITER,
@@ -67,7 +71,7 @@ rule report_cohort:
         qc=QC_FLAGS,
         figures=lambda wc, output: str(Path(output.iterations).parent),
     resources:
-        mem_mb=1500,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow report cohort --outdir {params.outdir} --scans {params.scans} --iterations {params.iterations} "
