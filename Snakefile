@@ -24,6 +24,7 @@ include: "workflow/rules/register.smk"
 include: "workflow/rules/atlas.smk"
 include: "workflow/rules/longitudinal.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/provenance.smk"
 
 
 rule all:

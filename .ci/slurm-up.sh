@@ -69,7 +69,9 @@ socket="$state/munge/munge.socket"
 # A Unix socket path must fit in 108 bytes.
 [ ${#socket} -lt 100 ] || die "state folder path too long for a Unix socket: $socket"
 
-cpus=$(nproc)
+# GNU nproc obeys OMP_NUM_THREADS: a caller limiting its threads would get a 1-CPU node on which
+# a 2-thread group job pends forever (PartitionConfig).
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_total_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 # A node that declares more memory than it has stays DOWN; keep headroom for the daemons.
 real_memory_mb=$((mem_total_kb * 85 / 100 / 1024))

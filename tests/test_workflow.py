@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,9 +24,9 @@ ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 TINY = REPO / "tests" / "config_tiny.yaml"
 
 
-def snakemake(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(cwd), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def test_lint_is_clean(tmp_path):
@@ -40,6 +42,18 @@ def test_dry_run_lists_every_stage_for_the_demo_config(tmp_path):
     for rule in ("demo_data", "template", "bias_correct", "preprocess", "register_template", "atlas_iterate", "register_atlas", "atlas_labels"):
         assert rule in text, rule
     assert not (tmp_path / "results").exists(), "a dry run must write nothing"
+
+
+CACHE_LINE = re.compile(r"Output file (\S+) will be (?:written to|obtained from) global between-workflow cache")
+
+
+def test_only_the_template_is_eligible_for_the_shared_cache(tmp_path):
+    """The between-workflow cache folder is shared between users: nothing patient-derived goes there."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    out = snakemake("-n", "--cache", "--configfile", str(TINY), cwd=tmp_path, env={"SNAKEMAKE_OUTPUT_CACHE": str(cache)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert CACHE_LINE.findall(out.stdout + out.stderr) == ["results/template/template_T1w.nii.gz"]
 
 
 def write_manifest(folder: Path, rows: list[dict]) -> Path:
@@ -135,7 +149,7 @@ def test_check_voxels_false_plans_from_headers_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_demo_cohort_end_to_end(tmp_path):
+def test_read_only_cohort_with_a_broken_scan_keeps_going(tmp_path):
     """The whole workflow on the tiny demo cohort given as a read-only input folder with one broken
     scan, under --keep-going and on_scan_error: skip: every other output is made, the atlas comes
     from the scans that succeeded, the report lists the broken one, the inputs are untouched, and a
@@ -287,3 +301,222 @@ def test_a_killed_run_resumes_and_redoes_only_the_interrupted_registration(tmp_p
     assert job_counts(third.stdout + third.stderr) == {"register_template": 1}
     assert {p.name: p.read_bytes() for p in outputs} == recovered
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One real run of the whole workflow on the tiny demo cohort, shared by the slow tests below
+    (each full run costs minutes). Tests that change files restore them or work on a copy."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    out = snakemake("-c", "2", "--configfile", str(TINY), cwd=workdir, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    yield workdir
+    shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_tiny_demo_cohort_end_to_end(tiny_run):
+    """The whole workflow on the tiny demo cohort: every stage's outputs, checked against the demo truth."""
+    tmp_path = tiny_run
+    results = tmp_path / "results"
+    manifest = pd.read_csv(tmp_path / "demo_data" / "manifest.csv", dtype=str)
+    for row in manifest.itertuples():
+        anat = results / f"sub-{row.subject}" / f"ses-{row.session}" / "anat"
+        stem = f"sub-{row.subject}_ses-{row.session}"
+        for name in ("desc-preproc_T1w.nii.gz", "from-T1w_to-template_mode-image_xfm.mat",
+                     "from-T1w_to-template_mode-image_xfm.nii.gz", "space-template_desc-warped_T1w.nii.gz",
+                     "space-template_dseg.nii.gz", "space-atlas_T1w.nii.gz", "space-atlas_dseg.nii.gz"):
+            assert (anat / f"{stem}_{name}").exists(), name
+        qc = json.loads((anat / f"{stem}_from-T1w_to-template_mode-image_desc-qc_xfm.json").read_text())
+        assert qc["ncc_after"] > qc["ncc_before"]
+    metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
+    assert list(metrics["iteration"]) == [1, 2]
+    assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
+    truth = pd.read_csv(tmp_path / "demo_data" / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
+    for subject, rows in truth.groupby("subject"):
+        table = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
+        np.testing.assert_allclose(table["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
+    assert (results / "atlas" / "tumor_frequency.nii.gz").exists()
+
+
+# --- reruns, provenance, determinism: all on the one tiny run above
+
+JOB_LINE = re.compile(r"^\s*(?:local)?rule (\w+):\s*$")
+WILDCARDS_LINE = re.compile(r"^\s*wildcards: (.*)$")
+# Per-scan rules that run before anything cohort-wide: another subject's job of these must never
+# be planned because one subject's file changed.
+PER_SCAN = {
+    "reorient", "bias_correct", "brain_mask", "preprocess", "preprocess_labels", "preprocess_tumor_mask",
+    "register_template", "warp_labels", "longitudinal_register", "longitudinal_tumor_mask",
+}
+ATLAS_BUILD = {"atlas_init", "atlas_register", "atlas_iterate", "atlas_final", "atlas_labels"}
+
+
+def planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a `snakemake -n` listing plans (group members included)."""
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in text.splitlines():
+        if match := JOB_LINE.match(line):
+            jobs.append((match.group(1), {}))
+        elif (match := WILDCARDS_LINE.match(line)) and jobs:
+            jobs[-1][1].update(item.split("=", 1) for item in match.group(1).split(", "))
+    return jobs
+
+
+def dry_run(workdir: Path, *args: str) -> list[tuple[str, dict[str, str]]]:
+    out = snakemake("-n", "--configfile", str(TINY), *args, cwd=workdir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return planned_jobs(out.stdout + out.stderr)
+
+
+def preproc_file(workdir: Path, subject: str, session: str) -> Path:
+    return workdir / "results" / f"sub-{subject}" / f"ses-{session}" / "anat" / f"sub-{subject}_ses-{session}_desc-preproc_T1w.nii.gz"
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(tiny_run):
+    out = snakemake("-n", "-c", "2", "--configfile", str(TINY), cwd=tiny_run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Nothing to be done" in out.stdout + out.stderr
+    assert planned_jobs(out.stdout + out.stderr) == []
+
+
+@pytest.mark.slow
+def test_removing_one_preprocessed_scan_reruns_only_its_chain(tiny_run):
+    """sub-04 (tumour, longitudinal) is no atlas member: its chain reruns, no atlas or other subject does.
+    sub-01 is a member: the atlas rebuilds, but no other scan's preprocessing or template registration."""
+    members = {"01", "02", "03"}
+    for subject, session in (("04", "1"), ("01", "1")):
+        path = preproc_file(tiny_run, subject, session)
+        aside = path.with_name("aside.nii.gz")
+        os.replace(path, aside)  # a rename keeps the mtime, so putting it back restores the state
+        try:
+            jobs = dry_run(tiny_run)
+        finally:
+            os.replace(aside, path)
+        rules = {rule for rule, _ in jobs}
+        # The scan's own chain, from the raw file (the intermediate files are temp()).
+        mine = {rule for rule, wc in jobs if wc.get("subject") == subject and wc.get("session") == session}
+        assert {"reorient", "bias_correct", "brain_mask", "preprocess", "register_template", "register_atlas"} <= mine
+        for rule, wc in jobs:
+            if rule in PER_SCAN:
+                assert wc["subject"] == subject, (rule, wc)
+        assert "template" not in rules and "demo_data" not in rules and "provenance" not in rules
+        if subject in members:
+            assert ATLAS_BUILD <= rules
+            registered = {wc["subject"] for rule, wc in jobs if rule == "atlas_register"}
+            assert registered == members  # every member against the changed iteration-0 template
+        else:
+            assert not rules & ATLAS_BUILD, rules & ATLAS_BUILD
+            assert {wc["subject"] for _, wc in jobs if "subject" in wc} == {subject}
+            # the follow-up is registered to this baseline again; its own preprocessing is not redone
+            followup = {rule for rule, wc in jobs if wc.get("session") == "2"}
+            assert "longitudinal_register" in followup and not followup & {"preprocess", "register_template"}
+    assert dry_run(tiny_run) == [], "the restored file must leave nothing to do"
+
+
+@pytest.mark.slow
+def test_provenance_records_the_run_and_follows_the_config(tiny_run, tmp_path):
+    record = json.loads((tiny_run / "results" / "provenance" / "provenance.json").read_text())
+    manifest = pd.read_csv(tiny_run / "demo_data" / "manifest.csv", dtype=str).fillna("")
+    expected = {
+        f"demo_data/{value}"
+        for column in ("t1w", "labels", "tumor_mask", "brain_mask")
+        if column in manifest
+        for value in manifest[column]
+        if value
+    }
+    files = {f["path"]: f for f in record["cohort"]["files"]}
+    assert set(files) == expected
+    for path, entry in files.items():
+        assert entry["sha256"] == hashlib.sha256((tiny_run / path).read_bytes()).hexdigest(), path
+    assert record["config"]["working_spacing"] == 4.0 and record["config"]["atlas"]["iterations"] == 2
+    assert record["model"]["sidecar_sha256_matches"] is True
+    assert record["packages"]["snakemake"] and record["packages"]["torch"]
+    # A config key only the record depends on reruns the record and nothing else. (A second config
+    # file, not --config: that one would hand the schema the string "3".)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("atlas:\n  finetune_steps: 3\n")
+    jobs = dry_run(tiny_run, str(extra))  # follows --configfile TINY: both files are merged
+    assert {rule for rule, _ in jobs} == {"provenance", "all"}
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_the_rules_it_feeds_and_no_others(tiny_run, tmp_path):
+    """Registration settings reach the rules as plain params, which Snakemake compares with the
+    last run's: a longitudinal setting replans the longitudinal stage only, a registration setting
+    the registrations, never the preprocessing."""
+    longitudinal = tmp_path / "longitudinal.yaml"
+    longitudinal.write_text("longitudinal:\n  refine_steps: 7\n")
+    rules = {rule for rule, _ in dry_run(tiny_run, str(longitudinal))}
+    assert "longitudinal_register" in rules
+    assert rules <= {"longitudinal_register", "longitudinal_tumor_mask", "tumor_table", "change_map_to_atlas",
+                     "tumor_frequency", "report_subject", "report_cohort", "provenance", "all"}, rules
+    registration = tmp_path / "registration.yaml"
+    registration.write_text("registration:\n  refine_steps: 7\n")
+    rules = {rule for rule, _ in dry_run(tiny_run, str(registration))}
+    assert {"register_template", "atlas_register", "register_atlas"} <= rules
+    assert not rules & {"reorient", "bias_correct", "brain_mask", "preprocess", "template"}, rules
+
+
+def _digests(folder: Path) -> dict[Path, tuple[str, int]]:
+    return {
+        p.relative_to(folder): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and (p.name.endswith(".nii.gz") or p.suffix == ".mat")
+    }
+
+
+@pytest.mark.slow
+def test_rerun_gives_byte_identical_outputs(tiny_run, tmp_path):
+    """Forced reruns (one scan's preprocessing and template registration, one member's atlas
+    registration, an atlas iteration) in a copy of the run rewrite their files with the same bytes."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy, symlinks=True)  # copy2: modification times come along
+    before = _digests(copy / "results")
+    anat04 = "results/sub-04/ses-1/anat/sub-04_ses-1"
+    targets = [
+        f"{anat04}_desc-preproc_T1w.nii.gz",
+        f"{anat04}_space-template_desc-warped_T1w.nii.gz",
+        "results/atlas/iter-1/sub-02/sub-02_ses-1_desc-warped_T1w.nii.gz",
+        "results/atlas/iter-1/template_T1w.nii.gz",
+    ]
+    out = snakemake("-c", "1", "--configfile", str(TINY), "--forcerun", *targets, "--", *targets, cwd=copy)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    after = _digests(copy / "results")
+    rewritten = {p for p in after if p not in before or after[p][1] != before[p][1]}
+    expected = {Path(t).relative_to("results") for t in targets} | {
+        Path(f"{anat04}_{name}").relative_to("results")
+        for name in ("desc-brain_mask.nii.gz", "from-T1w_to-template_mode-image_xfm.mat",
+                     "from-T1w_to-template_mode-image_xfm.nii.gz", "from-template_to-T1w_mode-image_xfm.nii.gz")
+    } | {Path(f"atlas/iter-1/sub-02/sub-02_ses-1_{n}") for n in ("desc-velocity_xfm.nii.gz", "xfm.mat", "xfm.nii.gz")}
+    assert expected <= rewritten, sorted(map(str, expected - rewritten))
+    changed = sorted(str(p) for p in rewritten if p not in before or after[p][0] != before[p][0])
+    assert not changed, f"rerun with the same inputs changed bytes of: {changed}"
+
+
+@pytest.mark.slow
+def test_template_is_reused_from_the_between_workflow_cache(tmp_path):
+    """Two workflows sharing SNAKEMAKE_OUTPUT_CACHE: the second gets the template from the cache
+    without running the job; another working grid is another cache entry."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {"SNAKEMAKE_OUTPUT_CACHE": str(cache)}
+    targets = ["results/template/template_T1w.nii.gz", "results/template/template_desc-brain_mask.nii.gz"]
+    runs = {name: tmp_path / name for name in ("first", "second", "coarser")}
+    for name, workdir in runs.items():
+        workdir.mkdir()
+        extra = ["--config", "working_spacing=6.0"] if name == "coarser" else []
+        out = snakemake("-c", "1", "--cache", "--configfile", str(TINY), *extra, "--", *targets, cwd=workdir, env=env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        text = out.stdout + out.stderr
+        if name == "second":
+            assert "Symlinking output file results/template/template_T1w.nii.gz from cache" in text
+            assert "Moving output file" not in text, "the job ran instead of using the cache"
+        else:
+            assert "Moving output file results/template/template_T1w.nii.gz to cache" in text
+    assert len(list(cache.iterdir())) == 4  # two outputs x two keys (4 mm and 6 mm)
+    for target in targets:
+        first, second = runs["first"] / target, runs["second"] / target
+        assert second.is_symlink() and second.resolve().parent == cache.resolve()
+        assert first.read_bytes() == second.read_bytes()

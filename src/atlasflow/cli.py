@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "train", "finetune_main", "fine-tune the networks on a cohort"),
         ("report", "report", "report_main", "write the HTML reports (subject, cohort)"),
         ("estimate", "estimate", "main", "predict wall time and core-hours of a run on a cluster"),
+        ("provenance", "provenance", "main", "record versions, config, input and model checksums of a run"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -12,6 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 OPTIONAL_COLUMNS = ("labels", "tumor_mask", "brain_mask", "acq_date", "group")
+#: The registration weights shipped with the package: deep.DEFAULT_MODEL, spelled here so that the
+#: Snakefile can name it without importing torch (tests/test_provenance.py checks they agree).
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "atlasflow_synthmorph_2mm.safetensors"
 
 
 def _normalise(table: pd.DataFrame) -> pd.DataFrame:
@@ -49,11 +52,22 @@ def resolve_cohort(config: dict, workdir: Path | None = None, check_data: bool =
         return table
     from .manifest import load_cohort, validate_cohort
 
-    source = Path(cohort)
-    if not source.is_absolute() and workdir is not None and not source.exists():
-        source = workdir / source
+    source = cohort_source(config, workdir)
     table = validate_cohort(load_cohort(source), source, check_data=check_data)
     return _normalise(table)
+
+
+def cohort_source(config: dict, workdir: Path | None = None) -> Path | None:
+    """The manifest CSV or BIDS folder of ``config`` (None: the demo cohort).
+
+    A relative path is taken from the working directory, else from ``workdir`` (the workflow's).
+    """
+    if config.get("cohort") is None:
+        return None
+    source = Path(config["cohort"])
+    if not source.is_absolute() and workdir is not None and not source.exists():
+        source = Path(workdir) / source
+    return source
 
 
 def session_order(table: pd.DataFrame) -> pd.DataFrame:

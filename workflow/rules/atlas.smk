@@ -26,7 +26,7 @@ rule atlas_init:
         argv=lambda wc, input, output: ["atlas", "init", "--template", input.template, "--output", output[0]]
         + ([] if ATL["init"] == "template" else ["--images", *input.images, "--affines", *input.affines, *MIN_MEMBERS.split()]),
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=10,
     script:
         "../scripts/atlasflow_cli.py"
@@ -57,8 +57,8 @@ rule atlas_register:
         qc=qc_options,
     threads: THREADS
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
@@ -94,7 +94,7 @@ rule atlas_iterate:
             "--output", output.template, "--out-metrics", output.metrics,
         ],
     resources:
-        mem_mb=2500,
+        mem_mb=1000,
         runtime=10,
     script:
         "../scripts/atlasflow_cli.py"
@@ -146,8 +146,8 @@ rule register_atlas:
     group:
         "subject_atlas"
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
@@ -190,7 +190,7 @@ rule atlas_labels:
     params:
         argv=lambda wc, input, output: ["atlas", "vote", "--labels", *input, "--output", output.dseg, "--out-probseg", output.probseg],
     resources:
-        mem_mb=3000,
+        mem_mb=4500,
         runtime=10,
     script:
         "../scripts/atlasflow_cli.py"

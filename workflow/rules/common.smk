@@ -5,7 +5,8 @@ from pathlib import Path
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.failures import set_policy
-from atlasflow.workflow import atlas_members, resolve_cohort
+from atlasflow.provenance import git_commit, package_versions
+from atlasflow.workflow import SHIPPED_MODEL, atlas_members, cohort_source, resolve_cohort
 
 OUT = config["outdir"]
 LOGS = f"{OUT}/logs"
@@ -74,10 +75,36 @@ def bench(stage):
 
 TEMPLATE = f"{OUT}/template/template_T1w.nii.gz"
 TEMPLATE_MASK = f"{OUT}/template/template_desc-brain_mask.nii.gz"
+PROVENANCE = f"{OUT}/provenance/provenance.json"
+
+# Versions of the packages that compute the outputs. Snakemake's between-workflow cache key covers
+# rule code, params and input checksums but not pip-installed software, so cached rules carry the
+# versions that shape their output as a param; the provenance rule reruns when any of them changes.
+VERSIONS = package_versions()
+WORKFLOW_COMMIT = git_commit(workflow.basedir)
+
+
+def template_files(wildcards=None):
+    """A template (and mask) given as NIfTI paths: inputs, so edits rerun it and enter the cache key."""
+    files = {}
+    if config["template"] != "mni152":
+        files["source"] = config["template"]
+    if config["template_mask"]:
+        files["source_mask"] = config["template_mask"]
+    return files
+
+
+def cohort_files():
+    """Every file the cohort is read from: its images and masks, and the manifest when it is a CSV."""
+    files = demo_outputs(COHORT)
+    source = cohort_source(config, Path(workflow.basedir))
+    if source is not None and source.is_file():
+        files.append(str(source))
+    return files
 
 
 def all_targets():
-    targets = [TEMPLATE, ATLAS_T1W, ATLAS_METRICS, *longitudinal_targets()]
+    targets = [TEMPLATE, ATLAS_T1W, ATLAS_METRICS, PROVENANCE, *longitudinal_targets()]
     if any(has(s, t, "labels") for s, t in ATLAS_MEMBERS):
         targets.append(ATLAS_DSEG)
     for subject, session in SCANS:
@@ -93,7 +120,7 @@ def all_targets():
 
 
 def demo_outputs(cohort):
-    """Every image file of the demo cohort, so jobs depend on the demo rule through their inputs."""
+    """Every image file of a cohort (for the demo: what its rule writes, so jobs depend on it)."""
     files = []
     for column in ("t1w", "labels", "tumor_mask", "brain_mask"):
         if column in cohort:
@@ -126,7 +153,10 @@ REG = config["registration"]
 
 
 def model_input(wildcards):
-    return [REG["model"]] if REG["model"] else []
+    """The weights the deep backend loads: an input, so that registrations rerun when they change."""
+    if REG["model"]:
+        return [REG["model"]]
+    return [str(SHIPPED_MODEL)] if REG["backend"] == "deep" else []
 
 
 def registration_options(wildcards, refine_steps=None):

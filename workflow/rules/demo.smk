@@ -17,7 +17,7 @@ if config["cohort"] is None:
             demo=config["demo"],
         threads: THREADS
         resources:
-            mem_mb=3000,
+            mem_mb=2000,
             runtime=15,
         shell:
             "atlasflow --threads {threads} demo-data {params.demo[dir]} --seed {params.demo[seed]} "

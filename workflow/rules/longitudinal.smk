@@ -29,8 +29,8 @@ rule longitudinal_register:
     group:
         "subject"
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} longitudinal pair --baseline {input.baseline} --followup {input.followup} "
@@ -155,7 +155,7 @@ rule tumor_frequency:
     benchmark:
         f"{BENCH}/tumor_frequency.tsv"
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow longitudinal frequency --masks {input} --output {output} > {log} 2>&1"

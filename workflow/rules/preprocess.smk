@@ -3,19 +3,24 @@
 
 rule template:
     """The reference template and its brain mask on the working grid."""
+    input:
+        unpack(template_files),
     output:
         image=TEMPLATE,
         mask=TEMPLATE_MASK,
+    # Eligible for Snakemake's between-workflow cache (`--cache`): no patient data goes in, and
+    # the key (shell code, params incl. the versions below, template file checksums) determines
+    # the output. The cache forbids a benchmark directive, hence none here.
+    cache: True
     conda:
         CONDA_ENV
     log:
         f"{LOGS}/template.log",
-    benchmark:
-        f"{BENCH}/template.tsv"
     params:
         source=config["template"],
         mask=f"--mask {config['template_mask']}" if config["template_mask"] else "",
         spacing=config["working_spacing"],
+        software=f"atlasflow {VERSIONS['atlasflow']}, nilearn {VERSIONS['nilearn']}",
     resources:
         mem_mb=2000,
         runtime=5,
@@ -88,7 +93,7 @@ rule brain_mask:
     group:
         "subject"
     resources:
-        mem_mb=2000,
+        mem_mb=3000,
         runtime=10,
     shell:
         "atlasflow --threads {threads} preprocess mask --input {input.image} --output {output} {params.extra} > {log} 2>&1"
@@ -113,7 +118,7 @@ rule preprocess:
     group:
         "subject"
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow preprocess finalize --input {input.image} --mask {input.mask} --output {output.image} "

@@ -27,8 +27,8 @@ rule register_template:
     group:
         "subject"
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=1500,
+        runtime=15,
         gpu=0,
     shell:
         "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
@@ -55,7 +55,7 @@ rule warp_labels:
     group:
         "subject"
     resources:
-        mem_mb=1500,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow apply --fixed {input.fixed} --moving {input.labels} --affine {input.affine} "

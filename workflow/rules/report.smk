@@ -71,7 +71,7 @@ rule report_cohort:
         qc=QC_FLAGS,
         figures=lambda wc, output: str(Path(output.iterations).parent),
     resources:
-        mem_mb=1500,
+        mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow report cohort --outdir {params.outdir} --scans {params.scans} --iterations {params.iterations} "
