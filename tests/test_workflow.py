@@ -120,6 +120,19 @@ def user_cohort(folder: Path) -> Path:
     return folder / "manifest.csv"
 
 
+def assert_scan_outputs(results: Path, scans: pd.DataFrame) -> None:
+    """Every scan's preprocessing, template and atlas outputs exist; registration raised its NCC."""
+    for row in scans.itertuples():
+        anat = results / f"sub-{row.subject}" / f"ses-{row.session}" / "anat"
+        stem = f"sub-{row.subject}_ses-{row.session}"
+        for name in ("desc-preproc_T1w.nii.gz", "from-T1w_to-template_mode-image_xfm.mat",
+                     "from-T1w_to-template_mode-image_xfm.nii.gz", "space-template_desc-warped_T1w.nii.gz",
+                     "space-template_dseg.nii.gz", "space-atlas_T1w.nii.gz", "space-atlas_dseg.nii.gz"):
+            assert (anat / f"{stem}_{name}").exists(), name
+        qc = json.loads((anat / f"{stem}_from-T1w_to-template_mode-image_desc-qc_xfm.json").read_text())
+        assert qc["ncc_after"] > qc["ncc_before"]
+
+
 def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime (ns) of every file under ``folder``."""
     import hashlib
@@ -170,15 +183,7 @@ def test_read_only_cohort_with_a_broken_scan_keeps_going(tmp_path):
         subprocess.run(["chmod", "-R", "u+w", str(inputs)], check=True)
     results = tmp_path / "results"
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    for row in table[table["subject"] != "99"].itertuples():
-        anat = results / f"sub-{row.subject}" / f"ses-{row.session}" / "anat"
-        stem = f"sub-{row.subject}_ses-{row.session}"
-        for name in ("desc-preproc_T1w.nii.gz", "from-T1w_to-template_mode-image_xfm.mat",
-                     "from-T1w_to-template_mode-image_xfm.nii.gz", "space-template_desc-warped_T1w.nii.gz",
-                     "space-template_dseg.nii.gz", "space-atlas_T1w.nii.gz", "space-atlas_dseg.nii.gz"):
-            assert (anat / f"{stem}_{name}").exists(), name
-        qc = json.loads((anat / f"{stem}_from-T1w_to-template_mode-image_desc-qc_xfm.json").read_text())
-        assert qc["ncc_after"] > qc["ncc_before"]
+    assert_scan_outputs(results, table[table["subject"] != "99"])
     assert (results / "atlas" / "atlas_T1w.nii.gz").exists()
     assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
     metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
@@ -320,15 +325,7 @@ def test_tiny_demo_cohort_end_to_end(tiny_run):
     tmp_path = tiny_run
     results = tmp_path / "results"
     manifest = pd.read_csv(tmp_path / "demo_data" / "manifest.csv", dtype=str)
-    for row in manifest.itertuples():
-        anat = results / f"sub-{row.subject}" / f"ses-{row.session}" / "anat"
-        stem = f"sub-{row.subject}_ses-{row.session}"
-        for name in ("desc-preproc_T1w.nii.gz", "from-T1w_to-template_mode-image_xfm.mat",
-                     "from-T1w_to-template_mode-image_xfm.nii.gz", "space-template_desc-warped_T1w.nii.gz",
-                     "space-template_dseg.nii.gz", "space-atlas_T1w.nii.gz", "space-atlas_dseg.nii.gz"):
-            assert (anat / f"{stem}_{name}").exists(), name
-        qc = json.loads((anat / f"{stem}_from-T1w_to-template_mode-image_desc-qc_xfm.json").read_text())
-        assert qc["ncc_after"] > qc["ncc_before"]
+    assert_scan_outputs(results, manifest)
     metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
     assert list(metrics["iteration"]) == [1, 2]
     assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
