@@ -1,0 +1,151 @@
+"""Atlas build on the 10 IXI subjects: atlasflow (4 iterations) vs ants.build_template (3, SyN).
+
+One run, same machine, same preprocessed inputs (issue 4, item 6). The workflow preprocesses the 10
+whole-head IXI scans of ../shared/data/ixi10 (brain mask from their DLMUSE labels) and registers them
+to MNI152 (invocation 1, not part of either atlas time, reported apart). Then, each timed on its own:
+
+- atlasflow, invocation 2: the atlas (`atlas/atlas_T1w.nii.gz`, `atlas.iterations` 4, the default
+  registration settings of config.yaml);
+- atlasflow, invocation 3: every subject registered to the atlas, labels warped, the atlas label vote;
+- ANTs: `ants.build_template(iterations=3, type_of_transform="SyN")` on the workflow's own
+  `_desc-preproc_T1w` images (times their `_desc-brain_mask`), then every subject registered to
+  that template (SyN) and its `_desc-preproc_dseg` labels warped (genericLabel).
+
+Label consistency (both methods): for each subject, the Dice of its labels in atlas space with the
+majority vote of the other subjects' (`atlasflow.atlas.leave_one_out_consistency`).
+
+    python benchmarks/ixi_atlas.py --work /tmp/atlasflow_ixi_atlas [--cores 2] [--ants-threads 2]
+
+Cached workflow outputs are not rerun: use a fresh --work folder for a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ixi_template_dice import IXI, write_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def anat(out: Path, subject: str, name: str) -> Path:
+    return out / f"sub-{subject}" / "ses-1" / "anat" / f"sub-{subject}_ses-1_{name}"
+
+
+def snakemake(configfile: Path, cores: str, targets: list[Path]) -> float:
+    """Wall seconds of one workflow invocation up to ``targets``."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(REPO),
+           "--cores", cores, "--configfile", str(configfile), "--", *map(str, targets)]
+    # Rules call the `atlasflow` console command: the interpreter's own bin folder must be on PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    return time.perf_counter() - start
+
+
+def ants_atlas(images: list[Path], masks: list[Path], labels: list[Path], folder: Path) -> tuple[float, float, list[Path]]:
+    """ANTs template from the masked images, then every subject registered to it and its labels warped.
+
+    Returns the build seconds, the registration + warping seconds and the warped label files.
+    """
+    import ants
+
+    brains = [ants.image_read(str(i)) * ants.image_read(str(m)) for i, m in zip(images, masks, strict=True)]
+    start = time.perf_counter()
+    template = ants.build_template(image_list=brains, iterations=3, type_of_transform="SyN")
+    build = time.perf_counter() - start
+    folder.mkdir(parents=True, exist_ok=True)
+    ants.image_write(template, str(folder / "ants_template_T1w.nii.gz"))
+    warped = []
+    start = time.perf_counter()
+    for brain, label_path in zip(brains, labels, strict=True):
+        reg = ants.registration(fixed=template, moving=brain, type_of_transform="SyN")
+        moved = ants.apply_transforms(
+            fixed=template, moving=ants.image_read(str(label_path)), transformlist=reg["fwdtransforms"],
+            interpolator="genericLabel",
+        )
+        path = folder / label_path.name.replace("desc-preproc", "space-antsatlas")
+        ants.image_write(moved, str(path))
+        warped.append(path)
+    register = time.perf_counter() - start
+    return build, register, warped
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/atlasflow_ixi_atlas")
+    p.add_argument("--cores", default="2")
+    p.add_argument("--ants-threads", default="2", help="ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs")
+    p.add_argument("--iterations", type=int, default=4, help="atlasflow atlas.iterations")
+    p.add_argument("--table", help="also write the markdown table to this file")
+    args = p.parse_args(argv)
+    if not IXI.exists():
+        print(f"{IXI} is absent: nothing to measure", file=sys.stderr)
+        return 1
+    # ITK reads this when ants is first imported (in ants_atlas, after the workflow has run).
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = args.ants_threads
+    from atlasflow.atlas import leave_one_out_consistency
+
+    load_start = os.getloadavg()
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    work = Path(args.work)
+    manifest = write_manifest(work)
+    out = work / "results"
+    subjects = [line.split(",")[0] for line in manifest.read_text().splitlines()[1:]]
+    configfile = work / "config.yaml"
+    configfile.write_text(json.dumps({"cohort": str(manifest), "outdir": str(out), "atlas": {"iterations": args.iterations}}))
+
+    prep_targets = [anat(out, s, name) for s in subjects for name in (
+        "desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "desc-preproc_dseg.nii.gz",
+        "from-T1w_to-template_mode-image_desc-qc_xfm.json")]
+    prep_s = snakemake(configfile, args.cores, prep_targets)
+    build_s = snakemake(configfile, args.cores, [out / "atlas" / "atlas_T1w.nii.gz"])
+    af_labels = [anat(out, s, "space-atlas_dseg.nii.gz") for s in subjects]
+    register_s = snakemake(configfile, args.cores, [out / "atlas" / "atlas_dseg.nii.gz", *af_labels])
+
+    ants_build_s, ants_register_s, ants_labels = ants_atlas(
+        [anat(out, s, "desc-preproc_T1w.nii.gz") for s in subjects],
+        [anat(out, s, "desc-brain_mask.nii.gz") for s in subjects],
+        [anat(out, s, "desc-preproc_dseg.nii.gz") for s in subjects],
+        work / "ants",
+    )
+    af_loo = leave_one_out_consistency(af_labels)
+    ants_loo = leave_one_out_consistency(ants_labels)
+    load_end = os.getloadavg()
+
+    rows = [
+        (f"atlasflow ({args.iterations} iterations, deep + refine)", build_s, build_s + register_s, af_loo),
+        ("ants.build_template (3 iterations, SyN)", ants_build_s, ants_build_s + ants_register_s, ants_loo),
+    ]
+    lines = [
+        "| method | atlas build wall s | + registering subjects s | label consistency mean | min |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {b:.0f} | {br:.0f} | {sum(loo) / len(loo):.3f} | {min(loo):.3f} |" for name, b, br, loo in rows),
+        "",
+        f"Time ratio ANTs / atlasflow: build {ants_build_s / build_s:.1f}x, "
+        f"build + registering subjects {(ants_build_s + ants_register_s) / (build_s + register_s):.1f}x.",
+        f"Shared preprocessing + atlasflow's registration to MNI152 (its iteration 0 uses those affines): {prep_s:.0f} s.",
+        f"{len(subjects)} subjects; workflow --cores {args.cores}; ANTs ITK threads {args.ants_threads}; "
+        f"load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}, "
+        f"at end {', '.join(f'{x:.2f}' for x in load_end)}.",
+        f"Per subject (atlasflow / ANTs): {', '.join(f'{s} {a:.3f}/{b:.3f}' for s, a, b in zip(subjects, af_loo, ants_loo, strict=True))}.",
+        f"Command: `{command}`",
+    ]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
