@@ -157,6 +157,12 @@ def _centre_of_mass(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return affine[:3, :3] @ com + affine[:3, 3]
 
 
+def _onehot(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(X, Y, Z, 1 + len(values)) float32: channel 0 = none of ``values``, then one per value."""
+    channels = [~np.isin(labels, values)] + [labels == v for v in values]
+    return np.ascontiguousarray(np.stack(channels, -1), dtype=np.float32)
+
+
 def _sample_moving(
     moving: torch.Tensor,
     vox_matrix: torch.Tensor,
@@ -515,10 +521,8 @@ def register_deep(
             shared = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels))
             shared = shared[shared != 0]
             if shared.size:
-                fixed_onehot = np.stack([~np.isin(fixed_labels, shared)] + [fixed_labels == v for v in shared], -1)
-                moving_onehot = np.stack([~np.isin(moving_labels, shared)] + [moving_labels == v for v in shared], -1)
-                fixed_seg = torch.from_numpy(work.to_working(fixed_onehot.astype(np.float32)))
-                moving_seg = torch.from_numpy(np.ascontiguousarray(moving_onehot, np.float32))
+                fixed_seg = torch.from_numpy(work.to_working(_onehot(fixed_labels, shared)))
+                moving_seg = torch.from_numpy(_onehot(moving_labels, shared))
                 with torch.no_grad():
                     segs = {
                         "fixed_seg": fixed_seg.permute(3, 0, 1, 2)[None].to(device),

@@ -146,14 +146,16 @@ def register_followup(
     mmask = load_image(followup_mask).data > 0 if followup_mask else None
     spacing = float(fixed.grid.spacing.mean())
     tumour_b = load_image(baseline_tumor).data > 0.5 if baseline_tumor else np.zeros(fixed.data.shape, bool)
-    tumour_moving = load_image(followup_tumor).data > 0.5 if followup_tumor else None
+    # The follow-up tumour stays on its own grid (and affine) until it is carried onto the baseline.
+    tumour_moving_image = load_image(followup_tumor) if followup_tumor else None
+    tumour_moving = tumour_moving_image.data > 0.5 if tumour_moving_image is not None else None
     excluded = None  # voxels left out of the image similarity
     if baseline_tumor or followup_tumor:
         # The follow-up tumour is found on the baseline grid through an affine first pass.
         first = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, affine_only=True, **options)
         tumour_f = np.zeros(fixed.data.shape, bool)
         if tumour_moving is not None:
-            tumour_f = apply_transform(moving.with_data(tumour_moving.astype(np.float32)), first.transform, fixed.grid, "linear").data > 0.5
+            tumour_f = apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
         union = tumour_b | tumour_f
         if union.any():
             margin = max(1, int(round(exclusion_margin_mm / spacing)))
@@ -206,7 +208,7 @@ def register_followup(
             }
         )
     if followup_tumor and outputs.tumor_mask is not None:
-        carried = apply_transform(load_image(followup_tumor), transform, fixed.grid, "linear").data > 0.5
+        carried = apply_transform(tumour_moving_image, transform, fixed.grid, "linear").data > 0.5
         save_image(fixed.with_data(carried.astype(np.uint8)), outputs.tumor_mask, dtype=np.uint8)
     atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
