@@ -169,3 +169,30 @@ def test_label_term_pulls_corresponding_regions_together(tiny_model):
 
     assert abs(mean_shift_vox(plain)) < 0.3
     assert mean_shift_vox(guided) > 1.0
+
+
+def test_distance_term_grows_a_region_from_inside(tiny_model):
+    """A ball that grows (radius 5 -> 7 voxels) between identical images, its surroundings left out
+    of the similarity: matching signed distances maps it by an expansion of its inside (Jacobian
+    > 1 in its core, no folding), and the carried baseline ball has the follow-up volume."""
+    from atlasflow.transforms import jacobian_determinant, transported_volume_mm3
+
+    fixed = blob_image(shape=(32, 32, 32), seed=6)
+    ijk = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"), -1)
+    radius = np.linalg.norm(ijk - 16, axis=-1)
+    fixed_labels, moving_labels = (radius <= 5).astype(np.uint8), (radius <= 7).astype(np.uint8)
+    result = register_deep(
+        fixed, fixed, fixed_mask=fixed.data > -1, cost_mask=radius <= 10, model_path=tiny_model,
+        refine_steps=60, affine_steps=0, init_affine=np.eye(4), fixed_labels=fixed_labels,
+        moving_labels=moving_labels, label_weight=1.0, label_term="distance",
+    )
+    det = jacobian_determinant(result.transform.displacement)
+    assert det.min() > 0
+    assert det[radius <= 2].mean() > 1.3, "the core expands with the region"
+    voxel = float(abs(np.linalg.det(fixed.affine[:3, :3])))
+    change = transported_volume_mm3(
+        fixed.with_data(fixed_labels.astype(np.float32)), result.transform,
+        result.inverse_displacement, fixed.grid,
+    ) - fixed_labels.sum() * voxel
+    true_change = (moving_labels.sum() - fixed_labels.sum()) * voxel
+    assert abs(change - true_change) <= 0.15 * true_change, (change, true_change)

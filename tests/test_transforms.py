@@ -18,6 +18,7 @@ from atlasflow.transforms import (
     read_itk_affine,
     resize_displacement,
     save_transform,
+    transported_volume_mm3,
     world_coordinates,
 )
 
@@ -107,6 +108,29 @@ def test_jacobian_of_a_linear_field_is_its_determinant(blob):
     disp = Image((x @ (matrix - np.eye(3)).T).astype(np.float32), blob.affine)
     det = jacobian_determinant(disp)
     np.testing.assert_allclose(det, np.linalg.det(matrix), rtol=1e-4)
+
+
+def test_transported_volume_of_a_ball_under_known_maps():
+    """Change of variables: the image of a ball under x -> A x has volume det(A) x its volume;
+    under a uniform expansion about its centre, written as displacement + exact inverse, the
+    volume grows by the cube of the factor."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    ijk = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"), -1)
+    ball = (np.linalg.norm(ijk - 20, axis=-1) <= 8).astype(np.float32)
+    region = Image(ball, affine)
+    base = float(ball.sum() * 8)
+    assert transported_volume_mm3(region, Transform(np.eye(4)), None, region.grid) == pytest.approx(base)
+    scale = np.diag([1.1, 0.95, 1.2, 1.0])
+    carried = transported_volume_mm3(region, Transform(scale), None, region.grid)
+    assert carried == pytest.approx(base * np.linalg.det(scale[:3, :3]), rel=0.01)
+    # x -> c + 1.2 (x - c): displacement 0.2 (x - c); its inverse y -> c + (y - c) / 1.2 as a
+    # displacement of y: -(1 - 1/1.2) (y - c).
+    centre = world_coordinates(region.grid)[20, 20, 20]
+    offset = world_coordinates(region.grid) - centre
+    forward = Image((0.2 * offset).astype(np.float32), affine)
+    inverse = Image((-(1 - 1 / 1.2) * offset).astype(np.float32), affine)
+    carried = transported_volume_mm3(region, Transform(np.eye(4), forward), inverse, region.grid)
+    assert carried == pytest.approx(base * 1.2**3, rel=0.02)
 
 
 def test_folding_is_detected():

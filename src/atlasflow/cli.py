@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--out-{name}")
     _add_engine_options(p)
     p.add_argument("--exclusion-margin", type=float, default=4.0, help="pair: mm around the tumours left out of the similarity")
-    p.add_argument("--tumor-weight", type=float, default=1.0, help="pair: weight of the tumour-region Dice (0 = off)")
+    p.add_argument("--tumor-weight", type=float, default=1.0, help="pair: weight of the tumour-region term (signed distances to the tumour edges; 0 = off)")
     p.add_argument("--session", nargs=3, action="append", metavar=("ID", "DATE", "MASK"), help="table: one per session, '-' when empty")
     p.add_argument("--pair-sessions", nargs="*")
     p.add_argument("--pair-metrics", nargs="*")

@@ -45,6 +45,8 @@ AFFINE_LR = 0.01
 REFINE_LR = 0.2
 REFINE_WINDOW = 7
 REFINE_DIFFUSION = 1.0
+#: Reach of the signed-distance region term (``label_term="distance"``) around a region's edge.
+DISTANCE_CLIP_MM = 10.0
 
 
 @dataclass
@@ -163,6 +165,27 @@ def _onehot(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.stack(channels, -1), dtype=np.float32)
 
 
+def signed_distance(
+    region: np.ndarray, spacing: np.ndarray, unit_mm: float, clip_mm: float = DISTANCE_CLIP_MM
+) -> np.ndarray:
+    """Signed distance to the edge of ``region`` in units of ``unit_mm`` (negative inside), clipped
+    to +-``clip_mm``, float32. In voxel units a one-voxel mismatch costs 1 in the squared loss, on
+    the scale of the image term; the clip keeps the term local: beyond it, tissue is left to the
+    image similarity."""
+    from scipy import ndimage
+
+    region = np.asarray(region, bool)
+    clip = clip_mm / unit_mm
+    if not region.any():
+        return np.full(region.shape, clip, np.float32)
+    # Voxel centres sit half a voxel from the edge between an inside and an outside voxel.
+    half = 0.5 * float(np.mean(spacing))
+    outside = ndimage.distance_transform_edt(~region, sampling=spacing) - half
+    inside = ndimage.distance_transform_edt(region, sampling=spacing) - half
+    distance = np.where(region, -inside, outside) / unit_mm
+    return np.clip(distance, -clip, clip).astype(np.float32)
+
+
 def _sample_moving(
     moving: torch.Tensor,
     vox_matrix: torch.Tensor,
@@ -201,15 +224,17 @@ def warp_region(
     src: torch.Tensor, disp: torch.Tensor, offset: tuple[int, int, int]
 ) -> torch.Tensor:
     """Sample ``src`` at ``ijk + offset + disp`` for the voxels ``ijk`` of a region of its grid."""
-    from .transforms import identity_grid
-
-    loc = identity_grid(tuple(disp.shape[2:]), disp.device) + disp
-    loc = loc + torch.tensor(offset, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
-    scale = torch.tensor(
-        [max(n - 1, 1) for n in src.shape[2:]], dtype=disp.dtype, device=disp.device
-    )
-    norm = (2.0 * loc / scale.view(1, 3, 1, 1, 1) - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
-    return F.grid_sample(src, norm, mode="bilinear", padding_mode="border", align_corners=True)
+    # The normalised base grid is built per axis and the displacement scaled once: this halves
+    # the full-size temporaries (and their backward) of the naive identity + disp -> normalise.
+    scale = [2.0 / max(n - 1, 1) for n in src.shape[2:]]
+    axes = [
+        (torch.arange(n, dtype=disp.dtype, device=disp.device) + o) * s - 1
+        for n, o, s in zip(disp.shape[2:], offset, scale, strict=True)
+    ]
+    base = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], -1)[None]
+    step = torch.tensor(scale[::-1], dtype=disp.dtype, device=disp.device)
+    grid = base + disp.flip(1).permute(0, 2, 3, 4, 1) * step
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -265,6 +290,20 @@ def optimise_affine(
 # ------------------------------------------------------------------------------------ refine
 
 
+def _linear_matrix(coords: torch.Tensor, n: int) -> torch.Tensor:
+    """(len(coords), n) weights of linear interpolation at ``coords`` (clamped to the border)."""
+    coords = coords.clamp(0, n - 1)
+    low = coords.floor()
+    frac = coords - low
+    low = low.long()
+    high = (low + 1).clamp(max=n - 1)
+    rows = torch.arange(coords.numel())
+    matrix = torch.zeros(coords.numel(), n, dtype=coords.dtype, device=coords.device)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix
+
+
 def _upsample_region(
     disp_half: torch.Tensor,
     offset_half: tuple[int, ...],
@@ -275,18 +314,22 @@ def _upsample_region(
     """Full-resolution displacement on the voxels ``box`` from a half-resolution field on a region.
 
     Uses the same grid correspondence as :func:`resize_displacement` (corner-aligned), so the
-    optimised field and the one the final full-grid integration gives agree.
+    optimised field and the one the final full-grid integration gives agree. Trilinear
+    interpolation is separable: three small matrix products, ~5x faster (forward + backward) than
+    ``grid_sample`` on the same points, which dominated a refinement step.
     """
     ratio = [(h - 1) / max(n - 1, 1) for h, n in zip(half_shape, full_shape, strict=True)]
-    axes = [
-        torch.arange(b.start, b.stop, dtype=disp_half.dtype) * r - o
-        for b, r, o in zip(box, ratio, offset_half, strict=True)
-    ]
-    loc = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-    size = torch.tensor([max(n - 1, 1) for n in disp_half.shape[2:]], dtype=disp_half.dtype)
-    norm = (2 * loc / size - 1).flip(-1)[None]
-    up = F.grid_sample(disp_half, norm, mode="bilinear", padding_mode="border", align_corners=True)
-    return up / torch.tensor(ratio, dtype=up.dtype).view(1, 3, 1, 1, 1)
+    mx, my, mz = (
+        _linear_matrix(
+            torch.arange(b.start, b.stop, dtype=disp_half.dtype, device=disp_half.device) * r - o,
+            n,
+        )
+        for b, r, o, n in zip(box, ratio, offset_half, disp_half.shape[2:], strict=True)
+    )
+    up = torch.einsum("ax,ncxyz->ncayz", mx, disp_half)
+    up = torch.einsum("by,ncayz->ncabz", my, up)
+    up = torch.einsum("dz,ncabz->ncabd", mz, up)
+    return up / torch.tensor(ratio, dtype=up.dtype, device=up.device).view(1, 3, 1, 1, 1)
 
 
 def refine_velocity(
@@ -303,6 +346,7 @@ def refine_velocity(
     fixed_seg: torch.Tensor | None = None,
     moving_seg: torch.Tensor | None = None,
     seg_weight: float = 1.0,
+    seg_loss: str = "dice",
 ) -> torch.Tensor:
     """Instance optimisation of a half-resolution velocity (Adam on 1 - LNCC + diffusion).
 
@@ -313,7 +357,10 @@ def refine_velocity(
 
     ``fixed_seg``/``moving_seg`` (one-hot, channel 0 = background, on the grid of ``fixed``) add
     ``seg_weight`` x soft Dice: regions that correspond even where their intensities do not (a
-    tumour left out of the similarity by the mask) are mapped onto each other.
+    tumour left out of the similarity by the mask) are mapped onto each other. With
+    ``seg_loss="distance"`` they are instead one channel each of a clipped signed distance (in
+    voxels) to a region's edge (:func:`signed_distance`), compared by their mean squared
+    difference where the fixed one is not clipped.
     """
     full_shape = tuple(fixed.shape[2:])
     half_shape = tuple(velocity.shape[2:])
@@ -326,11 +373,22 @@ def refine_velocity(
 
     fixed_half, moving_half, mask_half = halve(fixed), halve(moving), halve(mask)
     use_seg = fixed_seg is not None and moving_seg is not None
+
+    def seg_term(fixed_part: torch.Tensor, warped_part: torch.Tensor) -> torch.Tensor:
+        if seg_loss == "distance":
+            # the band where the fixed distance is not clipped
+            band = (fixed_part.abs() < fixed_part.abs().max() - 1e-3).to(fixed_part.dtype)
+            return ((fixed_part - warped_part) ** 2 * band).sum() / band.sum().clamp_min(1.0)
+        return soft_dice_loss(fixed_part, warped_part)
     box_mask = mask
     if use_seg:
         fixed_seg_half, moving_seg_half = halve(fixed_seg), halve(moving_seg)
         # The optimised box must hold the segmented regions too: the mask may leave them out.
-        box_mask = torch.maximum(mask, (fixed_seg[:, 1:].sum(1, keepdim=True) > 0).to(mask.dtype))
+        if seg_loss == "distance":
+            region = fixed_seg < fixed_seg.abs().max() - 1e-3
+        else:
+            region = fixed_seg[:, 1:].sum(1, keepdim=True) > 0
+        box_mask = torch.maximum(mask, region.to(mask.dtype))
     box_mask_half = halve(box_mask) if use_seg else mask_half
     box_half = mask_box(box_mask_half, max(2, window // 2))
     offset_half = tuple(b.start for b in box_half)
@@ -350,7 +408,7 @@ def refine_velocity(
             warped = warp_region(moving_half, disp_half, offset_half)
             sim = 1 - local_ncc(fixed_hb, warped, window_half, mask_hb)
             if use_seg:
-                sim = sim + seg_weight * soft_dice_loss(
+                sim = sim + seg_weight * seg_term(
                     fixed_seg_half[(..., *box_half)],
                     warp_region(moving_seg_half, disp_half, offset_half),
                 )
@@ -359,7 +417,7 @@ def refine_velocity(
             warped = warp_region(moving, disp, offset)
             sim = 1 - local_ncc(fixed_box, warped, window, mask_full_box)
             if use_seg:
-                sim = sim + seg_weight * soft_dice_loss(
+                sim = sim + seg_weight * seg_term(
                     fixed_seg[(..., *box)], warp_region(moving_seg, disp, offset)
                 )
         loss = sim + diffusion_weight * diffusion_loss(v_box)
@@ -390,6 +448,7 @@ def register_deep(
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
     label_weight: float = 1.0,
+    label_term: str = "dice",
 ) -> DeepResult:
     """Register ``moving`` to ``fixed``; the transform maps fixed world points to moving ones.
 
@@ -397,7 +456,10 @@ def register_deep(
     voxels left out of the similarity (for example a tumour). ``init_affine`` (4x4, fixed world ->
     moving world) replaces the centre-of-mass initialisation. ``fixed_labels``/``moving_labels``
     (integer maps on their image's grid) add ``label_weight`` x soft Dice over the labels present
-    in both to the instance optimisation (``refine_steps`` > 0).
+    in both to the instance optimisation (``refine_steps`` > 0). ``label_term="distance"`` treats
+    the labels as one region (label > 0) and matches clipped signed distances to its edge instead
+    (:func:`signed_distance`): depth inside and distance outside are kept, so a growing region
+    is mapped by an expansion of its inside, not by stretching a thin shell at its edge.
     """
     for name, mask, image in (
         ("fixed_mask", fixed_mask, fixed),
@@ -520,18 +582,31 @@ def register_deep(
         if fixed_labels is not None and moving_labels is not None:
             shared = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels))
             shared = shared[shared != 0]
+            # Distances are shifted so that "far outside" is 0: the zero padding of the working
+            # grid and of resampling then reads as far outside, not as the region's edge.
+            far = 0.0
+            if label_term == "distance" and shared.size:
+                unit = float(np.mean(fixed.grid.spacing))  # fixed voxels, on both sides
+                far = DISTANCE_CLIP_MM / unit
+                fixed_seg = signed_distance(np.asarray(fixed_labels) > 0, fixed.grid.spacing, unit)
+                moving_seg = signed_distance(np.asarray(moving_labels) > 0, moving.grid.spacing, unit)
+                fixed_seg, moving_seg = fixed_seg[..., None] - far, moving_seg[..., None] - far
+            elif shared.size:
+                fixed_seg = _onehot(fixed_labels, shared)
+                moving_seg = _onehot(moving_labels, shared)
             if shared.size:
-                fixed_seg = torch.from_numpy(work.to_working(_onehot(fixed_labels, shared)))
-                moving_seg = torch.from_numpy(_onehot(moving_labels, shared))
+                fixed_seg_t = torch.from_numpy(np.ascontiguousarray(work.to_working(fixed_seg)))
                 with torch.no_grad():
                     segs = {
-                        "fixed_seg": fixed_seg.permute(3, 0, 1, 2)[None].to(device),
+                        "fixed_seg": fixed_seg_t.permute(3, 0, 1, 2)[None].to(device) + far,
                         "moving_seg": _sample_moving(
-                            moving_seg.permute(3, 0, 1, 2)[None].to(device),
+                            torch.from_numpy(moving_seg).permute(3, 0, 1, 2)[None].to(device),
                             vox_matrix(world, work.affine),
                             work.shape,
-                        ),
+                        )
+                        + far,
                         "seg_weight": label_weight,
+                        "seg_loss": label_term,
                     }
         velocity = refine_velocity(fixed_t, moving_w, cost_t, velocity, refine_steps, **segs)
     # 6. Fields in working voxels -> world mm on the fixed grid.

@@ -6,8 +6,10 @@ correspondence). From that transform come the change maps on the baseline grid:
 
 * ``log_jacobian``: log of the Jacobian determinant of the baseline -> follow-up mapping. Positive
   where tissue expanded between the two scans (a growing tumour and the tissue it pushes),
-  negative where it shrank. Integrated over the baseline tumour, ``sum(exp(log_jacobian) - 1) *
-  voxel volume`` estimates the tumour's volume change.
+  negative where it shrank. Its integral over the baseline tumour, the volume the deformation
+  carries the baseline tumour to, minus the baseline volume, estimates the tumour's volume change
+  (computed by the change of variables, :func:`~atlasflow.transforms.transported_volume_mm3`;
+  the plain voxel sum of ``exp(log_jacobian) - 1`` is also recorded).
 * ``difference``: follow-up warped onto the baseline minus the baseline (both normalised).
 * ``displacement``: magnitude (mm) of the deformable part of the mapping; around the tumour this is
   the mass effect.
@@ -31,7 +33,13 @@ from scipy import ndimage
 from .errors import AtlasflowError
 from .io import Image, atomic_write_text, load_image, save_image
 from .register import ncc, register
-from .transforms import Transform, apply_transform, jacobian_determinant, save_transform
+from .transforms import (
+    Transform,
+    apply_transform,
+    jacobian_determinant,
+    save_transform,
+    transported_volume_mm3,
+)
 
 # Volumetric response thresholds after RANO / mRANO (relative change of the tumour volume from the
 # baseline): >= +40 % progression, <= -65 % partial response, 0 left = complete response.
@@ -136,9 +144,13 @@ def register_followup(
 
     The tumour's intensities have no counterpart at the other timepoint, so the tumours of both
     sessions (dilated by ``exclusion_margin_mm``) are left out of the image similarity. The tumour
-    *region* does correspond, though: when both masks are given, ``tumor_weight`` x Dice between the
-    baseline tumour and the warped follow-up tumour joins the instance optimisation, so the
-    Jacobian inside the baseline tumour measures its growth instead of being a smooth guess.
+    *region* does correspond, though: when both masks are given, ``tumor_weight`` x the squared
+    difference of the signed distances to the two tumours' edges joins the instance optimisation
+    (``label_term="distance"``). It maps the baseline tumour onto the follow-up one and keeps depth
+    inside and distance outside, so the growth shows as an expansion of the tumour's inside. (A
+    soft Dice matched the edges just as well but grew the tumour by stretching a thin shell of
+    tissue at its edge and crushing its core; the Jacobian over the baseline tumour then missed
+    the change by 6-12 %.)
     """
     fixed = load_image(baseline_path)
     moving = load_image(followup_path)
@@ -166,6 +178,7 @@ def register_followup(
             "fixed_labels": tumour_b.astype(np.uint8),
             "moving_labels": tumour_moving.astype(np.uint8),
             "label_weight": tumor_weight,
+            "label_term": "distance",
         }
     reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels, **options)
     transform = reg.transform
@@ -197,12 +210,16 @@ def register_followup(
         "ncc_outside_tumor_after": ncc(fixed.data, warped.data, outside),
     }
     if tumour_b.any():
-        jac_change = float(((det - 1.0)[tumour_b]).sum() * voxel_mm3)
+        baseline_mm3 = float(tumour_b.sum() * voxel_mm3)
+        carried_mm3 = transported_volume_mm3(
+            fixed.with_data(tumour_b.astype(np.float32)), transform, reg.inverse_displacement, moving.grid
+        )
         shell = _shell(tumour_b, spacing, 0.0, 10.0) & region
         metrics.update(
             {
-                "baseline_tumor_mm3_on_grid": float(tumour_b.sum() * voxel_mm3),
-                "jacobian_volume_change_mm3": jac_change,
+                "baseline_tumor_mm3_on_grid": baseline_mm3,
+                "jacobian_volume_change_mm3": carried_mm3 - baseline_mm3,
+                "jacobian_voxel_sum_volume_change_mm3": float(((det - 1.0)[tumour_b]).sum() * voxel_mm3),
                 "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
                 "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
             }

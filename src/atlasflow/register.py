@@ -133,6 +133,7 @@ def register(
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
     label_weight: float = 1.0,
+    label_term: str = "dice",
 ) -> Registration:
     """Register ``moving`` to ``fixed``; the transform maps fixed points to moving points.
 
@@ -163,6 +164,7 @@ def register(
             fixed_labels=fixed_labels,
             moving_labels=moving_labels,
             label_weight=label_weight,
+            label_term=label_term,
         )
         return Registration(res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep")
     raise AtlasflowError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")

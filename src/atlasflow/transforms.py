@@ -209,6 +209,36 @@ def apply_transform(
     return Image(data.astype(np.float32) if interpolation == "linear" else data, fixed.affine.copy())
 
 
+def transported_volume_mm3(
+    region: Image, transform: Transform, inverse_displacement: Image | None, domain: Grid
+) -> float:
+    """Volume (mm3) of the image of ``region`` (a mask on the fixed grid) under ``transform``.
+
+    By the change of variables this is the integral of the Jacobian determinant over the region,
+    computed without differentiating the field: every voxel ``y`` of ``domain`` (a grid covering
+    the moving side) is pulled back through the inverse (``affine^-1`` then
+    ``inverse_displacement``, both on the fixed grid) and the mask is read there by linear
+    interpolation. Summing finite-difference determinants over a voxelised mask instead depends on
+    where inside a voxel a sharp change of the field falls: on the demo tumours, whose growth
+    the registration concentrates at the tumour's edge, that sum came out 6-12 % low.
+    """
+    y = world_coordinates(domain).reshape(-1, 3)
+    to_fixed = np.linalg.inv(transform.affine)
+    z = y @ to_fixed[:3, :3].T + to_fixed[:3, 3]
+    if inverse_displacement is not None:
+        if not inverse_displacement.grid.same_as(region.grid):
+            raise AtlasflowError("inverse displacement field is not on the region's grid")
+        inv_vox = np.linalg.inv(region.affine)
+        z = z + sample_voxels(
+            inverse_displacement.data, z @ inv_vox[:3, :3].T + inv_vox[:3, 3], "linear"
+        )
+    inv_vox = np.linalg.inv(region.affine)
+    inside = sample_voxels(
+        np.asarray(region.data, np.float32), z @ inv_vox[:3, :3].T + inv_vox[:3, 3], "linear"
+    )
+    return float(inside.sum() * abs(np.linalg.det(domain.affine[:3, :3])))
+
+
 def jacobian_determinant(displacement: Image) -> np.ndarray:
     """Determinant of the Jacobian of ``x -> x + u(x)`` (central differences, world units)."""
     u = np.asarray(displacement.data, np.float64)

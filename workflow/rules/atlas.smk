@@ -143,8 +143,6 @@ rule register_atlas:
         options=registration_options,
         qc=qc_options,
     threads: THREADS
-    group:
-        "subject_atlas"
     resources:
         mem_mb=1500,
         runtime=15,
@@ -170,8 +168,6 @@ use rule warp_labels as warp_labels_atlas with:
         log("warp_labels_atlas"),
     benchmark:
         bench("warp_labels_atlas")
-    group:
-        "subject_atlas"
 
 
 rule atlas_labels:

@@ -26,8 +26,6 @@ rule longitudinal_register:
             f"--{k.replace('_', '-')} {input[k]}" for k in ("baseline_tumor", "followup_tumor") if k in input.keys()
         ),
     threads: THREADS
-    group:
-        "subject"
     resources:
         mem_mb=1500,
         runtime=15,
@@ -55,8 +53,6 @@ rule longitudinal_tumor_mask:
         log("longitudinal_tumor_mask"),
     benchmark:
         bench("longitudinal_tumor_mask")
-    group:
-        "subject"
     resources:
         mem_mb=1000,
         runtime=5,

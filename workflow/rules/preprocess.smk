@@ -41,8 +41,6 @@ rule reorient:
         log("reorient"),
     benchmark:
         bench("reorient")
-    group:
-        "subject"
     resources:
         mem_mb=1000,
         runtime=5,
@@ -65,8 +63,6 @@ rule bias_correct:
     params:
         skip="" if config["preprocess"]["n4"] else "--skip",
     threads: THREADS
-    group:
-        "subject"
     resources:
         mem_mb=2000,
         runtime=10,
@@ -90,8 +86,6 @@ rule brain_mask:
     params:
         extra=mask_args,
     threads: THREADS
-    group:
-        "subject"
     resources:
         mem_mb=3000,
         runtime=10,
@@ -115,8 +109,6 @@ rule preprocess:
         bench("preprocess")
     params:
         spacing=config["working_spacing"],
-    group:
-        "subject"
     resources:
         mem_mb=1000,
         runtime=5,
@@ -138,8 +130,6 @@ rule preprocess_labels:
         log("preprocess_labels"),
     benchmark:
         bench("preprocess_labels")
-    group:
-        "subject"
     resources:
         mem_mb=1000,
         runtime=5,
@@ -160,8 +150,6 @@ rule preprocess_tumor_mask:
         log("preprocess_tumor_mask"),
     benchmark:
         bench("preprocess_tumor_mask")
-    group:
-        "subject"
     resources:
         mem_mb=1000,
         runtime=5,

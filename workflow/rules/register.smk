@@ -24,8 +24,6 @@ rule register_template:
         options=registration_options,
         qc=qc_options,
     threads: THREADS
-    group:
-        "subject"
     resources:
         mem_mb=1500,
         runtime=15,
@@ -52,8 +50,6 @@ rule warp_labels:
         log("warp_labels"),
     benchmark:
         bench("warp_labels")
-    group:
-        "subject"
     resources:
         mem_mb=1000,
         runtime=5,
