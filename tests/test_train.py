@@ -97,6 +97,30 @@ def test_weights_round_trip_and_tampering(tmp_path):
         load_model(path)
 
 
+def test_version_1_files_still_load(tmp_path):
+    """Files written before the keypoint affine / correlation features load as what they were."""
+    torch.manual_seed(0)
+    old_config = NetConfig(
+        unet_encoder=[8, 8, 8, 8],
+        unet_decoder=[8, 8, 8, 8],
+        affine_channels=[4, 8, 8, 8, 8],
+        affine_kind="pooled",
+        cost_radius=0,
+    )
+    path = save_model(RegistrationModel(old_config), tmp_path / "old.safetensors")
+    meta = json.loads(sidecar_path(path).read_text())
+    meta["format"] = "atlasflow-registration-v1"
+    for key in ("affine_kind", "affine_keypoints", "cost_radius"):
+        del meta["config"][key]
+    sidecar_path(path).write_text(json.dumps(meta))
+    model, _ = load_model(path)
+    assert model.config.affine_kind == "pooled" and model.config.cost_radius == 0
+    meta["config"]["affine_kind"] = "transformer"
+    sidecar_path(path).write_text(json.dumps(meta))
+    with pytest.raises(AtlasflowError, match="unknown architecture"):
+        load_model(path)
+
+
 def _dice_loss_on(model, pairs):
     from atlasflow.nn.losses import soft_dice_loss
     from atlasflow.train import flow_forward
