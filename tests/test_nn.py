@@ -66,7 +66,8 @@ def test_keypoint_affine_net_solves_the_affine_of_its_keypoints(monkeypatch):
     out = net(torch.zeros(1, 2, 32, 32, 32))
     assert out.shape == (1, 3, 4)
     # The identity prior only nudges a well-posed fit.
-    assert torch.allclose(out, truth, atol=0.02)
+    assert torch.allclose(out[..., :3], truth[..., :3], atol=0.01)
+    assert torch.allclose(out[..., 3], truth[..., 3], atol=0.05)  # voxels
 
 
 def test_keypoint_affine_net_keypoints_live_in_centred_voxels():

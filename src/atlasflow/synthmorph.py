@@ -471,7 +471,11 @@ class PairGenerator:
         maps), or 'affine' (a large random affine on the moving side); random when None."""
         n = len(self.maps)
         if kind is None:
-            kind = "same" if (n < 2 or torch.rand((), generator=self.gen) < self.same_probability) else "cross"
+            kind = (
+                "same"
+                if (n < 2 or torch.rand((), generator=self.gen) < self.same_probability)
+                else "cross"
+            )
         i = int(torch.randint(n, (), generator=self.gen))
         j = (
             i

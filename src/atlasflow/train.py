@@ -4,8 +4,10 @@ Owns:
 
 * :func:`train` - SynthMorph-style training on synthetic pairs (:mod:`atlasflow.synthmorph`):
   first the affine network (supervised by the known random affine, error measured in voxels at
-  points spread over the brain), then the velocity U-Net (soft Dice on grouped labels + LNCC for
-  same-contrast pairs + diffusion regulariser on the half-resolution velocity).
+  points spread over the brain, plus keypoint consistency for the keypoint network), then the
+  velocity U-Net (soft Dice on grouped labels + LNCC for same-contrast pairs + end-point error
+  where the displacement is known + diffusion regulariser on the half-resolution velocity). The
+  last ``holdout_maps`` label maps only give validation pairs (Dice before/after, affine error).
 * :func:`finetune` - unsupervised fine-tuning of the U-Net on a user's own images (LNCC +
   diffusion), each image registered to a fixed image after the engine's affine stage.
 * :func:`save_model` / :func:`load_model` - weights as ``safetensors`` plus a JSON sidecar with the
