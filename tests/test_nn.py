@@ -18,7 +18,7 @@ from atlasflow.nn.losses import (
     mse_loss,
     soft_dice_loss,
 )
-from atlasflow.nn.networks import centred_affine_grid
+from atlasflow.nn.networks import KeypointAffineNet, centred_affine_grid
 from atlasflow.transforms import (
     compose_displacements,
     folding_fraction,
@@ -53,6 +53,64 @@ def test_affine_net_starts_at_identity_and_has_12_outputs():
     assert out.shape == (1, 3, 4)
     assert torch.allclose(out[0, :, :3], torch.eye(3))
     assert torch.allclose(out[0, :, 3], torch.zeros(3))
+
+
+def test_keypoint_affine_net_solves_the_affine_of_its_keypoints(monkeypatch):
+    net = KeypointAffineNet([4, 4, 4, 4], keypoints=12)
+    gen = torch.Generator().manual_seed(0)
+    fixed = torch.randn((1, 12, 3), generator=gen) * 20
+    truth = torch.tensor([[[1.05, 0.1, 0.0, 4.0], [-0.08, 0.97, 0.05, -6.0], [0.0, 0.1, 1.0, 2.5]]])
+    moving = fixed @ truth[0, :, :3].T + truth[0, :, 3]
+    conf = torch.randn((2, 12), generator=gen)
+    monkeypatch.setattr(net, "keypoints", lambda images: (torch.cat([fixed, moving]), conf))
+    out = net(torch.zeros(1, 2, 32, 32, 32))
+    assert out.shape == (1, 3, 4)
+    # The identity prior only nudges a well-posed fit.
+    assert torch.allclose(out[..., :3], truth[..., :3], atol=0.01)
+    assert torch.allclose(out[..., 3], truth[..., 3], atol=0.05)  # voxels
+
+
+def test_keypoint_affine_net_keypoints_live_in_centred_voxels():
+    torch.manual_seed(0)
+    net = KeypointAffineNet([4, 8, 8, 8], keypoints=6)
+    points, conf = net.keypoints(torch.rand(2, 1, 32, 48, 32))
+    assert points.shape == (2, 6, 3) and conf.shape == (2, 6)
+    half = torch.tensor([16.0, 24.0, 16.0])
+    assert (points.abs() <= half).all()  # soft-argmax stays inside the (centred) grid
+    assert torch.isfinite(net(torch.rand(1, 2, 32, 48, 32))).all()
+
+
+def test_cost_volume_peaks_at_the_true_shift():
+    net = VelocityUNet([4, 4, 4, 4], [4, 4, 4, 4], cost_radius=1)
+    fixed = smooth_volume((32, 32, 32), seed=1)
+    moving = torch.roll(fixed, shifts=2, dims=2)  # moving(x + 2 e_i) = fixed(x)
+    cost = net.cost(torch.cat([fixed, moving], 1), 2, torch.Size((16, 16, 16)))
+    assert cost.shape == (1, 27, 16, 16, 16)
+    inner = cost[..., 3:-3, 3:-3, 3:-3].mean((0, 2, 3, 4))
+    # Shift +1 (downsampled voxels) along i: channel (dx=2, dy=1, dz=1) -> 2 * 9 + 1 * 3 + 1.
+    assert int(inner.argmax()) == 22
+    same = net.cost(torch.cat([fixed, fixed], 1), 2, torch.Size((16, 16, 16)))
+    assert int(same[..., 3:-3, 3:-3, 3:-3].mean((0, 2, 3, 4)).argmax()) == 13
+
+
+def test_network_init_keeps_the_signal_scale():
+    # PyTorch's default init shrank features ~3x per layer, which starved the velocity layer.
+    torch.manual_seed(0)
+    net = VelocityUNet([16, 32, 32, 32], [32, 32, 16, 16])
+    x = torch.rand(1, 2, 32, 48, 32)
+    deepest = x
+    for block in net.enc:
+        deepest = block(deepest)
+    assert deepest.pow(2).mean().sqrt() > 0.1 * x.pow(2).mean().sqrt()
+
+
+def test_config_of_version_1_files_is_the_pooled_network():
+    old = NetConfig.from_dict({"affine_channels": [4, 4, 4, 4, 4]})
+    assert old.affine_kind == "pooled" and old.cost_radius == 0
+    assert isinstance(RegistrationModel(old).affine, AffineNet)
+    assert isinstance(RegistrationModel(NetConfig()).affine, KeypointAffineNet)
+    with pytest.raises(ValueError, match="affine_kind"):
+        NetConfig.from_dict({"affine_kind": "magic"})
 
 
 def test_registration_model_config_round_trip():

@@ -29,6 +29,7 @@ from .io import Grid, Image, load_image
 from .transforms import (
     Transform,
     apply_transform,
+    compose_displacements,
     integrate_velocity,
     resize_displacement,
     warp_tensor,
@@ -339,6 +340,18 @@ def random_deformation(
     return resize_displacement(disp, shape)
 
 
+def random_svf_pair(
+    gen: torch.Generator, shape: tuple[int, int, int], max_std: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(w) and exp(-w) (1, 3, X, Y, Z, voxels) of one random smooth velocity ``w``."""
+    quarter = tuple(max(2, s // 4) for s in shape)
+    velocity = random_velocity(gen, quarter, max_std / 4, coarse=2)
+    return (
+        resize_displacement(integrate_velocity(velocity, 5), shape),
+        resize_displacement(integrate_velocity(-velocity, 5), shape),
+    )
+
+
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma < 0.3:
         return x
@@ -365,7 +378,8 @@ class PairGenerator:
     ``sample()`` returns a dict of tensors with a batch dimension of one: ``fixed``, ``moving``
     (B, 1, X, Y, Z intensities in [0, 1], zero outside the dilated brain), ``fixed_mask``,
     ``moving_mask``, ``fixed_onehot``, ``moving_onehot`` (B, NUM_CLASSES, ...), the kind of pair and
-    the contrast mode, and ``affine`` (the true fixed->moving centred-voxel matrix) for affine pairs.
+    the contrast mode, ``affine`` (the true fixed->moving centred-voxel matrix) for affine pairs, and
+    ``target`` (the true fixed->moving pull-back displacement, voxels) for 'same' pairs.
     """
 
     def __init__(
@@ -375,9 +389,11 @@ class PairGenerator:
         max_std: float = 6.0,
         crop: tuple[int, int, int] | None = None,
         t1_probability: float = 0.6,
+        same_probability: float = 0.4,
     ) -> None:
         self.set = label_set
         self.t1_probability = t1_probability
+        self.same_probability = same_probability
         # Optional random crops (flow training): synthesised with a margin so that deformations
         # pull real anatomy, not padding, into the crop; the margin is cut off afterwards.
         self.crop = tuple(crop) if crop else None
@@ -455,7 +471,11 @@ class PairGenerator:
         maps), or 'affine' (a large random affine on the moving side); random when None."""
         n = len(self.maps)
         if kind is None:
-            kind = "same" if (n < 2 or torch.rand((), generator=self.gen) < 0.4) else "cross"
+            kind = (
+                "same"
+                if (n < 2 or torch.rand((), generator=self.gen) < self.same_probability)
+                else "cross"
+            )
         i = int(torch.randint(n, (), generator=self.gen))
         j = (
             i
@@ -474,10 +494,19 @@ class PairGenerator:
             ]
             self._box = tuple(slice(a, a + c) for a, c in zip(starts, shape, strict=True))
         small_affine = lambda: random_affine(self.gen, 4.0, 0.04, 0.02, 2.0)  # noqa: E731
+        target = None
         if kind == "affine":
             big = random_affine(self.gen, 15.0, 0.12, 0.06, 10.0)
             fixed_disp = random_deformation(self.gen, self.shape, 2.0, None)
             moving_disp = random_deformation(self.gen, self.shape, 2.0, big)
+        elif kind == "same":
+            # The moving image is the fixed one pulled through exp(-w): the answer (pull-back
+            # fixed -> moving) is then exactly exp(w), a dense target for the flow network.
+            fixed_disp = random_deformation(self.gen, shape, self.max_std / 2, small_affine())
+            forward, backward = random_svf_pair(self.gen, shape, self.max_std)
+            moving_disp = compose_displacements(backward, fixed_disp)
+            target = forward
+            big = None
         else:
             std = self.max_std if kind == "same" else self.max_std / 2
             fixed_disp = random_deformation(self.gen, shape, std / 2, small_affine())
@@ -495,6 +524,10 @@ class PairGenerator:
             "kind": kind,
             "t1_like": t1_like,
         }
+        if target is not None:
+            if self._cropped:
+                target = target[(..., *(slice(self.margin, n - self.margin) for n in shape))]
+            out["target"] = target
         if big is not None:
             # moving(y) ~ source(big(y)) and fixed(x) ~ source(x): fixed -> moving is big^-1.
             full = torch.cat([big[0], torch.tensor([[0.0, 0.0, 0.0, 1.0]])], 0)

@@ -4,8 +4,10 @@ Owns:
 
 * :func:`train` - SynthMorph-style training on synthetic pairs (:mod:`atlasflow.synthmorph`):
   first the affine network (supervised by the known random affine, error measured in voxels at
-  points spread over the brain), then the velocity U-Net (soft Dice on grouped labels + LNCC for
-  same-contrast pairs + diffusion regulariser on the half-resolution velocity).
+  points spread over the brain, plus keypoint consistency for the keypoint network), then the
+  velocity U-Net (soft Dice on grouped labels + LNCC for same-contrast pairs + end-point error
+  where the displacement is known + diffusion regulariser on the half-resolution velocity). The
+  last ``holdout_maps`` label maps only give validation pairs (Dice before/after, affine error).
 * :func:`finetune` - unsupervised fine-tuning of the U-Net on a user's own images (LNCC +
   diffusion), each image registered to a fixed image after the engine's affine stage.
 * :func:`save_model` / :func:`load_model` - weights as ``safetensors`` plus a JSON sidecar with the
@@ -39,7 +41,9 @@ from .nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
 from .nn.networks import NetConfig, RegistrationModel
 from .transforms import integrate_velocity, resize_displacement, warp_tensor
 
-FORMAT = "atlasflow-registration-v1"
+FORMAT = "atlasflow-registration-v2"
+#: Version 1 files (pooled affine network, no ``affine_kind`` in the config) still load.
+READABLE_FORMATS = ("atlasflow-registration-v1", FORMAT)
 DEFAULT_LABEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "synthseg_label_maps"
 
 
@@ -101,7 +105,7 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         meta = json.loads(side.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AtlasflowError(f"{side}: not a readable model sidecar ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         raise AtlasflowError(
             f"{side}: not an atlasflow model sidecar (format {meta.get('format') if isinstance(meta, dict) else None!r})"
         )
@@ -129,7 +133,11 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[Registrati
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise AtlasflowError(f"{path}: not a readable safetensors file ({exc})") from None
-    model = RegistrationModel(NetConfig.from_dict(meta.get("config", {})))
+    try:
+        config = NetConfig.from_dict(meta.get("config", {}))
+    except (TypeError, ValueError) as exc:
+        raise AtlasflowError(f"{path}: sidecar describes an unknown architecture ({exc})") from None
+    model = RegistrationModel(config)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -175,6 +183,49 @@ def _log(line: str, stream=None) -> None:
 # ----------------------------------------------------------------------------------- training
 
 
+def _split_label_set(label_set, holdout: int):
+    """(training, validation) label sets: the last ``holdout`` maps are kept for validation."""
+    from .synthmorph import LabelSet
+
+    n = len(label_set.maps)
+    holdout = min(max(holdout, 0), n - 1)
+    if holdout == 0:
+        return label_set, None
+    part = lambda maps: LabelSet(maps, label_set.labels, label_set.grid, label_set.source)  # noqa: E731
+    return part(label_set.maps[: n - holdout]), part(label_set.maps[n - holdout :])
+
+
+def synthetic_dice(model: RegistrationModel, pairs: list[dict]) -> tuple[float, float]:
+    """Mean soft Dice (full resolution) of synthetic pairs before and after the flow network."""
+    from .synthmorph import NUM_CLASSES  # noqa: F401  (documents the label space)
+
+    before, after = [], []
+    with torch.no_grad():
+        for pair in pairs:
+            _, disp = flow_forward(
+                model, pair["fixed"], pair["moving"], model.config.integration_steps
+            )
+            warped = warp_tensor(pair["moving_onehot"], disp)
+            before.append(1.0 - soft_dice_loss(pair["fixed_onehot"], pair["moving_onehot"]).item())
+            after.append(1.0 - soft_dice_loss(pair["fixed_onehot"], warped).item())
+    return float(np.mean(before)), float(np.mean(after))
+
+
+def affine_point_error(model: RegistrationModel, pairs: list[dict], points: torch.Tensor) -> float:
+    """Mean point error (voxels) of the affine network on synthetic affine pairs."""
+    with torch.no_grad():
+        errs = [
+            (model.affine(torch.cat([p["fixed"], p["moving"]], 1)) @ points - p["affine"] @ points)
+            .pow(2)
+            .sum(1)
+            .sqrt()
+            .mean()
+            .item()
+            for p in pairs
+        ]
+    return float(np.mean(errs))
+
+
 def train(
     out_path: str | os.PathLike,
     *,
@@ -184,8 +235,10 @@ def train(
     flow_steps: int = 3000,
     lr: float = 1e-3,
     diffusion_weight: float = 0.5,
-    lncc_weight: float = 0.5,
-    max_std: float = 6.0,
+    lncc_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    flow_target_weight: float = 0.1,
+    max_std: float = 4.0,
     seed: int = 0,
     checkpoint_every: int = 200,
     log_every: int = 10,
@@ -193,29 +246,61 @@ def train(
     config: NetConfig | None = None,
     limit_maps: int | None = None,
     time_budget: float | None = None,
+    affine_fraction: float = 0.2,
     threads: int | None = None,
     crop: tuple[int, int, int] | None = None,
     train_shape: tuple[int, int, int] | None = None,
-    t1_probability: float = 0.6,
+    t1_probability: float = 0.8,
+    same_probability: float = 0.4,
+    holdout_maps: int = 0,
+    validation_pairs: int = 8,
 ) -> RegistrationModel:
-    """Train both networks on synthetic pairs and save them to ``out_path`` (with checkpoints)."""
+    """Train both networks on synthetic pairs and save them to ``out_path`` (with checkpoints).
+
+    Affine phase: mean point error against the known random affine (voxels), plus, for the
+    keypoint network, the distance between the moving keypoints and the fixed keypoints mapped by
+    the true affine (a dense, per-keypoint signal that keeps the keypoints from collapsing).
+    Flow phase: ``dice_weight`` x soft Dice on grouped labels + ``lncc_weight`` x LNCC (pairs of one
+    contrast) + ``flow_target_weight`` x end-point error against the known displacement ('same'
+    pairs, where it is exact) + ``diffusion_weight`` x diffusion of the half-resolution velocity.
+    The last ``holdout_maps`` label maps are never trained on; pairs drawn from them give the
+    validation numbers logged at every checkpoint and stored in the sidecar.
+    """
     from .synthmorph import TRAIN_SHAPE, PairGenerator, build_label_set
 
     set_determinism(seed, threads)
     label_set = build_label_set(
         label_dir, cache_dir, shape=train_shape or TRAIN_SHAPE, limit=limit_maps
     )
+    train_set, val_set = _split_label_set(label_set, holdout_maps)
     generator = PairGenerator(
-        label_set, seed=seed, max_std=max_std, crop=crop, t1_probability=t1_probability
+        train_set,
+        seed=seed,
+        max_std=max_std,
+        crop=crop,
+        t1_probability=t1_probability,
+        same_probability=same_probability,
     )
     if init is not None:
         model, _ = load_model(init)
         model.train()
     else:
         model = RegistrationModel(config)
-    hyper = {
+    shape = tuple(label_set.maps.shape[1:])
+    points = _affine_points(shape)
+    val_flow: list[dict] = []
+    val_affine: list[dict] = []
+    if val_set is not None and validation_pairs > 0:
+        # Whole-grid pairs (no crop), drawn once with their own seed: the same pairs every time.
+        val_gen = PairGenerator(
+            val_set, seed=10_000 + seed, max_std=max_std, t1_probability=t1_probability
+        )
+        val_flow = [val_gen.sample() for _ in range(validation_pairs)]
+        val_affine = [val_gen.sample("affine") for _ in range(validation_pairs)]
+    hyper: dict = {
         "label_source": label_set.source,
-        "label_maps": int(len(label_set.maps)),
+        "label_maps": int(len(train_set.maps)),
+        "holdout_maps": int(len(val_set.maps)) if val_set is not None else 0,
         "train_shape": list(label_set.maps.shape[1:]),
         "spacing_mm": 2.0,
         "affine_steps": affine_steps,
@@ -223,38 +308,78 @@ def train(
         "lr": lr,
         "diffusion_weight": diffusion_weight,
         "lncc_weight": lncc_weight,
+        "dice_weight": dice_weight,
+        "flow_target_weight": flow_target_weight,
         "max_std": max_std,
         "seed": seed,
         "init": str(init) if init else None,
         "threads": torch.get_num_threads(),
         "crop": list(crop) if crop else None,
         "t1_probability": t1_probability,
+        "same_probability": same_probability,
     }
+    validation: dict = {}
+
+    def validate(tag: str) -> None:
+        if val_flow:
+            model.eval()
+            before, after = synthetic_dice(model, val_flow)
+            err = affine_point_error(model, val_affine, points)
+            eye = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None]
+            err0 = float(
+                np.mean(
+                    [
+                        (eye @ points - p["affine"] @ points).pow(2).sum(1).sqrt().mean().item()
+                        for p in val_affine
+                    ]
+                )
+            )
+            model.train()
+            validation[tag] = {
+                "dice_before": round(before, 4),
+                "dice_after": round(after, 4),
+                "affine_error_identity_vox": round(err0, 3),
+                "affine_error_vox": round(err, 3),
+            }
+            _log(
+                f"validation {tag}: held-out dice {before:.4f} -> {after:.4f}, affine point error "
+                f"{err0:.2f} -> {err:.2f} vox"
+            )
+
+    def checkpoint(**done) -> None:
+        save_model(model, out_path, {**hyper, **done, "validation": validation})
+
+    validate("start")
     start = time.perf_counter()
-    shape = tuple(label_set.maps.shape[1:])
-    points = _affine_points(shape)
+    keypoints = model.config.affine_kind == "keypoints"
 
     # Phase 1: affine network, supervised by the true affine (mean point error in voxels).
     opt = torch.optim.Adam(model.affine.parameters(), lr=lr)
-    phase_start = time.perf_counter()
     for step in range(1, affine_steps + 1):
         pair = generator.sample("affine")
         pred = model.affine(torch.cat([pair["fixed"], pair["moving"]], 1))
         err = (pred @ points - pair["affine"] @ points).pow(2).sum(1).sqrt().mean()
+        loss = err
+        consistency = torch.zeros(())
+        if keypoints:
+            kp, _ = model.affine.keypoints(torch.cat([pair["fixed"], pair["moving"]], 0))
+            truth = pair["affine"][0]
+            mapped = kp[0] @ truth[:, :3].T + truth[:, 3]
+            consistency = (kp[1] - mapped).pow(2).sum(-1).add(1e-6).sqrt().mean()
+            loss = loss + consistency
         opt.zero_grad()
-        err.backward()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.affine.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == 1:
             _log(
-                f"affine step {step}/{affine_steps} point_error_vox {err.item():.3f} seconds {time.perf_counter() - start:.1f}"
+                f"affine step {step}/{affine_steps} point_error_vox {err.item():.3f} "
+                f"keypoint_error_vox {consistency.item():.3f} seconds {time.perf_counter() - start:.1f}"
             )
         if step % checkpoint_every == 0:
-            save_model(
-                model,
-                out_path,
-                {**hyper, "completed_affine_steps": step, "completed_flow_steps": 0},
-            )
-        if time_budget and time.perf_counter() - phase_start > time_budget * 0.15:
+            validate(f"affine_{step}")
+            checkpoint(completed_affine_steps=step, completed_flow_steps=0)
+        if time_budget and time.perf_counter() - start > time_budget * affine_fraction:
             _log(f"affine phase stopped by time budget at step {step}")
             affine_steps = step
             break
@@ -266,12 +391,13 @@ def train(
         pair = generator.sample()
         velocity = model.flow(torch.cat([pair["fixed"], pair["moving"]], 1))
         disp_half = integrate_velocity(velocity, model.config.integration_steps)
+        half_shape = tuple(disp_half.shape[2:])
         # Dice at half resolution: 8x cheaper than warping 17 label channels at full resolution.
         fixed_labels = F.avg_pool3d(pair["fixed_onehot"], 2)
         warped_labels = warp_tensor(F.avg_pool3d(pair["moving_onehot"], 2), disp_half)
         dice = soft_dice_loss(fixed_labels, warped_labels)
         reg = diffusion_loss(velocity)
-        loss = dice + diffusion_weight * reg
+        loss = dice_weight * dice + diffusion_weight * reg
         sim = torch.zeros(())
         if pair["t1_like"] and lncc_weight > 0:
             warped = warp_tensor(
@@ -279,6 +405,11 @@ def train(
             )
             sim = lncc_loss(pair["fixed"], warped, 7, pair["fixed_mask"])
             loss = loss + lncc_weight * sim
+        epe = torch.zeros(())
+        if "target" in pair and flow_target_weight > 0:
+            target = resize_displacement(pair["target"], half_shape)
+            epe = (disp_half - target).pow(2).sum(1).add(1e-6).sqrt().mean()
+            loss = loss + flow_target_weight * epe
         opt.zero_grad()
         loss.backward()
         # Clipping keeps one odd synthetic pair from throwing the weights far away.
@@ -288,15 +419,13 @@ def train(
         if step % log_every == 0 or step == 1:
             _log(
                 f"flow step {step}/{flow_steps} loss {loss.item():.4f} dice_loss {dice.item():.4f} "
-                f"lncc_loss {sim.item():.4f} diffusion {reg.item():.5f} kind {pair['kind']} "
+                f"lncc_loss {sim.item():.4f} epe_half_vox {epe.item():.3f} diffusion {reg.item():.5f} "
+                f"max_velocity {velocity.detach().abs().max().item():.2f} kind {pair['kind']} "
                 f"seconds {time.perf_counter() - start:.1f}"
             )
         if step % checkpoint_every == 0:
-            save_model(
-                model,
-                out_path,
-                {**hyper, "completed_affine_steps": affine_steps, "completed_flow_steps": step},
-            )
+            validate(f"flow_{step}")
+            checkpoint(completed_affine_steps=affine_steps, completed_flow_steps=step)
         if time_budget and time.perf_counter() - start > time_budget:
             _log(f"flow phase stopped by time budget at step {step}")
             break
@@ -305,7 +434,8 @@ def train(
         completed_flow_steps=done,
         seconds=round(time.perf_counter() - start, 1),
     )
-    save_model(model, out_path, hyper)
+    validate("end")
+    save_model(model, out_path, {**hyper, "validation": validation})
     _log(f"saved {out_path} after {hyper['seconds']} s")
     return model.eval()
 
@@ -425,12 +555,31 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--affine-steps", type=int, default=1000)
     p.add_argument("--flow-steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--diffusion-weight", type=float, default=1.0)
-    p.add_argument("--lncc-weight", type=float, default=0.5)
+    p.add_argument("--diffusion-weight", type=float, default=0.5)
+    p.add_argument("--lncc-weight", type=float, default=1.0)
+    p.add_argument("--dice-weight", type=float, default=1.0)
+    p.add_argument(
+        "--flow-target-weight",
+        type=float,
+        default=0.1,
+        help="weight of the end-point error against the known displacement of 'same' pairs",
+    )
+    p.add_argument(
+        "--holdout-maps",
+        type=int,
+        default=4,
+        help="last N label maps: validation only, never trained on",
+    )
+    p.add_argument(
+        "--affine-fraction",
+        type=float,
+        default=0.2,
+        help="share of --time-budget for the affine phase",
+    )
     p.add_argument(
         "--max-std",
         type=float,
-        default=6.0,
+        default=4.0,
         help="largest random velocity standard deviation (voxels)",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -448,8 +597,14 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--t1-probability",
         type=float,
-        default=0.6,
+        default=0.8,
         help="share of pairs with a T1-like contrast (rest: random contrasts)",
+    )
+    p.add_argument(
+        "--same-probability",
+        type=float,
+        default=0.4,
+        help="share of pairs drawn from one label map (known displacement); rest: two maps",
     )
     p.add_argument(
         "--threads",
@@ -461,7 +616,7 @@ def _train_parser() -> argparse.ArgumentParser:
         "--time-budget",
         type=float,
         default=None,
-        help="stop after this many seconds (affine phase gets 15%%)",
+        help="stop after this many seconds (affine phase: --affine-fraction of it)",
     )
     return p
 
@@ -482,6 +637,10 @@ def train_main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             diffusion_weight=args.diffusion_weight,
             lncc_weight=args.lncc_weight,
+            dice_weight=args.dice_weight,
+            flow_target_weight=args.flow_target_weight,
+            holdout_maps=args.holdout_maps,
+            affine_fraction=args.affine_fraction,
             max_std=args.max_std,
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
@@ -492,6 +651,7 @@ def train_main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             crop=args.crop,
             t1_probability=args.t1_probability,
+            same_probability=args.same_probability,
         )
     except AtlasflowError as exc:
         print(f"atlasflow train: error: {exc}", file=sys.stderr)

@@ -8,10 +8,11 @@ from .losses import (
     mse_loss,
     soft_dice_loss,
 )
-from .networks import AffineNet, NetConfig, RegistrationModel, VelocityUNet
+from .networks import AffineNet, KeypointAffineNet, NetConfig, RegistrationModel, VelocityUNet
 
 __all__ = [
     "AffineNet",
+    "KeypointAffineNet",
     "NetConfig",
     "RegistrationModel",
     "VelocityUNet",
