@@ -43,6 +43,29 @@ def test_working_grid_is_ras_padded_and_invertible():
     assert np.all(np.diag(work.affine)[:3] > 0)  # RAS voxel axes
 
 
+def test_working_grid_cropped_to_a_region_keeps_world_positions_and_extends_fields():
+    affine = np.array([[0, 0, 2.0, -88], [-2.0, 0, 0, 118], [0, 2.0, 0, -135], [0, 0, 0, 1]])
+    fixed = Grid((40, 44, 36), affine)
+    region = np.zeros(fixed.shape, bool)
+    region[10:20, 12:30, 5:15] = True
+    work = WorkingGrid.for_grid(fixed, region=region, margin=2)
+    full = WorkingGrid.for_grid(fixed)
+    assert np.prod(work.shape) < np.prod(full.shape) / 2
+    # world positions: a working voxel holds the fixed voxel at the same world point
+    world_fixed = world_coordinates(fixed)
+    world_work = world_coordinates(Grid(work.shape, work.affine))
+    back = work.to_fixed(world_work)
+    crop = tuple(slice(lo - 2, hi + 2) for lo, hi in ((10, 20), (12, 30), (5, 15)))
+    assert tuple(b.start for b in work.crop) == tuple(c.start for c in crop)
+    assert np.allclose(back[crop], world_fixed[crop], atol=1e-6)
+    data = np.random.default_rng(1).random((*fixed.shape, 3)).astype(np.float32)
+    assert np.array_equal(work.to_fixed(work.to_working(data))[crop], data[crop])
+    # outside the crop a field repeats its value at the nearest face of the crop
+    out = work.to_fixed(work.to_working(data))
+    assert np.array_equal(out[0, 20, 10], data[crop[0].start, 20, 10])
+    assert np.array_equal(out[15, 43, 10], data[15, crop[1].stop - 1, 10])
+
+
 def _known_deformation(fixed: Image) -> Transform:
     """A rotation + shift + smooth bump, as a fixed->moving Transform."""
     angle = np.deg2rad(6.0)

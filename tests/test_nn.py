@@ -11,6 +11,7 @@ from atlasflow.io import Image
 from atlasflow.nn import AffineNet, NetConfig, RegistrationModel, VelocityUNet
 from atlasflow.nn.losses import (
     box_filter,
+    fixed_statistics,
     diffusion_loss,
     inverse_consistency_loss,
     lncc_loss,
@@ -150,6 +151,35 @@ def test_box_filter_matches_average_pooling():
         pad = window // 2
         ref = F.avg_pool3d(F.pad(x, [pad, window - 1 - pad] * 3), window, stride=1)
         assert torch.allclose(box_filter(x, window), ref, atol=1e-5)
+
+
+def test_box_filter_gradient_is_the_box_filter_of_the_gradient():
+    """The hand-written backward (the filter is its own adjoint) matches average pooling's."""
+    x = torch.randn(1, 2, 7, 8, 9, dtype=torch.float64)
+    weights = torch.randn(1, 2, 7, 8, 9, dtype=torch.float64)
+    for window in (3, 5):
+        pad = window // 2
+        a = x.clone().requires_grad_(True)
+        (box_filter(a, window) * weights).sum().backward()
+        b = x.clone().requires_grad_(True)
+        (F.avg_pool3d(F.pad(b, [pad, window - 1 - pad] * 3), window, stride=1) * weights).sum().backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-10)
+
+
+def test_lncc_with_precomputed_fixed_statistics_and_its_gradient_are_unchanged():
+    fixed = smooth_volume()
+    moving = torch.roll(fixed, 2, dims=3) + 0.1 * smooth_volume(seed=1)
+    mask = (fixed > fixed.mean()).float()
+    a = moving.clone().requires_grad_(True)
+    value = local_ncc(fixed, a, 5, mask, fixed_stats=fixed_statistics(fixed, 5))
+    value.backward()
+    # reference: both images differentiated (five filtered channels)
+    f = fixed.clone().requires_grad_(True)
+    b = moving.clone().requires_grad_(True)
+    reference = local_ncc(f, b, 5, mask)
+    reference.backward()
+    assert value.item() == pytest.approx(reference.item(), abs=1e-6)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
 
 def test_lncc_is_one_for_identical_images_and_drops_after_shift():

@@ -11,12 +11,36 @@ import torch
 import torch.nn.functional as F
 
 
+class _BoxFilter(torch.autograd.Function):
+    """Box filter whose backward is the same box filter.
+
+    With an odd window centred on each voxel and zero padding, the filter is a symmetric linear
+    map, so it is its own adjoint. Autograd through the cumulative sums instead allocated and
+    zero-filled a full-size tensor per slice: about a third of a refinement step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, window: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.window = window
+        return _box_filter(x, window)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _box_filter(grad, ctx.window), None
+
+
 def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
     """Local mean over a window^3 box (zero padding), by cumulative sums along each axis.
 
     Two subtractions per voxel and axis whatever the window, instead of window^3 multiply-adds for
     a dense kernel; measured ~2.5x faster (forward + backward) than three separable average pools.
     """
+    if window % 2 == 1 and x.requires_grad:
+        return _BoxFilter.apply(x, window)
+    return _box_filter(x, window)
+
+
+def _box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
     pad = window // 2
     for axis in (2, 3, 4):
         n = x.shape[axis]
@@ -35,23 +59,38 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def fixed_statistics(fixed: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and variance of a constant image, for repeated :func:`local_ncc` calls."""
+    with torch.no_grad():
+        c = fixed.shape[1]
+        mf, ff = box_filter(torch.cat([fixed, fixed * fixed], 1), window).split(c, 1)
+        return mf, (ff - mf * mf).clamp_min(0)
+
+
 def local_ncc(
     fixed: torch.Tensor,
     moving: torch.Tensor,
     window: int = 7,
     mask: torch.Tensor | None = None,
     eps: float = 1e-7,
+    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean local squared normalised cross-correlation in [0, 1] (1 = identical up to local scale).
 
     Local means, variances and covariance come from box filters on stacked channels, so one pass of
-    the separable filter serves all five statistics.
+    the separable filter serves all the statistics. When only ``moving`` carries gradients, the
+    fixed image's local mean and variance (``fixed_statistics``, or computed here) stay out of the
+    differentiated filter: three channels instead of five.
     """
-    stats = torch.cat([fixed, moving, fixed * fixed, moving * moving, fixed * moving], 1)
-    mean = box_filter(stats, window)
     c = fixed.shape[1]
-    mf, mm, ff, mmm, fm = mean.split(c, 1)
-    var_f = (ff - mf * mf).clamp_min(0)
+    if fixed.requires_grad:
+        stats = torch.cat([fixed, moving, fixed * fixed, moving * moving, fixed * moving], 1)
+        mf, mm, ff, mmm, fm = box_filter(stats, window).split(c, 1)
+        var_f = (ff - mf * mf).clamp_min(0)
+    else:
+        mf, var_f = fixed_statistics(fixed, window) if fixed_stats is None else fixed_stats
+        stats = torch.cat([moving, moving * moving, fixed * moving], 1)
+        mm, mmm, fm = box_filter(stats, window).split(c, 1)
     var_m = (mmm - mm * mm).clamp_min(0)
     cov = fm - mf * mm
     cc = cov * cov / (var_f * var_m + eps)
