@@ -127,3 +127,42 @@ def test_velocity_bias_ratio_separates_a_shared_shift_from_independent_ones(tmp_
         assert metrics["subject_velocity_norm_mean_mm"] == pytest.approx(0.5 * np.sqrt(3), rel=1e-5)
     assert ratios["shared"] == pytest.approx(1.0, rel=1e-5)
     assert ratios["opposite"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_agree(tmp_path):
+    """Members are the previous template shifted by +2 and +4 voxels along x (known affines
+    given as identity, so the deformable stage must find the shifts): the iteration's template
+    moves toward their centre (+3 voxels), and 2 worker processes give the same bytes as 1."""
+    from atlasflow.transforms import write_itk_affine
+
+    previous = blob_image((40, 40, 40), seed=5)
+    write(tmp_path, "prev.nii.gz", previous)
+    mask = previous.with_data((previous.data > 0.05).astype(np.uint8))
+    write(tmp_path, "mask.nii.gz", mask)
+    members = []
+    for i, shift_vox in enumerate((2.0, 4.0)):
+        shift = np.eye(4)
+        shift[0, 3] = -shift_vox * previous.affine[0, 0]
+        moved = apply_transform(previous, Transform(shift), previous.grid)
+        image = write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", moved)
+        member_mask = write(tmp_path, f"sub-0{i}_mask.nii.gz", moved.with_data((moved.data > 0.05).astype(np.uint8)))
+        affine = write_itk_affine(np.eye(4), tmp_path / f"sub-0{i}.mat")
+        members.append(atlas.Member(f"sub-0{i}_ses-1", str(image), str(member_mask), str(affine)))
+    options = {"backend": "deep", "refine_steps": 40, "affine_steps": 0}
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        metrics = atlas.run_iteration(
+            members, tmp_path / "prev.nii.gz", tmp_path / "mask.nii.gz", out / "t.nii.gz", out / "m.json",
+            out / "members.tsv", options=options, workers=workers, do_sharpen=False,
+        )
+        outputs[workers] = load_image(out / "t.nii.gz").data
+    assert metrics["members"] == 2 and metrics["ncc_to_template_mean"] > 0.9
+    np.testing.assert_array_equal(outputs[1], outputs[2])
+    # The new template correlates better with the members' centre (shift +3) than the old one.
+    centre_shift = np.eye(4)
+    centre_shift[0, 3] = -3.0 * previous.affine[0, 0]
+    centre = apply_transform(previous, Transform(centre_shift), previous.grid).data
+    region = mask.data > 0
+    assert ncc(outputs[1], centre, region) > ncc(previous.data, centre, region) + 0.01

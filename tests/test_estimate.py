@@ -7,6 +7,7 @@ import json
 import pytest
 
 from atlasflow import cli
+from atlasflow import estimate as estimate_module
 from atlasflow.errors import AtlasflowError
 from atlasflow.estimate import (
     Cluster,
@@ -23,19 +24,26 @@ from atlasflow.estimate import (
 STAGES = [
     "template", "reorient", "bias_correct", "brain_mask", "preprocess", "preprocess_labels",
     "preprocess_tumor_mask", "register_template", "warp_labels", "longitudinal_register",
-    "longitudinal_tumor_mask", "tumor_table", "atlas_init", "atlas_register", "atlas_iterate",
+    "longitudinal_tumor_mask", "tumor_table", "atlas_init", "atlas_iteration",
     "atlas_final", "register_atlas", "warp_labels_atlas", "change_map_to_atlas", "atlas_labels", "tumor_frequency", "report_subject", "report_cohort",
 ]
 
 
 def table(**overrides) -> CostTable:
-    """Every stage 1 s on one thread, registration 10 s; cohort-wide steps 0.1 s per member."""
+    """Every stage 1 s on one thread, registration 10 s; cohort-wide steps 0.1 s per member; an
+    atlas iteration 2 s + 10 core-seconds per member on up to 8 workers."""
     stages = {name: StageCost(1.0) for name in STAGES}
-    for name in ("register_template", "atlas_register", "register_atlas", "longitudinal_register"):
+    for name in ("register_template", "register_atlas", "longitudinal_register"):
         stages[name] = StageCost(10.0)
-    for name in ("atlas_init", "atlas_iterate", "atlas_labels"):
+    for name in ("atlas_init", "atlas_labels"):
         stages[name] = StageCost(2.0, per_unit_s=0.1)
+    stages["atlas_iteration"] = StageCost(2.0, threads=8, per_unit_s=10.0)
     return CostTable(stages=stages, **overrides)
+
+
+def atlas_phase(result, i=1):
+    (phase,) = [p for p in result.phases if p.name == f"atlas iteration {i}: atlas_iteration"]
+    return phase
 
 
 def wall(subjects, iterations=2, nodes=1, cores=1, costs=None, **cohort):
@@ -46,9 +54,10 @@ def test_single_core_is_the_sum_of_every_job():
     cohort = Cohort.describe(3)
     result = estimate(cohort, 1, Cluster(1, 1), table())
     # 3 scans: 7 one-second stages + register (10) before the atlas, register_atlas (10) +
-    # warp_labels_atlas (1) after, a report each; 3 atlas_register; serial steps.
+    # warp_labels_atlas (1) after, a report each; serial steps, the atlas iteration registering
+    # its 3 members one after the other on the single core.
     per_scan = 6 * 1 + 10 + 10 + 1 + 1
-    serial = 1 + (2 + 0.3) + 30 + (2 + 0.3) + 1 + (2 + 0.3) + 1
+    serial = 1 + (2 + 0.3) + (2 + 3 * 10) + 1 + (2 + 0.3) + 1
     assert result.wall_s == pytest.approx(3 * per_scan + serial)
     assert result.core_hours * 3600 == pytest.approx(result.wall_s)
 
@@ -74,12 +83,43 @@ def test_large_cohorts_scale_linearly_in_subjects_and_inversely_in_nodes():
 
 
 def test_each_atlas_iteration_is_a_barrier_even_on_an_unbounded_cluster():
-    # With more cores than jobs, every iteration still costs one registration + the average.
+    # One job on one node: however big the cluster, an iteration registers its 50 members on at
+    # most 8 workers, then averages.
     big = {"nodes": 100, "cores": 64}
     step = wall(50, iterations=3, **big) - wall(50, iterations=2, **big)
-    assert step == pytest.approx(10.0 + 2.0 + 0.1 * 50)
+    assert step == pytest.approx(2.0 + 10.0 * 50 / 8)
     # ...and the serial averaging grows with the members, however many nodes there are.
     assert wall(500, iterations=4, **big) > wall(50, iterations=4, **big)
+
+
+def test_atlas_iteration_speeds_up_with_a_node_s_cores_up_to_its_threads_and_members():
+    def phase_s(cores, subjects=40, nodes=1):
+        return atlas_phase(estimate(Cohort.describe(subjects), 2, Cluster(nodes, cores), table())).seconds
+
+    times = [phase_s(c) for c in (1, 2, 4, 8)]
+    assert all(a > b for a, b in zip(times, times[1:], strict=False)), times
+    assert times == pytest.approx([2.0 + 10.0 * 40 / c for c in (1, 2, 4, 8)])
+    # the job's 8 threads cap it: more cores per node, or more nodes, do not help
+    assert phase_s(16) == phase_s(64) == phase_s(8, nodes=50) == times[-1]
+    # nor do workers beyond the members (5 members: 5 workers at most)
+    assert phase_s(8, subjects=5) == phase_s(5, subjects=5) == pytest.approx(2.0 + 10.0)
+    assert phase_s(4, subjects=5) == pytest.approx(2.0 + 10.0 * 5 / 4)
+
+
+def test_atlas_iteration_core_hours_gpu_hours_and_jobs():
+    cohort, cluster = Cohort.describe(40), Cluster(2, 8, gpu=True)
+    costs = table(gpu_speedup=10.0, job_overhead_s=0.5)
+    one, two = (estimate(cohort, k, cluster, costs) for k in (1, 2))
+    # one job per iteration; the per-member part (10 s x 40 / 8 workers) runs 10x faster on the GPU
+    seconds = 2.0 + 10.0 * 40 / 8 / 10.0 + 0.5
+    assert atlas_phase(two, 2).seconds == pytest.approx(seconds) and atlas_phase(two, 2).jobs == 1
+    assert two.jobs - one.jobs == 1
+    assert two.wall_s - one.wall_s == pytest.approx(seconds)
+    # the job holds its 8 workers' cores all along; the GPU only for the registrations
+    assert (two.core_hours - one.core_hours) * 3600 == pytest.approx(seconds * 8)
+    assert (two.gpu_hours - one.gpu_hours) * 3600 == pytest.approx(10.0 * 40 / 8 / 10.0)
+    cpu = estimate(cohort, 1, Cluster(2, 8), costs)
+    assert atlas_phase(cpu).seconds == pytest.approx(2.0 + 10.0 * 40 / 8 + 0.5) and cpu.gpu_hours == 0
 
 
 def test_job_overhead_and_gpu_speedup():
@@ -116,9 +156,9 @@ def test_bad_cluster_and_iterations_raise_a_clear_error():
         Cluster(0, 4)
     with pytest.raises(AtlasflowError, match="--iterations"):
         estimate(Cohort.describe(5), -1, Cluster(1, 1), table())
-    with pytest.raises(AtlasflowError, match="no stage 'atlas_iterate'"):
+    with pytest.raises(AtlasflowError, match="no stage 'atlas_iteration'"):
         costs = table()
-        del costs.stages["atlas_iterate"]
+        del costs.stages["atlas_iteration"]
         estimate(Cohort.describe(5), 1, Cluster(1, 1), costs)
 
 
@@ -134,8 +174,18 @@ def test_cli_prints_prediction_and_one_line_errors(capsys):
 def test_shipped_cost_table_covers_every_stage_of_the_model():
     costs = load_costs()
     assert set(STAGES) <= set(costs.stages)
+    assert not {"atlas_register", "atlas_iterate"} & set(costs.stages)  # rules gone
     assert all(s.seconds > 0 for s in costs.stages.values())
     assert costs.gpu_speedup >= 1
+    atlas = costs.stages["atlas_iteration"]
+    assert atlas.threads > 1 and atlas.per_unit_s > 0
+    assert estimate_module.ATLAS_ITERATION in estimate_module.GPU_STAGES
+
+
+def test_cost_table_ignores_notes_on_stages(tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"stages": {"x": {"seconds": 3, "threads": 2, "note": "a remark"}}}))
+    assert load_costs(path).stages["x"] == StageCost(3.0, threads=2)
 
 
 def _bench(path, seconds, rss):
@@ -146,23 +196,57 @@ def _bench(path, seconds, rss):
     )
 
 
-def test_benchmark_files_summarised_and_used_to_calibrate(tmp_path):
+def _calibration_run(tmp_path):
     bench = tmp_path / "benchmarks"
     for i, s in enumerate((4.0, 6.0, 20.0)):
         _bench(bench / "register_template" / f"sub-{i}_ses-1.tsv", s, 300 + i)
-    for it in (1, 2):
-        _bench(bench / "atlas_iterate" / f"iter-{it}.tsv", 5.0, 500)
-        for i in range(3):
-            _bench(bench / "atlas_register" / f"iter-{it}" / f"sub-{i}_ses-1.tsv", 8.0, 400)
+    for it, s in ((1, 30.0), (2, 40.0)):
+        _bench(bench / "atlas_iteration" / f"iter-{it}.tsv", s, 3000 + it)
+    _bench(bench / "atlas_init.tsv", 5.0, 500)
     _bench(bench / "template.tsv", 3.0, 200)
+    return bench
+
+
+def test_benchmark_files_summarised_and_used_to_calibrate(tmp_path):
+    bench = _calibration_run(tmp_path)
     summary = stage_summary(read_benchmarks(bench))
     assert summary["register_template"] == {"jobs": 3, "median_s": 6.0, "max_s": 20.0, "max_rss_mb": 302.0}
-    assert summary["atlas_register"]["jobs"] == 6 and summary["template"]["jobs"] == 1
-    calibrated = calibrate(table(), bench)
+    assert summary["atlas_iteration"]["jobs"] == 2 and summary["template"]["jobs"] == 1
+    calibrated = calibrate(table(), bench, members=16)
     assert calibrated.stages["register_template"].seconds == 6.0
-    # 3 members per iteration: fixed part = 5 - 0.1 * 3
-    assert calibrated.stages["atlas_iterate"].seconds == pytest.approx(4.7)
+    # 16 members on 8 workers: fixed part = median 35 - 10 x 16 / 8; slope and threads kept
+    assert calibrated.stages["atlas_iteration"] == StageCost(15.0, threads=8, per_unit_s=10.0, max_rss_mb=3002.0)
+    assert calibrated.stages["atlas_init"].seconds == pytest.approx(5.0 - 0.1 * 16)
     assert calibrated.stages["reorient"].seconds == 1.0  # not in the run: kept
+    # 4 members kept only 4 of the 8 workers busy: fixed part = 35 - 10 x 4 / 4
+    assert calibrate(table(), bench, members=4).stages["atlas_iteration"].seconds == pytest.approx(25.0)
+
+
+def test_calibration_without_members_keeps_the_fixed_part_of_cohort_wide_steps(tmp_path):
+    bench = _calibration_run(tmp_path)
+    calibrated = calibrate(table(), bench)
+    assert calibrated.stages["atlas_iteration"] == StageCost(2.0, threads=8, per_unit_s=10.0, max_rss_mb=3002.0)
+    assert calibrated.stages["atlas_init"].seconds == 2.0
+    assert calibrated.stages["register_template"].seconds == 6.0  # no per-member part: measured
+    with pytest.raises(AtlasflowError, match="--calibration-members"):
+        calibrate(table(), bench, members=0)
+
+
+def test_cli_passes_calibration_members(tmp_path, capsys):
+    bench = _calibration_run(tmp_path)
+    costs = tmp_path / "costs.json"
+    stages = {name: {"seconds": c.seconds, "threads": c.threads, "per_unit_s": c.per_unit_s} for name, c in table().stages.items()}
+    costs.write_text(json.dumps({"stages": stages}))
+    argv = ["--subjects", "40", "--iterations", "1", "--cores-per-node", "8", "--costs", str(costs), "--phases"]
+    assert estimate_module.main([*argv, "--from-benchmarks", str(bench), "--calibration-members", "16"]) == 0
+    # calibrated fixed part 15 s + 10 s x 40 members / 8 workers
+    assert f"{15.0 + 10.0 * 40 / 8:10.1f} s  atlas iteration 1: atlas_iteration (1 jobs)" in capsys.readouterr().out
+    assert estimate_module.main([*argv, "--from-benchmarks", str(bench)]) == 0
+    captured = capsys.readouterr()
+    assert f"{2.0 + 10.0 * 40 / 8:10.1f} s  atlas iteration 1: atlas_iteration" in captured.out
+    assert "--calibration-members" in captured.err
+    with pytest.raises(AtlasflowError, match="needs --from-benchmarks"):
+        estimate_module.main([*argv, "--calibration-members", "16"])
 
 
 def test_missing_or_foreign_benchmark_folder_is_a_clear_error(tmp_path):

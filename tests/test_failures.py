@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from atlasflow import cli
@@ -205,9 +206,50 @@ def test_a_member_left_out_of_an_atlas_iteration_is_reported(tmp_path):
     from atlasflow.report import subject_qc
 
     out = tmp_path / "results"
-    member = out / "atlas" / "iter-2" / "sub-07" / "sub-07_ses-1_desc-qc_xfm.json"
-    write_failure([member], "register", "no overlap with the template")
+    table = out / "atlas" / "iter-2" / "members.tsv"
+    table.parent.mkdir(parents=True)
+    table.write_text(
+        "member\tstatus\treason\tncc_after\n"
+        "sub-06_ses-1\tok\t\t0.9\n"
+        "sub-07_ses-1\tfailed\tno overlap with the template\t\n"
+    )
     qc = subject_qc(out, "07", ["1"])
     assert qc.status == "failed"
-    assert any("register failed: no overlap with the template" in r for r in qc.reasons), qc.reasons
+    assert any("atlas iter-2 failed: no overlap with the template" in r for r in qc.reasons), qc.reasons
     assert any("left out of the atlas" in m["reason"] for m in qc.missing)
+    assert subject_qc(out, "06", ["1"]).status != "failed"
+
+
+def test_atlas_iteration_leaves_out_failed_scans_and_failed_registrations(tmp_path, blob, capsys):
+    """One member's scan failed upstream (a failure record), another's registration fails in the
+    job (its mask is on the wrong grid): under skip both are left out and the second is listed
+    with its reason; under fail the job stops with one line naming that member's file."""
+    images, affines, (bad_image, bad_affine) = members(tmp_path, blob)
+    masks = [str(save_image(blob.with_data((blob.data > 0.1).astype(np.uint8)), tmp_path / f"mask{i}.nii.gz"))
+             for i in range(2)]
+    wrong = str(save_image(Image(np.ones((5, 5, 5), np.uint8), np.eye(4)), tmp_path / "wrong_mask.nii.gz"))
+    third = str(save_image(blob, tmp_path / "sub-03_ses-1_desc-preproc_T1w.nii.gz"))
+    save_image(blob, tmp_path / "prev.nii.gz")
+    save_image(blob.with_data((blob.data > 0.1).astype(np.uint8)), tmp_path / "tmask.nii.gz")
+    argv = ["atlas", "iteration", "--iteration", "1", "--previous", str(tmp_path / "prev.nii.gz"),
+            "--mask", str(tmp_path / "tmask.nii.gz"),
+            "--images", images[0], bad_image, images[1], third,
+            "--masks", masks[0], masks[0], masks[1], wrong,
+            "--affines", affines[0], bad_affine, affines[1], affines[0],
+            "--backend", "deep", "--refine", "2", "--affine-steps", "2", "--min-inputs", "2",
+            "--output", str(tmp_path / "t1.nii.gz"), "--out-metrics", str(tmp_path / "m1.json"),
+            "--out-members", str(tmp_path / "members.tsv")]
+    assert cli.main(["--on-scan-error", "skip", *argv]) == 0
+    assert json.loads((tmp_path / "m1.json").read_text())["members"] == 2
+    rows = pd.read_csv(tmp_path / "members.tsv", sep="\t", dtype=str).fillna("")
+    assert list(rows["status"]) == ["ok", "ok", "failed"]
+    assert "wrong_mask.nii.gz" in rows["reason"].iloc[2] and rows["member"].iloc[2] == "sub-03_ses-1"
+    capsys.readouterr()
+    (tmp_path / "t1.nii.gz").unlink()
+    good = [a for a in argv]
+    good[good.index(bad_image)] = images[0]
+    good[good.index(bad_affine)] = affines[0]
+    assert cli.main(good) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("atlasflow: error: atlas iteration 1:") and third in err[0], err
+    assert not (tmp_path / "t1.nii.gz").exists()

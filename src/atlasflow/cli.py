@@ -169,6 +169,32 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             iteration=args.iteration,
             mask=args.mask,
         )
+    elif args.step == "iteration":
+        images, masks, affines = _successful(
+            args, [args.images or [], args.masks or [], args.affines or []], f"atlas iteration {args.iteration}"
+        )
+        members = [
+            atlas.Member(Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine)
+            for image, mask, affine in zip(images, masks, affines, strict=True)
+        ]
+        options = _engine_options(args)
+        if args.affine_steps is not None:
+            options["affine_steps"] = args.affine_steps
+        atlas.run_iteration(
+            members,
+            args.previous,
+            args.mask,
+            args.output,
+            args.out_metrics,
+            args.out_members,
+            options=options,
+            iteration=args.iteration,
+            gradient_step=args.gradient_step,
+            do_sharpen=not args.no_sharpen,
+            workers=args.threads or 1,
+            skip_failed=args.on_scan_error == "skip",
+            min_members=args.min_inputs,
+        )
     elif args.step == "vote":
         (labels,) = _successful(args, [args.labels or []], "atlas label vote")
         atlas.label_vote(labels, args.output, args.out_probseg)
@@ -322,11 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ncc", type=float, default=0.5, help="QC: flag below this NCC after registration")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("atlas", help="atlas building steps (init, iterate, vote, gather)")
-    p.add_argument("step", choices=["init", "iterate", "vote", "gather"])
+    p = sub.add_parser(
+        "atlas", help="atlas building steps (init, iteration = register + iterate, iterate, vote, gather)"
+    )
+    p.add_argument("step", choices=["init", "iteration", "iterate", "vote", "gather"])
     p.add_argument("--output", required=True)
-    p.add_argument("--images", nargs="*", help="init: preprocessed images")
-    p.add_argument("--affines", nargs="*", help="init: their affines to the template")
+    p.add_argument("--images", nargs="*", help="init/iteration: preprocessed images")
+    p.add_argument("--masks", nargs="*", help="iteration: their brain masks")
+    p.add_argument("--affines", nargs="*", help="init/iteration: their affines to the template")
+    p.add_argument("--out-members", help="iteration: per-member registration metrics (TSV)")
+    p.add_argument("--affine-steps", type=int, default=None, help="iteration: test-time affine steps (deep)")
+    _add_engine_options(p)
     p.add_argument("--template", help="init: reference template (grid and pose)")
     p.add_argument("--warped", nargs="*", help="iterate: members warped to the previous template")
     p.add_argument("--velocity", nargs="*", help="iterate: their velocity fields")

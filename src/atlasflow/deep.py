@@ -59,7 +59,7 @@ class DeepResult:
     """Output of :func:`register_deep` (all fields on the fixed grid, RAS mm)."""
 
     transform: Transform  # fixed -> moving
-    inverse_displacement: Image  # x_fixed = y + v(y), y = affine^-1 x_moving
+    inverse_displacement: Image | None  # x_fixed = y + v(y), y = affine^-1 x_moving (None: not asked for)
     velocity: Image  # stationary velocity field (world mm)
     seconds: float  # compute time, model loading excluded
 
@@ -483,6 +483,8 @@ def register_deep(
     seed: int = 0,
     affine_steps: int = AFFINE_STEPS,
     affine_fine_share: float = 0.0,
+    affine_network: bool = True,
+    inverse: bool = True,
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
     label_weight: float = 1.0,
@@ -492,7 +494,9 @@ def register_deep(
 
     Masks live on their own image's grid (similarity only inside); ``cost_mask`` (fixed grid) marks
     voxels left out of the similarity (for example a tumour). ``init_affine`` (4x4, fixed world ->
-    moving world) replaces the centre-of-mass initialisation. ``fixed_labels``/``moving_labels``
+    moving world) replaces the centre-of-mass initialisation; with ``affine_network=False``
+    it is only refined by ``affine_steps`` of test-time optimisation (an atlas iteration, whose
+    members are already affinely aligned to the template). ``fixed_labels``/``moving_labels``
     (integer maps on their image's grid) add ``label_weight`` x soft Dice over the labels present
     in both to the instance optimisation (``refine_steps`` > 0). ``label_term="distance"`` treats
     the labels as one region (label > 0) and matches clipped signed distances to its edge instead
@@ -561,7 +565,7 @@ def register_deep(
     blurred_moving = F.avg_pool3d(moving_t, 3, stride=1, padding=1, count_include_pad=False)
     with torch.no_grad():
         moving_w = _sample_moving(moving_t, vox_matrix(world, work.affine), work.shape)
-        if model is not None:
+        if model is not None and affine_network:
             pred = model.affine(torch.cat([fixed_t, moving_w], 1))[0].double().numpy()
             cand = (
                 world
@@ -677,7 +681,7 @@ def register_deep(
     with torch.no_grad():
         steps = model.config.integration_steps
         forward = resize_displacement(disp_half, work.shape)
-        backward = resize_displacement(integrate_velocity(-velocity, steps), work.shape)
+        backward = resize_displacement(integrate_velocity(-velocity, steps), work.shape) if inverse else None
         velocity_full = resize_displacement(velocity, work.shape)
     linear = torch.from_numpy(work.affine[:3, :3]).float()
 
@@ -686,7 +690,10 @@ def register_deep(
         return Image(work.to_fixed(vec).astype(np.float32), fixed.affine.copy())
 
     result = DeepResult(
-        Transform(world, to_world(forward)), to_world(backward), to_world(velocity_full), 0.0
+        Transform(world, to_world(forward)),
+        to_world(backward) if backward is not None else None,
+        to_world(velocity_full),
+        0.0,
     )
     result.seconds = time.perf_counter() - start
     return result

@@ -4,16 +4,23 @@ The workflow is a sequence of phases separated by barriers (a cohort-wide step n
 per-scan job before it):
 
     plan -> template -> [per scan: preprocess + register to template (+ follow-up -> baseline)]
-         -> atlas_init -> K x ([per member: atlas_register] -> atlas_iterate) -> atlas_final
+         -> atlas_init -> K x atlas_iteration -> atlas_final
          -> [per scan: register_atlas, labels; per follow-up: change maps to atlas]
          -> atlas_labels, tumor_frequency -> [per subject: report_subject] -> report_cohort
+
+    atlas_iteration (one job per iteration, on one node):
+        register every member on `workers` processes, one member at a time each -> average
 
 A parallel phase lasts as long as its work spread over the cluster's cores (and, with --gpu, its
 registration work spread over the GPUs), and at least as long as its longest single per-scan
 chain. Cohort-wide steps run alone, one after the other; those that read every member cost
-``seconds + per_unit_s * units``. Every job also pays ``job_overhead_s`` (scheduler gap and start
-up). Per-stage costs live in ``data/stage_costs.json`` (measured; see its ``measured_with``) and
-can be recalibrated from a finished run's Snakemake benchmark files (:func:`calibrate`).
+``seconds + per_unit_s * units``. An atlas iteration is one such step whose per-member part
+(``per_unit_s``: core-seconds to register and average one member) is shared by
+``workers = min(threads, cores_per_node, members)`` processes:
+``seconds + per_unit_s * members / workers`` (with --gpu, the per-member part / ``gpu_speedup``),
+holding ``workers`` cores all along. Every job also pays ``job_overhead_s`` (scheduler gap and
+start up). Per-stage costs live in ``data/stage_costs.json`` (measured; see its ``measured_with``)
+and can be recalibrated from a finished run's Snakemake benchmark files (:func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ from pathlib import Path
 from .errors import AtlasflowError
 
 # Stages whose work runs on a GPU with --gpu (the registration networks); all else stays on CPUs.
-GPU_STAGES = ("register_template", "atlas_register", "register_atlas", "longitudinal_register")
+# atlas_iteration's registrations run on the GPU too, but that stage is accounted apart
+# (:func:`_atlas_iteration`): only its per-member part is sped up.
+GPU_STAGES = ("register_template", "atlas_iteration", "register_atlas", "longitudinal_register")
+ATLAS_ITERATION = "atlas_iteration"
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,8 @@ class Phase:
     seconds: float
     jobs: int
     serial: bool = False  # a cohort-wide step running alone
+    cores: int = 1  # cores a serial step holds for its whole time
+    gpu_seconds: float = 0.0  # of which on a GPU (with --gpu)
 
 
 @dataclass
@@ -185,7 +197,6 @@ def _jobs(cohort: Cohort) -> dict[str, dict[str, int]]:
             "longitudinal_tumor_mask": c.followups if c.tumour_scans else 0,
             "tumor_table": c.longitudinal_subjects,
         },
-        "atlas registration (one iteration)": {"atlas_register": c.atlas_members},
         "per-scan registration to the atlas": {
             "register_atlas": c.scans,
             "warp_labels_atlas": c.labelled_scans,
@@ -199,6 +210,31 @@ def _jobs(cohort: Cohort) -> dict[str, dict[str, int]]:
 def _serial(name: str, table: CostTable, units: int = 0) -> Phase:
     cost = table.cost(name)
     return Phase(name, cost.seconds + cost.per_unit_s * units + table.job_overhead_s, 1, serial=True)
+
+
+def _atlas_workers(cost: StageCost, cluster: Cluster, members: int) -> int:
+    """Worker processes of an atlas_iteration job: its threads, capped at a node's cores and at
+    the members (one member at a time each)."""
+    return max(1, min(cost.threads, cluster.cores_per_node, members))
+
+
+def _atlas_iteration(i: int, table: CostTable, cluster: Cluster, cohort: Cohort) -> Phase:
+    """Iteration ``i``: one job registering every member on ``workers`` processes, then the
+    average: ``seconds + per_unit_s * members / workers`` (per-member part / gpu_speedup on a GPU)."""
+    cost = table.cost(ATLAS_ITERATION)
+    members = cohort.atlas_members
+    workers = _atlas_workers(cost, cluster, members)
+    per_member = cost.per_unit_s * members / workers
+    if cluster.gpu:
+        per_member /= table.gpu_speedup
+    return Phase(
+        f"atlas iteration {i}: {ATLAS_ITERATION}",
+        cost.seconds + per_member + table.job_overhead_s,
+        1,
+        serial=True,
+        cores=workers,
+        gpu_seconds=per_member if cluster.gpu else 0.0,
+    )
 
 
 def _parallel(name: str, jobs: dict[str, int], table: CostTable, cluster: Cluster, cohort: Cohort) -> Phase:
@@ -238,21 +274,17 @@ def estimate(cohort: Cohort, iterations: int, cluster: Cluster, table: CostTable
         _parallel(phase_names[0], jobs[phase_names[0]], table, cluster, cohort),
         _serial("atlas_init", table, cohort.atlas_members),
     ]
-    for i in range(1, iterations + 1):
-        step = _parallel(phase_names[1], jobs[phase_names[1]], table, cluster, cohort)
-        step.name = f"atlas iteration {i}: atlas_register"
-        phases += [step, _serial("atlas_iterate", table, cohort.atlas_members)]
-        phases[-1].name = f"atlas iteration {i}: atlas_iterate"
+    phases += [_atlas_iteration(i, table, cluster, cohort) for i in range(1, iterations + 1)]
     phases += [
         _serial("atlas_final", table),
-        _parallel(phase_names[2], jobs[phase_names[2]], table, cluster, cohort),
+        _parallel(phase_names[1], jobs[phase_names[1]], table, cluster, cohort),
     ]
     if cohort.labelled_scans:
         phases.append(_serial("atlas_labels", table, cohort.atlas_members))
     if cohort.tumour_scans:
         phases.append(_serial("tumor_frequency", table, cohort.longitudinal_subjects))
     phases += [
-        _parallel(phase_names[3], jobs[phase_names[3]], table, cluster, cohort),
+        _parallel(phase_names[2], jobs[phase_names[2]], table, cluster, cohort),
         _serial("report_cohort", table, cohort.subjects),
     ]
 
@@ -262,7 +294,7 @@ def estimate(cohort: Cohort, iterations: int, cluster: Cluster, table: CostTable
     counts: dict[str, int] = {}
     for phase_jobs in jobs.values():
         for stage, count in phase_jobs.items():
-            counts[stage] = counts.get(stage, 0) + count * (iterations if stage == "atlas_register" else 1)
+            counts[stage] = counts.get(stage, 0) + count
     for stage, count in counts.items():
         if not count:
             continue
@@ -274,8 +306,10 @@ def estimate(cohort: Cohort, iterations: int, cluster: Cluster, table: CostTable
         else:
             core_s += count * seconds * min(cost.threads, cluster.cores_per_node)
         n_jobs += count
+    # Cohort-wide steps (atlas iterations included) hold their cores for their whole time.
     serial = [p for p in phases if p.serial]
-    core_s += sum(p.seconds for p in serial)
+    core_s += sum(p.seconds * p.cores for p in serial)
+    gpu_s += sum(p.gpu_seconds for p in serial)
     n_jobs += len(serial)
     return Estimate(
         wall_s=sum(p.seconds for p in phases),
@@ -364,19 +398,34 @@ def stage_summary(rows: Sequence[dict]) -> dict[str, dict]:
     }
 
 
-def calibrate(table: CostTable, folder: str | Path) -> CostTable:
+def calibrate(table: CostTable, folder: str | Path, members: int | None = None) -> CostTable:
     """Per-stage seconds replaced by the medians of a finished run's benchmark files.
 
-    Cohort-wide steps keep their per-member slope; their fixed part becomes the measured time
-    minus the slope times the run's atlas members (atlas_register jobs per iteration).
+    ``members``: atlas members of the run the benchmarks come from (``--calibration-members``).
+    The benchmark files no longer tell it: each atlas iteration is one atlas_iteration job (its
+    median is over those jobs, one per iteration), however many members it registered.
+
+    Stages without a per-unit part take the measured median. Cohort-wide steps keep their
+    per-member slope (``per_unit_s``); their fixed part becomes the measured median minus the
+    slope times ``members`` -- for atlas_iteration minus ``per_unit_s * members / workers``, its
+    workers being the table's ``threads`` for that stage (capped at the members; this assumes the
+    run gave the job all of them, i.e. ran with at least that many cores). If ``members`` is None,
+    those stages keep the table's fixed part (only their max RSS is updated).
     """
+    if members is not None and (isinstance(members, bool) or not isinstance(members, int) or members < 1):
+        raise AtlasflowError(f"--calibration-members must be a whole number >= 1, got {members!r}")
     summary = stage_summary(read_benchmarks(folder))
-    iterations = summary.get("atlas_iterate", {}).get("jobs", 0)
-    members = summary.get("atlas_register", {}).get("jobs", 0) // max(iterations, 1)
     stages = dict(table.stages)
     for rule, s in summary.items():
         old = stages.get(rule, StageCost(0.0))
-        base = s["median_s"] - old.per_unit_s * members
+        if not old.per_unit_s:
+            base = s["median_s"]
+        elif members is None:
+            base = old.seconds  # the slope's share of the median is unknown: keep the fixed part
+        elif rule == ATLAS_ITERATION:
+            base = s["median_s"] - old.per_unit_s * members / max(1, min(old.threads, members))
+        else:
+            base = s["median_s"] - old.per_unit_s * members
         stages[rule] = replace(old, seconds=max(base, 0.0), max_rss_mb=s["max_rss_mb"])
     return replace(table, stages=stages, source=f"{table.source} calibrated from {folder}")
 
@@ -409,12 +458,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--job-overhead", type=float, default=None, help="seconds each job adds (scheduler, start-up)")
     parser.add_argument("--costs", default=None, help="cost table JSON (default: the one shipped)")
     parser.add_argument("--from-benchmarks", default=None, metavar="DIR", help="calibrate from a finished run's {outdir}/benchmarks")
+    parser.add_argument(
+        "--calibration-members", type=int, default=None, metavar="N",
+        help="atlas members of the run --from-benchmarks measured (without it, cohort-wide steps keep the table's fixed part)",
+    )
     parser.add_argument("--phases", action="store_true", help="print the time of every phase")
     args = parser.parse_args(argv)
 
     table = load_costs(args.costs)
+    if args.calibration_members is not None and not args.from_benchmarks:
+        raise AtlasflowError("--calibration-members needs --from-benchmarks")
     if args.from_benchmarks:
-        table = calibrate(table, args.from_benchmarks)
+        table = calibrate(table, args.from_benchmarks, args.calibration_members)
+        if args.calibration_members is None:
+            print(
+                "atlasflow: note: no --calibration-members: cohort-wide steps (atlas_iteration, ...) "
+                "keep the cost table's fixed part",
+                file=sys.stderr,
+            )
     if args.job_overhead is not None:
         if args.job_overhead < 0:
             raise AtlasflowError(f"--job-overhead must be >= 0, got {args.job_overhead}")

@@ -134,11 +134,18 @@ def register(
     moving_labels: np.ndarray | None = None,
     label_weight: float = 1.0,
     label_term: str = "dice",
+    init_affine: np.ndarray | None = None,
+    affine_steps: int | None = None,
+    inverse: bool = True,
 ) -> Registration:
     """Register ``moving`` to ``fixed``; the transform maps fixed points to moving points.
 
     ``fixed_labels``/``moving_labels`` (integer maps of regions that correspond, for example the
     tumour at two timepoints) steer the deep backend's instance optimisation; ANTs ignores them.
+    ``init_affine`` (fixed world -> moving world, deep backend) is a known affine alignment: the
+    affine network is skipped and ``affine_steps`` (default: the engine's) of test-time
+    optimisation refine it. ANTs ignores it and aligns from scratch. ``inverse=False`` skips the
+    deep backend's inverse field (``inverse_displacement`` is then None).
     """
     if backend == "ants":
         kind = "Affine" if affine_only else ants_type
@@ -165,6 +172,10 @@ def register(
             moving_labels=moving_labels,
             label_weight=label_weight,
             label_term=label_term,
+            init_affine=init_affine,
+            affine_network=init_affine is None,
+            inverse=inverse,
+            **({} if affine_steps is None else {"affine_steps": affine_steps}),
         )
         return Registration(res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep")
     raise AtlasflowError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -149,10 +149,9 @@ class CohortFiles:
     def iteration(self, i: int) -> Path:
         return self.outdir / "atlas" / f"iter-{i}" / "template_T1w.nii.gz"
 
-    def member_qc(self, subject: str, session: str) -> list[Path]:
-        """QC JSONs of a scan's registrations to the atlas iterations (atlas members only)."""
-        pattern = f"iter-*/sub-{subject}/sub-{subject}_ses-{session}_desc-qc_xfm.json"
-        return sorted((self.outdir / "atlas").glob(pattern))
+    def member_tables(self) -> list[Path]:
+        """Per-member registration tables of the atlas iterations (``iter-{i}/members.tsv``)."""
+        return sorted((self.outdir / "atlas").glob("iter-*/members.tsv"))
 
     def tumor_table(self, subject: str) -> Path:
         return self.outdir / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv"
@@ -168,6 +167,18 @@ class CohortFiles:
     @property
     def logs(self) -> Path:
         return self.outdir / "logs"
+
+
+def _failed_member(table: Path, member: str) -> str | None:
+    """The reason a member's registration failed in an atlas iteration (None: it did not)."""
+    import pandas as pd
+
+    try:
+        rows = pd.read_csv(table, sep="\t", dtype=str).fillna("")
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+    hit = rows[(rows.get("member") == member) & (rows.get("status") == "failed")] if "member" in rows else rows[:0]
+    return str(hit.iloc[0].get("reason", "")) if len(hit) else None
 
 
 def subject_report_inputs(
@@ -675,19 +686,21 @@ def subject_qc(
                 }
         # A member whose registration to an atlas iteration failed (under on_scan_error: skip)
         # was left out of that average, even if its later steps succeeded.
-        for member in files.member_qc(subject, session):
-            sources.append(member)
-            record = failure_record(member)
-            if record is not None:
-                skipped.setdefault(session, record)
-                qc.missing.append(
-                    {
-                        "session": session,
-                        "file": _rel(member, outdir),
-                        "reason": f"left out of the atlas, {describe(record)}",
-                        "required": True,
-                    }
-                )
+        for table in files.member_tables():
+            failed = _failed_member(table, f"sub-{subject}_ses-{session}")
+            if failed is None:
+                continue
+            sources.append(table)
+            record = {"step": f"atlas {table.parent.name}", "reason": failed}
+            skipped.setdefault(session, record)
+            qc.missing.append(
+                {
+                    "session": session,
+                    "file": _rel(table, outdir),
+                    "reason": f"left out of the atlas, {describe(record)}",
+                    "required": True,
+                }
+            )
 
     if qc.missing:  # only then can a job's error explain something
         prefixes = [f"sub-{subject}_ses-{t}" for t in sessions] + [f"sub-{subject}"]

@@ -243,17 +243,31 @@ def jacobian_determinant(displacement: Image) -> np.ndarray:
     grad_vox = np.stack([np.stack(np.gradient(u[..., c], axis=(0, 1, 2)), -1) for c in range(3)], -2)
     # grad_vox[..., c, a] = du_c / d index_a; chain rule to world coordinates.
     inv = np.linalg.inv(displacement.affine[:3, :3])
-    jac = np.einsum("...ca,aw->...cw", grad_vox, inv) + np.eye(3)
-    return np.linalg.det(jac).astype(np.float32)
+    j = np.einsum("...ca,aw->...cw", grad_vox, inv) + np.eye(3)
+    # The 3x3 determinant written out: ~5x faster than np.linalg.det on millions of small matrices.
+    det = (
+        j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
+        - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
+        + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0])
+    )
+    return det.astype(np.float32)
 
 
 def folding_fraction(displacement: Image | None, mask: np.ndarray | None = None) -> float:
     """Share of voxels (inside ``mask`` if given) where the Jacobian determinant is <= 0."""
     if displacement is None:
         return 0.0
-    det = jacobian_determinant(displacement)
-    region = det if mask is None else det[np.asarray(mask) > 0]
-    return float((region <= 0).mean()) if region.size else 0.0
+    if mask is None:
+        det = jacobian_determinant(displacement)
+        return float((det <= 0).mean()) if det.size else 0.0
+    inside = np.asarray(mask) > 0
+    if not inside.any():
+        return 0.0
+    # Only the mask's bounding box (+1 voxel, so its voxels keep central differences) is needed.
+    idx = np.nonzero(inside)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
+    det = jacobian_determinant(Image(np.asarray(displacement.data)[box], displacement.affine))
+    return float((det[inside[box]] <= 0).mean())
 
 
 def displacement_vox_to_world(disp_vox: np.ndarray, grid: Grid) -> np.ndarray:

@@ -32,70 +32,46 @@ rule atlas_init:
         "../scripts/atlasflow_cli.py"
 
 
-rule atlas_register:
-    """Register one member to the previous iteration's template."""
-    input:
-        fixed=previous_template,
-        fixed_mask=TEMPLATE_MASK,
-        moving=anat("T1w", desc="preproc"),
-        moving_mask=anat("mask", desc="brain"),
-        model=model_input,
-    output:
-        warped=member_file("desc-warped_T1w.nii.gz"),
-        velocity=member_file("desc-velocity_xfm.nii.gz"),
-        affine=member_file("xfm.mat"),
-        warp=member_file("xfm.nii.gz"),
-        metrics=member_file("desc-qc_xfm.json"),
-    conda:
-        CONDA_ENV
-    log:
-        f"{LOGS}/atlas/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.log",
-    benchmark:
-        f"{BENCH}/atlas_register/iter-{{iteration}}/sub-{{subject}}_ses-{{session}}.tsv"
-    params:
-        options=registration_options,
-        qc=qc_options,
-    threads: THREADS
-    resources:
-        mem_mb=1500,
-        runtime=15,
-        gpu=0,
-    shell:
-        "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
-        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} {params.qc} "
-        "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
-        "--out-velocity {output.velocity} --out-metrics {output.metrics} > {log} 2>&1"
-
-
-rule atlas_iterate:
-    """Average the members, pull the average by the negated mean velocity, sharpen."""
+rule atlas_iteration:
+    """Iteration i in one job: every member registered to template i-1 (from its affine to the
+    reference template), then average -> shape update -> sharpen. One job per iteration pays the
+    engine's start-up once and keeps the warped members in memory; its threads are worker
+    processes, one member each."""
     input:
         previous=previous_template,
         mask=TEMPLATE_MASK,
-        warped=lambda wc: members("desc-warped_T1w.nii.gz", wc.iteration),
-        velocity=lambda wc: members("desc-velocity_xfm.nii.gz", wc.iteration),
-        metrics=lambda wc: members("desc-qc_xfm.json", wc.iteration),
+        images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
+        masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
+        affines=[anat("xfm", s, t, from_="T1w", to="template", mode="image", ext="mat") for s, t in ATLAS_MEMBERS],
+        model=model_input,
     output:
         template=iter_file("{iteration}", "template_T1w.nii.gz"),
         metrics=iter_file("{iteration}", "metrics.json"),
+        members=iter_file("{iteration}", "members.tsv"),
     conda:
         CONDA_ENV
     log:
         f"{LOGS}/atlas/iter-{{iteration}}.log",
     benchmark:
-        f"{BENCH}/atlas_iterate/iter-{{iteration}}.tsv"
+        f"{BENCH}/atlas_iteration/iter-{{iteration}}.tsv"
     params:
-        settings=f"gradient_step {ATL['gradient_step']} sharpen {ATL['sharpen']}",
-        argv=lambda wc, input, output: [
-            "atlas", "iterate", "--iteration", wc.iteration, "--previous", input.previous,
-            "--mask", input.mask, "--warped", *input.warped, "--velocity", *input.velocity,
-            "--metrics", *input.metrics, "--gradient-step", ATL["gradient_step"],
+        # Plain values (not functions of `input`) are compared with the last run's: a changed
+        # setting reruns the iterations.
+        settings=f"{atlas_registration_options(None)} gradient_step {ATL['gradient_step']} sharpen {ATL['sharpen']}",
+        argv=lambda wc, input, output, threads: [
+            "--threads", threads, "atlas", "iteration", "--iteration", wc.iteration,
+            "--previous", input.previous, "--mask", input.mask,
+            "--images", *input.images, "--masks", *input.masks, "--affines", *input.affines,
+            *atlas_registration_options(wc).split(), "--gradient-step", ATL["gradient_step"],
             *([] if ATL["sharpen"] else ["--no-sharpen"]), *MIN_MEMBERS.split(),
-            "--output", output.template, "--out-metrics", output.metrics,
+            "--output", output.template, "--out-metrics", output.metrics, "--out-members", output.members,
         ],
+    threads: ATL["threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        # one engine per worker (~700 MB each at 2 mm) + the two running sums
+        mem_mb=lambda wc, threads: 1000 + 700 * threads,
+        runtime=lambda wc, threads: 10 + 2 * len(ATLAS_MEMBERS) // max(threads, 1),
+        gpu=0,
     script:
         "../scripts/atlasflow_cli.py"
 

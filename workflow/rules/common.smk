@@ -173,6 +173,14 @@ def registration_options(wildcards, refine_steps=None):
     )
 
 
+def atlas_registration_options(wildcards):
+    """Atlas iterations: the shared engine flags with the atlas stage's own step budgets."""
+    return (
+        f"{registration_options(wildcards, ATL['refine_steps'])} "
+        f"--affine-steps {ATL['affine_steps']}"
+    )
+
+
 def longitudinal_options(wildcards):
     """Follow-up -> baseline: the shared engine flags with the longitudinal stage's own settings."""
     lg = config["longitudinal"]
