@@ -225,6 +225,15 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
     assert "finetune step 1/3" in capsys.readouterr().out
     tuned, meta = load_model(out)
     assert meta["hyper"]["steps"] == 3
+    # Against a given fixed image with its own mask (the workflow's atlas_finetune rule).
+    fixed_mask = tmp_path / "fixed_mask.nii.gz"
+    save_image(blob_image(shape=(20, 24, 18), seed=0).with_data(np.ones((20, 24, 18), np.uint8)), fixed_mask)
+    args = ["--images", *paths, "--fixed", paths[0], "--init", str(base), "--out", str(out), "--steps", "2", "--threads", "1"]
+    assert finetune_main([*args, "--fixed-mask", str(fixed_mask)]) == 0
+    wrong = tmp_path / "wrong_mask.nii.gz"
+    save_image(blob_image(shape=(8, 8, 8)), wrong)
+    assert finetune_main([*args, "--fixed-mask", str(wrong)]) == 1
+    assert "fixed mask grid" in capsys.readouterr().err
     assert (
         finetune_main(
             ["--images", str(tmp_path / "missing.nii.gz"), "--init", str(base), "--out", str(out)]

@@ -44,6 +44,18 @@ def test_dry_run_lists_every_stage_for_the_demo_config(tmp_path):
     assert not (tmp_path / "results").exists(), "a dry run must write nothing"
 
 
+def test_finetuning_on_the_cohort_is_a_target_the_atlas_iterations_use(tmp_path):
+    extra = tmp_path / "finetune.yaml"
+    extra.write_text("atlas:\n  finetune_steps: 5\n")
+    out = snakemake("-n", "-p", "--configfile", str(TINY), str(extra), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "rule atlas_finetune:" in text and "atlas/model/finetuned_velocity.safetensors" in text
+    # without it, no fine-tuning job and the iterations load the shipped weights
+    plain = snakemake("-n", "--configfile", str(TINY), cwd=tmp_path)
+    assert plain.returncode == 0 and "rule atlas_finetune:" not in plain.stdout + plain.stderr
+
+
 CACHE_LINE = re.compile(r"Output file (\S+) will be (?:written to|obtained from) global between-workflow cache")
 
 
@@ -433,7 +445,7 @@ def test_provenance_records_the_run_and_follows_the_config(tiny_run, tmp_path):
     # A config key only the record depends on reruns the record and nothing else. (A second config
     # file, not --config: that one would hand the schema the string "3".)
     extra = tmp_path / "extra.yaml"
-    extra.write_text("atlas:\n  finetune_steps: 3\n")
+    extra.write_text("atlas:\n  min_subjects: 3\n")
     jobs = dry_run(tiny_run, str(extra))  # follows --configfile TINY: both files are merged
     assert {rule for rule, _ in jobs} == {"provenance", "all"}
 

@@ -27,6 +27,7 @@ from .transforms import (
     displacement_vox_to_world,
     displacement_world_to_vox,
     integrate_velocity,
+    resize_displacement,
 )
 
 
@@ -54,7 +55,15 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
     v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(np.float32)
     v = torch.from_numpy(np.ascontiguousarray(v_vox)).permute(3, 0, 1, 2)[None] * scale
     with torch.no_grad():
-        disp = integrate_velocity(v)[0].permute(1, 2, 3, 0).numpy()
+        shape = tuple(v.shape[2:])
+        if min(shape) >= 32:
+            # The members' velocities come from half-resolution fields: integrating the mean at
+            # half resolution loses nothing and is ~8x cheaper than on the template grid.
+            half = tuple((n + 1) // 2 for n in shape)
+            v_half = resize_displacement(v, half)
+            disp = resize_displacement(integrate_velocity(v_half), shape)[0].permute(1, 2, 3, 0).numpy()
+        else:
+            disp = integrate_velocity(v)[0].permute(1, 2, 3, 0).numpy()
     return Image(displacement_vox_to_world(disp, grid).astype(np.float32), velocity_world.affine.copy())
 
 

@@ -449,6 +449,7 @@ def finetune(
     *,
     fixed: str | os.PathLike | None = None,
     masks: list[str | os.PathLike] | None = None,
+    fixed_mask: str | os.PathLike | None = None,
     init: str | os.PathLike | None = None,
     steps: int = 200,
     lr: float = 1e-4,
@@ -463,7 +464,7 @@ def finetune(
     Every image is first aligned to ``fixed`` (default: the first image) by the engine's affine
     stage and resampled once onto the fixed working grid; each step then trains on one random
     (fixed, image) pair. Masks (same order as ``images``) restrict the similarity; the fixed mask
-    is the first mask when ``fixed`` is not given.
+    is the first mask when ``fixed`` is not given, else ``fixed_mask`` (a file on ``fixed``'s grid).
     """
     from .deep import DEFAULT_MODEL, WorkingGrid, register_deep
     from .io import Grid, load_image
@@ -478,7 +479,12 @@ def finetune(
     mask_imgs = [load_image(m).data > 0 for m in masks] if masks else [None] * len(images)
     if len(mask_imgs) != len(images):
         raise AtlasflowError(f"{len(masks or [])} masks given for {len(images)} images")
-    fixed_mask = mask_imgs[0] if (fixed is None and masks) else None
+    if fixed is not None and fixed_mask is not None:
+        fixed_mask = load_image(fixed_mask).data > 0
+        if fixed_mask.shape != fixed_img.data.shape:
+            raise AtlasflowError(f"fixed mask grid {fixed_mask.shape} does not match {fixed} {fixed_img.data.shape}")
+    else:
+        fixed_mask = mask_imgs[0] if (fixed is None and masks) else None
     work = WorkingGrid.for_grid(fixed_img.grid)
     grid = Grid(work.shape, work.affine)
     fm = np.ones(fixed_img.data.shape, bool) if fixed_mask is None else fixed_mask
@@ -672,6 +678,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
         default=None,
         help="fixed image (default: the first image), e.g. the current template",
     )
+    p.add_argument("--fixed-mask", default=None, help="brain mask of --fixed (similarity only inside)")
     p.add_argument("--init", default=None, help="starting weights (default: the shipped model)")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=200)
@@ -686,6 +693,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
             args.images,
             fixed=args.fixed,
             masks=args.masks,
+            fixed_mask=args.fixed_mask,
             init=args.init,
             steps=args.steps,
             lr=args.lr,

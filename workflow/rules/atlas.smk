@@ -32,6 +32,38 @@ rule atlas_init:
         "../scripts/atlasflow_cli.py"
 
 
+rule atlas_finetune:
+    """Optional (atlas.finetune_steps > 0): the velocity network fine-tuned, unsupervised, on the
+    atlas members against iteration 0; the atlas iterations then register with it."""
+    input:
+        fixed=iter_file(0, "template_T1w.nii.gz"),
+        fixed_mask=TEMPLATE_MASK,
+        images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
+        masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
+        model=model_input,
+    output:
+        FINETUNED_MODEL,
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/atlas/finetune.log",
+    benchmark:
+        f"{BENCH}/atlas_finetune.tsv"
+    params:
+        settings=f"steps {ATL['finetune_steps']} seed {REG['seed']}",
+        argv=lambda wc, input, output, threads: [
+            "finetune", "--images", *input.images, "--masks", *input.masks, "--fixed", input.fixed,
+            "--fixed-mask", input.fixed_mask, "--out", output[0], "--steps", ATL["finetune_steps"],
+            "--seed", REG["seed"], "--threads", threads, *(["--init", input.model[0]] if input.model else []),
+        ],
+    threads: THREADS
+    resources:
+        mem_mb=3000,
+        runtime=60,
+    script:
+        "../scripts/atlasflow_cli.py"
+
+
 rule atlas_iteration:
     """Iteration i in one job: every member registered to template i-1 (from its affine to the
     reference template), then average -> shape update -> sharpen. One job per iteration pays the
@@ -43,7 +75,7 @@ rule atlas_iteration:
         images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
         masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
         affines=[anat("xfm", s, t, from_="T1w", to="template", mode="image", ext="mat") for s, t in ATLAS_MEMBERS],
-        model=model_input,
+        model=atlas_model_input,
     output:
         template=iter_file("{iteration}", "template_T1w.nii.gz"),
         metrics=iter_file("{iteration}", "metrics.json"),
@@ -62,7 +94,8 @@ rule atlas_iteration:
             "--threads", threads, "atlas", "iteration", "--iteration", wc.iteration,
             "--previous", input.previous, "--mask", input.mask,
             "--images", *input.images, "--masks", *input.masks, "--affines", *input.affines,
-            *atlas_registration_options(wc).split(), "--gradient-step", ATL["gradient_step"],
+            *atlas_registration_options(wc).split(), *(["--model", FINETUNED_MODEL] if FINETUNE else []),
+            "--gradient-step", ATL["gradient_step"],
             *([] if ATL["sharpen"] else ["--no-sharpen"]), *MIN_MEMBERS.split(),
             "--output", output.template, "--out-metrics", output.metrics, "--out-members", output.members,
         ],

@@ -173,6 +173,11 @@ def registration_options(wildcards, refine_steps=None):
     )
 
 
+def atlas_model_input(wildcards):
+    """The atlas iterations' weights: the cohort-fine-tuned ones when atlas.finetune_steps > 0."""
+    return [FINETUNED_MODEL] if FINETUNE else model_input(wildcards)
+
+
 def atlas_registration_options(wildcards):
     """Atlas iterations: the shared engine flags with the atlas stage's own step budgets."""
     return (
@@ -201,6 +206,8 @@ ATLAS = f"{OUT}/atlas"
 
 
 ATL = config["atlas"]
+FINETUNE = REG["backend"] == "deep" and ATL["finetune_steps"] > 0
+FINETUNED_MODEL = f"{ATLAS}/model/finetuned_velocity.safetensors"
 
 
 N_ITER = ATL["iterations"]
