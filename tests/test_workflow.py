@@ -477,6 +477,17 @@ def _digests(folder: Path) -> dict[Path, tuple[str, int]]:
 
 
 @pytest.mark.slow
+def test_one_more_atlas_iteration_runs_only_that_iteration_and_what_follows(tiny_run, tmp_path):
+    extra = tmp_path / "iterations.yaml"
+    extra.write_text("atlas:\n  iterations: 3\n")
+    jobs = dry_run(tiny_run, str(extra))
+    rules = {rule for rule, _ in jobs}
+    assert {wc["iteration"] for rule, wc in jobs if rule == "atlas_iteration"} == {"3"}
+    assert "atlas_final" in rules and "register_atlas" in rules
+    assert not rules & (PER_SCAN | {"atlas_init", "template", "demo_data"}), rules
+
+
+@pytest.mark.slow
 def test_rerun_gives_byte_identical_outputs(tiny_run, tmp_path):
     """Forced reruns (one scan's preprocessing and template registration, an atlas iteration, whose
     members are registered by parallel worker processes) in a copy of the run rewrite their files
