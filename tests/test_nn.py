@@ -11,8 +11,8 @@ from atlasflow.io import Image
 from atlasflow.nn import AffineNet, NetConfig, RegistrationModel, VelocityUNet
 from atlasflow.nn.losses import (
     box_filter,
-    fixed_statistics,
     diffusion_loss,
+    fixed_statistics,
     inverse_consistency_loss,
     lncc_loss,
     local_ncc,
