@@ -233,7 +233,8 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
     wrong = tmp_path / "wrong_mask.nii.gz"
     save_image(blob_image(shape=(8, 8, 8)), wrong)
     assert finetune_main([*args, "--fixed-mask", str(wrong)]) == 1
-    assert "fixed mask grid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "wrong_mask.nii.gz: mask grid" in err, err
     assert (
         finetune_main(
             ["--images", str(tmp_path / "missing.nii.gz"), "--init", str(base), "--out", str(out)]

@@ -20,7 +20,7 @@ import torch
 from scipy import ndimage
 
 from .errors import AtlasflowError
-from .io import Image, atomic_write_text, load_image, save_image
+from .io import Image, atomic_write_text, load_image, load_mask, save_image
 from .transforms import (
     Transform,
     apply_transform,
@@ -175,9 +175,7 @@ def _register_member(member: Member) -> dict:
     fixed, fixed_mask, options = _SHARED["fixed"], _SHARED["mask"], _SHARED["options"]
     try:
         moving = load_image(member.image)
-        mmask = load_image(member.mask).data > 0 if member.mask else None
-        if mmask is not None and mmask.shape != moving.data.shape:
-            raise AtlasflowError(f"{member.mask}: mask grid {mmask.shape} does not match {member.image}")
+        mmask = load_mask(member.mask, moving, member.image)
         init = read_itk_affine(member.affine) if member.affine else None
         reg = register(
             fixed, moving, fixed_mask=fixed_mask, moving_mask=mmask, init_affine=init, inverse=False, **options
@@ -185,8 +183,7 @@ def _register_member(member: Member) -> dict:
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
     warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
-    # ANTs gives no velocity: its displacement is the first-order stand-in (v ~ u when small).
-    field = reg.velocity if reg.velocity is not None else reg.transform.displacement
+    field = reg.field
     return {
         "name": member.name,
         "warped": warped.data.astype(np.float32),
@@ -234,18 +231,16 @@ def run_iteration(
     import multiprocessing as mp
 
     previous = load_image(previous_template)
-    region = load_image(mask).data > 0
-    if region.shape != previous.data.shape:
-        raise AtlasflowError(f"{mask}: mask grid {region.shape} does not match {previous_template}")
+    region = load_mask(mask, previous, previous_template)
     _SHARED.update(fixed=previous, mask=region, options=options)
     workers = max(1, min(workers, len(members)))
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field = np.zeros((*previous.data.shape, 3), np.float64)
     rows, norms, kept = [], [], []
+    pool = None
     try:
         if workers == 1:
             results = map(_register_member, members)
-            pool = None
         else:
             # The parent has run no torch operation yet, so forking is safe (no OpenMP pool).
             pool = mp.get_context("fork").Pool(workers, _worker_init, (1,))
@@ -262,7 +257,7 @@ def run_iteration(
             kept.append(result["metrics"])
             rows.append({"member": member.name, "status": "ok", **result["metrics"]})
     finally:
-        if workers > 1 and pool is not None:
+        if pool is not None:
             pool.terminate()
         _SHARED.clear()
     if len(kept) < max(1, min_members):

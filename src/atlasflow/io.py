@@ -107,6 +107,19 @@ def load_image(path: str | os.PathLike, dtype: type | None = np.float32, allow_v
     return Image(np.ascontiguousarray(data), np.asarray(affine, dtype=float))
 
 
+
+def load_mask(
+    path: str | os.PathLike | None, image: Image, image_path: str | os.PathLike
+) -> np.ndarray | None:
+    """A mask (voxels > 0) that must lie on ``image``'s grid; None when no path is given."""
+    if not path:
+        return None
+    mask = load_image(path).data > 0
+    if mask.shape != image.data.shape:
+        raise AtlasflowError(f"{path}: mask grid {mask.shape} does not match {image_path} {image.data.shape}")
+    return mask
+
+
 def save_image(
     image: Image,
     path: str | os.PathLike,

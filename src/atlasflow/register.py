@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AtlasflowError
-from .io import Image, atomic_write_text, load_image, save_image
+from .io import Image, atomic_write_text, load_image, load_mask, save_image
 from .transforms import (
     Transform,
     apply_transform,
@@ -44,6 +44,12 @@ class Registration:
     velocity: Image | None
     seconds: float
     backend: str
+
+    @property
+    def field(self) -> Image:
+        """The velocity, or for ANTs (which gives none) the displacement, its first-order stand-in
+        (v ~ u when small): the atlas shape update works the same way for both backends."""
+        return self.velocity if self.velocity is not None else self.transform.displacement
 
 
 # ------------------------------------------------------------------------------ ANTs conversion
@@ -270,13 +276,9 @@ def register_files(
     """
     fixed = load_image(fixed_path)
     moving = load_image(moving_path)
-    fmask = load_image(fixed_mask).data > 0 if fixed_mask else None
-    mmask = load_image(moving_mask).data > 0 if moving_mask else None
+    fmask = load_mask(fixed_mask, fixed, fixed_path)
+    mmask = load_mask(moving_mask, moving, moving_path)
     cmask = load_image(cost_mask).data > 0 if cost_mask else None
-    if fmask is not None and fmask.shape != fixed.data.shape:
-        raise AtlasflowError(f"{fixed_mask}: mask grid {fmask.shape} does not match {fixed_path} {fixed.data.shape}")
-    if mmask is not None and mmask.shape != moving.data.shape:
-        raise AtlasflowError(f"{moving_mask}: mask grid {mmask.shape} does not match {moving_path} {moving.data.shape}")
     reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=cmask, **options)
     warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
     before = apply_transform(moving, Transform.identity(), fixed.grid, "linear")
@@ -295,10 +297,7 @@ def register_files(
     if outputs.inverse_warp is not None and reg.inverse_displacement is not None:
         write_itk_displacement(reg.inverse_displacement, outputs.inverse_warp)
     if outputs.velocity is not None:
-        # ANTs gives no velocity: its displacement is the first-order stand-in (v ~ u when small),
-        # so the atlas shape update works the same way for both backends.
-        field = reg.velocity if reg.velocity is not None else reg.transform.displacement
-        save_image(field, outputs.velocity, dtype=np.float32)
+        save_image(reg.field, outputs.velocity, dtype=np.float32)
     if moving_labels:
         labels = load_image(moving_labels, dtype=None)
         warped_labels = apply_transform(labels, reg.transform, fixed.grid, "nearest")

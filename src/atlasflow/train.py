@@ -467,7 +467,7 @@ def finetune(
     is the first mask when ``fixed`` is not given, else ``fixed_mask`` (a file on ``fixed``'s grid).
     """
     from .deep import DEFAULT_MODEL, WorkingGrid, register_deep
-    from .io import Grid, load_image
+    from .io import Grid, load_image, load_mask
     from .transforms import Transform, apply_transform
 
     if not images:
@@ -480,9 +480,7 @@ def finetune(
     if len(mask_imgs) != len(images):
         raise AtlasflowError(f"{len(masks or [])} masks given for {len(images)} images")
     if fixed is not None and fixed_mask is not None:
-        fixed_mask = load_image(fixed_mask).data > 0
-        if fixed_mask.shape != fixed_img.data.shape:
-            raise AtlasflowError(f"fixed mask grid {fixed_mask.shape} does not match {fixed} {fixed_img.data.shape}")
+        fixed_mask = load_mask(fixed_mask, fixed_img, fixed)
     else:
         fixed_mask = mask_imgs[0] if (fixed is None and masks) else None
     work = WorkingGrid.for_grid(fixed_img.grid)
