@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,7 @@ from atlasflow.nn.losses import (
     soft_dice_loss,
 )
 from atlasflow.nn.networks import KeypointAffineNet, centred_affine_grid
+from atlasflow.nn.optim import Adam
 from atlasflow.transforms import (
     compose_displacements,
     folding_fraction,
@@ -232,3 +236,37 @@ def test_gradients_flow_through_warp_and_losses():
     out = net(torch.cat([fixed, moving], 1))
     lncc_loss(fixed, warp_tensor(moving, F.interpolate(out, size=(24, 24, 24))), 5).backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_test_time_adam_follows_torch_adam():
+    torch.manual_seed(0)
+    target = torch.randn(3, 4)
+
+    def trajectory(optimiser):
+        p = torch.zeros(3, 4, requires_grad=True)
+        q = torch.ones(5, requires_grad=True)
+        opt = optimiser([p, q], lr=0.05)
+        for _ in range(30):
+            opt.zero_grad()
+            (((p - target) ** 4).sum() + 0.3 * (q**2).sum()).backward()
+            opt.step()
+        return p.detach(), q.detach()
+
+    ours, theirs = trajectory(Adam), trajectory(torch.optim.Adam)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(ours[0], torch.zeros(3, 4))
+
+
+def test_deterministic_kernels_and_adam_do_not_import_the_compiler():
+    # A fresh interpreter: whether the compiler was imported depends on the whole process. Its
+    # import is the ~1.3 s that each registration job used to pay at start-up.
+    code = (
+        "import sys, torch; from atlasflow.nn import deterministic_kernels; from atlasflow.nn.optim import Adam; "
+        "deterministic_kernels(); p = torch.zeros(2, requires_grad=True); opt = Adam([p], lr=0.1); "
+        "(p - 1).pow(2).sum().backward(); opt.step(); "
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+        "any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "False"]

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 
 from .errors import AtlasflowError
 from .io import Grid, Image
+from .nn import deterministic_kernels
 from .nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
 from .nn.networks import RegistrationModel
+from .nn.optim import Adam
 from .transforms import Transform, integrate_velocity, resize_displacement, warp_tensor
 
 MODEL_DIR = Path(__file__).resolve().parent / "models"
@@ -303,7 +305,7 @@ def optimise_affine(
     shape = tuple(fixed.shape[2:])
     c = torch.tensor([(n - 1) / 2 for n in shape], dtype=fixed.dtype)
     params = torch.zeros(3, 4, requires_grad=True)
-    opt = torch.optim.Adam([params], lr=lr)
+    opt = Adam([params], lr=lr)
     eye = torch.eye(4, dtype=fixed.dtype)
 
     def matrix_of(p: torch.Tensor) -> torch.Tensor:
@@ -436,7 +438,7 @@ def refine_velocity(
     stats_full = fixed_statistics(fixed_box, window) if steps > int(round(steps * coarse_share)) else None
 
     v_box = velocity[(..., *box_half)].detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([v_box], lr=lr)
+    opt = Adam([v_box], lr=lr)
     coarse = int(round(steps * coarse_share))
     for step in range(steps):
         opt.zero_grad()
@@ -521,7 +523,7 @@ def register_deep(
     no_weights = affine_only and model_path is None and not DEFAULT_MODEL.exists()
     model = None if no_weights else get_model(model_path, device)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_kernels()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.perf_counter()
 

@@ -156,9 +156,10 @@ def _affine_to_reference(reference: np.ndarray, moving: np.ndarray, steps: int =
     ref = F.avg_pool3d(torch.from_numpy(reference)[None].float(), 2)
     mov = F.avg_pool3d(torch.from_numpy(moving)[None].float(), 2)
     from .nn.networks import centred_affine_grid
+    from .nn.optim import Adam
 
     params = torch.zeros(1, 3, 4, requires_grad=True)
-    opt = torch.optim.Adam([params], lr=0.01)
+    opt = Adam([params], lr=0.01)
     eye = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None]
     scale = torch.tensor([1.0, 1.0, 1.0, 10.0])  # translation in (half-res) voxels, order one
     for _ in range(steps):

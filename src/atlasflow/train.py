@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .errors import AtlasflowError
 from .io import atomic_write_text
+from .nn import deterministic_kernels
 from .nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
 from .nn.networks import NetConfig, RegistrationModel
 from .transforms import integrate_velocity, resize_displacement, warp_tensor
@@ -156,7 +157,7 @@ def set_determinism(seed: int, threads: int | None = None) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_kernels()
     torch.set_num_threads(max(1, min(threads or os.cpu_count() or 1, os.cpu_count() or 1)))
 
 
