@@ -247,6 +247,21 @@ def test_true_transform_brings_subject_onto_template(cohort):
         assert (warped_labels == template_labels.data)[healthy].mean() > 0.7
 
 
+def test_true_template_is_the_centre_of_the_controls(cohort):
+    """The controls' velocity fields are centred, so their true warps average to nearly nothing
+    (second order), where 3 independent fields would keep a mean of ~1/sqrt(3) of their size."""
+    brain = load_image(cohort / "truth/template_dseg.nii.gz", dtype=None).data > 0
+    controls = read_manifest(cohort).query("group == 'control'")
+    warps = [
+        truth_transform(cohort, row.subject, row.session, "from-T1w_to-template_mode-image").displacement.data
+        for row in controls.itertuples()
+    ]
+    assert len(warps) == 3
+    own = np.mean([np.linalg.norm(w, axis=-1)[brain].mean() for w in warps])
+    centre = np.linalg.norm(np.mean(warps, axis=0), axis=-1)[brain].mean()
+    assert own > 1.0 and centre < 0.15 * own, (centre, own)
+
+
 def test_tumour_volumes_grow_and_match_masks(cohort):
     table = read_manifest(cohort)
     volumes = pd.read_csv(

@@ -71,7 +71,8 @@ DSEG_LABELS = (
 TUMOUR_LABEL = 4
 
 # Random streams, one per (seed, subject, purpose): the manifest (acquisition dates) can then be
-# produced without generating any image, and a subject's scans do not depend on the others.
+# produced without generating any image, and a subject's draws do not depend on the others (only
+# the controls' velocity fields are centred on their group's mean).
 _STREAM_ANATOMY = 0
 _STREAM_DATES = 1
 _STREAM_TUMOUR = 2
@@ -626,17 +627,28 @@ def _render_session(
 # ------------------------------------------------------------------------------------- the cohort
 
 
-def _subject_warp(source: _Source, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random diffeomorphism on the template grid: forward u and refined inverse w (world mm).
+def _coarse_grid(source: _Source) -> tuple[Grid, int]:
+    """The ~4 mm grid the subjects' smooth velocity fields are drawn and integrated on."""
+    grid = source.template_grid
+    factor = max(1, round(4.0 / float(grid.spacing[0])))
+    coarse_affine = grid.affine @ np.diag([factor, factor, factor, 1.0])
+    return Grid(tuple(int(np.ceil((n - 1) / factor)) + 1 for n in grid.shape), coarse_affine), factor
+
+
+def _subject_velocity(source: _Source, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random stationary velocity field (world mm) on the coarse grid."""
+    return _smooth_field(rng, _coarse_grid(source)[0], 3, (40.0, 110.0), 2.0)
+
+
+def _subject_warp(source: _Source, velocity_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(velocity) on the template grid: forward u and refined inverse w (world mm).
 
     The field is smooth (wavelengths >= 40 mm), so it is integrated on a grid of about 4 mm and
     interpolated onto the template grid: the same diffeomorphism, 8 times cheaper at 2 mm.
     """
     grid = source.template_grid
-    factor = max(1, round(4.0 / float(grid.spacing[0])))
-    coarse_affine = grid.affine @ np.diag([factor, factor, factor, 1.0])
-    coarse = Grid(tuple(int(np.ceil((n - 1) / factor)) + 1 for n in grid.shape), coarse_affine)
-    velocity = _to_tensor(_smooth_field(rng, coarse, 3, (40.0, 110.0), 2.0), coarse)
+    coarse, factor = _coarse_grid(source)
+    velocity = _to_tensor(velocity_world, coarse)
     forward = integrate_velocity(velocity)
     inverse = _invert_small(forward, integrate_velocity(-velocity))
     fields = []
@@ -646,6 +658,17 @@ def _subject_warp(source: _Source, rng: np.random.Generator) -> tuple[np.ndarray
             world.data if factor == 1 else apply_transform(world, Transform.identity(), grid).data
         )
     return fields[0], fields[1]
+
+
+def _anatomy_draws(
+    source: _Source, plan: _SubjectPlan, seed: int
+) -> tuple[np.ndarray, dict, np.ndarray, np.random.Generator]:
+    """One subject's random affine (with its parameters) and velocity field, from its own stream
+    (returned too: the scanner's draws follow on it)."""
+    brain_centre = 0.5 * (source.brain_box[0] + source.brain_box[1])
+    rng = _rng(seed, plan.index, _STREAM_ANATOMY)
+    affine, affine_params = _random_affine(rng, brain_centre, 10.0, (0.9, 1.1), 10.0)
+    return affine, affine_params, _subject_velocity(source, rng), rng
 
 
 def _scan_grid(
@@ -685,12 +708,21 @@ def _save_transform(transform: Transform, prefix: str) -> None:
     save_transform(quantised, f"{prefix}_xfm.mat", f"{prefix}_xfm.nii.gz")
 
 
-def _draw_subject(source: _Source, plan: _SubjectPlan, seed: int, spacing_mm: float) -> _Subject:
+def _draw_subject(
+    source: _Source,
+    plan: _SubjectPlan,
+    seed: int,
+    spacing_mm: float,
+    velocity_centre: np.ndarray | None = None,
+) -> _Subject:
+    """One subject's anatomy, tumour and scanner; ``velocity_centre`` is subtracted from its
+    velocity field (the mean of its group's, see :func:`make_demo_cohort`)."""
     tgrid = source.template_grid
     brain_centre = 0.5 * (source.brain_box[0] + source.brain_box[1])
-    rng = _rng(seed, plan.index, _STREAM_ANATOMY)
-    affine, affine_params = _random_affine(rng, brain_centre, 10.0, (0.9, 1.1), 10.0)
-    forward_warp, inverse_warp = _subject_warp(source, rng)
+    affine, affine_params, velocity, rng = _anatomy_draws(source, plan, seed)
+    if velocity_centre is not None:
+        velocity = velocity - velocity_centre
+    forward_warp, inverse_warp = _subject_warp(source, velocity)
     params = {
         "group": plan.group,
         "orientation": plan.orientation,
@@ -808,10 +840,16 @@ def make_demo_cohort(
     )
 
     plans = _plan(seed, n_cross, n_long, n_timepoints)
+    # The controls' velocity fields are centred on their mean, so that the true template is the
+    # centre of the control group (the atlas members), the point an unbiased atlas converges to.
+    # Drawn independently, 5 fields keep a mean of ~45 % of their own size: the cohort's centre
+    # would then be a warped template, and no atlas could approach the true one.
+    controls = [_anatomy_draws(source, p, seed)[2] for p in plans if not p.longitudinal]
+    centre = np.mean(controls, axis=0) if len(controls) > 1 else None
     parameters: dict[str, dict] = {}
     volume_rows: list[dict] = []
     for plan in plans:
-        subject = _draw_subject(source, plan, seed, spacing_mm)
+        subject = _draw_subject(source, plan, seed, spacing_mm, None if plan.longitudinal else centre)
         parameters[f"sub-{plan.subject}"] = subject.params
         volume_rows += _write_subject(out_dir, source, subject, seed)
 
@@ -947,7 +985,9 @@ or give them to ANTs as `[..._xfm.nii.gz, ..._xfm.mat]`.
 ## Generative model
 
 Every subject: `u` is the exponential (scaling and squaring) of a smooth random stationary velocity
-field (12 plane waves per component, wavelengths 40-110 mm, 2 mm rms per component); `A` a random
+field (12 plane waves per component, wavelengths 40-110 mm, 2 mm rms per component); the control
+subjects' fields are centred on their mean (when there are two or more), so the true template is
+the centre of the control group, where an unbiased atlas of those subjects belongs; `A` a random
 affine about the brain centre (rotations up to 10 degrees per axis, scales 0.9-1.1 per axis, shifts
 up to 10 mm). Each subject's scan grid covers its brain with a margin, at the demo spacing, stored
 in one of the orientations RAS, LPS, PSR, LAS (cycled over subjects; the same image in world
