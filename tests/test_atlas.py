@@ -76,10 +76,56 @@ def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob)
     assert atlas.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
 
 
-def test_affine_mean_of_no_images_is_the_reference_template(tmp_path, blob):
-    template = write(tmp_path, "t.nii.gz", blob, dtype=np.float32)
-    atlas.affine_mean([], [], template, tmp_path / "iter-0.nii.gz")
-    np.testing.assert_array_equal(load_image(tmp_path / "iter-0.nii.gz").data, load_image(template).data)
+def _translated_members(tmp_path, reference, shifts_mm):
+    """The reference's voxels under headers moved by ``shifts_mm`` along x: the true affine
+    (reference world -> member world) of member i is a translation by shifts_mm[i]."""
+    members = []
+    for i, shift in enumerate(shifts_mm):
+        affine = reference.affine.copy()
+        affine[0, 3] += shift
+        image = write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", Image(reference.data, affine))
+        mask = write(tmp_path, f"sub-0{i}_mask.nii.gz", Image((reference.data > 0.05).astype(np.uint8), affine))
+        members.append(atlas.Member(f"sub-0{i}_ses-1", str(image), str(mask)))
+    return members
+
+
+def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
+    from atlasflow.transforms import read_itk_affine
+
+    blob = blob_image((40, 40, 40), seed=5)
+    # Structure along y and z too, so that no rotation leaves the image unchanged.
+    j, k = np.meshgrid(np.linspace(-1, 1, 40), np.linspace(-1, 1, 40), indexing="ij")
+    reference = blob.with_data(blob.data + 0.25 * (blob.data > 0.05) * (np.sin(5 * j) * np.cos(3 * k))[None])
+    write(tmp_path, "ref.nii.gz", reference)
+    write(tmp_path, "ref_mask.nii.gz", reference.with_data((reference.data > 0.05).astype(np.uint8)))
+    shifts = (6.0, -4.0)
+    members = _translated_members(tmp_path, reference, shifts)
+    options = {"backend": "deep", "refine_steps": 0}
+    templates = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        affines = [out / f"{m.name}.mat" for m in members]
+        atlas.run_init(
+            members, tmp_path / "ref.nii.gz", tmp_path / "ref_mask.nii.gz", out / "t.nii.gz", affines,
+            out / "members.tsv", options=options, workers=workers,
+        )
+        templates[workers] = load_image(out / "t.nii.gz").data
+        for shift, path in zip(shifts, affines, strict=True):
+            found = read_itk_affine(path)
+            np.testing.assert_allclose(found[:3, 3], [shift, 0.0, 0.0], atol=0.6)
+            np.testing.assert_allclose(found[:3, :3], np.eye(3), atol=0.03)
+    np.testing.assert_array_equal(templates[1], templates[2])
+    assert ncc(templates[1], reference.data, reference.data > 0.05) > 0.98
+    rows = (tmp_path / "w1" / "members.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:2] == ["member", "status"] and all("\tok\t" in r for r in rows[1:])
+
+    # atlas.init: template -> iteration 0 is the reference itself; the affines are still found.
+    atlas.run_init(
+        members, tmp_path / "ref.nii.gz", tmp_path / "ref_mask.nii.gz", tmp_path / "t.nii.gz",
+        [tmp_path / "a0.mat", tmp_path / "a1.mat"], tmp_path / "members.tsv", options=options, mean=False,
+    )
+    np.testing.assert_array_equal(load_image(tmp_path / "t.nii.gz").data, load_image(tmp_path / "ref.nii.gz").data)
+    np.testing.assert_allclose(read_itk_affine(tmp_path / "a1.mat")[0, 3], -4.0, atol=0.6)
 
 
 def test_leave_one_out_equals_the_vote_of_the_other_maps(tmp_path):

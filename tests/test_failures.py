@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from atlasflow import cli
-from atlasflow.atlas import affine_mean, label_vote
+from atlasflow.atlas import Member, label_vote, run_init
 from atlasflow.errors import AtlasflowError
 from atlasflow.failures import failure_record, keep_successful, write_failure
 from atlasflow.io import Image, load_image, save_image
@@ -104,15 +104,28 @@ def members(tmp_path, blob, n_good=2):
 
 
 def test_atlas_is_built_from_the_scans_that_succeeded(tmp_path, blob, capsys):
-    images, affines, (bad_image, bad_affine) = members(tmp_path, blob)
+    images, _, (bad_image, _) = members(tmp_path, blob)
+    masks = [str(save_image(blob.with_data((blob.data > 0.2).astype(np.uint8)), tmp_path / f"m{i}_mask.nii.gz")) for i in range(2)]
+    (bad_mask,) = write_failure([tmp_path / "bad_mask.nii.gz"], "brain_mask", "no overlap")
     save_image(blob, tmp_path / "template.nii.gz")
+    save_image(blob.with_data((blob.data > 0.2).astype(np.uint8)), tmp_path / "template_mask.nii.gz")
+    affines = [str(tmp_path / f"out{i}.mat") for i in range(3)]
     common = ["atlas", "init", "--template", str(tmp_path / "template.nii.gz"),
-              "--images", images[0], bad_image, images[1], "--affines", affines[0], bad_affine, affines[1],
+              "--template-mask", str(tmp_path / "template_mask.nii.gz"),
+              "--images", images[0], bad_image, images[1], "--masks", masks[0], str(bad_mask), masks[1],
+              "--out-affines", *affines, "--out-members", str(tmp_path / "members.tsv"),
               "--min-inputs-setting", "atlas.min_subjects"]
     out = tmp_path / "iter-0.nii.gz"
     assert cli.main(["--on-scan-error", "skip", *common, "--min-inputs", "2", "--output", str(out)]) == 0
     assert f"left out {bad_image}: register failed: no overlap" in capsys.readouterr().out
-    expected = affine_mean(images, affines, tmp_path / "template.nii.gz", tmp_path / "expected.nii.gz")
+    # The failed member's affine output passes its record on; the others hold affines.
+    assert failure_record(affines[1])["reason"] == "register failed: no overlap"
+    assert failure_record(affines[0]) is None and failure_record(affines[2]) is None
+    expected = run_init(
+        [Member(f"m{i}", images[i], masks[i]) for i in range(2)], tmp_path / "template.nii.gz",
+        tmp_path / "template_mask.nii.gz", tmp_path / "expected.nii.gz", [tmp_path / "e0.mat", tmp_path / "e1.mat"],
+        tmp_path / "expected.tsv", options={"backend": "deep", "refine_steps": 0},
+    )
     np.testing.assert_array_equal(load_image(out).data, expected.data)
 
     # Fewer successes than the minimum: one line naming the count, the setting and the failed scan.

@@ -11,24 +11,19 @@ cohort size.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from .errors import AtlasflowError
 from .io import Image, atomic_write_text, load_image, load_mask, save_image
-from .transforms import (
-    Transform,
-    apply_transform,
-    displacement_vox_to_world,
-    displacement_world_to_vox,
-    integrate_velocity,
-    resize_displacement,
-)
+
+# torch (through .transforms and .register) is imported inside the functions that register or
+# warp: the label vote and the metrics table (rules atlas_labels, atlas_final) then start in a
+# fraction of a second instead of paying torch's ~2 s import.
 
 
 def stream_mean(paths: Sequence[str | Path], allow_vector: bool = False) -> Image:
@@ -51,6 +46,15 @@ def stream_mean(paths: Sequence[str | Path], allow_vector: bool = False) -> Imag
 
 def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image:
     """exp(scale * v) as a RAS-mm displacement field on the velocity's grid."""
+    import torch
+
+    from .transforms import (
+        displacement_vox_to_world,
+        displacement_world_to_vox,
+        integrate_velocity,
+        resize_displacement,
+    )
+
     grid = velocity_world.grid
     v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(np.float32)
     v = torch.from_numpy(np.ascontiguousarray(v_vox)).permute(3, 0, 1, 2)[None] * scale
@@ -76,6 +80,8 @@ def sharpen(image: Image, amount: float = 0.5, sigma_vox: float = 1.0) -> Image:
 
 def shape_update(average: Image, mean_velocity: Image, gradient_step: float) -> Image:
     """Pull the average by exp(-step * mean velocity): the template moves to the cohort centre."""
+    from .transforms import Transform, apply_transform
+
     disp = velocity_to_displacement(mean_velocity, -gradient_step)
     return apply_transform(average, Transform(np.eye(4), disp), average.grid, "linear")
 
@@ -170,7 +176,7 @@ _SHARED: dict = {}
 def _register_member(member: Member) -> dict:
     """Register one member to the template in ``_SHARED``; its warped image, field and metrics."""
     from .register import ncc, register
-    from .transforms import folding_fraction, read_itk_affine
+    from .transforms import apply_transform, folding_fraction, read_itk_affine
 
     fixed, fixed_mask, options = _SHARED["fixed"], _SHARED["mask"], _SHARED["options"]
     try:
@@ -197,8 +203,63 @@ def _register_member(member: Member) -> dict:
     }
 
 
+def _align_member(member: Member) -> dict:
+    """Affine registration of one member to the reference template in ``_SHARED``: its affine
+    (reference world -> member world) and its image resampled on the reference grid."""
+    from .register import ncc, register
+    from .transforms import apply_transform
+
+    fixed, fixed_mask, options = _SHARED["fixed"], _SHARED["mask"], _SHARED["options"]
+    try:
+        moving = load_image(member.image)
+        reg = register(
+            fixed, moving, fixed_mask=fixed_mask, moving_mask=load_mask(member.mask, moving, member.image),
+            affine_only=True, inverse=False, **options,
+        )
+    except AtlasflowError as exc:
+        return {"name": member.name, "error": str(exc)}
+    warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
+    return {
+        "name": member.name,
+        "affine": reg.transform.affine,
+        "warped": warped.data.astype(np.float32),
+        "metrics": {"seconds": round(reg.seconds, 3), "ncc_after": ncc(fixed.data, warped.data, fixed_mask)},
+    }
+
+
 def _worker_init(threads: int) -> None:
+    import torch
+
     torch.set_num_threads(threads)
+
+
+def _map_members(function: Callable[[Member], dict], members: Sequence[Member], workers: int) -> Iterator[dict]:
+    """``function`` of every member, in member order, from ``workers`` forked processes.
+
+    Forked, one torch thread each: a second torch thread made one IXI registration only 1.2x
+    faster, a second worker doubles the throughput. One worker runs in this process, also on one
+    torch thread: reductions then add up in the same order, so the bytes do not depend on the
+    number of workers. The parent must not have run a torch operation before (its OpenMP pool
+    would not survive the fork).
+    """
+    import multiprocessing as mp
+
+    import torch
+
+    workers = max(1, min(workers, len(members)))
+    if workers == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield from map(function, members)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    pool = mp.get_context("fork").Pool(workers, _worker_init, (1,))
+    try:
+        yield from pool.imap(function, members, chunksize=1)
+    finally:
+        pool.terminate()
 
 
 def run_iteration(
@@ -228,24 +289,14 @@ def run_iteration(
     A member that fails is named in the error, or under ``skip_failed`` left out and listed in
     ``out_members`` with its reason.
     """
-    import multiprocessing as mp
-
     previous = load_image(previous_template)
     region = load_mask(mask, previous, previous_template)
     _SHARED.update(fixed=previous, mask=region, options=options)
-    workers = max(1, min(workers, len(members)))
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field = np.zeros((*previous.data.shape, 3), np.float64)
     rows, norms, kept = [], [], []
-    pool = None
     try:
-        if workers == 1:
-            results = map(_register_member, members)
-        else:
-            # The parent has run no torch operation yet, so forking is safe (no OpenMP pool).
-            pool = mp.get_context("fork").Pool(workers, _worker_init, (1,))
-            results = pool.imap(_register_member, members, chunksize=1)
-        for member, result in zip(members, results, strict=True):
+        for member, result in zip(members, _map_members(_register_member, members, workers), strict=True):
             if "error" in result:
                 if not skip_failed:
                     raise AtlasflowError(f"atlas iteration {iteration}: {member.image}: {result['error']}")
@@ -257,15 +308,8 @@ def run_iteration(
             kept.append(result["metrics"])
             rows.append({"member": member.name, "status": "ok", **result["metrics"]})
     finally:
-        if pool is not None:
-            pool.terminate()
         _SHARED.clear()
-    if len(kept) < max(1, min_members):
-        failed = "; ".join(f"{r['member']}: {r['reason']}" for r in rows if r["status"] == "failed")
-        raise AtlasflowError(
-            f"atlas iteration {iteration}: {len(kept)} member(s) registered, fewer than the "
-            f"{min_members} needed (atlas.min_subjects); failed: {failed}"
-        )
+    _check_enough(rows, len(kept), min_members, iteration)
     n = len(kept)
     average = previous.with_data((total_warped / n).astype(np.float32))
     mean_velocity = Image((total_field / n).astype(np.float32), previous.affine.copy())
@@ -273,30 +317,78 @@ def run_iteration(
         average, mean_velocity, previous, region, norms, kept, out_template, out_metrics,
         gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
     )
-    import pandas as pd
-
-    atomic_write_text(out_members, pd.DataFrame(rows).to_csv(sep="\t", index=False))
+    _write_members(rows, out_members)
     return metrics
 
 
-def affine_mean(
-    images: Sequence[str | Path], affines: Sequence[str | Path], template: str | Path, out_path: str | Path
-) -> Image:
-    """Iteration 0: mean of the images after their affine alignment to the reference template
-    (with no images: the reference template itself, the `atlas.init: template` option)."""
-    from .transforms import read_itk_affine
+def _check_enough(rows: Sequence[dict], registered: int, min_members: int, iteration: int) -> None:
+    if registered < max(1, min_members):
+        failed = "; ".join(f"{r['member']}: {r['reason']}" for r in rows if r["status"] == "failed")
+        raise AtlasflowError(
+            f"atlas iteration {iteration}: {registered} member(s) registered, fewer than the "
+            f"{min_members} needed (atlas.min_subjects); failed: {failed}"
+        )
 
-    reference = load_image(template)
-    if not images:
-        save_image(reference, out_path, dtype=np.float32)
-        return reference
-    total = np.zeros(reference.data.shape, np.float64)
-    for image_path, affine_path in zip(images, affines, strict=True):
-        moving = load_image(image_path)
-        total += apply_transform(moving, Transform(read_itk_affine(affine_path)), reference.grid).data
-    out = reference.with_data((total / len(images)).astype(np.float32))
-    save_image(out, out_path, dtype=np.float32)
-    return out
+
+def _write_members(rows: Sequence[dict], out_members: str | Path) -> None:
+    import pandas as pd
+
+    atomic_write_text(out_members, pd.DataFrame(rows).to_csv(sep="\t", index=False))
+
+
+def run_init(
+    members: Sequence[Member],
+    reference: str | Path,
+    reference_mask: str | Path,
+    out_template: str | Path,
+    out_affines: Sequence[str | Path],
+    out_members: str | Path,
+    *,
+    options: dict,
+    mean: bool = True,
+    workers: int = 1,
+    skip_failed: bool = False,
+    min_members: int = 1,
+) -> Image:
+    """Iteration 0: every member's affine to the reference template, and the template to start from.
+
+    The affines (ITK .mat, one per member, in ``out_affines``) seed every later iteration, so the
+    atlas needs nothing but the preprocessed scans. Iteration 0 is the mean of the affinely aligned
+    members (``mean``), or else the reference template itself. Workers, member order and failures
+    behave as in :func:`run_iteration`; a failed member's affine file holds its failure record.
+    """
+    from .failures import write_failure
+    from .transforms import write_itk_affine
+
+    if len(out_affines) != len(members):
+        raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")
+    fixed = load_image(reference)
+    region = load_mask(reference_mask, fixed, reference)
+    _SHARED.update(fixed=fixed, mask=region, options=options)
+    total = np.zeros(fixed.data.shape, np.float64)
+    rows: list[dict] = []
+    registered = 0
+    try:
+        for member, out_affine, result in zip(
+            members, out_affines, _map_members(_align_member, members, workers), strict=True
+        ):
+            if "error" in result:
+                if not skip_failed:
+                    raise AtlasflowError(f"atlas iteration 0: {member.image}: {result['error']}")
+                write_failure([out_affine], "atlas affine", result["error"], source=member.image)
+                rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
+                continue
+            write_itk_affine(result["affine"], out_affine)
+            total += result["warped"]
+            registered += 1
+            rows.append({"member": member.name, "status": "ok", **result["metrics"]})
+    finally:
+        _SHARED.clear()
+    _check_enough(rows, registered, min_members, 0)
+    template = fixed.with_data((total / registered).astype(np.float32)) if mean else fixed
+    save_image(template, out_template, dtype=np.float32)
+    _write_members(rows, out_members)
+    return template
 
 
 def _label_counts(label_paths: Sequence[str | Path]) -> tuple[Image, dict[int, np.ndarray]]:

@@ -148,12 +148,41 @@ def _successful(args: argparse.Namespace, columns: list[list[str]], what: str) -
     return kept
 
 
+def _member(image: str, mask: str | None, affine: str | None = None):
+    """An atlas member named after its scan (``sub-X_ses-Y``)."""
+    from .atlas import Member
+
+    return Member(Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine)
+
+
 def cmd_atlas(args: argparse.Namespace) -> int:
     from . import atlas
 
     if args.step == "init":
-        images, affines = _successful(args, [args.images or [], args.affines or []], "atlas iteration 0")
-        atlas.affine_mean(images, affines, args.template, args.output)
+        images, masks, out_affines = args.images or [], args.masks or [], args.out_affines or []
+        if not len(images) == len(masks) == len(out_affines):
+            raise AtlasflowError("atlas init: --images, --masks and --out-affines must list the same members")
+        kept_images, kept_masks = _successful(args, [images, masks], "atlas iteration 0")
+        kept_affines = []
+        for image, mask, out_affine in zip(images, masks, out_affines, strict=True):
+            if image in kept_images:
+                kept_affines.append(out_affine)
+            else:  # failed upstream: its affine output passes the record on
+                _, record = first_failed_input([image, mask])
+                write_failure([out_affine], "atlas affine", describe(record), image)
+        atlas.run_init(
+            [_member(image, mask) for image, mask in zip(kept_images, kept_masks, strict=True)],
+            args.template,
+            args.template_mask,
+            args.output,
+            kept_affines,
+            args.out_members,
+            options=_engine_options(args),
+            mean=args.init == "mean",
+            workers=args.threads or 1,
+            skip_failed=args.on_scan_error == "skip",
+            min_members=args.min_inputs,
+        )
     elif args.step == "iterate":
         columns = [args.warped or [], args.velocity or []] + ([args.metrics] if args.metrics else [])
         warped, velocity, *metrics = _successful(args, columns, f"atlas iteration {args.iteration}")
@@ -173,10 +202,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         images, masks, affines = _successful(
             args, [args.images or [], args.masks or [], args.affines or []], f"atlas iteration {args.iteration}"
         )
-        members = [
-            atlas.Member(Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine)
-            for image, mask, affine in zip(images, masks, affines, strict=True)
-        ]
+        members = [_member(image, mask, affine) for image, mask, affine in zip(images, masks, affines, strict=True)]
         options = _engine_options(args)
         if args.affine_steps is not None:
             options["affine_steps"] = args.affine_steps
@@ -354,12 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("step", choices=["init", "iteration", "iterate", "vote", "gather"])
     p.add_argument("--output", required=True)
     p.add_argument("--images", nargs="*", help="init/iteration: preprocessed images")
-    p.add_argument("--masks", nargs="*", help="iteration: their brain masks")
-    p.add_argument("--affines", nargs="*", help="init/iteration: their affines to the template")
-    p.add_argument("--out-members", help="iteration: per-member registration metrics (TSV)")
+    p.add_argument("--masks", nargs="*", help="init/iteration: their brain masks")
+    p.add_argument("--affines", nargs="*", help="iteration: their affines to the reference template (from init)")
+    p.add_argument("--out-affines", nargs="*", help="init: where to write the members' affines")
+    p.add_argument("--out-members", help="init/iteration: per-member registration metrics (TSV)")
     p.add_argument("--affine-steps", type=int, default=None, help="iteration: test-time affine steps (deep)")
     _add_engine_options(p)
     p.add_argument("--template", help="init: reference template (grid and pose)")
+    p.add_argument("--template-mask", help="init: its brain mask")
+    p.add_argument(
+        "--init", choices=["mean", "template"], default="mean",
+        help="init: iteration 0 is the mean of the aligned members, or the reference template itself",
+    )
     p.add_argument("--warped", nargs="*", help="iterate: members warped to the previous template")
     p.add_argument("--velocity", nargs="*", help="iterate: their velocity fields")
     p.add_argument("--metrics", nargs="*", help="iterate/gather: metrics JSON files")

@@ -39,10 +39,13 @@ from pathlib import Path
 from .errors import AtlasflowError
 
 # Stages whose work runs on a GPU with --gpu (the registration networks); all else stays on CPUs.
-# atlas_iteration's registrations run on the GPU too, but that stage is accounted apart
-# (:func:`_atlas_iteration`): only its per-member part is sped up.
-GPU_STAGES = ("register_template", "atlas_iteration", "register_atlas", "longitudinal_register")
+# atlas_init's and atlas_iteration's registrations run on the GPU too, but those stages are
+# accounted apart (:func:`_atlas_job`): only their per-member part is sped up.
+GPU_STAGES = ("register_template", "register_atlas", "longitudinal_register")
+ATLAS_INIT = "atlas_init"
 ATLAS_ITERATION = "atlas_iteration"
+# Jobs whose threads are worker processes sharing the atlas members.
+WORKER_STAGES = (ATLAS_INIT, ATLAS_ITERATION)
 
 
 @dataclass(frozen=True)
@@ -213,22 +216,23 @@ def _serial(name: str, table: CostTable, units: int = 0) -> Phase:
 
 
 def _atlas_workers(cost: StageCost, cluster: Cluster, members: int) -> int:
-    """Worker processes of an atlas_iteration job: its threads, capped at a node's cores and at
-    the members (one member at a time each)."""
+    """Worker processes of an atlas_init or atlas_iteration job: its threads, capped at a node's
+    cores and at the members (one member at a time each)."""
     return max(1, min(cost.threads, cluster.cores_per_node, members))
 
 
-def _atlas_iteration(i: int, table: CostTable, cluster: Cluster, cohort: Cohort) -> Phase:
-    """Iteration ``i``: one job registering every member on ``workers`` processes, then the
-    average: ``seconds + per_unit_s * members / workers`` (per-member part / gpu_speedup on a GPU)."""
-    cost = table.cost(ATLAS_ITERATION)
+def _atlas_job(stage: str, label: str, table: CostTable, cluster: Cluster, cohort: Cohort) -> Phase:
+    """One job registering every member on ``workers`` processes, then the average (atlas_init:
+    the affines; atlas_iteration: one iteration): ``seconds + per_unit_s * members / workers``
+    (the per-member part / gpu_speedup on a GPU)."""
+    cost = table.cost(stage)
     members = cohort.atlas_members
     workers = _atlas_workers(cost, cluster, members)
     per_member = cost.per_unit_s * members / workers
     if cluster.gpu:
         per_member /= table.gpu_speedup
     return Phase(
-        f"atlas iteration {i}: {ATLAS_ITERATION}",
+        label,
         cost.seconds + per_member + table.job_overhead_s,
         1,
         serial=True,
@@ -272,9 +276,12 @@ def estimate(cohort: Cohort, iterations: int, cluster: Cluster, table: CostTable
         Phase("planning (snakemake)", table.planning_s + table.planning_per_scan_s * cohort.scans, 0),
         _serial("template", table),
         _parallel(phase_names[0], jobs[phase_names[0]], table, cluster, cohort),
-        _serial("atlas_init", table, cohort.atlas_members),
+        _atlas_job(ATLAS_INIT, ATLAS_INIT, table, cluster, cohort),
     ]
-    phases += [_atlas_iteration(i, table, cluster, cohort) for i in range(1, iterations + 1)]
+    phases += [
+        _atlas_job(ATLAS_ITERATION, f"atlas iteration {i}: {ATLAS_ITERATION}", table, cluster, cohort)
+        for i in range(1, iterations + 1)
+    ]
     phases += [
         _serial("atlas_final", table),
         _parallel(phase_names[1], jobs[phase_names[1]], table, cluster, cohort),
@@ -407,9 +414,9 @@ def calibrate(table: CostTable, folder: str | Path, members: int | None = None) 
 
     Stages without a per-unit part take the measured median. Cohort-wide steps keep their
     per-member slope (``per_unit_s``); their fixed part becomes the measured median minus the
-    slope times ``members`` -- for atlas_iteration minus ``per_unit_s * members / workers``, its
-    workers being the table's ``threads`` for that stage (capped at the members; this assumes the
-    run gave the job all of them, i.e. ran with at least that many cores). If ``members`` is None,
+    slope times ``members`` -- for atlas_init and atlas_iteration minus ``per_unit_s * members /
+    workers``, their workers being the table's ``threads`` for that stage (capped at the members;
+    this assumes the run gave the job all of them, i.e. ran with at least that many cores). If ``members`` is None,
     those stages keep the table's fixed part (only their max RSS is updated).
     """
     if members is not None and (isinstance(members, bool) or not isinstance(members, int) or members < 1):
@@ -422,7 +429,7 @@ def calibrate(table: CostTable, folder: str | Path, members: int | None = None) 
             base = s["median_s"]
         elif members is None:
             base = old.seconds  # the slope's share of the median is unknown: keep the fixed part
-        elif rule == ATLAS_ITERATION:
+        elif rule in WORKER_STAGES:
             base = s["median_s"] - old.per_unit_s * members / max(1, min(old.threads, members))
         else:
             base = s["median_s"] - old.per_unit_s * members

@@ -5,13 +5,19 @@ only the new iterations and what follows them.
 """
 
 rule atlas_init:
-    """Iteration 0: mean of the members after affine alignment to the reference template."""
+    """Iteration 0: every member's affine to the reference template (one job, worker processes as
+    in the iterations), and their mean (atlas.init: mean) or the reference itself (template).
+    The atlas thus needs only the preprocessed scans, not the registrations to the template."""
     input:
         template=TEMPLATE,
+        mask=TEMPLATE_MASK,
         images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
-        affines=[anat("xfm", s, t, from_="T1w", to="template", mode="image", ext="mat") for s, t in ATLAS_MEMBERS],
+        masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
+        model=model_input,
     output:
-        iter_file(0, "template_T1w.nii.gz"),
+        template=iter_file(0, "template_T1w.nii.gz"),
+        affines=ATLAS_AFFINES,
+        members=iter_file(0, "members.tsv"),
     conda:
         CONDA_ENV
     log:
@@ -21,13 +27,18 @@ rule atlas_init:
     params:
         # Plain values are compared with the last run's when Snakemake plans (functions of
         # `input` are not): a changed setting reruns the rule.
-        settings=f"init {ATL['init']}",
-        # init: template = iteration 0 is the reference template itself (no members given)
-        argv=lambda wc, input, output: ["atlas", "init", "--template", input.template, "--output", output[0]]
-        + ([] if ATL["init"] == "template" else ["--images", *input.images, "--affines", *input.affines, *MIN_MEMBERS.split()]),
+        settings=f"init {ATL['init']} {registration_options(None, 0)}",
+        argv=lambda wc, input, output, threads: [
+            "--threads", threads, "atlas", "init", "--template", input.template, "--template-mask", input.mask,
+            "--images", *input.images, "--masks", *input.masks, "--init", ATL["init"],
+            *registration_options(None, 0).split(), *MIN_MEMBERS.split(),
+            "--output", output.template, "--out-affines", *output.affines, "--out-members", output.members,
+        ],
+    threads: ATL["threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=lambda wc, threads: 1000 + 700 * threads,
+        runtime=lambda wc, threads: 10 + len(ATLAS_MEMBERS) // max(threads, 1),
+        gpu=0,
     script:
         "../scripts/atlasflow_cli.py"
 
@@ -74,7 +85,7 @@ rule atlas_iteration:
         mask=TEMPLATE_MASK,
         images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
         masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
-        affines=[anat("xfm", s, t, from_="T1w", to="template", mode="image", ext="mat") for s, t in ATLAS_MEMBERS],
+        affines=ATLAS_AFFINES,
         model=atlas_model_input,
     output:
         template=iter_file("{iteration}", "template_T1w.nii.gz"),

@@ -217,12 +217,10 @@ def iter_file(iteration, name):
     return f"{ATLAS}/iter-{iteration}/{name}"
 
 
-def member_file(name, iteration="{iteration}", subject="{subject}", session="{session}"):
-    return f"{ATLAS}/iter-{iteration}/sub-{subject}/sub-{subject}_ses-{session}_{name}"
-
-
-def members(name, iteration):
-    return [member_file(name, iteration, s, t) for s, t in ATLAS_MEMBERS]
+# Each member's affine to the reference template, found by atlas_init; every iteration starts from it.
+ATLAS_AFFINES = [
+    iter_file(0, f"affines/sub-{s}_ses-{t}_from-T1w_to-template_mode-image_xfm.mat") for s, t in ATLAS_MEMBERS
+]
 
 
 # Under on_scan_error: skip, the atlas averages need this many members whose scans succeeded.
