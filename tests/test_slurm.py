@@ -234,7 +234,7 @@ def test_slurm_profile_essentials():
     assert real["slurm-status-command"] == "squeue"  # sacct fails on clusters without slurmdbd
     assert "subject" in real["group-components"]
     gpu_rules = {rule for rule, res in real["set-resources"].items() if res.get("gpu", 0) >= 1}
-    assert gpu_rules and all(re.search("regist|train|atlas_iteration", rule) for rule in gpu_rules), gpu_rules
+    assert gpu_rules and all(re.search("regist|train|atlas_init|atlas_iteration", rule) for rule in gpu_rules), gpu_rules
     derived = derive_test_profile(real)
     assert derived["executor"] == real["executor"]
     assert set(derived["group-components"]) == set(real["group-components"])
