@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="iterate: template brain mask (for metrics)")
     p.add_argument("--out-metrics", help="iterate: metrics JSON of this iteration")
     p.add_argument("--iteration", type=int, default=1)
-    p.add_argument("--gradient-step", type=float, default=0.25)
+    p.add_argument("--gradient-step", type=float, default=1.0)
     p.add_argument("--no-sharpen", action="store_true")
     p.add_argument("--labels", nargs="*", help="vote: label maps in atlas space")
     p.add_argument("--out-probseg", help="vote: 4-D probability maps")
