@@ -563,10 +563,15 @@ def register_deep(
     half_affine = _pooled_affine(work.affine, 2)
     fixed_half = F.avg_pool3d(fixed_t, 2)
     cost_half = F.avg_pool3d(cost_t, 2)
-    blurred_moving = F.avg_pool3d(moving_t, 3, stride=1, padding=1, count_include_pad=False)
+
+    def blurred() -> torch.Tensor:
+        return F.avg_pool3d(moving_t, 3, stride=1, padding=1, count_include_pad=False)
+
     with torch.no_grad():
-        moving_w = _sample_moving(moving_t, vox_matrix(world, work.affine), work.shape)
+        # (Skipped when the affine is known, as in the atlas iterations: the network would not run.)
         if model is not None and affine_network:
+            blurred_moving = blurred()
+            moving_w = _sample_moving(moving_t, vox_matrix(world, work.affine), work.shape)
             pred = model.affine(torch.cat([fixed_t, moving_w], 1))[0].double().numpy()
             cand = (
                 world
@@ -608,7 +613,7 @@ def register_deep(
             world = moving_q_affine @ refined.double().numpy() @ np.linalg.inv(quarter_affine)
         else:
             refined = optimise_affine(
-                fixed_half, blurred_moving, cost_half, vox_matrix(world, half_affine), affine_steps
+                fixed_half, blurred(), cost_half, vox_matrix(world, half_affine), affine_steps
             )
             world = moving.affine @ refined.double().numpy() @ np.linalg.inv(half_affine)
 
