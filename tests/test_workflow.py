@@ -461,11 +461,18 @@ def test_a_changed_setting_reruns_the_rules_it_feeds_and_no_others(tiny_run, tmp
     assert "longitudinal_register" in rules
     assert rules <= {"longitudinal_register", "longitudinal_tumor_mask", "tumor_table", "change_map_to_atlas",
                      "tumor_frequency", "report_subject", "report_cohort", "provenance", "all"}, rules
+    # registration.refine_steps feeds the registrations to the template and to the atlas; the
+    # atlas itself (affines, iterations) has its own budgets and needs only the preprocessed scans.
     registration = tmp_path / "registration.yaml"
     registration.write_text("registration:\n  refine_steps: 7\n")
     rules = {rule for rule, _ in dry_run(tiny_run, str(registration))}
-    assert {"register_template", "atlas_iteration", "register_atlas"} <= rules
-    assert not rules & {"reorient", "bias_correct", "brain_mask", "preprocess", "template"}, rules
+    assert {"register_template", "register_atlas"} <= rules
+    assert not rules & {"reorient", "bias_correct", "brain_mask", "preprocess", "template", "atlas_init", "atlas_iteration"}, rules
+    atlas_steps = tmp_path / "atlas.yaml"
+    atlas_steps.write_text("atlas:\n  refine_steps: 3\n")
+    rules = {rule for rule, _ in dry_run(tiny_run, str(atlas_steps))}
+    assert {"atlas_iteration", "atlas_final", "register_atlas"} <= rules
+    assert not rules & {"preprocess", "register_template", "atlas_init"}, rules
 
 
 def _digests(folder: Path) -> dict[Path, tuple[str, int]]:
