@@ -142,14 +142,27 @@ def world_coordinates(grid: Grid) -> np.ndarray:
 
 
 def moving_voxel_coordinates(transform: Transform, fixed: Grid, moving_affine: np.ndarray) -> np.ndarray:
-    """Continuous voxel index in the moving image for every fixed voxel, shape (X, Y, Z, 3)."""
-    points = world_coordinates(fixed)
+    """Continuous voxel index in the moving image for every fixed voxel, shape (X, Y, Z, 3), float32.
+
+    The affine part is separable along the fixed grid's axes (a sum of three 1-D ramps per
+    component), so no array of world coordinates is built; float32 keeps a voxel index exact to
+    ~1e-5 voxel and halves the cost of resampling a 2 mm brain.
+    """
+    if transform.displacement is not None and not transform.displacement.grid.same_as(fixed):
+        raise AtlasflowError("displacement field is not on the fixed grid")
+    total = np.linalg.inv(moving_affine) @ transform.affine  # world -> moving voxel
+    to_voxel = total @ fixed.affine  # fixed voxel -> moving voxel, before the displacement
+    ramps = [np.arange(n, dtype=np.float64) for n in fixed.shape]
+    coords = np.empty((*fixed.shape, 3), np.float32)
+    for c in range(3):
+        coords[..., c] = (
+            (to_voxel[c, 0] * ramps[0] + to_voxel[c, 3])[:, None, None]
+            + (to_voxel[c, 1] * ramps[1])[None, :, None]
+            + (to_voxel[c, 2] * ramps[2])[None, None, :]
+        )
     if transform.displacement is not None:
-        if not transform.displacement.grid.same_as(fixed):
-            raise AtlasflowError("displacement field is not on the fixed grid")
-        points = points + transform.displacement.data
-    total = np.linalg.inv(moving_affine) @ transform.affine
-    return points @ total[:3, :3].T + total[:3, 3]
+        coords += np.asarray(transform.displacement.data, np.float32) @ total[:3, :3].T.astype(np.float32)
+    return coords
 
 
 def sample_voxels(volume: np.ndarray, coords: np.ndarray, interpolation: str = "linear") -> np.ndarray:
@@ -171,7 +184,9 @@ def sample_voxels(volume: np.ndarray, coords: np.ndarray, interpolation: str = "
     values = F.grid_sample(src, norm, mode=mode, padding_mode="border", align_corners=True)
     values = values[0, :, 0, 0].T.numpy()  # (N, C)
     flat = coords.reshape(-1, 3)
-    inside = np.all((flat >= -0.5) & (flat <= shape - 0.5), axis=1)
+    inside = np.ones(len(flat), bool)
+    for axis in range(3):  # per axis: no (N, 3) boolean array to reduce
+        inside &= (flat[:, axis] >= -0.5) & (flat[:, axis] <= shape[axis] - 0.5)
     values[~inside] = 0.0
     values = values.reshape(*out_shape, -1)
     return values if channels else values[..., 0]
