@@ -175,7 +175,9 @@ _SHARED: dict = {}
 
 
 def _register_member(member: Member) -> dict:
-    """Register one member to the template in ``_SHARED``; its warped image, field and metrics."""
+    """Register one member to the template in ``_SHARED``: its image on the template grid and
+    metrics, plus its field (iterations) or, with ``affine_only`` in the options (atlas_init), its
+    affine (template world -> member world)."""
     from .register import ncc, register
     from .transforms import apply_transform, folding_fraction, read_itk_affine
 
@@ -190,42 +192,21 @@ def _register_member(member: Member) -> dict:
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
     warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
-    field = reg.field
-    return {
+    result = {
         "name": member.name,
-        "warped": warped.data.astype(np.float32),
-        "field": field.data.astype(np.float32),
-        "metrics": {
-            "seconds": round(reg.seconds, 3),
-            "ncc_after": ncc(fixed.data, warped.data, fixed_mask),
-            "folding_fraction": folding_fraction(reg.transform.displacement, fixed_mask),
-            "velocity_norm_mean_mm": float(np.linalg.norm(field.data, axis=-1)[fixed_mask].mean()),
-        },
-    }
-
-
-def _align_member(member: Member) -> dict:
-    """Affine registration of one member to the reference template in ``_SHARED``: its affine
-    (reference world -> member world) and its image resampled on the reference grid."""
-    from .register import ncc, register
-    from .transforms import apply_transform
-
-    fixed, fixed_mask, options = _SHARED["fixed"], _SHARED["mask"], _SHARED["options"]
-    try:
-        moving = load_image(member.image)
-        reg = register(
-            fixed, moving, fixed_mask=fixed_mask, moving_mask=load_mask(member.mask, moving, member.image),
-            affine_only=True, inverse=False, **options,
-        )
-    except AtlasflowError as exc:
-        return {"name": member.name, "error": str(exc)}
-    warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
-    return {
-        "name": member.name,
-        "affine": reg.transform.affine,
         "warped": warped.data.astype(np.float32),
         "metrics": {"seconds": round(reg.seconds, 3), "ncc_after": ncc(fixed.data, warped.data, fixed_mask)},
     }
+    if options.get("affine_only"):
+        result["affine"] = reg.transform.affine
+        return result
+    field = reg.field
+    result["field"] = field.data.astype(np.float32)
+    result["metrics"].update(
+        folding_fraction=folding_fraction(reg.transform.displacement, fixed_mask),
+        velocity_norm_mean_mm=float(np.linalg.norm(field.data, axis=-1)[fixed_mask].mean()),
+    )
+    return result
 
 
 def _worker_init(threads: int) -> None:
@@ -365,13 +346,13 @@ def run_init(
         raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")
     fixed = load_image(reference)
     region = load_mask(reference_mask, fixed, reference)
-    _SHARED.update(fixed=fixed, mask=region, options=options)
+    _SHARED.update(fixed=fixed, mask=region, options={**options, "affine_only": True})
     total = np.zeros(fixed.data.shape, np.float64)
     rows: list[dict] = []
     registered = 0
     try:
         for member, out_affine, result in zip(
-            members, out_affines, _map_members(_align_member, members, workers), strict=True
+            members, out_affines, _map_members(_register_member, members, workers), strict=True
         ):
             if "error" in result:
                 if not skip_failed:

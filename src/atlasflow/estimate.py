@@ -8,14 +8,14 @@ per-scan job before it):
          -> [per scan: register_atlas, labels; per follow-up: change maps to atlas]
          -> atlas_labels, tumor_frequency -> [per subject: report_subject] -> report_cohort
 
-    atlas_iteration (one job per iteration, on one node):
+    atlas_init (the members' affines) and atlas_iteration (one job per iteration), each on one node:
         register every member on `workers` processes, one member at a time each -> average
 
 A parallel phase lasts as long as its work spread over the cluster's cores (and, with --gpu, its
 registration work spread over the GPUs), and at least as long as its longest single per-scan
 chain. Cohort-wide steps run alone, one after the other; those that read every member cost
-``seconds + per_unit_s * units``. An atlas iteration is one such step whose per-member part
-(``per_unit_s``: core-seconds to register and average one member) is shared by
+``seconds + per_unit_s * units``. atlas_init and each atlas iteration are such steps whose
+per-member part (``per_unit_s``: core-seconds to register and average one member) is shared by
 ``workers = min(threads, cores_per_node, members)`` processes:
 ``seconds + per_unit_s * members / workers`` (with --gpu, the per-member part / ``gpu_speedup``),
 holding ``workers`` cores all along. Every job also pays ``job_overhead_s`` (scheduler gap and
@@ -416,8 +416,8 @@ def calibrate(table: CostTable, folder: str | Path, members: int | None = None) 
     per-member slope (``per_unit_s``); their fixed part becomes the measured median minus the
     slope times ``members`` -- for atlas_init and atlas_iteration minus ``per_unit_s * members /
     workers``, their workers being the table's ``threads`` for that stage (capped at the members;
-    this assumes the run gave the job all of them, i.e. ran with at least that many cores). If ``members`` is None,
-    those stages keep the table's fixed part (only their max RSS is updated).
+    this assumes the run gave the job all of them, i.e. ran with at least that many cores). If
+    ``members`` is None, those stages keep the table's fixed part (only their max RSS is updated).
     """
     if members is not None and (isinstance(members, bool) or not isinstance(members, int) or members < 1):
         raise AtlasflowError(f"--calibration-members must be a whole number >= 1, got {members!r}")

@@ -713,15 +713,13 @@ def _draw_subject(
     plan: _SubjectPlan,
     seed: int,
     spacing_mm: float,
-    velocity_centre: np.ndarray | None = None,
+    anatomy: tuple[np.ndarray, dict, np.ndarray, np.random.Generator],
 ) -> _Subject:
-    """One subject's anatomy, tumour and scanner; ``velocity_centre`` is subtracted from its
-    velocity field (the mean of its group's, see :func:`make_demo_cohort`)."""
+    """One subject's anatomy (its :func:`_anatomy_draws`, the velocity possibly centred, see
+    :func:`make_demo_cohort`), tumour and scanner."""
     tgrid = source.template_grid
     brain_centre = 0.5 * (source.brain_box[0] + source.brain_box[1])
-    affine, affine_params, velocity, rng = _anatomy_draws(source, plan, seed)
-    if velocity_centre is not None:
-        velocity = velocity - velocity_centre
+    affine, affine_params, velocity, rng = anatomy
     forward_warp, inverse_warp = _subject_warp(source, velocity)
     params = {
         "group": plan.group,
@@ -844,12 +842,17 @@ def make_demo_cohort(
     # centre of the control group (the atlas members), the point an unbiased atlas converges to.
     # Drawn independently, 5 fields keep a mean of ~45 % of their own size: the cohort's centre
     # would then be a warped template, and no atlas could approach the true one.
-    controls = [_anatomy_draws(source, p, seed)[2] for p in plans if not p.longitudinal]
-    centre = np.mean(controls, axis=0) if len(controls) > 1 else None
+    draws = {plan.index: _anatomy_draws(source, plan, seed) for plan in plans}
+    controls = [plan.index for plan in plans if not plan.longitudinal]
+    if len(controls) > 1:
+        centre = np.mean([draws[i][2] for i in controls], axis=0)
+        for i in controls:
+            affine, params, velocity, rng = draws[i]
+            draws[i] = (affine, params, velocity - centre, rng)
     parameters: dict[str, dict] = {}
     volume_rows: list[dict] = []
     for plan in plans:
-        subject = _draw_subject(source, plan, seed, spacing_mm, None if plan.longitudinal else centre)
+        subject = _draw_subject(source, plan, seed, spacing_mm, draws[plan.index])
         parameters[f"sub-{plan.subject}"] = subject.params
         volume_rows += _write_subject(out_dir, source, subject, seed)
 
