@@ -170,18 +170,24 @@ class Member:
     affine: str | None = None
 
 
-# Set in the parent before the worker processes fork, so the template is not sent to each job.
-_SHARED: dict = {}
+@dataclass(frozen=True)
+class Target:
+    """What every member of one job is registered to: the template, its mask and the engine's
+    options (``affine_only``: atlas_init's affines)."""
+
+    fixed: Image
+    mask: np.ndarray
+    options: dict
 
 
-def _register_member(member: Member) -> dict:
-    """Register one member to the template in ``_SHARED``: its image on the template grid and
-    metrics, plus its field (iterations) or, with ``affine_only`` in the options (atlas_init), its
-    affine (template world -> member world)."""
+def _register_member(member: Member, target: Target) -> dict:
+    """Register one member to ``target``: its image on the template grid and metrics, plus its
+    field (iterations) or, with ``affine_only`` in the options (atlas_init), its affine (template
+    world -> member world)."""
     from .register import ncc, register
     from .transforms import apply_transform, folding_fraction, read_itk_affine
 
-    fixed, fixed_mask, options = _SHARED["fixed"], _SHARED["mask"], _SHARED["options"]
+    fixed, fixed_mask, options = target.fixed, target.mask, target.options
     try:
         moving = load_image(member.image)
         mmask = load_mask(member.mask, moving, member.image)
@@ -209,39 +215,70 @@ def _register_member(member: Member) -> dict:
     return result
 
 
-def _worker_init(threads: int) -> None:
+def worker_init(threads: int = 1) -> None:
+    """Start-up of a member worker process: its own torch thread budget."""
     import torch
 
     torch.set_num_threads(threads)
 
 
-def _map_members(function: Callable[[Member], dict], members: Sequence[Member], workers: int) -> Iterator[dict]:
-    """``function`` of every member, in member order, from ``workers`` forked processes.
+def member_pool(workers: int):
+    """``workers`` forked processes that register members, one torch thread each.
 
-    Forked, one torch thread each: a second torch thread made one IXI registration only 1.2x
-    faster, a second worker doubles the throughput. One worker runs in this process, also on one
-    torch thread: reductions then add up in the same order, so the bytes do not depend on the
-    number of workers. The parent must not have run a torch operation before (its OpenMP pool
-    would not survive the fork).
+    Forked, so they start with the parent's imports. One torch thread each: a second thread made
+    one IXI registration only 1.2x faster, a second worker doubles the throughput. A worker that
+    dies (for example killed for memory) fails the job instead of hanging it.
     """
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=worker_init, initargs=(1,))
+
+
+# A warm engine's member workers (:mod:`atlasflow.engine`), kept between jobs; else each job
+# forks its own.
+_POOL = None
+
+
+def use_pool(pool) -> None:
+    """Register members in ``pool`` (kept alive by the caller) instead of a pool per job."""
+    global _POOL
+    _POOL = pool
+
+
+def _map_members(
+    function: Callable[[Member, Target], dict], members: Sequence[Member], target: Target, workers: int
+) -> Iterator[dict]:
+    """``function(member, target)`` of every member, in member order.
+
+    One worker runs in this process, on one torch thread like the pool's workers: reductions then
+    add up in the same order, so the bytes depend neither on the number of workers nor on whether
+    a warm engine ran them. With one thread the workers may fork from a parent that has already
+    run torch operations (its OpenMP threads do not survive a fork; a single-threaded worker never
+    needs them).
+    """
+    from functools import partial
 
     import torch
 
+    task = partial(function, target=target)
     workers = max(1, min(workers, len(members)))
+    if _POOL is not None:
+        yield from _POOL.map(task, members)
+        return
     if workers == 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            yield from map(function, members)
+            yield from map(task, members)
         finally:
             torch.set_num_threads(threads)
         return
-    pool = mp.get_context("fork").Pool(workers, _worker_init, (1,))
+    pool = member_pool(workers)
     try:
-        yield from pool.imap(function, members, chunksize=1)
+        yield from pool.map(task, members)
     finally:
-        pool.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_iteration(
@@ -265,32 +302,28 @@ def run_iteration(
 
     One job per iteration instead of one per member: the engine's start-up (Python, torch, the
     weights; ~2 s) is paid once, not per member, and the warped images and fields are summed in
-    memory instead of written and read back. ``workers`` processes (forked, one torch thread
-    each: a second torch thread made one IXI registration only 1.2x faster, a second worker
-    doubles the throughput) register the members; results are summed in member order, so reruns are identical.
+    memory instead of written and read back. ``workers`` processes (:func:`member_pool`, or a warm
+    engine's) register the members; results are summed in member order, so reruns are identical.
     A member that fails is named in the error, or under ``skip_failed`` left out and listed in
     ``out_members`` with its reason.
     """
     previous = load_image(previous_template)
     region = load_mask(mask, previous, previous_template)
-    _SHARED.update(fixed=previous, mask=region, options=options)
+    target = Target(previous, region, options)
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field = np.zeros((*previous.data.shape, 3), np.float64)
     rows, norms, kept = [], [], []
-    try:
-        for member, result in zip(members, _map_members(_register_member, members, workers), strict=True):
-            if "error" in result:
-                if not skip_failed:
-                    raise AtlasflowError(f"atlas iteration {iteration}: {member.image}: {result['error']}")
-                rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
-                continue
-            total_warped += result["warped"]
-            total_field += result["field"]
-            norms.append(result["metrics"]["velocity_norm_mean_mm"])
-            kept.append(result["metrics"])
-            rows.append({"member": member.name, "status": "ok", **result["metrics"]})
-    finally:
-        _SHARED.clear()
+    for member, result in zip(members, _map_members(_register_member, members, target, workers), strict=True):
+        if "error" in result:
+            if not skip_failed:
+                raise AtlasflowError(f"atlas iteration {iteration}: {member.image}: {result['error']}")
+            rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
+            continue
+        total_warped += result["warped"]
+        total_field += result["field"]
+        norms.append(result["metrics"]["velocity_norm_mean_mm"])
+        kept.append(result["metrics"])
+        rows.append({"member": member.name, "status": "ok", **result["metrics"]})
     _check_enough(rows, len(kept), min_members, iteration)
     n = len(kept)
     average = previous.with_data((total_warped / n).astype(np.float32))
@@ -346,26 +379,23 @@ def run_init(
         raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")
     fixed = load_image(reference)
     region = load_mask(reference_mask, fixed, reference)
-    _SHARED.update(fixed=fixed, mask=region, options={**options, "affine_only": True})
+    target = Target(fixed, region, {**options, "affine_only": True})
     total = np.zeros(fixed.data.shape, np.float64)
     rows: list[dict] = []
     registered = 0
-    try:
-        for member, out_affine, result in zip(
-            members, out_affines, _map_members(_register_member, members, workers), strict=True
-        ):
-            if "error" in result:
-                if not skip_failed:
-                    raise AtlasflowError(f"atlas iteration 0: {member.image}: {result['error']}")
-                write_failure([out_affine], "atlas affine", result["error"], source=member.image)
-                rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
-                continue
-            write_itk_affine(result["affine"], out_affine)
-            total += result["warped"]
-            registered += 1
-            rows.append({"member": member.name, "status": "ok", **result["metrics"]})
-    finally:
-        _SHARED.clear()
+    for member, out_affine, result in zip(
+        members, out_affines, _map_members(_register_member, members, target, workers), strict=True
+    ):
+        if "error" in result:
+            if not skip_failed:
+                raise AtlasflowError(f"atlas iteration 0: {member.image}: {result['error']}")
+            write_failure([out_affine], "atlas affine", result["error"], source=member.image)
+            rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
+            continue
+        write_itk_affine(result["affine"], out_affine)
+        total += result["warped"]
+        registered += 1
+        rows.append({"member": member.name, "status": "ok", **result["metrics"]})
     _check_enough(rows, registered, min_members, 0)
     template = fixed.with_data((total / registered).astype(np.float32)) if mean else fixed
     save_image(template, out_template, dtype=np.float32)

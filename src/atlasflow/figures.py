@@ -17,15 +17,20 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nibabel.orientations as nio
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from .io import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# matplotlib (~0.5 s to import) is imported where a figure is drawn: the workflow imports this
+# module (through atlasflow.report) every time Snakemake plans.
 
 VIEWS = ("sagittal", "coronal", "axial")
 PANEL_PX = 176  # longest physical side of a volume, in pixels (two figures fit side by side)
@@ -161,7 +166,7 @@ def _blend(
     if not shown.any():
         return rgb
     colours = (
-        colormaps[cmap](np.clip((np.where(shown, values, vmin) - vmin) / (vmax - vmin), 0, 1))[
+        _colormap(cmap)(np.clip((np.where(shown, values, vmin) - vmin) / (vmax - vmin), 0, 1))[
             ..., :3
         ]
         * 255
@@ -272,7 +277,7 @@ def colorbar(
     """A vertical colour bar image; ``ticks`` are (position 0..1 from the bottom, text)."""
     bar_w, text_w = 14, 44
     image = PILImage.new("RGB", (bar_w + text_w + 18, height + 20), BACKGROUND)
-    ramp = colormaps[cmap](np.linspace(1, 0, height))[:, :3] * 255
+    ramp = _colormap(cmap)(np.linspace(1, 0, height))[:, :3] * 255
     image.paste(
         PILImage.fromarray(np.repeat(ramp.astype(np.uint8)[:, None, :], bar_w, axis=1)), (2, 10)
     )
@@ -612,6 +617,12 @@ def placeholder_png(title: str, reason: str) -> bytes:
 # ------------------------------------------------------------------------------- line plots
 
 
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
 def _figure_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, metadata={"Software": None})
@@ -626,6 +637,8 @@ def tumor_volume_plot(
     title: str,
 ) -> bytes:
     """Tumour volume (mL) over days since baseline; each point coloured by its response category."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.6, 2.8), dpi=100)
     ax = fig.add_axes((0.12, 0.18, 0.6, 0.68))
     x = np.asarray(days, float)
@@ -671,6 +684,8 @@ def convergence_plot(
 ) -> bytes:
     """Small line plots of atlas metrics against the iteration: (title, {curve label: values})."""
     n = max(1, len(series))
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(2.5 * n, 2.3), dpi=100)
     axes = fig.subplots(1, n, squeeze=False)[0]
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.2, top=0.86, wspace=0.45)

@@ -4,6 +4,13 @@ Each iteration is its own set of targets (`iter-{iteration}`), so raising `atlas
 only the new iterations and what follows them.
 """
 
+onstart:
+    # The atlas jobs of a local run share one warm engine (torch, weights, workers), which exits
+    # with this process; jobs on cluster nodes start their own (atlasflow.engine).
+    if ATL["warm_engine"] and workflow.local_exec:
+        enable_engine()
+
+
 rule atlas_init:
     """Iteration 0: every member's affine to the reference template (one job, worker processes as
     in the iterations), and their mean (atlas.init: mean) or the reference itself (template).

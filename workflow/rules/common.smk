@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from atlasflow.engine import enable as enable_engine
 from atlasflow.errors import AtlasflowError
 from atlasflow.failures import set_policy
 from atlasflow.provenance import git_commit, package_versions
