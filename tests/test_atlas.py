@@ -212,3 +212,18 @@ def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_ag
     centre = apply_transform(previous, Transform(centre_shift), previous.grid).data
     region = mask.data > 0
     assert ncc(outputs[1], centre, region) > ncc(previous.data, centre, region) + 0.01
+
+
+def test_gather_metrics_table_reads_back_like_the_json(tmp_path):
+    """The metrics table (and the members tables, same writer) read back with pandas: rows by
+    iteration, a missing or None value empty, a field with a tab quoted."""
+    import pandas as pd
+
+    for i, extra in ((2, {"note": "a\tb"}), (1, {"ncc_to_template_mean": None})):
+        (tmp_path / f"m{i}.json").write_text(json.dumps({"iteration": i, "template_change_rms": 0.1 / i, **extra}))
+    atlas.gather_metrics([tmp_path / "m2.json", tmp_path / "m1.json"], tmp_path / "metrics.tsv")
+    table = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert list(table["iteration"]) == [1, 2]
+    assert list(table["template_change_rms"]) == [0.1, 0.05]
+    assert table["note"].isna().tolist() == [True, False] and table["note"][1] == "a\tb"
+    assert table["ncc_to_template_mean"].isna().all()

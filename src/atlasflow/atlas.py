@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from .errors import AtlasflowError
 from .io import Image, atomic_write_text, load_image, load_mask, save_image
 
-# torch (through .transforms and .register) is imported inside the functions that register or
-# warp: the label vote and the metrics table (rules atlas_labels, atlas_final) then start in a
-# fraction of a second instead of paying torch's ~2 s import.
+# torch (through .transforms and .register), scipy and pandas are imported inside the functions
+# that need them: the label vote and the metrics table (rules atlas_labels, atlas_final) then
+# start in a fraction of a second instead of paying torch's ~2 s import.
 
 
 def stream_mean(paths: Sequence[str | Path], allow_vector: bool = False) -> Image:
@@ -73,6 +72,8 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
 
 def sharpen(image: Image, amount: float = 0.5, sigma_vox: float = 1.0) -> Image:
     """Mild unsharp mask; keeps the intensity range of the input."""
+    from scipy import ndimage
+
     blurred = ndimage.gaussian_filter(image.data, sigma_vox)
     out = image.data + amount * (image.data - blurred)
     return image.with_data(np.clip(out, image.data.min(), image.data.max()).astype(np.float32))
@@ -346,9 +347,7 @@ def _check_enough(rows: Sequence[dict], registered: int, min_members: int, itera
 
 
 def _write_members(rows: Sequence[dict], out_members: str | Path) -> None:
-    import pandas as pd
-
-    atomic_write_text(out_members, pd.DataFrame(rows).to_csv(sep="\t", index=False))
+    atomic_write_text(out_members, _tsv(rows))
 
 
 def run_init(
@@ -485,8 +484,20 @@ def leave_one_out_consistency(label_paths: Sequence[str | Path]) -> list[float]:
 
 def gather_metrics(paths: Iterable[str | Path], out_tsv: str | Path) -> None:
     """Collect per-iteration JSON metrics into one TSV (one row per iteration)."""
-    import pandas as pd
+    rows = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda row: row["iteration"])
+    atomic_write_text(out_tsv, _tsv(rows))
 
-    rows = [json.loads(Path(p).read_text()) for p in paths]
-    table = pd.DataFrame(rows).sort_values("iteration")
-    atomic_write_text(out_tsv, table.to_csv(sep="\t", index=False))
+
+def _tsv(rows: Sequence[dict]) -> str:
+    """Rows as a TSV, columns in order of first appearance, empty where a row lacks one or holds
+    None/NaN, quoted where needed (like pandas' ``to_csv``, without its import)."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if (v := row.get(c)) is None or v != v else v for c in columns])
+    return out.getvalue()

@@ -241,7 +241,7 @@ def serve(path: Path, owner: int, workers: int, idle: float = IDLE_SECONDS) -> N
     busy with it). The next job then starts a fresh server."""
     import multiprocessing
 
-    from . import atlas, cli, deep
+    from . import atlas, cli, deep, register, transforms  # noqa: F401  (imported once, before the workers fork)
 
     cli._threads(workers)
     # Loaded before the workers fork, so each starts with the shipped weights in memory.
