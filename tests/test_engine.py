@@ -1,6 +1,7 @@
 """The warm engine: same bytes as running the command in the job, lifetime tied to the run, a
 cancelled job leaves nothing behind, and every way of not reaching it falls back to the job."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -111,7 +112,12 @@ def test_engine_gives_the_jobs_bytes_and_ends_with_its_run(tmp_path, members, ow
 def test_a_job_that_goes_away_cancels_its_command(tmp_path, members, owner):
     folder, images, masks, affines = members
     warm = tmp_path / "first"
-    assert engine.submit(iteration_argv(folder, images, masks, affines, warm, refine=0, threads=1), tmp_path / "a.log") == 0
+    # Started as from a run in the background (nohup ... &): SIGINT arrives ignored.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert engine.submit(iteration_argv(folder, images, masks, affines, warm, refine=0, threads=1), tmp_path / "a.log") == 0
+    finally:
+        signal.signal(signal.SIGINT, handler)
     # A long command (many refinement steps), its job killed once the server has started it.
     slow = tmp_path / "slow"
     argv = iteration_argv(folder, images, masks, affines, slow, refine=3000, threads=1)

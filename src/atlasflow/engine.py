@@ -240,9 +240,12 @@ def serve(path: Path, owner: int, workers: int, idle: float = IDLE_SECONDS) -> N
     command fails unexpectedly (a worker may have died) or is cancelled (its workers may still be
     busy with it). The next job then starts a fresh server."""
     import multiprocessing
+    import signal
 
     from . import atlas, cli, deep, register, transforms  # noqa: F401  (imported once, before the workers fork)
 
+    # A run started in the background (nohup, &) passes SIGINT on as ignored; _Watch needs it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli._threads(workers)
     # Loaded before the workers fork, so each starts with the shipped weights in memory.
     if deep.DEFAULT_MODEL.exists():
