@@ -107,6 +107,7 @@ def test_engine_gives_the_jobs_bytes_and_ends_with_its_run(tmp_path, members, ow
     owner.kill()
     owner.wait()  # reaped, as Snakemake's parent shell would
     assert wait_for(lambda: not path.exists(), 10), "the engine outlived its run"
+    assert not path.with_suffix(".lock").exists() and not path.with_suffix(".log").exists()
 
 
 def test_a_job_that_goes_away_cancels_its_command(tmp_path, members, owner):

@@ -283,8 +283,11 @@ def serve(path: Path, owner: int, workers: int, idle: float = IDLE_SECONDS) -> N
             last = time.monotonic()
     finally:
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        # The socket, and its lock and log files unless something was logged: no clutter per run.
+        for leftover in (path, path.with_suffix(".lock"), path.with_suffix(".log")):
+            with contextlib.suppress(FileNotFoundError):
+                if leftover == path or leftover.stat().st_size == 0:
+                    leftover.unlink()
         atlas.use_pool(None)
         pool.shutdown(wait=False, cancel_futures=True)
         for child in multiprocessing.active_children():
