@@ -21,7 +21,7 @@ from .errors import AtlasflowError
 from .failures import describe, first_failed_input, keep_successful, on_error_default, write_failure
 
 
-def _threads(n: int | None) -> None:
+def limit_threads(n: int | None) -> None:
     """Bound every thread pool to the job's share of the machine before heavy imports run."""
     if not n:
         return
@@ -468,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs, inputs = _scan_files(args) if args.on_scan_error == "skip" else ([], [])
     step = " ".join(str(x) for x in (args.command, getattr(args, "step", None)) if x)
     try:
-        _threads(args.threads)
+        limit_threads(args.threads)
         failed = first_failed_input(inputs) if outputs else None
         if failed is not None:  # an upstream job of this scan failed: pass its record on
             path, record = failed

@@ -246,7 +246,7 @@ def serve(path: Path, owner: int, workers: int, idle: float = IDLE_SECONDS) -> N
 
     # A run started in the background (nohup, &) passes SIGINT on as ignored; _Watch needs it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    cli._threads(workers)
+    cli.limit_threads(workers)
     # Loaded before the workers fork, so each starts with the shipped weights in memory.
     if deep.DEFAULT_MODEL.exists():
         deep.get_model(None, "cpu")
