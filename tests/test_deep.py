@@ -127,6 +127,66 @@ def test_register_deep_recovers_known_deformation(tiny_model):
     assert result.velocity.grid.same_as(fixed.grid)
 
 
+def _flipped_x(image: Image) -> Image:
+    """The same world content stored with the first voxel axis reversed (an L-first header)."""
+    affine = image.affine.copy()
+    affine[:3, 3] = affine[:3, :3] @ [image.data.shape[0] - 1, 0, 0] + affine[:3, 3]
+    affine[:3, 0] *= -1
+    return Image(np.ascontiguousarray(image.data[::-1]), affine)
+
+
+@pytest.fixture(scope="module")
+def still_model(tmp_path_factory) -> str:
+    """A model whose velocity network predicts zero everywhere: a registration with it moves only
+    by what it is given."""
+    torch.manual_seed(0)
+    model = RegistrationModel(TINY)
+    with torch.no_grad():
+        model.flow.flow.weight.zero_()
+        model.flow.flow.bias.zero_()
+    path = tmp_path_factory.mktemp("model") / "still.safetensors"
+    save_model(model, path)
+    return str(path)
+
+
+def test_init_velocity_continues_a_registration_from_its_field(tiny_model, still_model):
+    """A registration started from an earlier one's velocity, with a network that adds nothing
+    and no optimisation of its own, reproduces the earlier deformation: exactly from the coarse
+    field (the network's grid, world mm), roughly from the full-grid field (resampled; the
+    padding outside the fixed image reads as zero). The fixed image is stored L-first, so axis order and signs are exercised."""
+    fixed = _flipped_x(blob_image(shape=(28, 32, 24)))
+    truth = Transform(np.eye(4), _known_deformation(fixed).displacement)  # the smooth bump alone
+    moving = _warp_by_inverse(fixed, truth)
+    mask = fixed.data > 0.15
+    known = {"init_affine": np.eye(4), "affine_network": False, "affine_steps": 0}
+    first = register_deep(fixed, moving, fixed_mask=mask, model_path=tiny_model, refine_steps=30, **known)
+    first_error = _mean_error(first.transform, truth, fixed, mask)
+    assert first_error < 0.8 * _mean_error(Transform.identity(), truth, fixed, mask)
+    coarse = first.coarse_velocity
+    assert coarse.data.shape[-1] == 3 and np.prod(coarse.data.shape[:3]) * 4 < fixed.data.size
+    exact = register_deep(fixed, moving, fixed_mask=mask, model_path=still_model, init_velocity=coarse, **known)
+    np.testing.assert_allclose(exact.transform.displacement.data, first.transform.displacement.data, atol=1e-3)
+    np.testing.assert_allclose(exact.coarse_velocity.data, coarse.data, atol=1e-5)
+    resampled = register_deep(
+        fixed, moving, fixed_mask=mask, model_path=still_model, init_velocity=first.velocity, **known
+    )
+    size = np.linalg.norm(first.transform.displacement.data, axis=-1)[mask].mean()
+    difference = np.linalg.norm(resampled.transform.displacement.data - first.transform.displacement.data, axis=-1)
+    assert difference[mask].mean() < 0.25 * size
+    assert _mean_error(resampled.transform, truth, fixed, mask) < 1.2 * first_error
+    with pytest.raises(AtlasflowError, match="3-vector"):
+        register_deep(fixed, moving, model_path=tiny_model, init_velocity=fixed)
+
+
+def test_init_velocity_needs_the_deep_backend():
+    from atlasflow.register import register
+
+    fixed = blob_image(shape=(16, 16, 16))
+    field = Image(np.zeros((16, 16, 16, 3), np.float32), fixed.affine)
+    with pytest.raises(AtlasflowError, match="deep backend"):
+        register(fixed, fixed, backend="ants", init_velocity=field)
+
+
 def _warp_by_inverse(fixed: Image, truth: Transform) -> Image:
     """moving = fixed o truth^-1, found by fixed-point inversion of the smooth truth."""
     world = world_coordinates(fixed.grid)

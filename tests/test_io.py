@@ -1,6 +1,8 @@
 """Image I/O: round trips, atomic writes, deterministic bytes, clear errors."""
 
 import gzip
+import os
+import stat
 
 import nibabel as nib
 import numpy as np
@@ -89,3 +91,23 @@ def test_a_write_that_fails_midway_leaves_nothing_under_the_final_name(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == (["a.nii.gz"] if existing else [])
     if existing:
         assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_outputs_get_the_permissions_the_umask_allows(tmp_path, blob, umask, mode):
+    """Atomic writes go through a temporary file, which mkstemp makes 0600: the outputs must
+    still be readable by whoever the user's umask lets read new files (a lab's group)."""
+    from atlasflow.io import atomic_write_text
+    from atlasflow.transforms import write_itk_affine
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            save_image(blob, tmp_path / "a.nii.gz"),
+            save_image(blob, tmp_path / "a.nii"),
+            atomic_write_text(tmp_path / "a.tsv", "x\n"),
+            write_itk_affine(np.eye(4), tmp_path / "a.mat"),
+        ]
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {mode}

@@ -162,23 +162,28 @@ def _finish_iteration(
 
 @dataclass(frozen=True)
 class Member:
-    """One atlas member: its preprocessed image, brain mask and affine to the reference template
-    (ITK .mat, template world -> member world)."""
+    """One atlas member: its preprocessed image, brain mask, affine to the reference template
+    (ITK .mat, template world -> member world) and, from the second iteration on, its velocity of
+    the previous iteration (coarse grid, world mm) to continue from."""
 
     name: str
     image: str
     mask: str | None = None
     affine: str | None = None
+    velocity: str | None = None
 
 
 @dataclass(frozen=True)
 class Target:
     """What every member of one job is registered to: the template, its mask and the engine's
-    options (``affine_only``: atlas_init's affines)."""
+    options (``affine_only``: atlas_init's affines). ``start_shift`` is added to every carried
+    member velocity: minus the step times the previous mean velocity, the shape update that moved
+    the template since those velocities were found."""
 
     fixed: Image
     mask: np.ndarray
     options: dict
+    start_shift: Image | None = None
 
 
 def _register_member(member: Member, target: Target) -> dict:
@@ -193,8 +198,10 @@ def _register_member(member: Member, target: Target) -> dict:
         moving = load_image(member.image)
         mmask = load_mask(member.mask, moving, member.image)
         init = read_itk_affine(member.affine) if member.affine else None
+        start = _start_velocity(member, target.start_shift)
         reg = register(
-            fixed, moving, fixed_mask=fixed_mask, moving_mask=mmask, init_affine=init, inverse=False, **options
+            fixed, moving, fixed_mask=fixed_mask, moving_mask=mmask, init_affine=init, inverse=False,
+            **({} if start is None else {"init_velocity": start}), **options,
         )
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
@@ -209,11 +216,24 @@ def _register_member(member: Member, target: Target) -> dict:
         return result
     field = reg.field
     result["field"] = field.data.astype(np.float32)
+    result["coarse_velocity"] = reg.coarse_velocity
     result["metrics"].update(
         folding_fraction=folding_fraction(reg.transform.displacement, fixed_mask),
         velocity_norm_mean_mm=float(np.linalg.norm(field.data, axis=-1)[fixed_mask].mean()),
     )
     return result
+
+
+def _start_velocity(member: Member, shift: Image | None) -> Image | None:
+    """The member's velocity of the previous iteration moved by ``shift`` (None: start afresh)."""
+    if member.velocity is None:
+        return None
+    start = load_image(member.velocity, allow_vector=True)
+    if shift is None:
+        return start
+    if not start.grid.same_as(shift.grid) or start.data.shape != shift.data.shape:
+        raise AtlasflowError(f"{member.velocity}: grid differs from the previous mean velocity's")
+    return start.with_data(start.data + shift.data)
 
 
 def worker_init(threads: int = 1) -> None:
@@ -297,9 +317,19 @@ def run_iteration(
     workers: int = 1,
     skip_failed: bool = False,
     min_members: int = 1,
+    previous_mean_velocity: str | Path | None = None,
+    out_velocities: Sequence[str | Path] | None = None,
+    out_mean_velocity: str | Path | None = None,
 ) -> dict:
     """One atlas iteration in one process: register every member to the previous template, then
     average, shape-update and sharpen.
+
+    Carried velocities (deep backend): a member with a ``velocity`` (its field of the previous
+    iteration) starts from it, moved by ``-gradient_step`` x ``previous_mean_velocity`` (the shape
+    update since), and the network adds a residual, so the registrations sharpen from one
+    iteration to the next instead of starting afresh. ``out_velocities`` (one per member) and
+    ``out_mean_velocity`` receive this iteration's fields on the network's coarse grid for the
+    next; a failed member's file holds its failure record (the next iteration starts it afresh).
 
     One job per iteration instead of one per member: the engine's start-up (Python, torch, the
     weights; ~2 s) is paid once, not per member, and the warped images and fields are summed in
@@ -308,18 +338,41 @@ def run_iteration(
     A member that fails is named in the error, or under ``skip_failed`` left out and listed in
     ``out_members`` with its reason.
     """
+    from .failures import write_failure
+
+    if out_velocities is not None and len(out_velocities) != len(members):
+        raise AtlasflowError(
+            f"atlas iteration {iteration}: {len(members)} members but {len(out_velocities)} velocity outputs"
+        )
     previous = load_image(previous_template)
     region = load_mask(mask, previous, previous_template)
-    target = Target(previous, region, options)
+    shift = None
+    if previous_mean_velocity is not None:
+        mean_previous = load_image(previous_mean_velocity, allow_vector=True)
+        shift = mean_previous.with_data((-gradient_step * mean_previous.data).astype(np.float32))
+    target = Target(previous, region, options, shift)
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field = np.zeros((*previous.data.shape, 3), np.float64)
+    total_coarse: np.ndarray | None = None
+    coarse_affine: np.ndarray | None = None
     rows, norms, kept = [], [], []
-    for member, result in zip(members, _map_members(_register_member, members, target, workers), strict=True):
+    outs = out_velocities if out_velocities is not None else [None] * len(members)
+    results = _map_members(_register_member, members, target, workers)
+    for member, out_velocity, result in zip(members, outs, results, strict=True):
         if "error" in result:
             if not skip_failed:
                 raise AtlasflowError(f"atlas iteration {iteration}: {member.image}: {result['error']}")
             rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
+            if out_velocity is not None:
+                write_failure([out_velocity], f"atlas iteration {iteration}", result["error"], source=member.image)
             continue
+        if out_velocity is not None:
+            coarse = result["coarse_velocity"]
+            if coarse is None:
+                raise AtlasflowError("carried atlas velocities need the deep backend")
+            save_image(coarse, out_velocity, dtype=np.float32)
+            total_coarse = coarse.data.astype(np.float64) if total_coarse is None else total_coarse + coarse.data
+            coarse_affine = coarse.affine
         total_warped += result["warped"]
         total_field += result["field"]
         norms.append(result["metrics"]["velocity_norm_mean_mm"])
@@ -329,6 +382,8 @@ def run_iteration(
     n = len(kept)
     average = previous.with_data((total_warped / n).astype(np.float32))
     mean_velocity = Image((total_field / n).astype(np.float32), previous.affine.copy())
+    if out_mean_velocity is not None and total_coarse is not None and coarse_affine is not None:
+        save_image(Image((total_coarse / n).astype(np.float32), coarse_affine), out_mean_velocity, dtype=np.float32)
     metrics = _finish_iteration(
         average, mean_velocity, previous, region, norms, kept, out_template, out_metrics,
         gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,

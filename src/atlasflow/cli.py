@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import AtlasflowError
-from .failures import describe, first_failed_input, keep_successful, on_error_default, write_failure
+from .failures import (
+    describe,
+    failure_record,
+    first_failed_input,
+    keep_successful,
+    on_error_default,
+    write_failure,
+)
 
 
 def limit_threads(n: int | None) -> None:
@@ -148,11 +155,11 @@ def _successful(args: argparse.Namespace, columns: list[list[str]], what: str) -
     return kept
 
 
-def _member(image: str, mask: str | None, affine: str | None = None):
+def _member(image: str, mask: str | None, affine: str | None = None, velocity: str | None = None):
     """An atlas member named after its scan (``sub-X_ses-Y``)."""
     from .atlas import Member
 
-    return Member(Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine)
+    return Member(Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine, velocity)
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
@@ -199,10 +206,29 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             mask=args.mask,
         )
     elif args.step == "iteration":
-        images, masks, affines = _successful(
-            args, [args.images or [], args.masks or [], args.affines or []], f"atlas iteration {args.iteration}"
-        )
-        members = [_member(image, mask, affine) for image, mask, affine in zip(images, masks, affines, strict=True)]
+        images, masks, affines = args.images or [], args.masks or [], args.affines or []
+        velocities = args.velocities or [None] * len(images)
+        out_velocities = args.out_velocities or [None] * len(images)
+        if not len(images) == len(masks) == len(affines) == len(velocities) == len(out_velocities):
+            raise AtlasflowError(
+                "atlas iteration: --images, --masks, --affines, --velocities and --out-velocities must list the same members"
+            )
+        if bool(args.out_velocities) != bool(args.out_mean_velocity):
+            raise AtlasflowError("atlas iteration: --out-velocities and --out-mean-velocity go together")
+        kept_images, *_ = _successful(args, [images, masks, affines], f"atlas iteration {args.iteration}")
+        members, kept_out = [], []
+        for image, mask, affine, velocity, out_velocity in zip(
+            images, masks, affines, velocities, out_velocities, strict=True
+        ):
+            if image not in kept_images:
+                if out_velocity:  # failed upstream: its velocity output passes the record on
+                    _, record = first_failed_input([image, mask, affine])
+                    write_failure([out_velocity], f"atlas iteration {args.iteration}", describe(record), image)
+                continue
+            # A member that failed in the previous iteration starts afresh.
+            carried = velocity if velocity and failure_record(velocity) is None else None
+            members.append(_member(image, mask, affine, carried))
+            kept_out.append(out_velocity)
         options = _engine_options(args)
         if args.affine_steps is not None:
             options["affine_steps"] = args.affine_steps
@@ -220,6 +246,9 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             workers=args.threads or 1,
             skip_failed=args.on_scan_error == "skip",
             min_members=args.min_inputs,
+            previous_mean_velocity=args.mean_velocity,
+            out_velocities=kept_out if args.out_velocities else None,
+            out_mean_velocity=args.out_mean_velocity,
         )
     elif args.step == "vote":
         (labels,) = _successful(args, [args.labels or []], "atlas label vote")
@@ -385,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-affines", nargs="*", help="init: where to write the members' affines")
     p.add_argument("--out-members", help="init/iteration: per-member registration metrics (TSV)")
     p.add_argument("--affine-steps", type=int, default=None, help="iteration: test-time affine steps (deep)")
+    p.add_argument(
+        "--velocities", nargs="*",
+        help="iteration: the members' velocities of the previous iteration, to continue from (deep)",
+    )
+    p.add_argument("--mean-velocity", help="iteration: the previous iteration's mean velocity (with --velocities)")
+    p.add_argument("--out-velocities", nargs="*", help="iteration: where to write the members' velocities")
+    p.add_argument("--out-mean-velocity", help="iteration: where to write their mean")
     _add_engine_options(p)
     p.add_argument("--template", help="init: reference template (grid and pose)")
     p.add_argument("--template-mask", help="init: its brain mask")

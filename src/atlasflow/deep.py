@@ -36,7 +36,13 @@ from .nn import deterministic_kernels
 from .nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
 from .nn.networks import RegistrationModel
 from .nn.optim import Adam
-from .transforms import Transform, integrate_velocity, resize_displacement, warp_tensor
+from .transforms import (
+    Transform,
+    apply_transform,
+    integrate_velocity,
+    resize_displacement,
+    warp_tensor,
+)
 
 MODEL_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODEL_DIR / "atlasflow_synthmorph_2mm.safetensors"
@@ -64,6 +70,9 @@ class DeepResult:
     inverse_displacement: Image | None  # x_fixed = y + v(y), y = affine^-1 x_moving (None: not asked for)
     velocity: Image  # stationary velocity field (world mm)
     seconds: float  # compute time, model loading excluded
+    # The same velocity on the network's own grid (half the working resolution, world mm): 1/8 of
+    # the voxels, and exact as ``init_velocity`` of a later registration on the same working grid.
+    coarse_velocity: Image | None = None
 
 
 # ------------------------------------------------------------------------------- working grid
@@ -168,6 +177,31 @@ def _pooled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     out = affine @ np.diag([float(factor)] * 3 + [1.0])
     out[:3, 3] = affine[:3, :3] @ np.full(3, (factor - 1) / 2) + affine[:3, 3]
     return out
+
+
+def _coarse_affine(work: WorkingGrid, shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel -> world of a field on ``shape`` covering the working grid corner to corner (the
+    ``align_corners`` sampling of :func:`resize_displacement`)."""
+    scale = [(n - 1) / max(c - 1, 1) for n, c in zip(work.shape, shape, strict=True)]
+    return work.affine @ np.diag([*scale, 1.0])
+
+
+def _coarse_to_world(velocity: torch.Tensor, affine: np.ndarray) -> Image:
+    """(1, 3, X, Y, Z) voxel units on the grid of ``affine`` -> world mm vectors on that grid."""
+    linear = torch.from_numpy(affine[:3, :3]).float()
+    return Image(torch.einsum("wc,cxyz->xyzw", linear, velocity[0].cpu()).numpy(), affine.copy())
+
+
+def _coarse_from_world(velocity: Image, affine: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
+    """World mm vector field (any grid) -> (1, 3, *shape) voxel units on the grid of ``affine``;
+    resampled only when its grid is another one."""
+    if velocity.data.ndim != 4 or velocity.data.shape[-1] != 3:
+        raise AtlasflowError(f"init_velocity must be a 3-vector field, got shape {velocity.data.shape}")
+    data = velocity.data
+    if data.shape[:3] != tuple(shape) or not np.allclose(velocity.affine, affine, atol=1e-4):
+        data = apply_transform(velocity, Transform.identity(), Grid(tuple(shape), affine), "linear").data
+    vox = np.einsum("vw,xyzw->vxyz", np.linalg.inv(affine[:3, :3]), data.astype(np.float64))
+    return torch.from_numpy(np.ascontiguousarray(vox, dtype=np.float32))[None]
 
 
 def _centred_to_vox4(matrix: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -482,6 +516,7 @@ def register_deep(
     refine_steps: int = 0,
     affine_only: bool = False,
     init_affine: np.ndarray | None = None,
+    init_velocity: Image | None = None,
     device: str = "cpu",
     seed: int = 0,
     affine_steps: int = AFFINE_STEPS,
@@ -504,6 +539,9 @@ def register_deep(
     the labels as one region (label > 0) and matches clipped signed distances to its edge instead
     (:func:`signed_distance`): depth inside and distance outside are kept, so a growing region
     is mapped by an expansion of its inside, not by stretching a thin shell at its edge.
+    ``init_velocity`` (world mm, typically a previous result's ``coarse_velocity``) is a deformation
+    to start from, after the affine: the network sees the moving image warped by it and its
+    prediction is added (a cascade; the atlas iterations carry each member's field this way).
     """
     for name, mask, image in (
         ("fixed_mask", fixed_mask, fixed),
@@ -628,21 +666,37 @@ def register_deep(
             seconds,
         )
 
-    # 4. Deep SVF on the affinely aligned pair.
+    # 4. Deep SVF on the affinely aligned pair (or on the pair as ``init_velocity`` leaves it).
+    steps = model.config.integration_steps
     with torch.no_grad():
         moving_w = _sample_moving(moving_t, vox_matrix(world, work.affine), work.shape)
-        velocity = model.flow(torch.cat([fixed_t, moving_w], 1)).contiguous()
-        # Keep the network's field only when it improves the (masked) similarity at half
-        # resolution; otherwise start from the identity.
+        start_velocity, moving_s = None, moving_w
+        if init_velocity is not None:
+            coarse_shape = tuple(n // 2 for n in work.shape)
+            start_velocity = _coarse_from_world(init_velocity, _coarse_affine(work, coarse_shape), coarse_shape)
+            start_velocity = start_velocity.to(device)
+            start_disp = integrate_velocity(start_velocity, steps)
+            moving_s = warp_tensor(moving_w, resize_displacement(start_disp, work.shape))
+        velocity = model.flow(torch.cat([fixed_t, moving_s], 1)).contiguous()
         half_shape = tuple(velocity.shape[2:])
-        disp_half = integrate_velocity(velocity, model.config.integration_steps)
+        if start_velocity is not None and tuple(start_velocity.shape[2:]) != half_shape:
+            raise AtlasflowError(f"network field {half_shape} is not half the working grid {work.shape}")
+        # Keep the network's field only when it improves the (masked) similarity at half
+        # resolution; otherwise keep the start (the identity, or ``init_velocity``).
         fixed_h, moving_h, cost_h = (
             F.interpolate(t, size=half_shape, mode="trilinear", align_corners=True)
-            for t in (fixed_t, moving_w, cost_t)
+            for t in (fixed_t, moving_s, cost_t)
         )
-        if local_ncc(fixed_h, warp_tensor(moving_h, disp_half), 3, cost_h) <= local_ncc(
+        disp_half = integrate_velocity(velocity, steps)
+        kept = local_ncc(fixed_h, warp_tensor(moving_h, disp_half), 3, cost_h) > local_ncc(
             fixed_h, moving_h, 3, cost_h
-        ):
+        )
+        if start_velocity is not None:
+            # Stationary fields add to first order (exp(u) o exp(r) ~ exp(u + r)): one field,
+            # integrated once, keeps a single transform representation.
+            velocity = start_velocity + velocity if kept else start_velocity
+            disp_half = integrate_velocity(velocity, steps) if kept else start_disp
+        elif not kept:
             velocity = torch.zeros_like(velocity)
             disp_half = torch.zeros_like(velocity)
     # 5. Instance optimisation.
@@ -682,7 +736,6 @@ def register_deep(
             disp_half = integrate_velocity(velocity, model.config.integration_steps)
     # 6. Fields in working voxels -> world mm on the fixed grid.
     with torch.no_grad():
-        steps = model.config.integration_steps
         forward = resize_displacement(disp_half, work.shape)
         backward = resize_displacement(integrate_velocity(-velocity, steps), work.shape) if inverse else None
         velocity_full = resize_displacement(velocity, work.shape)
@@ -697,6 +750,7 @@ def register_deep(
         to_world(backward) if backward is not None else None,
         to_world(velocity_full),
         0.0,
+        _coarse_to_world(velocity, _coarse_affine(work, half_shape)),
     )
     result.seconds = time.perf_counter() - start
     return result

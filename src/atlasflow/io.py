@@ -140,8 +140,7 @@ def save_image(
     if intent is not None:
         nii.header.set_intent(intent)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = sibling_tempfile(path, suffix)
     try:
         # Fixed gzip mtime so identical inputs give byte-identical files. Level 1 (nibabel's own
         # default): level 9 took 5-10x longer on float displacement fields for files ~5 % smaller.
@@ -161,13 +160,27 @@ def save_image(
     return path
 
 
+def sibling_tempfile(path: Path, suffix: str = "") -> str:
+    """A new empty file beside ``path`` for an atomic write (renamed over ``path`` once complete).
+
+    It gets the permissions a plain ``open()`` would give (0666 less the umask): mkstemp's 0600
+    would hide every output from the rest of a lab's group.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = sibling_tempfile(path)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     finally:

@@ -44,6 +44,7 @@ class Registration:
     velocity: Image | None
     seconds: float
     backend: str
+    coarse_velocity: Image | None = None  # deep: the velocity on the network's grid (see register_deep)
 
     @property
     def field(self) -> Image:
@@ -141,6 +142,7 @@ def register(
     label_weight: float = 1.0,
     label_term: str = "dice",
     init_affine: np.ndarray | None = None,
+    init_velocity: Image | None = None,
     affine_steps: int | None = None,
     inverse: bool = True,
 ) -> Registration:
@@ -151,9 +153,12 @@ def register(
     ``init_affine`` (fixed world -> moving world, deep backend) is a known affine alignment: the
     affine network is skipped and ``affine_steps`` (default: the engine's) of test-time
     optimisation refine it. ANTs ignores it and aligns from scratch. ``inverse=False`` skips the
-    deep backend's inverse field (``inverse_displacement`` is then None).
+    deep backend's inverse field (``inverse_displacement`` is then None). ``init_velocity`` (deep
+    backend only) is a field to continue from, for example an earlier result's ``coarse_velocity``.
     """
     if backend == "ants":
+        if init_velocity is not None:
+            raise AtlasflowError("init_velocity needs the deep backend; ANTs starts from its own fields")
         kind = "Affine" if affine_only else ants_type
         if cost_mask is not None:
             # ANTs has no separate cost mask: the excluded voxels leave its fixed mask.
@@ -179,11 +184,14 @@ def register(
             label_weight=label_weight,
             label_term=label_term,
             init_affine=init_affine,
+            init_velocity=init_velocity,
             affine_network=init_affine is None,
             inverse=inverse,
             **({} if affine_steps is None else {"affine_steps": affine_steps}),
         )
-        return Registration(res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep")
+        return Registration(
+            res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep", res.coarse_velocity
+        )
     raise AtlasflowError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AtlasflowError
-from .io import atomic_write_text
+from .io import atomic_write_text, sibling_tempfile
 from .nn import deterministic_kernels
 from .nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
 from .nn.networks import NetConfig, RegistrationModel
@@ -73,13 +72,11 @@ def save_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = sibling_tempfile(path)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT})
         sha = _sha256(Path(tmp))
         size = os.path.getsize(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

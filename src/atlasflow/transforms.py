@@ -17,7 +17,6 @@ and are shared by the networks, the instance optimiser and the atlas shape updat
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AtlasflowError
-from .io import Grid, Image, load_image, save_image
+from .io import Grid, Image, load_image, save_image, sibling_tempfile
 
 # RAS <-> LPS flips the first two world axes.
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -58,8 +57,7 @@ def write_itk_affine(affine_ras: np.ndarray, path: str | os.PathLike) -> Path:
     params = np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]]).reshape(12, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mat", dir=path.parent)
-    os.close(fd)
+    tmp = sibling_tempfile(path, ".mat")
     try:
         scipy.io.savemat(
             tmp,

@@ -84,10 +84,11 @@ rule atlas_finetune:
 
 rule atlas_iteration:
     """Iteration i in one job: every member registered to template i-1 (from its affine to the
-    reference template), then average -> shape update -> sharpen. One job per iteration pays the
+    reference template), then average -> shape update (-> sharpen). One job per iteration pays the
     engine's start-up once and keeps the warped members in memory; its threads are worker
     processes, one member each."""
     input:
+        unpack(carried_velocities),
         previous=previous_template,
         mask=TEMPLATE_MASK,
         images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
@@ -98,6 +99,8 @@ rule atlas_iteration:
         template=iter_file("{iteration}", "template_T1w.nii.gz"),
         metrics=iter_file("{iteration}", "metrics.json"),
         members=iter_file("{iteration}", "members.tsv"),
+        velocities=iter_velocities("{iteration}") if CARRY else [],
+        mean_velocity=iter_file("{iteration}", "velocities/mean_velocity.nii") if CARRY else [],
     conda:
         CONDA_ENV
     log:
@@ -107,7 +110,7 @@ rule atlas_iteration:
     params:
         # Plain values (not functions of `input`) are compared with the last run's: a changed
         # setting reruns the iterations.
-        settings=f"{atlas_registration_options(None)} gradient_step {ATL['gradient_step']} sharpen {ATL['sharpen']}",
+        settings=f"{atlas_registration_options(None)} gradient_step {ATL['gradient_step']} sharpen {ATL['sharpen']} carry {CARRY}",
         argv=lambda wc, input, output, threads: [
             "--threads", threads, "atlas", "iteration", "--iteration", wc.iteration,
             "--previous", input.previous, "--mask", input.mask,
@@ -116,6 +119,8 @@ rule atlas_iteration:
             "--gradient-step", ATL["gradient_step"],
             *([] if ATL["sharpen"] else ["--no-sharpen"]), *MIN_MEMBERS.split(),
             "--output", output.template, "--out-metrics", output.metrics, "--out-members", output.members,
+            *(["--velocities", *input.velocities, "--mean-velocity", input.mean_velocity] if hasattr(input, "velocities") else []),
+            *(["--out-velocities", *output.velocities, "--out-mean-velocity", output.mean_velocity] if CARRY else []),
         ],
     threads: ATL["threads"]
     resources:

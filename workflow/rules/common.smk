@@ -213,6 +213,22 @@ FINETUNED_MODEL = f"{ATLAS}/model/finetuned_velocity.safetensors"
 
 N_ITER = ATL["iterations"]
 
+# Deep backend: each iteration continues every member's velocity of the previous one.
+CARRY = REG["backend"] == "deep" and ATL["carry_velocity"]
+
+
+def iter_velocities(iteration):
+    """The members' velocities of an iteration (coarse grid), in member order."""
+    return [iter_file(iteration, f"velocities/sub-{s}_ses-{t}_velocity.nii") for s, t in ATLAS_MEMBERS]
+
+
+def carried_velocities(wildcards):
+    """What iteration i continues from: iteration i-1's member and mean velocities (none for i = 1)."""
+    previous = int(wildcards.iteration) - 1
+    if not CARRY or previous < 1:
+        return {}
+    return {"velocities": iter_velocities(previous), "mean_velocity": iter_file(previous, "velocities/mean_velocity.nii")}
+
 
 def iter_file(iteration, name):
     return f"{ATLAS}/iter-{iteration}/{name}"
