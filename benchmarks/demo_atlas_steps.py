@@ -6,7 +6,8 @@ per iteration the NCC of the template with the demo's true template (inside the 
 mean velocity norm and the velocity bias ratio. The demo's control subjects are the true template
 warped by velocity fields centred on their mean, so the true template is the members' centre.
 
-    python benchmarks/demo_atlas_steps.py --results R --demo D [--steps 0.25 1.0] [--no-sharpen] [--refine 0 30]
+    python benchmarks/demo_atlas_steps.py --results R --demo D [--steps 0.25 1.0] [--sharpen yes|no|both]
+        [--refine 0 30] [--carry yes|no|both] [--iterations 4]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import itertools
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from atlasflow import atlas
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=float, nargs="+", default=[0.25, 1.0])
     p.add_argument("--sharpen", choices=["yes", "no", "both"], default="yes")
     p.add_argument("--refine", type=int, nargs="+", default=[0])
+    p.add_argument("--carry", choices=["yes", "no", "both"], default="yes", help="carried velocities (atlas.carry_velocity)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
     truth = load_image(args.demo / "truth" / "template_T1w.nii.gz")
@@ -52,27 +55,39 @@ def main(argv: list[str] | None = None) -> int:
     brain = apply_transform(truth_dseg, Transform.identity(), grid, "nearest").data > 0
     mask = args.results / "template" / "template_desc-brain_mask.nii.gz"
     cohort = members(args.results)
-    sharpen = {"yes": [True], "no": [False], "both": [True, False]}[args.sharpen]
-    print("| gradient step | sharpen | refine | NCC to the true template, iterations 0..N | mean velocity norm mm | bias ratio |")
-    print("|---|---|---|---|---|---|")
-    for step, sharp, refine in itertools.product(args.steps, sharpen, args.refine):
+    yes_no = {"yes": [True], "no": [False], "both": [True, False]}
+    print(
+        "| gradient step | sharpen | refine | carry | NCC to the true template, iterations 0..N "
+        "| mean velocity norm mm | bias ratio | members' NCC to their template |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for step, sharp, refine, carry in itertools.product(args.steps, yes_no[args.sharpen], args.refine, yes_no[args.carry]):
         previous = start
-        scores, norms, ratios = [ncc(load_image(start).data, truth_on_grid, brain)], [], []
+        scores, norms, ratios, members_ncc = [ncc(load_image(start).data, truth_on_grid, brain)], [], [], []
         with tempfile.TemporaryDirectory() as tmp:
+            members_i, mean_velocity = cohort, None
             for i in range(1, args.iterations + 1):
                 out = Path(tmp) / f"iter-{i}"
+                velocities = [out / f"{m.name}_velocity.nii" for m in cohort] if carry else None
                 metrics = atlas.run_iteration(
-                    cohort, previous, mask, out / "t.nii.gz", out / "m.json", out / "members.tsv",
+                    members_i, previous, mask, out / "t.nii.gz", out / "m.json", out / "members.tsv",
                     options={"backend": "deep", "refine_steps": refine, "affine_steps": 0}, iteration=i,
                     gradient_step=step, do_sharpen=sharp, workers=args.workers,
+                    previous_mean_velocity=mean_velocity, out_velocities=velocities,
+                    out_mean_velocity=out / "mean_velocity.nii" if carry else None,
                 )
+                if carry:
+                    members_i = [replace(m, velocity=str(v)) for m, v in zip(cohort, velocities, strict=True)]
+                    mean_velocity = out / "mean_velocity.nii"
                 previous = out / "t.nii.gz"
                 scores.append(ncc(load_image(previous).data, truth_on_grid, brain))
                 norms.append(metrics["mean_velocity_norm_mean_mm"])
                 ratios.append(metrics["velocity_bias_ratio"])
+                members_ncc.append(metrics["ncc_to_template_mean"])
         print(
-            f"| {step:g} | {'yes' if sharp else 'no'} | {refine} | {' -> '.join(f'{s:.4f}' for s in scores)} | "
-            f"{' -> '.join(f'{n:.3f}' for n in norms)} | {' -> '.join(f'{r:.2f}' for r in ratios)} |",
+            f"| {step:g} | {'yes' if sharp else 'no'} | {refine} | {'yes' if carry else 'no'} | "
+            f"{' -> '.join(f'{s:.4f}' for s in scores)} | {' -> '.join(f'{n:.3f}' for n in norms)} | "
+            f"{' -> '.join(f'{r:.2f}' for r in ratios)} | {' -> '.join(f'{r:.3f}' for r in members_ncc)} |",
             flush=True,
         )
     return 0

@@ -288,3 +288,49 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
     assert 1 - carried["sub-00_ses-1"] < 0.95 * (1 - fresh["sub-00_ses-1"]), (carried, fresh)
     assert carried["sub-01_ses-1"] == fresh["sub-01_ses-1"]
     assert failure_record(v2[1]) is not None and failure_record(v2[0]) is None
+    # The network added a residual to the carried start (its field less the shape update).
+    start = fields[0].data - load_image(first / "mean.nii.gz", allow_vector=True).data
+    residual = load_image(v2[0], allow_vector=True).data - start
+    assert np.abs(residual).max() > 0.05
+
+
+def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path):
+    """Known truth: a demo cohort of 5 controls (the true template warped by centred velocity
+    fields) at 4 mm, intensities scaled to the network's range. With carried velocities each
+    iteration continues the registrations, so the template approaches the truth at every
+    iteration (NCC 0.9273 -> 0.9364 -> 0.9400 -> 0.9415 -> 0.9423); started afresh they reach a
+    fixed point after iteration 1 (0.9364 -> 0.9365 -> 0.9366 -> 0.9366)."""
+    from atlasflow.synth import make_demo_cohort
+
+    make_demo_cohort(tmp_path, seed=0, n_cross=5, n_long=0, spacing_mm=4.0)
+    truth = load_image(tmp_path / "truth" / "template_T1w.nii.gz")
+    brain = load_image(tmp_path / "truth" / "template_dseg.nii.gz", dtype=None).data > 0
+    reference_mask = write(tmp_path, "reference_mask.nii.gz", truth.with_data(brain.astype(np.uint8)))
+    members = []
+    for row in (tmp_path / "manifest.csv").read_text().splitlines()[1:]:
+        fields = dict(zip((tmp_path / "manifest.csv").read_text().splitlines()[0].split(","), row.split(","), strict=True))
+        labels = load_image(tmp_path / fields["labels"], dtype=None).data > 0
+        image = load_image(tmp_path / fields["t1w"])
+        name = f"sub-{fields['subject']}"
+        scaled = write(tmp_path, f"{name}_T1w.nii.gz", image.with_data(image.data / np.percentile(image.data[labels], 99)))
+        mask = write(tmp_path, f"{name}_mask.nii.gz", image.with_data(labels.astype(np.uint8)))
+        members.append(atlas.Member(name, str(scaled), str(mask)))
+    affines = [tmp_path / f"{m.name}.mat" for m in members]
+    options = {"backend": "deep", "refine_steps": 0}
+    start = atlas.run_init(members, tmp_path / "truth" / "template_T1w.nii.gz", reference_mask, tmp_path / "t0.nii.gz",
+                           affines, tmp_path / "m0.tsv", options=options, workers=2)
+    members = [atlas.Member(m.name, m.image, m.mask, str(a)) for m, a in zip(members, affines, strict=True)]
+    scores, previous, mean = [ncc(start.data, truth.data, brain)], tmp_path / "t0.nii.gz", None
+    for i in range(1, 5):
+        velocities = [tmp_path / f"iter-{i}" / f"{m.name}_velocity.nii" for m in members]
+        atlas.run_iteration(
+            members, previous, reference_mask, tmp_path / f"t{i}.nii.gz", tmp_path / f"m{i}.json",
+            tmp_path / f"m{i}.tsv", options={**options, "affine_steps": 0}, iteration=i, do_sharpen=False,
+            workers=2, previous_mean_velocity=mean, out_velocities=velocities,
+            out_mean_velocity=tmp_path / f"iter-{i}" / "mean_velocity.nii",
+        )
+        members = [atlas.Member(m.name, m.image, m.mask, m.affine, str(v)) for m, v in zip(members, velocities, strict=True)]
+        previous, mean = tmp_path / f"t{i}.nii.gz", tmp_path / f"iter-{i}" / "mean_velocity.nii"
+        scores.append(ncc(load_image(previous).data, truth.data, brain))
+    gains = np.diff(scores)
+    assert np.all(gains > 0.0004), scores

@@ -685,20 +685,23 @@ def register_deep(
         # resolution; otherwise keep the start (the identity, or ``init_velocity``).
         fixed_h, moving_h, cost_h = (
             F.interpolate(t, size=half_shape, mode="trilinear", align_corners=True)
-            for t in (fixed_t, moving_s, cost_t)
-        )
-        disp_half = integrate_velocity(velocity, steps)
-        kept = local_ncc(fixed_h, warp_tensor(moving_h, disp_half), 3, cost_h) > local_ncc(
-            fixed_h, moving_h, 3, cost_h
+            for t in (fixed_t, moving_w, cost_t)
         )
         if start_velocity is not None:
             # Stationary fields add to first order (exp(u) o exp(r) ~ exp(u + r)): one field,
-            # integrated once, keeps a single transform representation.
-            velocity = start_velocity + velocity if kept else start_velocity
-            disp_half = integrate_velocity(velocity, steps) if kept else start_disp
-        elif not kept:
-            velocity = torch.zeros_like(velocity)
-            disp_half = torch.zeros_like(velocity)
+            # integrated once, keeps a single transform representation. The start is scored
+            # like the candidate (the half-resolution image warped at half resolution): scored
+            # off the full-resolution warp instead, it looked better and every residual lost.
+            start_h = warp_tensor(moving_h, start_disp)
+            velocity = start_velocity + velocity
+        disp_half = integrate_velocity(velocity, steps)
+        if local_ncc(fixed_h, warp_tensor(moving_h, disp_half), 3, cost_h) <= local_ncc(
+            fixed_h, moving_h if start_velocity is None else start_h, 3, cost_h
+        ):
+            if start_velocity is None:
+                velocity, disp_half = torch.zeros_like(velocity), torch.zeros_like(velocity)
+            else:
+                velocity, disp_half = start_velocity, start_disp
     # 5. Instance optimisation.
     if refine_steps > 0:
         segs = {}
