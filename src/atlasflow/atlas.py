@@ -215,8 +215,11 @@ def _register_member(member: Member, target: Target) -> dict:
         result["affine"] = reg.transform.affine
         return result
     field = reg.field
-    result["field"] = field.data.astype(np.float32)
+    # The deep backend's coarse field is 1/8 of the full one: the job averages that and resamples
+    # the mean once. ANTs has none; its full field goes back instead.
     result["coarse_velocity"] = reg.coarse_velocity
+    if reg.coarse_velocity is None:
+        result["field"] = field.data.astype(np.float32)
     result["metrics"].update(
         folding_fraction=folding_fraction(reg.transform.displacement, fixed_mask),
         velocity_norm_mean_mm=float(np.linalg.norm(field.data, axis=-1)[fixed_mask].mean()),
@@ -352,9 +355,8 @@ def run_iteration(
         shift = mean_previous.with_data((-gradient_step * mean_previous.data).astype(np.float32))
     target = Target(previous, region, options, shift)
     total_warped = np.zeros(previous.data.shape, np.float64)
-    total_field = np.zeros((*previous.data.shape, 3), np.float64)
-    total_coarse: np.ndarray | None = None
-    coarse_affine: np.ndarray | None = None
+    total_field: np.ndarray | None = None  # the members' full fields (ANTs) or coarse ones (deep)
+    field_affine: np.ndarray | None = None
     rows, norms, kept = [], [], []
     outs = out_velocities if out_velocities is not None else [None] * len(members)
     results = _map_members(_register_member, members, target, workers)
@@ -366,24 +368,31 @@ def run_iteration(
             if out_velocity is not None:
                 write_failure([out_velocity], f"atlas iteration {iteration}", result["error"], source=member.image)
             continue
+        coarse = result["coarse_velocity"]
         if out_velocity is not None:
-            coarse = result["coarse_velocity"]
             if coarse is None:
                 raise AtlasflowError("carried atlas velocities need the deep backend")
             save_image(coarse, out_velocity, dtype=np.float32)
-            total_coarse = coarse.data.astype(np.float64) if total_coarse is None else total_coarse + coarse.data
-            coarse_affine = coarse.affine
+        field = result["field"] if coarse is None else coarse.data
+        total_field = field.astype(np.float64) if total_field is None else total_field + field
+        field_affine = previous.affine if coarse is None else coarse.affine
         total_warped += result["warped"]
-        total_field += result["field"]
         norms.append(result["metrics"]["velocity_norm_mean_mm"])
         kept.append(result["metrics"])
         rows.append({"member": member.name, "status": "ok", **result["metrics"]})
     _check_enough(rows, len(kept), min_members, iteration)
     n = len(kept)
     average = previous.with_data((total_warped / n).astype(np.float32))
-    mean_velocity = Image((total_field / n).astype(np.float32), previous.affine.copy())
-    if out_mean_velocity is not None and total_coarse is not None and coarse_affine is not None:
-        save_image(Image((total_coarse / n).astype(np.float32), coarse_affine), out_mean_velocity, dtype=np.float32)
+    assert total_field is not None and field_affine is not None  # n >= 1 members registered
+    mean_velocity = Image((total_field / n).astype(np.float32), field_affine.copy())
+    if out_mean_velocity is not None:
+        save_image(mean_velocity, out_mean_velocity, dtype=np.float32)
+    if not mean_velocity.grid.same_as(previous.grid):
+        # The coarse mean on the template grid: the same trilinear upsampling each member's full
+        # field would have had, done once.
+        from .transforms import Transform, apply_transform
+
+        mean_velocity = apply_transform(mean_velocity, Transform.identity(), previous.grid, "linear")
     metrics = _finish_iteration(
         average, mean_velocity, previous, region, norms, kept, out_template, out_metrics,
         gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,

@@ -100,7 +100,7 @@ rule atlas_iteration:
         metrics=iter_file("{iteration}", "metrics.json"),
         members=iter_file("{iteration}", "members.tsv"),
         velocities=iter_velocities("{iteration}") if CARRY else [],
-        mean_velocity=iter_file("{iteration}", "velocities/mean_velocity.nii") if CARRY else [],
+        mean_velocity=iter_mean_velocity("{iteration}") if CARRY else [],
     conda:
         CONDA_ENV
     log:

@@ -222,12 +222,16 @@ def iter_velocities(iteration):
     return [iter_file(iteration, f"velocities/sub-{s}_ses-{t}_velocity.nii") for s, t in ATLAS_MEMBERS]
 
 
+def iter_mean_velocity(iteration):
+    return iter_file(iteration, "velocities/mean_velocity.nii")
+
+
 def carried_velocities(wildcards):
     """What iteration i continues from: iteration i-1's member and mean velocities (none for i = 1)."""
     previous = int(wildcards.iteration) - 1
     if not CARRY or previous < 1:
         return {}
-    return {"velocities": iter_velocities(previous), "mean_velocity": iter_file(previous, "velocities/mean_velocity.nii")}
+    return {"velocities": iter_velocities(previous), "mean_velocity": iter_mean_velocity(previous)}
 
 
 def iter_file(iteration, name):
