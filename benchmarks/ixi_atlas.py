@@ -87,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores", default="2")
     p.add_argument("--ants-threads", default="2", help="ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs")
     p.add_argument("--iterations", type=int, default=4, help="atlasflow atlas.iterations")
-    p.add_argument("--atlas-refine", type=int, default=None, help="atlas.refine_steps (default: config.yaml's)")
     p.add_argument(
         "--atlas-set", nargs="*", default=[], metavar="KEY=VALUE",
-        help="other atlas settings for atlasflow, for example sharpen=false (values read as YAML)",
+        help="other atlas settings for atlasflow, for example refine_steps=30 sharpen=false (values read as YAML)",
     )
     p.add_argument("--no-ants", action="store_true", help="atlasflow only (a quick comparison of settings; no ratio)")
     p.add_argument("--table", help="also write the markdown table to this file")
@@ -110,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     subjects = [line.split(",")[0] for line in manifest.read_text().splitlines()[1:]]
     configfile = work / "config.yaml"
     atlas_config = {"iterations": args.iterations}
-    if args.atlas_refine is not None:
-        atlas_config["refine_steps"] = args.atlas_refine
     for item in args.atlas_set:
         key, _, value = item.partition("=")
         atlas_config[key] = yaml.safe_load(value)
