@@ -14,7 +14,12 @@ reference template (invocation 1, not part of either atlas time, reported apart)
 Label consistency (both methods): for each subject, the Dice of its labels in atlas space with the
 majority vote of the other subjects' (`atlasflow.atlas.leave_one_out_consistency`).
 
-    python benchmarks/ixi_atlas.py --work /tmp/atlasflow_ixi_atlas [--cores 2] [--ants-threads 2]
+With `--repeats N` both builds run N times, alternating (atlasflow, ANTs, atlasflow, ...; the
+atlas folder is removed before each atlasflow build), and the table reports the medians: on a
+shared 2-core machine one build's time varied by +-20 % from one minute to the next. The labels
+are those of the last builds.
+
+    python benchmarks/ixi_atlas.py --work /tmp/atlasflow_ixi_atlas [--cores 2] [--ants-threads 2] [--repeats 3]
 
 Cached workflow outputs are not rerun: use a fresh --work folder for a timing.
 """
@@ -25,6 +30,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -53,17 +60,25 @@ def snakemake(configfile: Path, cores: str, targets: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def ants_atlas(images: list[Path], masks: list[Path], labels: list[Path], folder: Path) -> tuple[float, float, list[Path]]:
-    """ANTs template from the masked images, then every subject registered to it and its labels warped.
-
-    Returns the build seconds, the registration + warping seconds and the warped label files.
-    """
+def ants_brains(images: list[Path], masks: list[Path]) -> list:
     import ants
 
-    brains = [ants.image_read(str(i)) * ants.image_read(str(m)) for i, m in zip(images, masks, strict=True)]
+    return [ants.image_read(str(i)) * ants.image_read(str(m)) for i, m in zip(images, masks, strict=True)]
+
+
+def ants_build(brains: list) -> tuple[float, object]:
+    """Seconds of ``ants.build_template`` (3 iterations, SyN) on the masked images, and the template."""
+    import ants
+
     start = time.perf_counter()
     template = ants.build_template(image_list=brains, iterations=3, type_of_transform="SyN")
-    build = time.perf_counter() - start
+    return time.perf_counter() - start, template
+
+
+def ants_register(brains: list, template, labels: list[Path], folder: Path) -> tuple[float, list[Path]]:
+    """Every subject registered to the ANTs template and its labels warped: seconds, label files."""
+    import ants
+
     folder.mkdir(parents=True, exist_ok=True)
     ants.image_write(template, str(folder / "ants_template_T1w.nii.gz"))
     warped = []
@@ -77,8 +92,7 @@ def ants_atlas(images: list[Path], masks: list[Path], labels: list[Path], folder
         path = folder / label_path.name.replace("desc-preproc", "space-antsatlas")
         ants.image_write(moved, str(path))
         warped.append(path)
-    register = time.perf_counter() - start
-    return build, register, warped
+    return time.perf_counter() - start, warped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         help="other atlas settings for atlasflow, for example refine_steps=30 sharpen=false (values read as YAML)",
     )
     p.add_argument("--no-ants", action="store_true", help="atlasflow only (a quick comparison of settings; no ratio)")
+    p.add_argument("--repeats", type=int, default=1, help="builds of each method, alternating; the medians are reported")
     p.add_argument("--table", help="also write the markdown table to this file")
     args = p.parse_args(argv)
     if not IXI.exists():
         print(f"{IXI} is absent: nothing to measure", file=sys.stderr)
         return 1
-    # ITK reads this when ants is first imported (in ants_atlas, after the workflow has run).
+    # ITK reads this when ants is first imported (in ants_brains).
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = args.ants_threads
     from atlasflow.atlas import leave_one_out_consistency
 
@@ -119,7 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     prep_targets = [out / "template" / "template_T1w.nii.gz"] + [anat(out, s, name) for s in subjects for name in (
         "desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "desc-preproc_dseg.nii.gz")]
     prep_s = snakemake(configfile, args.cores, prep_targets)
-    build_s = snakemake(configfile, args.cores, [out / "atlas" / "atlas_T1w.nii.gz"])
+    brains = [] if args.no_ants else ants_brains(
+        [anat(out, s, "desc-preproc_T1w.nii.gz") for s in subjects],
+        [anat(out, s, "desc-brain_mask.nii.gz") for s in subjects],
+    )
+    builds, ants_builds, template = [], [], None
+    for _ in range(args.repeats):
+        # A fresh atlas each time: the whole atlas stage reruns, the preprocessed scans are kept.
+        for folder in (out / "atlas", out / "logs" / "atlas", out / "benchmarks" / "atlas_iteration"):
+            shutil.rmtree(folder, ignore_errors=True)
+        builds.append(snakemake(configfile, args.cores, [out / "atlas" / "atlas_T1w.nii.gz"]))
+        if brains:
+            seconds, template = ants_build(brains)
+            ants_builds.append(seconds)
+    build_s = statistics.median(builds)
     af_labels = [anat(out, s, "space-atlas_dseg.nii.gz") for s in subjects]
     register_s = snakemake(configfile, args.cores, [out / "atlas" / "atlas_dseg.nii.gz", *af_labels])
 
@@ -127,12 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = "".join(f", atlas.{key} {value}" for key, value in atlas_config.items() if key != "iterations")
     rows = [(f"atlasflow ({args.iterations} iterations{settings})", build_s, build_s + register_s, af_loo)]
     ratios = []
-    if not args.no_ants:
-        ants_build_s, ants_register_s, ants_labels = ants_atlas(
-            [anat(out, s, "desc-preproc_T1w.nii.gz") for s in subjects],
-            [anat(out, s, "desc-brain_mask.nii.gz") for s in subjects],
-            [anat(out, s, "desc-preproc_dseg.nii.gz") for s in subjects],
-            work / "ants",
+    if brains:
+        ants_build_s = statistics.median(ants_builds)
+        ants_register_s, ants_labels = ants_register(
+            brains, template, [anat(out, s, "desc-preproc_dseg.nii.gz") for s in subjects], work / "ants"
         )
         ants_loo = leave_one_out_consistency(ants_labels)
         rows.append(("ants.build_template (3 iterations, SyN)", ants_build_s, ants_build_s + ants_register_s, ants_loo))
@@ -142,12 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         ]
     load_end = os.getloadavg()
 
+    repeats = []
+    if args.repeats > 1:
+        repeats = [
+            f"Builds, in the order run (medians in the table): atlasflow {', '.join(f'{b:.1f}' for b in builds)} s"
+            + (f"; ANTs {', '.join(f'{b:.0f}' for b in ants_builds)} s" if ants_builds else "") + "."
+        ]
     lines = [
         "| method | atlas build wall s | + registering subjects s | label consistency mean | min |",
         "|---|---|---|---|---|",
         *(f"| {name} | {b:.0f} | {br:.0f} | {sum(loo) / len(loo):.3f} | {min(loo):.3f} |" for name, b, br, loo in rows),
         "",
         *ratios,
+        *repeats,
         f"Shared preprocessing and the reference template (before both, in neither time): {prep_s:.0f} s wall.",
         f"{len(subjects)} subjects; workflow --cores {args.cores}; ANTs ITK threads {args.ants_threads}; "
         f"load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}, "

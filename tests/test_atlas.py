@@ -175,6 +175,23 @@ def test_velocity_bias_ratio_separates_a_shared_shift_from_independent_ones(tmp_
     assert ratios["opposite"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_velocity_norms_are_read_inside_the_region_on_the_fields_own_grid():
+    """The deep backend's fields live on a grid twice as coarse as the template's mask: their
+    norms are read at the coarse voxels at least half inside it (here the first 5 of 10 slabs)."""
+    fine = np.eye(4)
+    region = np.zeros((20, 20, 20), bool)
+    region[:10] = True
+    coarse_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse_affine[:3, 3] = 0.5  # a coarse voxel's centre is the centre of 2 x 2 x 2 fine ones
+    data = np.zeros((10, 10, 10, 3), np.float32)
+    data[:5, ..., 0], data[5:, ..., 0] = 1.0, 3.0
+    norms = atlas._norms_inside(Image(data, coarse_affine), region, fine)
+    assert norms.size == 5 * 10 * 10 and np.all(norms == 1.0)
+    full = np.zeros((20, 20, 20, 3), np.float32)
+    full[..., 1] = np.arange(20)[:, None, None]
+    np.testing.assert_array_equal(atlas._norms_inside(Image(full, fine), region, fine), full[region][:, 1])
+
+
 def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_agree(tmp_path):
     """Members are the previous template shifted by +2 and +4 voxels along x (known affines
     given as identity, so the deformable stage must find the shifts): the iteration's template

@@ -176,6 +176,13 @@ def test_init_velocity_continues_a_registration_from_its_field(tiny_model, still
     assert _mean_error(resampled.transform, truth, fixed, mask) < 1.2 * first_error
     with pytest.raises(AtlasflowError, match="3-vector"):
         register_deep(fixed, moving, model_path=tiny_model, init_velocity=fixed)
+    # Without the full-grid velocity (the atlas members): the same transform and coarse field.
+    lean = register_deep(
+        fixed, moving, fixed_mask=mask, model_path=tiny_model, refine_steps=30, full_velocity=False, **known
+    )
+    assert lean.velocity is None and first.velocity is not None
+    np.testing.assert_array_equal(lean.transform.displacement.data, first.transform.displacement.data)
+    np.testing.assert_array_equal(lean.coarse_velocity.data, coarse.data)
 
 
 def test_init_velocity_needs_the_deep_backend():

@@ -98,6 +98,47 @@ def test_cost_volume_peaks_at_the_true_shift():
     assert int(same[..., 3:-3, 3:-3, 3:-3].mean((0, 2, 3, 4)).argmax()) == 13
 
 
+def test_inference_gives_what_the_modules_give_with_gradients():
+    """Without gradients the convolutions go straight to oneDNN whatever their size, and the
+    correlation features are built channels-last: the outputs match the autograd path."""
+    from atlasflow.nn.networks import conv3d
+
+    torch.manual_seed(0)
+    small = torch.nn.Conv3d(91, 32, 3, padding=1)  # below PyTorch's own oneDNN threshold
+    x = torch.randn(1, 91, 6, 7, 6).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        fast = conv3d(small, x)
+    assert torch.allclose(fast, small(x), atol=1e-5)
+    net = VelocityUNet([8, 8, 8, 8], [8, 8, 8, 8], cost_radius=1)
+    pair = torch.rand(1, 2, 32, 48, 32)
+    with torch.no_grad():
+        inferred = net(pair)
+    trained = net(pair.requires_grad_(True))
+    assert trained.requires_grad
+    assert torch.allclose(inferred, trained.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_box_filter_keeps_channels_last():
+    x = torch.randn(1, 27, 6, 7, 5)
+    last = box_filter(x.contiguous(memory_format=torch.channels_last_3d), 3)
+    assert last.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(last, box_filter(x, 3), atol=1e-6)
+
+
+def test_warp_samples_at_identity_plus_displacement():
+    """Against grid_sample at coordinates written out in full, for a source whose grid differs
+    from the displacement's and a batch of two (the cached identity is shared by both)."""
+    gen = torch.Generator().manual_seed(3)
+    src = torch.rand((2, 2, 9, 11, 8), generator=gen)
+    disp = torch.randn((2, 3, 5, 6, 7), generator=gen) * 2
+    loc = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (5, 6, 7)], indexing="ij"))[None]
+    loc = loc + disp
+    normalised = torch.stack([2 * loc[:, axis] / (n - 1) - 1 for axis, n in ((2, 8), (1, 11), (0, 9))], -1)
+    expected = F.grid_sample(src, normalised, padding_mode="border", align_corners=True)
+    assert torch.allclose(warp_tensor(src, disp), expected, atol=1e-5)
+    assert torch.allclose(warp_tensor(src, disp), expected, atol=1e-5)  # from the cache
+
+
 def test_network_init_keeps_the_signal_scale():
     # PyTorch's default init shrank features ~3x per layer, which starved the velocity layer.
     torch.manual_seed(0)

@@ -98,12 +98,14 @@ def test_qc_flags_name_the_failed_check_and_its_threshold():
 
 def test_flagged_registration_keeps_its_outputs_and_says_why_in_the_metrics(tmp_path, capsys):
     """QC bounds outside what a registration reached: outputs are written, qc_pass is false and
-    qc_flags names each failed check with its bound (what the reports show)."""
+    qc_flags names each failed check with its bound (what the reports show). The deep backend's
+    affine is deterministic; ANTs' (random sampling, threads) diverged now and then on this small
+    pair, which adds a third, legitimate flag."""
     fixed, moving, _ = shifted_pair()
     save_image(fixed, tmp_path / "f.nii.gz")
     save_image(moving, tmp_path / "m.nii.gz")
     args = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
-            "--out-dir", str(tmp_path / "out"), "--backend", "ants", "--ants-type", "Affine"]
+            "--out-dir", str(tmp_path / "out"), "--backend", "deep", "--affine-only"]
     assert main([*args, "--min-ncc", "1.5", "--max-folding", "-1"]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["qc_pass"] is False

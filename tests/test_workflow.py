@@ -173,79 +173,6 @@ def test_check_voxels_false_plans_from_headers_only(tmp_path):
     assert "register_template" in headers.stdout + headers.stderr
 
 
-@pytest.mark.slow
-def test_read_only_cohort_with_a_broken_scan_keeps_going(tmp_path):
-    """The whole workflow on the tiny demo cohort given as a read-only input folder with one broken
-    scan, under --keep-going and on_scan_error: skip: every other output is made, the atlas comes
-    from the scans that succeeded, the report lists the broken one, the inputs are untouched, and a
-    second run has nothing to do."""
-    inputs = tmp_path / "inputs"
-    manifest = user_cohort(inputs)
-    subprocess.run(["chmod", "-R", "a-w", str(inputs)], check=True)
-    before = fingerprint(inputs)
-    try:
-        args = ("-c", "2", "--keep-going", "--configfile", str(TINY), "--config", f"cohort={manifest}",
-                "on_scan_error=skip")
-        out = snakemake(*args, cwd=tmp_path, timeout=1500)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert fingerprint(inputs) == before, "the workflow modified its input folder"
-        again = snakemake(*args, "-n", cwd=tmp_path)
-        assert "Nothing to be done" in again.stdout + again.stderr
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(inputs)], check=True)
-    results = tmp_path / "results"
-    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    assert_scan_outputs(results, table[table["subject"] != "99"])
-    assert (results / "atlas" / "atlas_T1w.nii.gz").exists()
-    assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
-    metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
-    assert list(metrics["iteration"]) == [1, 2]
-    # Members: the tumour-free baselines, less the broken scan.
-    clean = table[(table["tumor_mask"] == "") & (table["subject"] != "99")]
-    assert list(metrics["members"]) == [len(clean)] * 2
-    # Every deformable iteration brings the atlas closer to the demo's true template (affine-only
-    # registration made it drift away: 0.852 -> 0.818 on the demo; registrations started afresh
-    # every iteration stall after the first), and the mean velocity shrinks. Measured here:
-    # NCC 0.8632 -> 0.8679 -> 0.8724, mean velocity norm 0.528 -> 0.510 mm.
-    truth = load_image(inputs / "truth" / "template_T1w.nii.gz")
-    truth_brain = load_image(inputs / "truth" / "template_dseg.nii.gz", dtype=None)
-
-    def ncc_to_truth(path: Path) -> float:
-        atlas = load_image(path)
-        on_grid = apply_transform(truth, Transform.identity(), atlas.grid).data
-        brain = apply_transform(truth_brain, Transform.identity(), atlas.grid, "nearest").data > 0
-        return float(np.corrcoef(atlas.data[brain], on_grid[brain])[0, 1])
-
-    scores = [ncc_to_truth(results / "atlas" / f"iter-{i}" / "template_T1w.nii.gz") for i in (0, 1, 2)]
-    assert np.all(np.diff(scores) > 0.002), scores
-    assert np.all(np.diff(metrics["mean_velocity_norm_mean_mm"]) < 0), list(metrics["mean_velocity_norm_mean_mm"])
-    # ... and sits at the cohort's centre: the mean velocity is no larger than N independent
-    # deformations leave (1/sqrt(N) of the subjects' own norms), with a margin.
-    assert metrics["velocity_bias_ratio"].iloc[-1] < 1.3 / np.sqrt(len(clean))
-    atlas_img = load_image(results / "atlas" / "atlas_T1w.nii.gz")
-    assert atlas_img.data.max() > 0.5
-    # The broken scan: its outputs are failure records; both reports say why it failed.
-    from atlasflow.failures import failure_record
-
-    record = failure_record(results / "sub-99" / "ses-1" / "anat" / "sub-99_ses-1_desc-preproc_T1w.nii.gz")
-    assert record["step"] == "preprocess finalize" and "brain mask is empty" in record["reason"]
-    failed = (results / "reports" / "cohort.html").read_text().split('id="failed"')[1]
-    assert "sub-99" in failed and "intensity range inside the brain mask is empty" in failed
-    assert "intensity range inside the brain mask is empty" in (results / "reports" / "sub-99.html").read_text()
-    # longitudinal: the tumour table matches the demo's mask volumes exactly, the maps exist in atlas space
-    truth = pd.read_csv(inputs / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
-    for subject, rows in truth.groupby("subject"):
-        tumour = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
-        np.testing.assert_allclose(tumour["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
-        assert tumour["response"].iloc[0] == "baseline"
-        for session in rows["session"].iloc[1:]:
-            anat = results / f"sub-{subject}" / f"ses-{session}" / "anat"
-            for change in ("desc-logjacobian_map", "desc-displacement_map", "desc-difference_T1w", "label-tumor_mask"):
-                assert (anat / f"sub-{subject}_ses-{session}_space-atlas_{change}.nii.gz").exists(), change
-    assert (results / "atlas" / "tumor_frequency.nii.gz").exists()
-    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
-
-
 def job_counts(text: str) -> dict[str, int]:
     """Rule -> number of jobs from Snakemake's "Job stats" table."""
     counts, inside = {}, False
@@ -323,31 +250,93 @@ def test_a_killed_run_resumes_and_redoes_only_the_interrupted_registration(tmp_p
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
 
 
+def tiny_config(workdir: Path) -> tuple[str, ...]:
+    """The shared run's configuration: the tiny settings and its cohort (``tiny_run``)."""
+    return ("--configfile", str(TINY), str(workdir / "cohort.yaml"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """One real run of the whole workflow on the tiny demo cohort, shared by the slow tests below
-    (each full run costs minutes). Tests that change files restore them or work on a copy."""
+    """One real run of the whole workflow, shared by the slow tests below (each full run costs
+    minutes; tests that change files restore them or work on a copy): the tiny demo cohort given
+    as a read-only input folder with one broken scan, under --keep-going and on_scan_error: skip.
+    The input folder's fingerprints before the run are kept in ``inputs.json``."""
+    import yaml
+
     workdir = tmp_path_factory.mktemp("tiny")
-    out = snakemake("-c", "2", "--configfile", str(TINY), cwd=workdir, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    yield workdir
-    shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
+    inputs = workdir / "inputs"
+    manifest = user_cohort(inputs)
+    (workdir / "cohort.yaml").write_text(yaml.safe_dump({"cohort": str(manifest), "on_scan_error": "skip"}))
+    (workdir / "inputs.json").write_text(json.dumps(fingerprint(inputs)))
+    subprocess.run(["chmod", "-R", "a-w", str(inputs)], check=True)
+    try:
+        out = snakemake("-c", "2", "--keep-going", *tiny_config(workdir), cwd=workdir, timeout=1500)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        yield workdir
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(inputs)], check=True)
+        shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_tiny_demo_cohort_end_to_end(tiny_run):
-    """The whole workflow on the tiny demo cohort: every stage's outputs, checked against the demo truth."""
-    tmp_path = tiny_run
-    results = tmp_path / "results"
-    manifest = pd.read_csv(tmp_path / "demo_data" / "manifest.csv", dtype=str)
-    assert_scan_outputs(results, manifest)
+def test_read_only_cohort_with_a_broken_scan_keeps_going(tiny_run):
+    """The whole workflow on the tiny cohort: every output but the broken scan's is made, the
+    atlas comes from the scans that succeeded and gets closer to the demo's true template at
+    every iteration, the reports list the broken scan, and the read-only input folder is
+    untouched."""
+    inputs = tiny_run / "inputs"
+    before = {name: tuple(value) for name, value in json.loads((tiny_run / "inputs.json").read_text()).items()}
+    assert fingerprint(inputs) == before, "the workflow modified its input folder"
+    manifest = inputs / "manifest.csv"
+    results = tiny_run / "results"
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    assert_scan_outputs(results, table[table["subject"] != "99"])
+    assert (results / "atlas" / "atlas_T1w.nii.gz").exists()
+    assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
     metrics = pd.read_csv(results / "atlas" / "metrics.tsv", sep="\t")
     assert list(metrics["iteration"]) == [1, 2]
-    assert (results / "atlas" / "atlas_dseg.nii.gz").exists()
-    truth = pd.read_csv(tmp_path / "demo_data" / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
+    # Members: the tumour-free baselines, less the broken scan.
+    clean = table[(table["tumor_mask"] == "") & (table["subject"] != "99")]
+    assert list(metrics["members"]) == [len(clean)] * 2
+    # Every deformable iteration brings the atlas closer to the demo's true template (affine-only
+    # registration made it drift away: 0.852 -> 0.818 on the demo; registrations started afresh
+    # every iteration stall after the first), and the mean velocity shrinks. Measured here:
+    # NCC 0.8632 -> 0.8679 -> 0.8724, mean velocity norm 0.528 -> 0.510 mm.
+    truth = load_image(inputs / "truth" / "template_T1w.nii.gz")
+    truth_brain = load_image(inputs / "truth" / "template_dseg.nii.gz", dtype=None)
+
+    def ncc_to_truth(path: Path) -> float:
+        atlas = load_image(path)
+        on_grid = apply_transform(truth, Transform.identity(), atlas.grid).data
+        brain = apply_transform(truth_brain, Transform.identity(), atlas.grid, "nearest").data > 0
+        return float(np.corrcoef(atlas.data[brain], on_grid[brain])[0, 1])
+
+    scores = [ncc_to_truth(results / "atlas" / f"iter-{i}" / "template_T1w.nii.gz") for i in (0, 1, 2)]
+    assert np.all(np.diff(scores) > 0.002), scores
+    assert np.all(np.diff(metrics["mean_velocity_norm_mean_mm"]) < 0), list(metrics["mean_velocity_norm_mean_mm"])
+    # ... and sits at the cohort's centre: the mean velocity is no larger than N independent
+    # deformations leave (1/sqrt(N) of the subjects' own norms), with a margin.
+    assert metrics["velocity_bias_ratio"].iloc[-1] < 1.3 / np.sqrt(len(clean))
+    atlas_img = load_image(results / "atlas" / "atlas_T1w.nii.gz")
+    assert atlas_img.data.max() > 0.5
+    # The broken scan: its outputs are failure records; both reports say why it failed.
+    from atlasflow.failures import failure_record
+
+    record = failure_record(results / "sub-99" / "ses-1" / "anat" / "sub-99_ses-1_desc-preproc_T1w.nii.gz")
+    assert record["step"] == "preprocess finalize" and "brain mask is empty" in record["reason"]
+    failed = (results / "reports" / "cohort.html").read_text().split('id="failed"')[1]
+    assert "sub-99" in failed and "intensity range inside the brain mask is empty" in failed
+    assert "intensity range inside the brain mask is empty" in (results / "reports" / "sub-99.html").read_text()
+    # longitudinal: the tumour table matches the demo's mask volumes exactly, the maps exist in atlas space
+    truth = pd.read_csv(inputs / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"subject": str, "session": str})
     for subject, rows in truth.groupby("subject"):
-        table = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
-        np.testing.assert_allclose(table["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
+        tumour = pd.read_csv(results / f"sub-{subject}" / "longitudinal" / f"sub-{subject}_tumor.tsv", sep="\t", dtype={"session": str})
+        np.testing.assert_allclose(tumour["volume_mm3"].to_numpy(), rows["volume_mm3"].to_numpy(), rtol=1e-6)
+        assert tumour["response"].iloc[0] == "baseline"
+        for session in rows["session"].iloc[1:]:
+            anat = results / f"sub-{subject}" / f"ses-{session}" / "anat"
+            for change in ("desc-logjacobian_map", "desc-displacement_map", "desc-difference_T1w", "label-tumor_mask"):
+                assert (anat / f"sub-{subject}_ses-{session}_space-atlas_{change}.nii.gz").exists(), change
     assert (results / "atlas" / "tumor_frequency.nii.gz").exists()
 
 
@@ -376,7 +365,7 @@ def planned_jobs(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def dry_run(workdir: Path, *args: str) -> list[tuple[str, dict[str, str]]]:
-    out = snakemake("-n", "--configfile", str(TINY), *args, cwd=workdir)
+    out = snakemake("-n", *tiny_config(workdir), *args, cwd=workdir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return planned_jobs(out.stdout + out.stderr)
 
@@ -387,7 +376,7 @@ def preproc_file(workdir: Path, subject: str, session: str) -> Path:
 
 @pytest.mark.slow
 def test_second_run_has_nothing_to_do(tiny_run):
-    out = snakemake("-n", "-c", "2", "--configfile", str(TINY), cwd=tiny_run)
+    out = snakemake("-n", "-c", "2", *tiny_config(tiny_run), cwd=tiny_run)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Nothing to be done" in out.stdout + out.stderr
     assert planned_jobs(out.stdout + out.stderr) == []
@@ -430,16 +419,17 @@ def test_removing_one_preprocessed_scan_reruns_only_its_chain(tiny_run):
 @pytest.mark.slow
 def test_provenance_records_the_run_and_follows_the_config(tiny_run, tmp_path):
     record = json.loads((tiny_run / "results" / "provenance" / "provenance.json").read_text())
-    manifest = pd.read_csv(tiny_run / "demo_data" / "manifest.csv", dtype=str).fillna("")
+    inputs = tiny_run / "inputs"
+    manifest = pd.read_csv(inputs / "manifest.csv", dtype=str).fillna("")
     expected = {
-        f"demo_data/{value}"
+        str((inputs / value).resolve())
         for column in ("t1w", "labels", "tumor_mask", "brain_mask")
         if column in manifest
         for value in manifest[column]
         if value
     }
     files = {f["path"]: f for f in record["cohort"]["files"]}
-    assert set(files) == expected
+    assert {str((tiny_run / path).resolve()) for path in files} == expected  # the broken scan's too
     for path, entry in files.items():
         assert entry["sha256"] == hashlib.sha256((tiny_run / path).read_bytes()).hexdigest(), path
     assert record["config"]["working_spacing"] == 4.0 and record["config"]["atlas"]["iterations"] == 2
@@ -449,7 +439,7 @@ def test_provenance_records_the_run_and_follows_the_config(tiny_run, tmp_path):
     # file, not --config: that one would hand the schema the string "3".)
     extra = tmp_path / "extra.yaml"
     extra.write_text("atlas:\n  min_subjects: 3\n")
-    jobs = dry_run(tiny_run, str(extra))  # follows --configfile TINY: both files are merged
+    jobs = dry_run(tiny_run, str(extra))  # follows the run's config files: all are merged
     assert {rule for rule, _ in jobs} == {"provenance", "all"}
 
 
@@ -511,7 +501,7 @@ def test_rerun_gives_byte_identical_outputs(tiny_run, tmp_path):
         f"{anat04}_space-template_desc-warped_T1w.nii.gz",
         "results/atlas/iter-1/template_T1w.nii.gz",
     ]
-    out = snakemake("-c", "1", "--configfile", str(TINY), "--forcerun", *targets, "--", *targets, cwd=copy)
+    out = snakemake("-c", "1", *tiny_config(copy), "--forcerun", *targets, "--", *targets, cwd=copy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     after = _digests(copy / "results")
     rewritten = {p for p in after if p not in before or after[p][1] != before[p][1]}

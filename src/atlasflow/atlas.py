@@ -107,12 +107,12 @@ def build_iteration(
     previous = load_image(previous_template)
     region = load_image(mask).data > 0 if mask else previous.data > 0.05
     subject_norms = [
-        float(np.linalg.norm(load_image(p, allow_vector=True).data, axis=-1)[region].mean())
-        for p in velocities
+        float(_norms_inside(load_image(p, allow_vector=True), region, previous.affine).mean()) for p in velocities
     ]
     reg = [json.loads(Path(p).read_text()) for p in registration_metrics]
     return _finish_iteration(
         average, mean_velocity, previous, region, subject_norms, reg, out_template, out_metrics,
+        mean_norms=_norms_inside(mean_velocity, region, previous.affine),
         gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
     )
 
@@ -127,16 +127,21 @@ def _finish_iteration(
     out_template: str | Path,
     out_metrics: str | Path,
     *,
+    mean_norms: np.ndarray,
     gradient_step: float,
     do_sharpen: bool,
     iteration: int,
 ) -> dict:
-    """Shape update + sharpening of the members' average; the template and the iteration's metrics."""
+    """Shape update + sharpening of the members' average; the template and the iteration's metrics.
+
+    ``mean_norms``: the mean velocity's norm inside the region, on the grid the members' norms
+    were measured on (:func:`_norms_inside`).
+    """
     template = shape_update(average, mean_velocity, gradient_step)
     if do_sharpen:
         template = sharpen(template)
     save_image(template, out_template, dtype=np.float32)
-    norm = np.linalg.norm(mean_velocity.data, axis=-1)[region]
+    norm = mean_norms
     # Registration errors that differ between members leave a mean field of about 1/sqrt(N) of
     # their size even at the cohort's centre; the ratio to the members' own norms separates a
     # shared displacement (template off-centre, ratio near 1) from that floor.
@@ -201,7 +206,7 @@ def _register_member(member: Member, target: Target) -> dict:
         start = _start_velocity(member, target.start_shift)
         reg = register(
             fixed, moving, fixed_mask=fixed_mask, moving_mask=mmask, init_affine=init, inverse=False,
-            **({} if start is None else {"init_velocity": start}), **options,
+            full_velocity=False, **({} if start is None else {"init_velocity": start}), **options,
         )
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
@@ -214,17 +219,29 @@ def _register_member(member: Member, target: Target) -> dict:
     if options.get("affine_only"):
         result["affine"] = reg.transform.affine
         return result
-    field = reg.field
-    # The deep backend's coarse field is 1/8 of the full one: the job averages that and resamples
-    # the mean once. ANTs has none; its full field goes back instead.
+    # The deep backend's coarse field is 1/8 of the full one (which it does not make here): the
+    # job averages that and resamples the mean once. ANTs has none; its full field goes back.
+    field = reg.coarse_velocity if reg.coarse_velocity is not None else reg.field
     result["coarse_velocity"] = reg.coarse_velocity
     if reg.coarse_velocity is None:
         result["field"] = field.data.astype(np.float32)
     result["metrics"].update(
         folding_fraction=folding_fraction(reg.transform.displacement, fixed_mask),
-        velocity_norm_mean_mm=float(np.linalg.norm(field.data, axis=-1)[fixed_mask].mean()),
+        velocity_norm_mean_mm=float(_norms_inside(field, fixed_mask, fixed.affine).mean()),
     )
     return result
+
+
+def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -> np.ndarray:
+    """Norms of a vector field inside ``region`` (boolean, on the grid of ``region_affine``); on a
+    field's own coarser grid (the deep backend's), inside the voxels at least half in the region."""
+    inside = np.asarray(region, bool)
+    mask = Image(inside.astype(np.float32), region_affine)
+    if not mask.grid.same_as(field.grid):
+        from .transforms import Transform, apply_transform
+
+        inside = apply_transform(mask, Transform.identity(), field.grid, "linear").data >= 0.5
+    return np.linalg.norm(field.data, axis=-1)[inside]
 
 
 def _start_velocity(member: Member, shift: Image | None) -> Image | None:
@@ -387,6 +404,7 @@ def run_iteration(
     mean_velocity = Image((total_field / n).astype(np.float32), field_affine.copy())
     if out_mean_velocity is not None:
         save_image(mean_velocity, out_mean_velocity, dtype=np.float32)
+    mean_norms = _norms_inside(mean_velocity, region, previous.affine)  # where the members' were
     if not mean_velocity.grid.same_as(previous.grid):
         # The coarse mean on the template grid: the same trilinear upsampling each member's full
         # field would have had, done once.
@@ -394,7 +412,7 @@ def run_iteration(
 
         mean_velocity = apply_transform(mean_velocity, Transform.identity(), previous.grid, "linear")
     metrics = _finish_iteration(
-        average, mean_velocity, previous, region, norms, kept, out_template, out_metrics,
+        average, mean_velocity, previous, region, norms, kept, out_template, out_metrics, mean_norms=mean_norms,
         gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
     )
     _write_members(rows, out_members)

@@ -68,7 +68,7 @@ class DeepResult:
 
     transform: Transform  # fixed -> moving
     inverse_displacement: Image | None  # x_fixed = y + v(y), y = affine^-1 x_moving (None: not asked for)
-    velocity: Image  # stationary velocity field (world mm)
+    velocity: Image | None  # stationary velocity field (world mm; None when not asked for)
     seconds: float  # compute time, model loading excluded
     # The same velocity on the network's own grid (half the working resolution, world mm): 1/8 of
     # the voxels, and exact as ``init_velocity`` of a later registration on the same working grid.
@@ -522,6 +522,7 @@ def register_deep(
     affine_steps: int = AFFINE_STEPS,
     affine_network: bool = True,
     inverse: bool = True,
+    full_velocity: bool = True,
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
     label_weight: float = 1.0,
@@ -542,6 +543,8 @@ def register_deep(
     ``init_velocity`` (world mm, typically a previous result's ``coarse_velocity``) is a deformation
     to start from, after the affine: the network sees the moving image warped by it and its
     prediction is added (a cascade; the atlas iterations carry each member's field this way).
+    ``full_velocity=False`` leaves the velocity on the fixed grid out (``velocity`` is None;
+    ``coarse_velocity`` holds it on the network's grid), as ``inverse=False`` does the inverse.
     """
     for name, mask, image in (
         ("fixed_mask", fixed_mask, fixed),
@@ -741,7 +744,7 @@ def register_deep(
     with torch.no_grad():
         forward = resize_displacement(disp_half, work.shape)
         backward = resize_displacement(integrate_velocity(-velocity, steps), work.shape) if inverse else None
-        velocity_full = resize_displacement(velocity, work.shape)
+        velocity_full = resize_displacement(velocity, work.shape) if full_velocity else None
     linear = torch.from_numpy(work.affine[:3, :3]).float()
 
     def to_world(field: torch.Tensor) -> Image:
@@ -751,7 +754,7 @@ def register_deep(
     result = DeepResult(
         Transform(world, to_world(forward)),
         to_world(backward) if backward is not None else None,
-        to_world(velocity_full),
+        to_world(velocity_full) if velocity_full is not None else None,
         0.0,
         _coarse_to_world(velocity, _coarse_affine(work, half_shape)),
     )

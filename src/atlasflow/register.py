@@ -145,6 +145,7 @@ def register(
     init_velocity: Image | None = None,
     affine_steps: int | None = None,
     inverse: bool = True,
+    full_velocity: bool = True,
 ) -> Registration:
     """Register ``moving`` to ``fixed``; the transform maps fixed points to moving points.
 
@@ -153,8 +154,10 @@ def register(
     ``init_affine`` (fixed world -> moving world, deep backend) is a known affine alignment: the
     affine network is skipped and ``affine_steps`` (default: the engine's) of test-time
     optimisation refine it. ANTs ignores it and aligns from scratch. ``inverse=False`` skips the
-    deep backend's inverse field (``inverse_displacement`` is then None). ``init_velocity`` (deep
-    backend only) is a field to continue from, for example an earlier result's ``coarse_velocity``.
+    deep backend's inverse field (``inverse_displacement`` is then None), ``full_velocity=False``
+    its velocity on the fixed grid (``velocity`` is then None; ``coarse_velocity`` holds it).
+    ``init_velocity`` (deep backend only) is a field to continue from, for example an earlier
+    result's ``coarse_velocity``.
     """
     if backend == "ants":
         if init_velocity is not None:
@@ -187,6 +190,7 @@ def register(
             init_velocity=init_velocity,
             affine_network=init_affine is None,
             inverse=inverse,
+            full_velocity=full_velocity,
             **({} if affine_steps is None else {"affine_steps": affine_steps}),
         )
         return Registration(

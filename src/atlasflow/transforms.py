@@ -16,6 +16,7 @@ and are shared by the networks, the instance optimiser and the atlas shape updat
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,16 +305,28 @@ def identity_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
+@functools.lru_cache(maxsize=8)
+def _normalised_identity(
+    shape: tuple[int, int, int], src_shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``grid_sample``'s coordinates of every voxel of ``shape`` in a source of ``src_shape``:
+    (1, X, Y, Z, 3), last axis (k, j, i) scaled to [-1, 1]. Never modified (it is shared)."""
+    scale = torch.tensor([max(s - 1, 1) for s in src_shape], dtype=dtype, device=device)
+    base = 2.0 * identity_grid(shape, device).to(dtype) / scale.view(1, 3, 1, 1, 1) - 1.0
+    return base.permute(0, 2, 3, 4, 1).flip(-1).contiguous()
+
+
 def warp_tensor(
     src: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
 ) -> torch.Tensor:
     """Sample ``src`` (B, C, X, Y, Z) at ``identity + disp`` (B, 3, X, Y, Z, voxel units)."""
-    shape = disp.shape[2:]
-    loc = identity_grid(tuple(shape), disp.device) + disp
-    scale = torch.tensor([max(s - 1, 1) for s in src.shape[2:]], dtype=disp.dtype, device=disp.device)
-    norm = 2.0 * loc / scale.view(1, 3, 1, 1, 1) - 1.0
-    norm = norm.permute(0, 2, 3, 4, 1).flip(-1)
-    return F.grid_sample(src, norm, mode=mode, padding_mode=padding_mode, align_corners=True)
+    shape = tuple(disp.shape[2:])
+    src_shape = tuple(src.shape[2:])
+    base = _normalised_identity(shape, src_shape, disp.device, disp.dtype)
+    # The identity's part is cached; only the displacement is scaled, written straight into
+    # grid_sample's (k, j, i)-last layout (no flipped copy of the whole grid per call).
+    grid = torch.stack([disp[:, axis] * (2.0 / max(src_shape[axis] - 1, 1)) for axis in (2, 1, 0)], -1)
+    return F.grid_sample(src, grid.add_(base), mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

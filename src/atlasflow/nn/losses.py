@@ -41,6 +41,8 @@ def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
+    if window == 3:
+        return _box_filter_3(x)
     pad = window // 2
     for axis in (2, 3, 4):
         n = x.shape[axis]
@@ -50,6 +52,19 @@ def _box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
         c = F.pad(x, widths).cumsum(axis)
         x = (c.narrow(axis, window, n) - c.narrow(axis, 0, n)) / window
     return x
+
+
+def _box_filter_3(x: torch.Tensor) -> torch.Tensor:
+    """The 3-voxel box as each voxel plus its two neighbours, per axis: for so small a window that
+    is cheaper than the cumulative sums (on the registration network's 27-channel correlation
+    features, 32 instead of 97 ms), and it keeps the input's memory format (channels-last)."""
+    for axis in (2, 3, 4):
+        n = x.shape[axis]
+        total = x.clone()
+        total.narrow(axis, 1, n - 1).add_(x.narrow(axis, 0, n - 1))
+        total.narrow(axis, 0, n - 1).add_(x.narrow(axis, 1, n - 1))
+        x = total
+    return x / 27
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
