@@ -141,7 +141,6 @@ def _finish_iteration(
     if do_sharpen:
         template = sharpen(template)
     save_image(template, out_template, dtype=np.float32)
-    norm = mean_norms
     # Registration errors that differ between members leave a mean field of about 1/sqrt(N) of
     # their size even at the cohort's centre; the ratio to the members' own norms separates a
     # shared displacement (template off-centre, ratio near 1) from that floor.
@@ -150,10 +149,10 @@ def _finish_iteration(
         "iteration": iteration,
         "members": len(subject_norms),
         "template_change_rms": float(np.sqrt(np.mean((template.data - previous.data)[region] ** 2))),
-        "mean_velocity_norm_mean_mm": float(norm.mean()),
-        "mean_velocity_norm_max_mm": float(norm.max()),
+        "mean_velocity_norm_mean_mm": float(mean_norms.mean()),
+        "mean_velocity_norm_max_mm": float(mean_norms.max()),
         "subject_velocity_norm_mean_mm": subject_norm,
-        "velocity_bias_ratio": float(norm.mean() / subject_norm) if subject_norm > 0 else 0.0,
+        "velocity_bias_ratio": float(mean_norms.mean() / subject_norm) if subject_norm > 0 else 0.0,
         "ncc_to_template_mean": float(np.mean([r["ncc_after"] for r in reg])) if reg else None,
         "folding_fraction_max": float(max(r["folding_fraction"] for r in reg)) if reg else None,
         "folding_fraction_mean": float(np.mean([r["folding_fraction"] for r in reg])) if reg else None,
