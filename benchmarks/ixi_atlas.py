@@ -14,10 +14,10 @@ reference template (invocation 1, not part of either atlas time, reported apart)
 Label consistency (both methods): for each subject, the Dice of its labels in atlas space with the
 majority vote of the other subjects' (`atlasflow.atlas.leave_one_out_consistency`).
 
-With `--repeats N` both builds run N times, alternating (atlasflow, ANTs, atlasflow, ...; the
-atlas folder is removed before each atlasflow build), and the table reports the medians: on a
-shared 2-core machine one build's time varied by +-20 % from one minute to the next. The labels
-are those of the last builds.
+Both builds run `--repeats` times (default 3, ~16 min in all), alternating (atlasflow, ANTs,
+atlasflow, ...; the atlas folder is removed before each atlasflow build), and the table reports
+the medians: on a shared 2-core machine one build's time varied by +-20 % from one minute to the
+next. The labels are those of the last builds.
 
     python benchmarks/ixi_atlas.py --work /tmp/atlasflow_ixi_atlas [--cores 2] [--ants-threads 2] [--repeats 3]
 
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         help="other atlas settings for atlasflow, for example refine_steps=30 sharpen=false (values read as YAML)",
     )
     p.add_argument("--no-ants", action="store_true", help="atlasflow only (a quick comparison of settings; no ratio)")
-    p.add_argument("--repeats", type=int, default=1, help="builds of each method, alternating; the medians are reported")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="builds of each method, alternating; the medians are reported (1: one each)"
+    )
     p.add_argument("--table", help="also write the markdown table to this file")
     args = p.parse_args(argv)
     if not IXI.exists():
