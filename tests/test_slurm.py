@@ -205,7 +205,8 @@ def derive_test_profile(real: dict) -> dict:
     profile["set-resources"] = {rule: shrink(res) for rule, res in real.get("set-resources", {}).items()}
     profile["set-threads"] = {rule: 1 for rule in real.get("set-threads", {})}
     # All of the tiny cohort's subjects in one job per group: fewer sbatch round trips, and the
-    # test sees packing work. The node's 2 cores run the packed chains side by side.
+    # test sees packing work. Inside that job the SLURM plugin runs the rules one at a time (it
+    # passes `--jobs 1` to the job's own Snakemake): the packed chains take ~4 min of this test.
     profile["group-components"] = {group: 8 for group in real.get("group-components", {})}
     profile.update({
         # More jobs than cores: SLURM starts a queued job the moment a core frees up, instead of
