@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AtlasflowError
-from .io import Image, atomic_write_text, load_image, load_mask, save_image
+from .io import Grid, Image, atomic_write_text, load_image, load_mask, save_image
 
 # torch (through .transforms and .register), scipy and pandas are imported inside the functions
 # that need them: the label vote and the metrics table (rules atlas_labels, atlas_final) then
@@ -235,11 +235,11 @@ def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -
     """Norms of a vector field inside ``region`` (boolean, on the grid of ``region_affine``); on a
     field's own coarser grid (the deep backend's), inside the voxels at least half in the region."""
     inside = np.asarray(region, bool)
-    mask = Image(inside.astype(np.float32), region_affine)
-    if not mask.grid.same_as(field.grid):
+    if not Grid(inside.shape, region_affine).same_as(field.grid):
         from .transforms import Transform, apply_transform
 
-        inside = apply_transform(mask, Transform.identity(), field.grid, "linear").data >= 0.5
+        share = apply_transform(Image(inside.astype(np.float32), region_affine), Transform.identity(), field.grid, "linear")
+        inside = share.data >= 0.5
     return np.linalg.norm(field.data, axis=-1)[inside]
 
 

@@ -57,6 +57,8 @@ def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or x.dim() != 5
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
         or not torch.backends.mkldnn.is_available()
     ):
         return conv(x)
