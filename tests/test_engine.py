@@ -135,3 +135,16 @@ def test_a_job_that_goes_away_cancels_its_command(tmp_path, members, owner):
     assert (again / "t.nii.gz").read_bytes() == (warm / "t.nii.gz").read_bytes()
     assert not (slow / "t.nii.gz").exists()
     assert "interrupted" in (tmp_path / "slow.log").read_text()
+
+
+def test_a_cancel_before_the_command_handles_it_still_says_interrupted(tmp_path, monkeypatch):
+    # The job's SIGINT can land while the command is still parsing its arguments, before the
+    # command's own handler is in place: the log must say so all the same.
+    from atlasflow import cli
+
+    def cancelled(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", cancelled)
+    assert engine._run_here(["atlas", "iteration"], tmp_path / "log") == 130
+    assert "atlasflow: interrupted" in (tmp_path / "log").read_text()

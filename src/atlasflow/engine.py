@@ -191,6 +191,9 @@ def _run_here(argv: Sequence[str], log: str | os.PathLike) -> int:
             return main([str(a) for a in argv])
         except SystemExit as exc:  # argparse's usage errors
             return exc.code if isinstance(exc.code, int) else 1
+        except KeyboardInterrupt:  # a cancel that came before main's own handler was in place
+            print("atlasflow: interrupted", file=sys.stderr)
+            return 130
 
 
 # ------------------------------------------------------------------------------------ server
@@ -278,8 +281,10 @@ def serve(path: Path, owner: int, workers: int, idle: float = IDLE_SECONDS) -> N
                             _send(conn, {"code": code})
                     else:
                         healthy = False
-                except KeyboardInterrupt:  # the job went away (see _Watch)
+                except KeyboardInterrupt:  # the job went away (see _Watch) before its log was open
                     healthy = False
+                    with contextlib.suppress(OSError), open(request["log"], "a") as out:
+                        print("atlasflow: interrupted", file=out)
             last = time.monotonic()
     finally:
         listener.close()
