@@ -26,8 +26,11 @@ demo: $(STAMP)
 	@echo "atlasflow demo finished. Results: $(CURDIR)/results"
 	@test ! -f results/reports/cohort.html || echo "Cohort report: $(CURDIR)/results/reports/cohort.html"
 
+# Two workers: the SLURM test (mostly waiting on its queue) runs beside the others.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -19,6 +19,10 @@ from conftest import REPO
 from atlasflow.io import load_image
 from atlasflow.transforms import Transform, apply_transform
 
+# One pytest worker runs this whole module (`make test` runs two, pytest-xdist's loadgroup): its
+# tests share the module's workflow run.
+pytestmark = pytest.mark.xdist_group("workflow")
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 TINY = REPO / "tests" / "config_tiny.yaml"

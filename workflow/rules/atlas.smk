@@ -132,6 +132,12 @@ rule atlas_iteration:
         "../scripts/atlasflow_cli.py"
 
 
+# A file copy and a small table: on a cluster a job of its own would only add a queue round trip
+# between the last iteration and the registrations to the atlas.
+localrules:
+    atlas_final,
+
+
 rule atlas_final:
     """The final atlas (last iteration's template) and the per-iteration metrics table."""
     input:
