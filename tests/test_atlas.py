@@ -2,6 +2,7 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import blob_image
@@ -68,6 +69,18 @@ def test_label_vote_majority_and_probabilities(tmp_path):
     np.testing.assert_allclose(prob[0, 0, 0], [1.0, 0.0, 0.0])
     np.testing.assert_allclose(prob[0, 0, 3], [0.0, 0.0, 1 / 3], atol=1e-6)
     assert "label" in (tmp_path / "prob.tsv").read_text()
+    # On a real 3-D grid: every label's volume lands in its own place, stored as vote counts with
+    # the scale factor 1 / number of maps.
+    rng = np.random.default_rng(3)
+    maps = [rng.choice([0, 4, 7, 200], size=(5, 6, 7)).astype(np.uint8) for _ in range(4)]
+    paths = [write(tmp_path, f"r{i}.nii.gz", Image(m, affine)) for i, m in enumerate(maps)]
+    atlas.label_vote(paths, tmp_path / "rdseg.nii.gz", tmp_path / "rprob.nii.gz")
+    prob = load_image(tmp_path / "rprob.nii.gz", allow_vector=True).data
+    expected = np.stack([np.mean([m == v for m in maps], axis=0) for v in (4, 7, 200)], -1)
+    np.testing.assert_allclose(prob, expected, atol=1e-6)
+    stored = nib.load(tmp_path / "rprob.nii.gz")
+    assert stored.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(stored.dataobj.slope, 0.25)
 
 
 def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob):

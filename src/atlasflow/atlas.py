@@ -522,7 +522,8 @@ def label_vote(
 
     Memory holds one count array per label, whatever the number of maps. Probability maps are
     written as one 4-D NIfTI (last axis = label, in the order of the TSV written beside it) when
-    ``out_probseg`` is given.
+    ``out_probseg`` is given: the vote counts, stored as integers with the scale factor 1 / number
+    of maps, so readers get the exact fractions from a quarter of float32's bytes.
     """
     first, counts = _label_counts(label_paths)
     values = sorted(counts)
@@ -532,11 +533,12 @@ def label_vote(
     save_image(out, out_dseg)
     if out_probseg is not None:
         foreground = [v for v in values if v != 0]
-        # Filled in place: a list of per-label arrays stacked afterwards would hold them twice.
-        prob = np.empty((*vote.shape, len(foreground)), np.float32)
+        # Filled in place (stacking per-label arrays would hold them twice), in Fortran order:
+        # each label's volume is then one block, and NIfTI's own order, written without a copy.
+        prob = np.empty((*vote.shape, len(foreground)), np.uint8 if n < 256 else np.uint16, order="F")
         for i, v in enumerate(foreground):
-            np.divide(counts[v], n, out=prob[..., i], dtype=np.float32)
-        save_image(Image(prob, first.affine), out_probseg, dtype=np.float32)
+            prob[..., i] = counts[v]
+        save_image(Image(prob, first.affine), out_probseg, slope=1.0 / n)
         atomic_write_text(Path(str(out_probseg).replace(".nii.gz", ".tsv")), "index\tlabel\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(foreground)))
     return out, {v: counts[v] for v in values}
 

@@ -125,10 +125,12 @@ def save_image(
     path: str | os.PathLike,
     dtype: type | np.dtype | None = None,
     intent: str | None = None,
+    slope: float | None = None,
 ) -> Path:
     """Write an image atomically (temporary file in the same folder, then rename).
 
-    A partly written file therefore never survives under the final name.
+    A partly written file therefore never survives under the final name. ``slope``: the NIfTI
+    scale factor, for integer data that stands for ``data * slope`` (readers get the products).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,8 @@ def save_image(
     nii.header.set_xyzt_units("mm", "sec")
     if intent is not None:
         nii.header.set_intent(intent)
+    if slope is not None:
+        nii.header.set_slope_inter(slope, 0.0)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     tmp = sibling_tempfile(path, suffix)
     try:
