@@ -32,7 +32,7 @@ DISTINCT = 4
 
 
 def make_members(work: Path, spacing: float, n_labels: int) -> dict[str, list[Path]]:
-    from atlasflow.io import Image, load_image, save_image
+    from atlasflow.io.images import Image, load_image, save_image
 
     src = work / "distinct"
     template, mask = src / "template_T1w.nii.gz", src / "template_mask.nii.gz"
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"| {n} | " + " | ".join(cells) + " |"
         lines.append(line)
         print(line, flush=True)
-    from atlasflow.io import load_image
+    from atlasflow.io.images import load_image
 
     shape = load_image(template).data.shape
     note = (

@@ -37,8 +37,8 @@ TORCH_THREADS = [THREADS]
 def load_subject(t1: Path, labels: Path):
     from scipy import ndimage
 
-    from atlasflow.io import load_image
-    from atlasflow.preprocess import normalise_intensity
+    from atlasflow.io.images import load_image
+    from atlasflow.preprocess.steps import normalise_intensity
 
     image = load_image(t1)
     lab = load_image(labels, dtype=None)
@@ -55,7 +55,7 @@ def run_method(
 
     torch.set_num_threads(TORCH_THREADS[0])
     if method.startswith("ants:"):
-        from atlasflow.register import register
+        from atlasflow.registration.api import register
 
         kind = method.split(":", 1)[1]
         reg = register(
@@ -68,7 +68,7 @@ def run_method(
             affine_only=False,
         )
         return reg.transform, reg.seconds
-    from atlasflow.deep import get_model, register_deep
+    from atlasflow.registration.engine import get_model, register_deep
 
     get_model(model)  # loading is start-up, not registration time
     res = register_deep(

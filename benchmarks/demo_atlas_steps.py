@@ -19,9 +19,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from atlasflow import atlas
-from atlasflow.io import load_image
-from atlasflow.register import ncc
+from atlasflow.atlas import build as atlas
+from atlasflow.io.images import load_image
+from atlasflow.registration.api import ncc
 from atlasflow.transforms import Transform, apply_transform
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from atlasflow.io import load_image
-from atlasflow.register import ncc
+from atlasflow.io.images import load_image
+from atlasflow.registration.api import ncc
 from atlasflow.transforms import Transform, apply_transform
 
 

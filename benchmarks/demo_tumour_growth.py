@@ -2,7 +2,7 @@
 
 Generates a demo cohort of tumour subjects only (known mass-effect deformations, continuous true
 tumour volumes in ``truth/tumor_volumes.tsv``), registers every follow-up to its baseline with
-``atlasflow.longitudinal.register_followup`` (brain masks from the label maps, both tumour masks),
+``atlasflow.longitudinal.change.register_followup`` (brain masks from the label maps, both tumour masks),
 and prints one row per follow-up: the true volume change, the deformation's volume change (change
 of variables, and the plain voxel sum of Jacobian determinants) with their errors, the Dice of the
 carried follow-up mask with the baseline mask, folding and NCC outside the tumour.
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from atlasflow import longitudinal as lg
-    from atlasflow.io import load_image, save_image
-    from atlasflow.synth import make_demo_cohort
+    from atlasflow.io.images import load_image, save_image
+    from atlasflow.longitudinal import change as lg
+    from atlasflow.synth.demo import make_demo_cohort
 
     torch.set_num_threads(args.threads)
     root = args.work

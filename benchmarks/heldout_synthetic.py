@@ -22,8 +22,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atlasflow.synthmorph import PairGenerator, build_label_set
-    from atlasflow.train import (
+    from atlasflow.training.pairs import PairGenerator, build_label_set
+    from atlasflow.training.train import (
         DEFAULT_LABEL_DIR,
         _affine_points,
         _split_label_set,

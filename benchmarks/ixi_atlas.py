@@ -12,7 +12,7 @@ reference template (invocation 1, not part of either atlas time, reported apart)
   that template (SyN) and its `_desc-preproc_dseg` labels warped (genericLabel).
 
 Label consistency (both methods): for each subject, the Dice of its labels in atlas space with the
-majority vote of the other subjects' (`atlasflow.atlas.leave_one_out_consistency`).
+majority vote of the other subjects' (`atlasflow.atlas.build.leave_one_out_consistency`).
 
 Both builds run `--repeats` times (default 3, ~16 min in all), alternating (atlasflow, ANTs,
 atlasflow, ...; the atlas folder is removed before each atlasflow build), and the table reports
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # ITK reads this when ants is first imported (in ants_brains).
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = args.ants_threads
-    from atlasflow.atlas import leave_one_out_consistency
+    from atlasflow.atlas.build import leave_one_out_consistency
 
     load_start = os.getloadavg()
     command = shlex.join([Path(sys.executable).name, *sys.argv])

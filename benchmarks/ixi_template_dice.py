@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from atlasflow.io import load_image
-from atlasflow.register import dice_per_label
+from atlasflow.io.images import load_image
+from atlasflow.registration.api import dice_per_label
 
 REPO = Path(__file__).resolve().parents[1]
 IXI = REPO.parent / "shared" / "data" / "ixi10"

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.estimate import read_benchmarks, stage_summary
+from atlasflow.runtime.estimate import read_benchmarks, stage_summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import blob_image
 
-from atlasflow import atlas
+from atlasflow.atlas import build as atlas
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Image, load_image, save_image
-from atlasflow.register import ncc
+from atlasflow.io.images import Image, load_image, save_image
+from atlasflow.registration.api import ncc
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -265,7 +265,7 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
     writes one coarse velocity per member and their mean. Under on_scan_error skip a member whose
     scan failed gets a failure record in place of its velocity, and one whose previous velocity
     is a failure record starts afresh."""
-    from atlasflow import cli
+    from atlasflow.cli import main as cli
     from atlasflow.failures import failure_record, write_failure
     from atlasflow.transforms import write_itk_affine
 
@@ -330,7 +330,7 @@ def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path
     iteration continues the registrations, so the template approaches the truth at every
     iteration (NCC 0.9273 -> 0.9364 -> 0.9400 -> 0.9415 -> 0.9423); started afresh they reach a
     fixed point after iteration 1 (0.9364 -> 0.9365 -> 0.9366 -> 0.9366)."""
-    from atlasflow.synth import make_demo_cohort
+    from atlasflow.synth.demo import make_demo_cohort
 
     make_demo_cohort(tmp_path, seed=0, n_cross=5, n_long=0, spacing_mm=4.0)
     truth = load_image(tmp_path / "truth" / "template_T1w.nii.gz")

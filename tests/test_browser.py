@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 from test_report import SESSIONS, THRESHOLDS, make_outputs
 
-from atlasflow.report import write_cohort_report, write_subject_report
+from atlasflow.reports.report import write_cohort_report, write_subject_report
 
 CHROMIUM = Path(os.environ.get("ATLASFLOW_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = REPO / "test-artifacts"

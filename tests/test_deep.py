@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import blob_image
 
-from atlasflow.deep import WorkingGrid, register_deep
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Grid, Image
+from atlasflow.io.images import Grid, Image
 from atlasflow.nn import NetConfig, RegistrationModel
-from atlasflow.train import save_model
+from atlasflow.registration.engine import WorkingGrid, register_deep
+from atlasflow.training.train import save_model
 from atlasflow.transforms import Transform, apply_transform, world_coordinates
 
 TINY = NetConfig(
@@ -46,7 +46,7 @@ def test_working_grid_is_ras_padded_and_invertible():
 def test_sample_moving_reads_the_voxels_its_matrix_names():
     """Grid voxel ijk reads moving voxel M @ ijk: integer shifts and an axis swap give exact
     copies, a half-voxel shift the mean of two neighbours, outside is zero."""
-    from atlasflow.deep import _sample_moving
+    from atlasflow.registration.engine import _sample_moving
 
     rng = np.random.default_rng(0)
     moving = torch.from_numpy(rng.random((1, 1, 9, 8, 7), dtype=np.float32))
@@ -186,7 +186,7 @@ def test_init_velocity_continues_a_registration_from_its_field(tiny_model, still
 
 
 def test_init_velocity_needs_the_deep_backend():
-    from atlasflow.register import register
+    from atlasflow.registration.api import register
 
     fixed = blob_image(shape=(16, 16, 16))
     field = Image(np.zeros((16, 16, 16, 3), np.float32), fixed.affine)

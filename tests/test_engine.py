@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import blob_image
 
-from atlasflow import engine
-from atlasflow.io import save_image
+from atlasflow.io.images import save_image
+from atlasflow.runtime import server as engine
 from atlasflow.transforms import Transform, apply_transform, write_itk_affine
 
 
@@ -122,7 +122,7 @@ def test_a_job_that_goes_away_cancels_its_command(tmp_path, members, owner):
     # A long command (many refinement steps), its job killed once the server has started it.
     slow = tmp_path / "slow"
     argv = iteration_argv(folder, images, masks, affines, slow, refine=3000, threads=1)
-    job = subprocess.Popen([sys.executable, "-c", f"from atlasflow.engine import submit; submit({argv!r}, {str(tmp_path / 'slow.log')!r})"])
+    job = subprocess.Popen([sys.executable, "-c", f"from atlasflow.runtime.server import submit; submit({argv!r}, {str(tmp_path / 'slow.log')!r})"])
     assert wait_for(lambda: (tmp_path / "slow.log").exists())
     job.kill()
     job.wait()
@@ -140,8 +140,7 @@ def test_a_job_that_goes_away_cancels_its_command(tmp_path, members, owner):
 def test_a_cancel_before_the_command_handles_it_still_says_interrupted(tmp_path, monkeypatch):
     # The job's SIGINT can land while the command is still parsing its arguments, before the
     # command's own handler is in place: the log must say so all the same.
-    from atlasflow import cli
-
+    from atlasflow.cli import main as cli
     def cancelled(argv):
         raise KeyboardInterrupt
 

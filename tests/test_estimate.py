@@ -1,4 +1,4 @@
-"""The throughput model (atlasflow.estimate): scaling, barriers, calibration, argument errors."""
+"""The throughput model (atlasflow.runtime.estimate): scaling, barriers, calibration, argument errors."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from atlasflow import cli
-from atlasflow import estimate as estimate_module
+from atlasflow.cli import main as cli
 from atlasflow.errors import AtlasflowError
-from atlasflow.estimate import (
+from atlasflow.runtime import estimate as estimate_module
+from atlasflow.runtime.estimate import (
     Cluster,
     Cohort,
     CostTable,

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasflow import cli
-from atlasflow.atlas import Member, label_vote, run_init
+from atlasflow.atlas.build import Member, label_vote, run_init
+from atlasflow.cli import main as cli
 from atlasflow.errors import AtlasflowError
 from atlasflow.failures import failure_record, keep_successful, write_failure
-from atlasflow.io import Image, load_image, save_image
+from atlasflow.io.images import Image, load_image, save_image
 from atlasflow.transforms import write_itk_affine
 
 
@@ -80,7 +80,7 @@ def test_later_steps_of_a_failed_scan_pass_the_record_on(tmp_path, blob, capsys)
 
 
 def test_skip_mode_also_contains_an_unforeseen_exception(tmp_path, blob, monkeypatch, capsys):
-    import atlasflow.preprocess as pp
+    import atlasflow.preprocess.steps as pp
 
     def broken(*args, **kwargs):
         raise RuntimeError("ITK says no")
@@ -170,7 +170,7 @@ def test_keep_successful_needs_aligned_lists():
 
 
 def test_reports_list_a_skipped_scan_as_failed_with_its_reason(tmp_path, blob):
-    from atlasflow.report import Scan, cohort_verdicts, subject_qc, write_cohort_report
+    from atlasflow.reports.report import Scan, cohort_verdicts, subject_qc, write_cohort_report
 
     out = tmp_path / "results"
     scan = Scan(out, "05", "1")
@@ -196,8 +196,8 @@ def test_reports_list_a_skipped_scan_as_failed_with_its_reason(tmp_path, blob):
 
 def test_a_tampered_or_truncated_weights_file_is_one_line_from_the_command(tmp_path, blob, capsys):
     """The register command given damaged weights: exit 1 and one line naming the file, no traceback."""
-    from atlasflow.deep import DEFAULT_MODEL
-    from atlasflow.train import sidecar_path
+    from atlasflow.registration.engine import DEFAULT_MODEL
+    from atlasflow.training.train import sidecar_path
 
     save_image(blob, tmp_path / "f.nii.gz")
     save_image(blob, tmp_path / "m.nii.gz")
@@ -216,7 +216,7 @@ def test_a_tampered_or_truncated_weights_file_is_one_line_from_the_command(tmp_p
 def test_a_member_left_out_of_an_atlas_iteration_is_reported(tmp_path):
     """Preprocessing and registrations fine, but its registration to iteration 2 failed: the
     subject is listed as failed with that reason, not silently passed."""
-    from atlasflow.report import subject_qc
+    from atlasflow.reports.report import subject_qc
 
     out = tmp_path / "results"
     table = out / "atlas" / "iter-2" / "members.tsv"

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasflow import manifest as mf
+from atlasflow.cohort import manifest as mf
 from atlasflow.errors import AtlasflowError
 
 SEED = 20240607

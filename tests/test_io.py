@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Image, load_image, save_image
+from atlasflow.io.images import Image, load_image, save_image
 
 
 def test_round_trip_keeps_data_and_affine(tmp_path, blob):
@@ -73,7 +73,7 @@ def test_vector_images_keep_their_components(tmp_path):
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_write_that_fails_midway_leaves_nothing_under_the_final_name(tmp_path, blob, monkeypatch, existing):
     """A crash while writing (disk full, killed job) never leaves a partial file as if complete."""
-    import atlasflow.io as aio
+    import atlasflow.io.images as aio
 
     target = tmp_path / "a.nii.gz"
     if existing:  # an earlier complete version stays exactly as it was
@@ -97,7 +97,7 @@ def test_a_write_that_fails_midway_leaves_nothing_under_the_final_name(tmp_path,
 def test_outputs_get_the_permissions_the_umask_allows(tmp_path, blob, umask, mode):
     """Atomic writes go through a temporary file, which mkstemp makes 0600: the outputs must
     still be readable by whoever the user's umask lets read new files (a lab's group)."""
-    from atlasflow.io import atomic_write_text
+    from atlasflow.io.images import atomic_write_text
     from atlasflow.transforms import write_itk_affine
 
     previous = os.umask(umask)

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from conftest import blob_image
 
-from atlasflow import longitudinal as lg
-from atlasflow.io import Image, load_image, save_image
+from atlasflow.io.images import Image, load_image, save_image
+from atlasflow.longitudinal import change as lg
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -96,7 +96,7 @@ def test_followup_registration_measures_growth_and_writes_maps(tmp_path):
 def test_jacobian_volume_change_matches_the_simulated_growth(tmp_path):
     """Demo tumour subject (known growth by mass effect): the Jacobian of the follow-up -> baseline
     registration, integrated over the baseline tumour, gives the true volume change within 10%."""
-    from atlasflow.synth import make_demo_cohort
+    from atlasflow.synth.demo import make_demo_cohort
 
     make_demo_cohort(tmp_path, seed=0, n_cross=0, n_long=1, n_timepoints=2, spacing_mm=2.0)
     rows = pd.read_csv(tmp_path / "manifest.csv", dtype=str).to_dict("records")

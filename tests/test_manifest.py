@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from atlasflow import manifest as mf
-from atlasflow.errors import AtlasflowError
-from atlasflow.manifest import (
+from atlasflow.cohort import manifest as mf
+from atlasflow.cohort.manifest import (
     grid_mismatch,
     load_cohort,
     main_validate,
     validate_cohort,
     validate_image,
 )
+from atlasflow.errors import AtlasflowError
 
 SHAPE = (16, 18, 14)
 AFFINE = np.array([[2.0, 0, 0, -15], [0, 2.0, 0, -17], [0, 0, 2.0, -13], [0, 0, 0, 1]])
@@ -226,7 +226,7 @@ def test_schema_is_the_source_of_columns():
     assert mf.required_columns() == ("subject", "session", "t1w")
     assert set(mf.IMAGE_COLUMNS) <= set(schema["properties"])
     assert (
-        Path(mf.__file__).parent / "data" / "manifest.schema.yaml"
+        Path(mf.__file__).parents[1] / "data" / "manifest.schema.yaml"
     ).resolve() == mf.schema_path().resolve()
 
 
@@ -711,7 +711,7 @@ def test_main_validate_error_is_one_line(cohort: Path, capsys):
 
 
 def test_cli_dispatch(cohort: Path, capsys):
-    from atlasflow.cli import main
+    from atlasflow.cli.main import main
 
     assert main(["validate", str(cohort), "--headers-only"]) == 0
     assert "headers checked" in capsys.readouterr().out

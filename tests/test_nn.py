@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atlasflow.io import Image
+from atlasflow.io.images import Image
 from atlasflow.nn import AffineNet, NetConfig, RegistrationModel, VelocityUNet
 from atlasflow.nn.losses import (
     box_filter,

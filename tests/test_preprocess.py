@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from atlasflow import preprocess as pp
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Image, load_image, save_image
-from atlasflow.template import prepare_template
+from atlasflow.io.images import Image, load_image, save_image
+from atlasflow.preprocess import steps as pp
+from atlasflow.preprocess.reference import prepare_template
 from atlasflow.transforms import world_coordinates
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasflow import provenance as pv
-from atlasflow.cli import main as cli_main
+from atlasflow.cli.main import main as cli_main
+from atlasflow.cohort.planning import SHIPPED_MODEL, resolve_cohort
 from atlasflow.errors import AtlasflowError
-from atlasflow.workflow import SHIPPED_MODEL, resolve_cohort
+from atlasflow.runtime import provenance as pv
 
 CONFIG = {
     "cohort": None,
@@ -104,7 +104,7 @@ def test_versions_are_the_installed_ones():
 
 
 def test_shipped_model_path_agrees_with_the_deep_engine():
-    from atlasflow.deep import DEFAULT_MODEL
+    from atlasflow.registration.engine import DEFAULT_MODEL
 
     assert SHIPPED_MODEL == DEFAULT_MODEL
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import blob_image
 
-from atlasflow.cli import main
+from atlasflow.cli.main import main
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import load_image, save_image
-from atlasflow.register import dice_per_label, from_ants, ncc, register, to_ants
+from atlasflow.io.images import load_image, save_image
+from atlasflow.registration.api import dice_per_label, from_ants, ncc, register, to_ants
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -84,7 +84,7 @@ def test_register_command_reports_missing_input_in_one_line(tmp_path, capsys):
 
 
 def test_qc_flags_name_the_failed_check_and_its_threshold():
-    from atlasflow.register import QCThresholds, qc_flags
+    from atlasflow.registration.api import QCThresholds, qc_flags
 
     good = {"folding_fraction": 0.0, "ncc_before": 0.3, "ncc_after": 0.8}
     assert qc_flags(good, QCThresholds()) == []

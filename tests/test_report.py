@@ -19,8 +19,8 @@ import pytest
 from conftest import blob_image
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Image, save_image
-from atlasflow.report import (
+from atlasflow.io.images import Image, save_image
+from atlasflow.reports.report import (
     Thresholds,
     last_error_line,
     read_tumor_table,
@@ -339,7 +339,7 @@ def test_longitudinal_page_has_change_maps_volume_plot_and_response(reports):
     assert 'id="longitudinal"' in page and "badge progression" in page
     assert "Change since baseline (ses-1)" in page and "data-missing" not in page
     assert "1728" in page and "237.5" in page
-    from atlasflow.longitudinal import PROGRESSION_PCT
+    from atlasflow.longitudinal.change import PROGRESSION_PCT
 
     assert f"progression at {PROGRESSION_PCT:+g} % or more" in page
     assert len(_images(page)) == 1 + 4 + 6  # tumour plot; 4 figures at baseline; 6 at follow-up
@@ -519,7 +519,7 @@ def test_small_helpers(tmp_path):
 
 
 def test_declared_report_inputs_are_what_the_report_reads(reports):
-    from atlasflow.report import cohort_report_inputs, subject_report_inputs
+    from atlasflow.reports.report import cohort_report_inputs, subject_report_inputs
 
     outdir = reports["outdir"]
     declared = subject_report_inputs(outdir, "03", ["1", "2"], labels=["1", "2"], tumour=["1", "2"])
@@ -588,8 +588,8 @@ def test_a_registration_that_lowers_the_similarity_is_flagged(tmp_path):
 
 
 def test_jacobian_on_the_view_planes_equals_the_full_volume_determinant():
-    from atlasflow.figures import ras_image
-    from atlasflow.report import jacobian_on_views
+    from atlasflow.reports.figures import ras_image
+    from atlasflow.reports.report import jacobian_on_views
     from atlasflow.transforms import jacobian_determinant
 
     reference = blob_image(SHAPE)

@@ -17,8 +17,8 @@ import pytest
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io import Grid, load_image
-from atlasflow.synth import (
+from atlasflow.io.images import Grid, load_image
+from atlasflow.synth.demo import (
     MANIFEST_COLUMNS,
     TumourModel,
     demo_manifest,

@@ -11,8 +11,8 @@ import torch
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.nn import NetConfig, RegistrationModel
-from atlasflow.synthmorph import NUM_CLASSES, PairGenerator, build_label_set, group_of
-from atlasflow.train import load_model, save_model, sidecar_path, train, train_main
+from atlasflow.training.pairs import NUM_CLASSES, PairGenerator, build_label_set, group_of
+from atlasflow.training.train import load_model, save_model, sidecar_path, train, train_main
 
 TINY = NetConfig(
     unet_encoder=[8, 8, 8, 8], unet_decoder=[8, 8, 8, 8], affine_channels=[4, 8, 8, 8, 8]
@@ -123,7 +123,7 @@ def test_version_1_files_still_load(tmp_path):
 
 def _dice_loss_on(model, pairs):
     from atlasflow.nn.losses import soft_dice_loss
-    from atlasflow.train import flow_forward
+    from atlasflow.training.train import flow_forward
     from atlasflow.transforms import warp_tensor
 
     with torch.no_grad():
@@ -196,8 +196,8 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import blob_image
 
-    from atlasflow.io import save_image
-    from atlasflow.train import finetune_main
+    from atlasflow.io.images import save_image
+    from atlasflow.training.train import finetune_main
 
     torch.manual_seed(0)
     base = save_model(RegistrationModel(TINY), tmp_path / "base.safetensors")

@@ -6,7 +6,7 @@ import torch
 from conftest import blob_image
 from scipy.ndimage import gaussian_filter
 
-from atlasflow.io import Image, load_image, save_image
+from atlasflow.io.images import Image, load_image, save_image
 from atlasflow.transforms import (
     Transform,
     apply_transform,

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from atlasflow.io import load_image
+from atlasflow.io.images import load_image
 from atlasflow.transforms import Transform, apply_transform
 
 # One pytest worker runs this whole module (`make test` runs two, pytest-xdist's loadgroup): its

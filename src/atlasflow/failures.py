@@ -8,7 +8,7 @@ step and the reason) in place of each of its outputs and exits 0. Per-scan comma
 as input pass it on; cohort-wide commands leave that scan out (:func:`keep_successful`) and stop
 with a clear error when fewer than the required number remain.
 
-A record can never be taken for data: it is not NIfTI, :func:`atlasflow.io.load_image` rejects it
+A record can never be taken for data: it is not NIfTI, :func:`atlasflow.io.images.load_image` rejects it
 with a message naming the failed step, and :func:`failure_record` recognises it by its first bytes.
 Reports list the scan as failed with that reason.
 """
@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import AtlasflowError
+from atlasflow.errors import AtlasflowError
 
 MARKER_KEY = "atlasflow_failed_scan"
 _HEAD = ('{"' + MARKER_KEY + '"').encode()
@@ -61,7 +61,7 @@ def describe(record: dict) -> str:
 
 def write_failure(outputs: Iterable[str | os.PathLike], step: str, reason: str, source: str = "") -> list[Path]:
     """Write the failure record (atomically) at every output path; returns the paths written."""
-    from .io import atomic_write_text
+    from atlasflow.io.images import atomic_write_text
 
     record = {MARKER_KEY: True, "step": step, "reason": reason}
     if source:

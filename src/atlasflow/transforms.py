@@ -26,8 +26,8 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 
-from .errors import AtlasflowError
-from .io import Grid, Image, load_image, save_image, sibling_tempfile
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, Image, load_image, save_image, sibling_tempfile
 
 # RAS <-> LPS flips the first two world axes.
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -6,7 +6,7 @@ only the new iterations and what follows them.
 
 onstart:
     # The atlas jobs of a local run share one warm engine (torch, weights, workers), which exits
-    # with this process; jobs on cluster nodes start their own (atlasflow.engine).
+    # with this process; jobs on cluster nodes start their own (atlasflow.runtime.server).
     if ATL["warm_engine"] and workflow.local_exec:
         enable_engine()
 

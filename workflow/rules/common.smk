@@ -3,11 +3,11 @@
 import sys
 from pathlib import Path
 
-from atlasflow.engine import enable as enable_engine
+from atlasflow.runtime.server import enable as enable_engine
 from atlasflow.errors import AtlasflowError
 from atlasflow.failures import set_policy
-from atlasflow.provenance import git_commit, package_versions
-from atlasflow.workflow import SHIPPED_MODEL, atlas_members, cohort_source, resolve_cohort
+from atlasflow.runtime.provenance import git_commit, package_versions
+from atlasflow.cohort.planning import SHIPPED_MODEL, atlas_members, cohort_source, resolve_cohort
 
 OUT = config["outdir"]
 LOGS = f"{OUT}/logs"
@@ -261,7 +261,7 @@ ATLAS_METRICS = f"{ATLAS}/metrics.tsv"
 
 # --- longitudinal helpers
 
-from atlasflow.workflow import session_order  # noqa: E402
+from atlasflow.cohort.planning import session_order  # noqa: E402
 
 _ORDERED = session_order(COHORT)
 SESSIONS = {s: list(g["session"]) for s, g in _ORDERED.groupby("subject", sort=True)}
@@ -321,7 +321,7 @@ def longitudinal_targets():
 
 # --- report helpers
 
-from atlasflow.report import cohort_report_inputs, subject_report_inputs  # noqa: E402
+from atlasflow.reports.report import cohort_report_inputs, subject_report_inputs  # noqa: E402
 
 REPORTS = f"{OUT}/reports"
 QC = config["qc"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from .losses import (
+from atlasflow.nn.losses import (
     diffusion_loss,
     inverse_consistency_loss,
     lncc_loss,
@@ -10,7 +10,13 @@ from .losses import (
     mse_loss,
     soft_dice_loss,
 )
-from .networks import AffineNet, KeypointAffineNet, NetConfig, RegistrationModel, VelocityUNet
+from atlasflow.nn.networks import (
+    AffineNet,
+    KeypointAffineNet,
+    NetConfig,
+    RegistrationModel,
+    VelocityUNet,
+)
 
 __all__ = [
     "deterministic_kernels",

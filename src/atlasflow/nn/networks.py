@@ -175,7 +175,7 @@ class VelocityUNet(nn.Module):
         only has to learn to read displacements off it, not to discover image comparison from
         scratch, which plain early fusion did not do within thousands of CPU steps.
         """
-        from .losses import box_filter
+        from atlasflow.nn.losses import box_filter
 
         small = F.avg_pool3d(pair.contiguous(), factor)
         mean = box_filter(small, 3)
@@ -333,7 +333,7 @@ class RegistrationModel(nn.Module):
 
 def centred_affine_grid(matrix: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Voxel displacement (B, 3, X, Y, Z) of the pull-back ``x -> M (x - c) + c + t``."""
-    from ..transforms import identity_grid
+    from atlasflow.transforms import identity_grid
 
     grid = identity_grid(shape, matrix.device).to(matrix.dtype)
     centre = torch.tensor([(s - 1) / 2 for s in shape], device=matrix.device, dtype=matrix.dtype)

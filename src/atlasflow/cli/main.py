@@ -17,8 +17,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import AtlasflowError
-from .failures import (
+from atlasflow.errors import AtlasflowError
+from atlasflow.failures import (
     describe,
     failure_record,
     first_failed_input,
@@ -43,7 +43,7 @@ def limit_threads(n: int | None) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .synth import make_demo_cohort
+    from atlasflow.synth.demo import make_demo_cohort
 
     manifest = make_demo_cohort(
         Path(args.out_dir),
@@ -58,7 +58,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_template(args: argparse.Namespace) -> int:
-    from .template import prepare_template
+    from atlasflow.preprocess.reference import prepare_template
 
     prepare_template(args.source, args.spacing, args.out_image, args.out_mask, args.mask)
     return 0
@@ -67,7 +67,7 @@ def cmd_template(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import preprocess as pp
+    import atlasflow.preprocess.steps as pp
 
     if args.step == "reorient":
         pp.reorient(args.input, args.output, dtype=np.float32)
@@ -79,7 +79,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     elif args.step == "mask":
         template = template_mask = None
         if args.template:
-            from .io import load_image
+            from atlasflow.io.images import load_image
 
             template = load_image(args.template)
             template_mask = load_image(args.template_mask).data > 0
@@ -99,7 +99,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from .register import QCThresholds, RegisterOutputs, register_files
+    from atlasflow.registration.api import QCThresholds, RegisterOutputs, register_files
 
     if args.out_dir:
         outputs = RegisterOutputs.in_dir(args.out_dir, labels=bool(args.moving_labels))
@@ -134,8 +134,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .io import load_image, save_image
-    from .transforms import apply_transform, load_transform
+    from atlasflow.io.images import load_image, save_image
+    from atlasflow.transforms import apply_transform, load_transform
 
     fixed = load_image(args.fixed)
     labels = args.interpolation in ("nearest", "label")
@@ -157,13 +157,13 @@ def _successful(args: argparse.Namespace, columns: list[list[str]], what: str) -
 
 def _member(image: str, mask: str | None, affine: str | None = None, velocity: str | None = None):
     """An atlas member named after its scan (``sub-X_ses-Y``)."""
-    from .atlas import Member
+    from atlasflow.atlas.build import Member
 
     return Member(Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine, velocity)
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
-    from . import atlas
+    import atlasflow.atlas.build as atlas
 
     if args.step == "init":
         images, masks, out_affines = args.images or [], args.masks or [], args.out_affines or []
@@ -259,7 +259,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
 
 def cmd_longitudinal(args: argparse.Namespace) -> int:
-    from . import longitudinal as lg
+    import atlasflow.longitudinal.change as lg
 
     if args.step == "pair":
         outputs = lg.PairOutputs(
@@ -321,7 +321,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of atlasflow.register.register those flags stand for."""
+    """The keyword arguments of atlasflow.registration.api.register those flags stand for."""
     return {
         "backend": args.backend,
         "refine_steps": args.refine,
@@ -478,12 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
 
     for name, module, func, text in [
-        ("validate", "manifest", "main_validate", "validate a cohort manifest or BIDS folder"),
-        ("train", "train", "train_main", "train the registration networks on synthetic pairs"),
-        ("finetune", "train", "finetune_main", "fine-tune the networks on a cohort"),
-        ("report", "report", "report_main", "write the HTML reports (subject, cohort)"),
-        ("estimate", "estimate", "main", "predict wall time and core-hours of a run on a cluster"),
-        ("provenance", "provenance", "main", "record versions, config, input and model checksums of a run"),
+        ("validate", "cohort.manifest", "main_validate", "validate a cohort manifest or BIDS folder"),
+        ("train", "training.train", "train_main", "train the registration networks on synthetic pairs"),
+        ("finetune", "training.train", "finetune_main", "fine-tune the networks on a cohort"),
+        ("report", "reports.report", "report_main", "write the HTML reports (subject, cohort)"),
+        ("estimate", "runtime.estimate", "main", "predict wall time and core-hours of a run on a cluster"),
+        ("provenance", "runtime.provenance", "main", "record versions, config, input and model checksums of a run"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

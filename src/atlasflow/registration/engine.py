@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import AtlasflowError
-from .io import Grid, Image
-from .nn import deterministic_kernels
-from .nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
-from .nn.networks import RegistrationModel
-from .nn.optim import Adam
-from .transforms import (
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, Image
+from atlasflow.nn import deterministic_kernels
+from atlasflow.nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
+from atlasflow.nn.networks import RegistrationModel
+from atlasflow.nn.optim import Adam
+from atlasflow.transforms import (
     Transform,
     apply_transform,
     integrate_velocity,
@@ -44,7 +44,7 @@ from .transforms import (
     warp_tensor,
 )
 
-MODEL_DIR = Path(__file__).resolve().parent / "models"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = MODEL_DIR / "atlasflow_synthmorph_2mm.safetensors"
 
 #: Defaults of the test-time optimisation, chosen on synthetic pairs (not on the benchmark).
@@ -158,7 +158,7 @@ _MODEL_CACHE: dict[tuple[str, float], RegistrationModel] = {}
 
 def get_model(model_path: str | os.PathLike | None, device: str = "cpu") -> RegistrationModel:
     """Load (once per process) the model at ``model_path`` or the shipped default."""
-    from .train import load_model
+    from atlasflow.training.train import load_model
 
     path = Path(model_path) if model_path is not None else DEFAULT_MODEL
     if not path.is_file():

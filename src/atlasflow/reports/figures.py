@@ -1,6 +1,6 @@
 """Report figures: small PNGs of 3-D images in three orthogonal views, overlays and plots.
 
-Everything here is pure: arrays (or :class:`~atlasflow.io.Image`) in, PNG bytes out. Slice
+Everything here is pure: arrays (or :class:`~atlasflow.io.images.Image`) in, PNG bytes out. Slice
 montages are composed directly as RGB arrays (numpy, matplotlib's colour maps, Pillow for
 resampling, text and PNG encoding): building matplotlib axes for every panel cost about 0.1 s each,
 this costs milliseconds. Only the line plots (tumour volume, atlas convergence) use matplotlib's
@@ -9,7 +9,7 @@ object API on the Agg canvas. No timestamps go into a PNG: same input, same byte
 Views follow the neurological convention (subject's left on the viewer's left) with superior and
 anterior up; every volume is first turned to the closest RAS voxel order, so scans stored in any
 orientation look the same, and voxels are drawn at their physical size (anisotropic spacing is
-respected). :mod:`atlasflow.report` decides which files feed which figure.
+respected). :mod:`atlasflow.reports.report` decides which files feed which figure.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
-from .io import Image
+from atlasflow.io.images import Image
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # matplotlib (~0.5 s to import) is imported where a figure is drawn: the workflow imports this
-# module (through atlasflow.report) every time Snakemake plans.
+# module (through atlasflow.reports.report) every time Snakemake plans.
 
 VIEWS = ("sagittal", "coronal", "axial")
 PANEL_PX = 176  # longest physical side of a volume, in pixels (two figures fit side by side)

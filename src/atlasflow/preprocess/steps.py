@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import AtlasflowError
-from .io import Grid, Image, load_image, save_image
-from .transforms import Transform, apply_transform
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, Image, load_image, save_image
+from atlasflow.transforms import Transform, apply_transform
 
 
 def to_ras(image: Image) -> Image:
@@ -75,7 +75,7 @@ def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Pat
     """
     import ants
 
-    from .register import from_ants, to_ants
+    from atlasflow.registration.api import from_ants, to_ants
 
     image = load_image(in_path)
     mask = load_image(mask_path).data > 0 if mask_path else head_mask(image)
@@ -121,7 +121,7 @@ def brain_mask(
     else:
         if template is None or template_mask is None:
             raise AtlasflowError(f"{image_path}: no brain mask, no labels and no template to derive one")
-        from .register import register
+        from atlasflow.registration.api import register
 
         reg = register(
             image,

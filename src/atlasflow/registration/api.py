@@ -1,7 +1,7 @@
 """Pairwise registration: one entry point, interchangeable backends, files ANTs can read.
 
 :func:`register` aligns ``moving`` to ``fixed`` with the ``deep`` backend (atlasflow's networks,
-:mod:`atlasflow.deep`) or the ``ants`` backend (antspyx, the classical baseline), and returns a
+:mod:`atlasflow.registration.engine`) or the ``ants`` backend (antspyx, the classical baseline), and returns a
 :class:`Registration` whose transform is the same representation for both.
 :func:`register_files` is the file-level wrapper used by the CLI and the workflow: it writes the
 warped image, the ITK affine, the displacement field and its inverse, label-aware warped labels and
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AtlasflowError
-from .io import Image, atomic_write_text, load_image, load_mask, save_image
-from .transforms import (
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Image, atomic_write_text, load_image, load_mask, save_image
+from atlasflow.transforms import (
     Transform,
     apply_transform,
     folding_fraction,
@@ -169,7 +169,7 @@ def register(
             fixed_mask = keep & ~(np.asarray(cost_mask) > 0)
         return _register_ants(fixed, moving, fixed_mask, moving_mask, kind, seed)
     if backend == "deep":
-        from .deep import register_deep
+        from atlasflow.registration.engine import register_deep
 
         res = register_deep(
             fixed,

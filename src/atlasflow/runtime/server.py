@@ -83,7 +83,7 @@ def command_of(argv: Sequence[str]) -> tuple[tuple[str, str], int]:
 
 def _stamp() -> str:
     """Changes whenever the installed package's code does: a server never runs stale code."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     times = sorted((str(p), p.stat().st_mtime_ns) for p in package.rglob("*.py"))
     return hashlib.sha1(repr((sys.executable, times)).encode()).hexdigest()[:12]
 
@@ -120,7 +120,7 @@ def _start(path: Path, owner: int, workers: int) -> socket.socket | None:
             path.unlink()
         with open(path.with_suffix(".log"), "a") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "atlasflow.engine", str(path), str(owner), str(workers)],
+                [sys.executable, "-m", "atlasflow.runtime.server", str(path), str(owner), str(workers)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT
@@ -184,7 +184,7 @@ def run(argv: Sequence[str], log: str | os.PathLike) -> int:
 
 
 def _run_here(argv: Sequence[str], log: str | os.PathLike) -> int:
-    from .cli import main
+    from atlasflow.cli.main import main
 
     with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
@@ -245,7 +245,12 @@ def serve(path: Path, owner: int, workers: int, idle: float = IDLE_SECONDS) -> N
     import multiprocessing
     import signal
 
-    from . import atlas, cli, deep, register, transforms  # noqa: F401  (imported once, before the workers fork)
+    # imported once, before the workers fork
+    import atlasflow.atlas.build as atlas
+    import atlasflow.cli.main as cli
+    import atlasflow.registration.api as register  # noqa: F401
+    import atlasflow.registration.engine as deep
+    import atlasflow.transforms  # noqa: F401
 
     # A run started in the background (nohup, &) passes SIGINT on as ignored; _Watch needs it.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Grid, Image, load_image, save_image
-from .preprocess import normalise_intensity, to_ras
-from .transforms import Transform, apply_transform
+from atlasflow.io.images import Grid, Image, load_image, save_image
+from atlasflow.preprocess.steps import normalise_intensity, to_ras
+from atlasflow.transforms import Transform, apply_transform
 
 
 def load_mni152() -> tuple[Image, np.ndarray]:

@@ -53,8 +53,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .errors import AtlasflowError
-from .io import Grid, load_header
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, load_header
 
 # ----------------------------------------------------------------------------------- schema
 
@@ -71,7 +71,7 @@ _GRID_TOLERANCE_VOXELS = 0.01
 
 def schema_path() -> Path:
     """The manifest schema: ``workflow/schemas`` of a source checkout, else the packaged copy."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]
     for candidate in (
         here.parents[1] / "workflow" / "schemas" / _SCHEMA_NAME,
         here / "data" / _SCHEMA_NAME,

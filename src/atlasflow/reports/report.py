@@ -6,7 +6,7 @@ This module owns
 - the QC verdict of a subject (``pass`` / ``flag`` / ``failed`` / ``incomplete``), where every
   check carries the threshold and the config key that decided it, and a failed scan carries the
   ``atlasflow: error:`` line of the job that failed;
-- the pages: figures embedded as base64 PNGs (from :mod:`atlasflow.figures`), no external files,
+- the pages: figures embedded as base64 PNGs (from :mod:`atlasflow.reports.figures`), no external files,
   scripts or styles, so a report opens offline and can be mailed as one file;
 - the ``atlasflow report`` command (:func:`report_main`).
 
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import figures as fg
-from .errors import AtlasflowError
-from .failures import describe, failure_record
-from .io import Image, atomic_write_text, load_image
+import atlasflow.reports.figures as fg
+from atlasflow.errors import AtlasflowError
+from atlasflow.failures import describe, failure_record
+from atlasflow.io.images import Image, atomic_write_text, load_image
 
 STAGES = ("template", "atlas", "baseline")
 STAGE_TITLES = {"template": "to template", "atlas": "to atlas", "baseline": "to baseline"}
@@ -309,7 +309,7 @@ METRIC_LABELS = {
 }
 
 
-# Same rule as atlasflow.register.qc_flags: NCC after may not fall below NCC before by more than this.
+# Same rule as atlasflow.registration.api.qc_flags: NCC after may not fall below NCC before by more than this.
 NCC_DROP_TOLERANCE = 0.02
 
 
@@ -342,7 +342,7 @@ def _number(value: object) -> float | None:
 
 def mean_dice(labels: Path, reference: Path) -> float:
     """Mean Dice over the labels present in both maps (same grid required)."""
-    from .register import dice_per_label
+    from atlasflow.registration.api import dice_per_label
 
     a = load_image(labels, dtype=None).data
     b = load_image(reference, dtype=None).data
@@ -827,7 +827,7 @@ def subject_panels(
     outdir: Path, qc: SubjectQC, raw_inputs: Mapping[str, str] | None = None
 ) -> list[tuple[str, list[Panel]]]:
     """Every figure of a subject report, grouped by section (session, or 'longitudinal')."""
-    from .transforms import Transform, apply_transform, read_itk_displacement
+    from atlasflow.transforms import Transform, apply_transform, read_itk_displacement
 
     inputs = _Inputs(outdir)
     files = CohortFiles(outdir)
@@ -1025,7 +1025,7 @@ def jacobian_on_views(field: Image, centre: Sequence[int] | None) -> fg.Volume:
     :func:`atlasflow.transforms.jacobian_determinant` (central differences need one neighbour on
     each side), NaN elsewhere: a whole 2 mm field costs about a second, the planes milliseconds.
     """
-    from .transforms import jacobian_determinant
+    from atlasflow.transforms import jacobian_determinant
 
     shape = field.data.shape[:3]
     centre = tuple(int(c) for c in (centre if centre is not None else fg.centre_of(None, shape)))
@@ -1044,8 +1044,8 @@ def jacobian_on_views(field: Image, centre: Sequence[int] | None) -> fg.Volume:
 
 
 def response_rule() -> str:
-    """The volumetric response rule of :mod:`atlasflow.longitudinal`, in words."""
-    from .longitudinal import PARTIAL_RESPONSE_PCT, PROGRESSION_PCT
+    """The volumetric response rule of :mod:`atlasflow.longitudinal.change`, in words."""
+    from atlasflow.longitudinal.change import PARTIAL_RESPONSE_PCT, PROGRESSION_PCT
 
     return (
         "Response category (volumetric, after RANO/mRANO, relative to the baseline volume): "

@@ -17,8 +17,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import AtlasflowError
-from .failures import describe, failure_record
+from atlasflow.errors import AtlasflowError
+from atlasflow.failures import describe, failure_record
 
 
 @dataclass(frozen=True)

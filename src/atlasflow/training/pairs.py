@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .errors import AtlasflowError
-from .io import Grid, Image, load_image
-from .transforms import (
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, Image, load_image
+from atlasflow.transforms import (
     Transform,
     apply_transform,
     compose_displacements,
@@ -155,8 +155,8 @@ def _affine_to_reference(reference: np.ndarray, moving: np.ndarray, steps: int =
     """Voxel pull-back matrix (3x4, centred coordinates) aligning two one-hot class maps at 4 mm."""
     ref = F.avg_pool3d(torch.from_numpy(reference)[None].float(), 2)
     mov = F.avg_pool3d(torch.from_numpy(moving)[None].float(), 2)
-    from .nn.networks import centred_affine_grid
-    from .nn.optim import Adam
+    from atlasflow.nn.networks import centred_affine_grid
+    from atlasflow.nn.optim import Adam
 
     params = torch.zeros(1, 3, 4, requires_grad=True)
     opt = Adam([params], lr=0.01)
@@ -329,7 +329,7 @@ def random_deformation(
     Built at quarter resolution (the field is smooth, and the affine part is linear so trilinear
     upsampling keeps it exact) and upsampled, which keeps synthesis cheap on a CPU.
     """
-    from .nn.networks import centred_affine_grid
+    from atlasflow.nn.networks import centred_affine_grid
 
     quarter = tuple(max(2, s // 4) for s in shape)
     disp = integrate_velocity(random_velocity(gen, quarter, max_std / 4, coarse=2), 5)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .errors import AtlasflowError
+from atlasflow.errors import AtlasflowError
 
 FORMAT = "atlasflow-provenance-v1"
 #: Distributions whose versions decide what the workflow computes (import names differ: antspyx is `ants`).
@@ -218,7 +218,7 @@ def build_provenance(
 
 def write_provenance(path: str | os.PathLike, record: dict) -> Path:
     """Write the record atomically as sorted, indented JSON."""
-    from .io import atomic_write_text
+    from atlasflow.io.images import atomic_write_text
 
     return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -227,7 +227,7 @@ def main(argv: Sequence[str]) -> int:
     """``atlasflow provenance --config-json JSON --workflow-dir DIR --output FILE [--model W] [--threads N]``."""
     import argparse
 
-    from .workflow import SHIPPED_MODEL, cohort_source, resolve_cohort
+    from atlasflow.cohort.planning import SHIPPED_MODEL, cohort_source, resolve_cohort
 
     parser = argparse.ArgumentParser(prog="atlasflow provenance", description=main.__doc__)
     parser.add_argument(

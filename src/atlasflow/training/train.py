@@ -2,7 +2,7 @@
 
 Owns:
 
-* :func:`train` - SynthMorph-style training on synthetic pairs (:mod:`atlasflow.synthmorph`):
+* :func:`train` - SynthMorph-style training on synthetic pairs (:mod:`atlasflow.training.pairs`):
   first the affine network (supervised by the known random affine, error measured in voxels at
   points spread over the brain, plus keypoint consistency for the keypoint network), then the
   velocity U-Net (soft Dice on grouped labels + LNCC for same-contrast pairs + end-point error
@@ -34,17 +34,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import AtlasflowError
-from .io import atomic_write_text, sibling_tempfile
-from .nn import deterministic_kernels
-from .nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
-from .nn.networks import NetConfig, RegistrationModel
-from .transforms import integrate_velocity, resize_displacement, warp_tensor
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import atomic_write_text, sibling_tempfile
+from atlasflow.nn import deterministic_kernels
+from atlasflow.nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
+from atlasflow.nn.networks import NetConfig, RegistrationModel
+from atlasflow.transforms import integrate_velocity, resize_displacement, warp_tensor
 
 FORMAT = "atlasflow-registration-v2"
 #: Version 1 files (pooled affine network, no ``affine_kind`` in the config) still load.
 READABLE_FORMATS = ("atlasflow-registration-v1", FORMAT)
-DEFAULT_LABEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "synthseg_label_maps"
+DEFAULT_LABEL_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "synthseg_label_maps"
 
 
 # ----------------------------------------------------------------------------------- model files
@@ -183,7 +183,7 @@ def _log(line: str, stream=None) -> None:
 
 def _split_label_set(label_set, holdout: int):
     """(training, validation) label sets: the last ``holdout`` maps are kept for validation."""
-    from .synthmorph import LabelSet
+    from atlasflow.training.pairs import LabelSet
 
     n = len(label_set.maps)
     holdout = min(max(holdout, 0), n - 1)
@@ -195,7 +195,7 @@ def _split_label_set(label_set, holdout: int):
 
 def synthetic_dice(model: RegistrationModel, pairs: list[dict]) -> tuple[float, float]:
     """Mean soft Dice (full resolution) of synthetic pairs before and after the flow network."""
-    from .synthmorph import NUM_CLASSES  # noqa: F401  (documents the label space)
+    from atlasflow.training.pairs import NUM_CLASSES  # noqa: F401  (documents the label space)
 
     before, after = [], []
     with torch.no_grad():
@@ -264,7 +264,7 @@ def train(
     The last ``holdout_maps`` label maps are never trained on; pairs drawn from them give the
     validation numbers logged at every checkpoint and stored in the sidecar.
     """
-    from .synthmorph import TRAIN_SHAPE, PairGenerator, build_label_set
+    from atlasflow.training.pairs import TRAIN_SHAPE, PairGenerator, build_label_set
 
     set_determinism(seed, threads)
     label_set = build_label_set(
@@ -464,9 +464,9 @@ def finetune(
     (fixed, image) pair. Masks (same order as ``images``) restrict the similarity; the fixed mask
     is the first mask when ``fixed`` is not given, else ``fixed_mask`` (a file on ``fixed``'s grid).
     """
-    from .deep import DEFAULT_MODEL, WorkingGrid, register_deep
-    from .io import Grid, load_image, load_mask
-    from .transforms import Transform, apply_transform
+    from atlasflow.io.images import Grid, load_image, load_mask
+    from atlasflow.registration.engine import DEFAULT_MODEL, WorkingGrid, register_deep
+    from atlasflow.transforms import Transform, apply_transform
 
     if not images:
         raise AtlasflowError("finetune needs at least one image")

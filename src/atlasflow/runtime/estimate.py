@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from .errors import AtlasflowError
+from atlasflow.errors import AtlasflowError
 
 # Stages whose work runs on a GPU with --gpu (the registration networks); all else stays on CPUs.
 # atlas_init's and atlas_iteration's registrations run on the GPU too, but those stages are

@@ -14,7 +14,7 @@ import pandas as pd
 OPTIONAL_COLUMNS = ("labels", "tumor_mask", "brain_mask", "acq_date", "group")
 #: The registration weights shipped with the package: deep.DEFAULT_MODEL, spelled here so that the
 #: Snakefile can name it without importing torch (tests/test_provenance.py checks they agree).
-SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "atlasflow_synthmorph_2mm.safetensors"
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "atlasflow_synthmorph_2mm.safetensors"
 
 
 def _normalise(table: pd.DataFrame) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def resolve_cohort(config: dict, workdir: Path | None = None, check_data: bool =
     """
     cohort = config.get("cohort")
     if cohort is None:
-        from .synth import demo_manifest
+        from atlasflow.synth.demo import demo_manifest
 
         demo = config["demo"]
         table = demo_manifest(
@@ -50,7 +50,7 @@ def resolve_cohort(config: dict, workdir: Path | None = None, check_data: bool =
         for column in ("t1w", "labels", "tumor_mask", "brain_mask"):
             table[column] = [f"{demo['dir']}/{v}" if v else "" for v in table[column]]
         return table
-    from .manifest import load_cohort, validate_cohort
+    from atlasflow.cohort.manifest import load_cohort, validate_cohort
 
     source = cohort_source(config, workdir)
     table = validate_cohort(load_cohort(source), source, check_data=check_data)
@@ -93,7 +93,7 @@ def atlas_members(table: pd.DataFrame, min_subjects: int = 2) -> list[tuple[str,
     clean = base[base["tumor_mask"] == ""]
     chosen = clean if len(clean) >= min_subjects else base
     if len(chosen) < min_subjects:
-        from .errors import AtlasflowError
+        from atlasflow.errors import AtlasflowError
 
         raise AtlasflowError(
             f"the atlas needs at least {min_subjects} subjects (atlas.min_subjects); the cohort has {len(chosen)}"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AtlasflowError
-from .io import Grid, Image, atomic_write_text, load_image, load_mask, save_image
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, Image, atomic_write_text, load_image, load_mask, save_image
 
 # torch (through .transforms and .register), scipy and pandas are imported inside the functions
 # that need them: the label vote and the metrics table (rules atlas_labels, atlas_final) then
@@ -47,7 +47,7 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
     """exp(scale * v) as a RAS-mm displacement field on the velocity's grid."""
     import torch
 
-    from .transforms import (
+    from atlasflow.transforms import (
         displacement_vox_to_world,
         displacement_world_to_vox,
         integrate_velocity,
@@ -81,7 +81,7 @@ def sharpen(image: Image, amount: float = 0.5, sigma_vox: float = 1.0) -> Image:
 
 def shape_update(average: Image, mean_velocity: Image, gradient_step: float) -> Image:
     """Pull the average by exp(-step * mean velocity): the template moves to the cohort centre."""
-    from .transforms import Transform, apply_transform
+    from atlasflow.transforms import Transform, apply_transform
 
     disp = velocity_to_displacement(mean_velocity, -gradient_step)
     return apply_transform(average, Transform(np.eye(4), disp), average.grid, "linear")
@@ -194,8 +194,8 @@ def _register_member(member: Member, target: Target) -> dict:
     """Register one member to ``target``: its image on the template grid and metrics, plus its
     field (iterations) or, with ``affine_only`` in the options (atlas_init), its affine (template
     world -> member world)."""
-    from .register import ncc, register
-    from .transforms import apply_transform, folding_fraction, read_itk_affine
+    from atlasflow.registration.api import ncc, register
+    from atlasflow.transforms import apply_transform, folding_fraction, read_itk_affine
 
     fixed, fixed_mask, options = target.fixed, target.mask, target.options
     try:
@@ -236,7 +236,7 @@ def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -
     field's own coarser grid (the deep backend's), inside the voxels at least half in the region."""
     inside = np.asarray(region, bool)
     if not Grid(inside.shape, region_affine).same_as(field.grid):
-        from .transforms import Transform, apply_transform
+        from atlasflow.transforms import Transform, apply_transform
 
         share = apply_transform(Image(inside.astype(np.float32), region_affine), Transform.identity(), field.grid, "linear")
         inside = share.data >= 0.5
@@ -275,7 +275,7 @@ def member_pool(workers: int):
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=worker_init, initargs=(1,))
 
 
-# A warm engine's member workers (:mod:`atlasflow.engine`), kept between jobs; else each job
+# A warm engine's member workers (:mod:`atlasflow.runtime.server`), kept between jobs; else each job
 # forks its own.
 _POOL = None
 
@@ -357,7 +357,7 @@ def run_iteration(
     A member that fails is named in the error, or under ``skip_failed`` left out and listed in
     ``out_members`` with its reason.
     """
-    from .failures import write_failure
+    from atlasflow.failures import write_failure
 
     if out_velocities is not None and len(out_velocities) != len(members):
         raise AtlasflowError(
@@ -407,7 +407,7 @@ def run_iteration(
     if not mean_velocity.grid.same_as(previous.grid):
         # The coarse mean on the template grid: the same trilinear upsampling each member's full
         # field would have had, done once.
-        from .transforms import Transform, apply_transform
+        from atlasflow.transforms import Transform, apply_transform
 
         mean_velocity = apply_transform(mean_velocity, Transform.identity(), previous.grid, "linear")
     metrics = _finish_iteration(
@@ -452,8 +452,8 @@ def run_init(
     members (``mean``), or else the reference template itself. Workers, member order and failures
     behave as in :func:`run_iteration`; a failed member's affine file holds its failure record.
     """
-    from .failures import write_failure
-    from .transforms import write_itk_affine
+    from atlasflow.failures import write_failure
+    from atlasflow.transforms import write_itk_affine
 
     if len(out_affines) != len(members):
         raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")

@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .errors import AtlasflowError
-from .io import Image, atomic_write_text, load_image, save_image
-from .register import ncc, register
-from .transforms import (
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Image, atomic_write_text, load_image, save_image
+from atlasflow.registration.api import ncc, register
+from atlasflow.transforms import (
     Transform,
     apply_transform,
     jacobian_determinant,
@@ -258,7 +258,7 @@ def to_atlas(
     map_path: str | Path, atlas_path: str | Path, affine: str | Path, warp: str | Path, out_path: str | Path, interpolation: str = "linear"
 ) -> Image:
     """Carry a map on the baseline grid into atlas space through the baseline's atlas transform."""
-    from .transforms import load_transform
+    from atlasflow.transforms import load_transform
 
     image = load_image(map_path, dtype=None if interpolation == "nearest" else np.float32)
     atlas = load_image(atlas_path)

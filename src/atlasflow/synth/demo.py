@@ -42,10 +42,10 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from .errors import AtlasflowError
-from .io import Grid, Image, atomic_write_text, save_image
-from .template import template_grid
-from .transforms import (
+from atlasflow.errors import AtlasflowError
+from atlasflow.io.images import Grid, Image, atomic_write_text, save_image
+from atlasflow.preprocess.reference import template_grid
+from atlasflow.transforms import (
     Transform,
     apply_transform,
     displacement_vox_to_world,
@@ -911,7 +911,7 @@ def _write_tables(
         "DatasetType": "raw",
         "GeneratedBy": [
             {
-                "Name": "atlasflow.synth.make_demo_cohort",
+                "Name": "atlasflow.synth.demo.make_demo_cohort",
                 "Description": f"seed={seed} n_cross={n_cross} n_long={n_long} "
                 f"n_timepoints={n_timepoints} spacing_mm={spacing_mm}",
             }
@@ -945,7 +945,7 @@ def _write_tables(
 TRUTH_README = """\
 # Ground truth of the atlasflow demo cohort
 
-Written by `atlasflow.synth.make_demo_cohort`; every file is a deterministic function of the
+Written by `atlasflow.synth.demo.make_demo_cohort`; every file is a deterministic function of the
 arguments recorded in `../dataset_description.json`. World coordinates are RAS millimetres.
 Transforms follow atlasflow's `Transform` (and ITK/ANTs): a map from FIXED grid points to MOVING
 world points, `y = affine @ (x + displacement(x))`, stored as an ITK affine `.mat` plus an ITK
@@ -956,7 +956,7 @@ or give them to ANTs as `[..._xfm.nii.gz, ..._xfm.mat]`.
 
 - `template_T1w.nii.gz`, `template_dseg.nii.gz`: the true template, nilearn's MNI152 2009 T1
   brain (smoothed to the demo voxel size) and its tissue labels on the template grid, the grid of
-  `atlasflow.template.template_grid(mni, spacing)`, on which `atlasflow.template.prepare_template`
+  `atlasflow.preprocess.reference.template_grid(mni, spacing)`, on which `atlasflow.preprocess.reference.prepare_template`
   also writes the pipeline's MNI template (which is intensity-normalised differently).
 - `sub-XX/ses-N/sub-XX_ses-N_from-T1w_to-template_mode-image_xfm.{mat,nii.gz}`: the true
   template -> subject map. FIXED = template grid, MOVING = the scan `sub-XX_ses-N_T1w`:

@@ -1,0 +1,1 @@
+"""Unbiased population atlas: iterations of register -> average -> shape update, label vote."""

@@ -1,0 +1,1 @@
+"""The `atlasflow` command line."""

@@ -1,0 +1,1 @@
+"""The cohort: manifest CSV, BIDS discovery, validation and planning (sessions, baselines, atlas members); torch-free."""

@@ -1,0 +1,1 @@
+"""The one NIfTI reader/writer and atomic file writes."""

@@ -1,0 +1,1 @@
+"""Follow-up -> baseline registration, change maps and tumour tables."""

@@ -1,0 +1,1 @@
+"""Per-scan preprocessing: reorientation, N4, brain mask, intensity normalisation, working grid, reference template."""

@@ -1,0 +1,1 @@
+"""Pairwise registration: the deep engine, the ANTs backend, the one register-and-measure path and its QC."""

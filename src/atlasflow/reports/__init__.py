@@ -1,0 +1,1 @@
+"""Per-subject and cohort HTML reports and their figures."""

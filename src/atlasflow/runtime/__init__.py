@@ -1,0 +1,1 @@
+"""Running the commands: the warm engine, resource estimates, provenance."""

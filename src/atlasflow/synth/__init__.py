@@ -1,0 +1,1 @@
+"""Synthetic data: the demo cohort and its tumour model."""

@@ -1,0 +1,1 @@
+"""Training the registration networks on synthetic pairs."""
