@@ -103,7 +103,7 @@ def _translated_members(tmp_path, reference, shifts_mm):
 
 
 def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
-    from atlasflow.transforms import read_itk_affine
+    from atlasflow.io.itk import read_itk_affine
 
     blob = blob_image((40, 40, 40), seed=5)
     # Structure along y and z too, so that no rotation leaves the image unchanged.
@@ -209,7 +209,7 @@ def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_ag
     """Members are the previous template shifted by +2 and +4 voxels along x (known affines
     given as identity, so the deformable stage must find the shifts): the iteration's template
     moves toward their centre (+3 voxels), and 2 worker processes give the same bytes as 1."""
-    from atlasflow.transforms import write_itk_affine
+    from atlasflow.io.itk import write_itk_affine
 
     previous = blob_image((40, 40, 40), seed=5)
     write(tmp_path, "prev.nii.gz", previous)
@@ -266,8 +266,8 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
     scan failed gets a failure record in place of its velocity, and one whose previous velocity
     is a failure record starts afresh."""
     from atlasflow.cli import main as cli
-    from atlasflow.failures import failure_record, write_failure
-    from atlasflow.transforms import write_itk_affine
+    from atlasflow.errors import failure_record, write_failure
+    from atlasflow.io.itk import write_itk_affine
 
     previous = blob_image((40, 40, 40), seed=5)
     prev = write(tmp_path, "prev.nii.gz", previous)

@@ -12,8 +12,9 @@ import pytest
 from conftest import blob_image
 
 from atlasflow.io.images import save_image
+from atlasflow.io.itk import write_itk_affine
 from atlasflow.runtime import server as engine
-from atlasflow.transforms import Transform, apply_transform, write_itk_affine
+from atlasflow.transforms import Transform, apply_transform
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ import pytest
 
 from atlasflow.atlas.build import Member, label_vote, run_init
 from atlasflow.cli import main as cli
-from atlasflow.errors import AtlasflowError
-from atlasflow.failures import failure_record, keep_successful, write_failure
+from atlasflow.errors import AtlasflowError, failure_record, keep_successful, write_failure
 from atlasflow.io.images import Image, load_image, save_image
-from atlasflow.transforms import write_itk_affine
+from atlasflow.io.itk import write_itk_affine
 
 
 def blank_brain(tmp_path, blob):

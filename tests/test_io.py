@@ -97,8 +97,8 @@ def test_a_write_that_fails_midway_leaves_nothing_under_the_final_name(tmp_path,
 def test_outputs_get_the_permissions_the_umask_allows(tmp_path, blob, umask, mode):
     """Atomic writes go through a temporary file, which mkstemp makes 0600: the outputs must
     still be readable by whoever the user's umask lets read new files (a lab's group)."""
-    from atlasflow.io.images import atomic_write_text
-    from atlasflow.transforms import write_itk_affine
+    from atlasflow.io.atomic import atomic_write_text
+    from atlasflow.io.itk import write_itk_affine
 
     previous = os.umask(umask)
     try:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from atlasflow.io.images import Image
 from atlasflow.nn import AffineNet, NetConfig, RegistrationModel, VelocityUNet
+from atlasflow.nn.layers import compose_displacements, integrate_velocity, warp_tensor
 from atlasflow.nn.losses import (
     box_filter,
     diffusion_loss,
@@ -24,12 +25,7 @@ from atlasflow.nn.losses import (
 )
 from atlasflow.nn.networks import KeypointAffineNet, centred_affine_grid
 from atlasflow.nn.optim import Adam
-from atlasflow.transforms import (
-    compose_displacements,
-    folding_fraction,
-    integrate_velocity,
-    warp_tensor,
-)
+from atlasflow.transforms import folding_fraction
 
 
 def smooth_field(shape, amplitude, seed=0):

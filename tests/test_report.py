@@ -20,6 +20,7 @@ from conftest import blob_image
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, save_image
+from atlasflow.io.itk import save_transform
 from atlasflow.reports.report import (
     Thresholds,
     last_error_line,
@@ -29,7 +30,7 @@ from atlasflow.reports.report import (
     write_cohort_report,
     write_subject_report,
 )
-from atlasflow.transforms import Transform, save_transform
+from atlasflow.transforms import Transform
 
 SHAPE = (24, 28, 20)
 THRESHOLDS = {"max_folding_fraction": 0.001, "min_ncc_after": 0.5, "min_dice": 0.5}

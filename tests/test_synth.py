@@ -18,6 +18,8 @@ from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, load_image
+from atlasflow.io.itk import load_transform
+from atlasflow.nn.layers import integrate_velocity
 from atlasflow.synth.demo import (
     MANIFEST_COLUMNS,
     TumourModel,
@@ -29,9 +31,7 @@ from atlasflow.transforms import (
     Transform,
     apply_transform,
     folding_fraction,
-    integrate_velocity,
     jacobian_determinant,
-    load_transform,
     world_coordinates,
 )
 

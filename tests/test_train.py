@@ -122,9 +122,9 @@ def test_version_1_files_still_load(tmp_path):
 
 
 def _dice_loss_on(model, pairs):
+    from atlasflow.nn.layers import warp_tensor
     from atlasflow.nn.losses import soft_dice_loss
     from atlasflow.training.train import flow_forward
-    from atlasflow.transforms import warp_tensor
 
     with torch.no_grad():
         losses = []

@@ -7,17 +7,13 @@ from conftest import blob_image
 from scipy.ndimage import gaussian_filter
 
 from atlasflow.io.images import Image, load_image, save_image
+from atlasflow.io.itk import load_transform, read_itk_affine, save_transform
+from atlasflow.nn.layers import compose_displacements, integrate_velocity, resize_displacement
 from atlasflow.transforms import (
     Transform,
     apply_transform,
-    compose_displacements,
     folding_fraction,
-    integrate_velocity,
     jacobian_determinant,
-    load_transform,
-    read_itk_affine,
-    resize_displacement,
-    save_transform,
     transported_volume_mm3,
     world_coordinates,
 )

@@ -236,7 +236,7 @@ def test_a_killed_run_resumes_and_redoes_only_the_interrupted_registration(tmp_p
     assert job_counts(second.stdout + second.stderr) == {"register_template": 1}
     assert not [p for p in incomplete.rglob("*") if p.is_file()]
     recovered = {p.name: p.read_bytes() for p in outputs}
-    from atlasflow.transforms import read_itk_affine
+    from atlasflow.io.itk import read_itk_affine
 
     for p in outputs:
         if p.suffix == ".mat":
@@ -324,7 +324,7 @@ def test_read_only_cohort_with_a_broken_scan_keeps_going(tiny_run):
     atlas_img = load_image(results / "atlas" / "atlas_T1w.nii.gz")
     assert atlas_img.data.max() > 0.5
     # The broken scan: its outputs are failure records; both reports say why it failed.
-    from atlasflow.failures import failure_record
+    from atlasflow.errors import failure_record
 
     record = failure_record(results / "sub-99" / "ses-1" / "anat" / "sub-99_ses-1_desc-preproc_T1w.nii.gz")
     assert record["step"] == "preprocess finalize" and "brain mask is empty" in record["reason"]

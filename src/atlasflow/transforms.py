@@ -6,31 +6,20 @@ as in ITK/ANTs), in world RAS millimetres::
     x_moving = A @ (x_fixed + u(x_fixed))
 
 where ``A`` is a 4x4 affine and ``u`` an optional displacement field sampled on the fixed grid.
-On disk this is exactly what ANTs reads: ``affine.mat`` (ITK MatlabTransformIO, LPS) plus a
-displacement field NIfTI (vector intent, LPS mm, fixed grid), applied by
-``ants.apply_transforms(fixed, moving, [warp, affine])``.
-
-The torch primitives at the bottom work in voxel units of the fixed grid (channel order i, j, k)
-and are shared by the networks, the instance optimiser and the atlas shape update.
+On disk (:mod:`atlasflow.io.itk`) it is exactly what ANTs reads. The torch primitives that warp
+tensors in voxel units live in :mod:`atlasflow.nn.layers`.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
 import torch.nn.functional as F
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Grid, Image, load_image, save_image, sibling_tempfile
-
-# RAS <-> LPS flips the first two world axes.
-_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+from atlasflow.io.images import Grid, Image
 
 
 @dataclass
@@ -47,88 +36,6 @@ class Transform:
     @classmethod
     def identity(cls) -> Transform:
         return cls(np.eye(4))
-
-
-# ----------------------------------------------------------------------------------------- files
-
-
-def write_itk_affine(affine_ras: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a fixed->moving RAS affine as an ITK ``AffineTransform_double_3_3`` .mat (LPS)."""
-    lps = _FLIP @ np.asarray(affine_ras, float) @ _FLIP
-    params = np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]]).reshape(12, 1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling_tempfile(path, ".mat")
-    try:
-        scipy.io.savemat(
-            tmp,
-            {"AffineTransform_double_3_3": params, "fixed": np.zeros((3, 1))},
-            format="4",
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def read_itk_affine(path: str | os.PathLike) -> np.ndarray:
-    """Read an ITK affine .mat (as written by ANTs or by us) as a fixed->moving RAS 4x4."""
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as exc:
-        raise AtlasflowError(f"{path}: not a readable ITK transform file ({exc})") from None
-    key = next((k for k in mat if k.startswith("AffineTransform") or k.startswith("MatrixOffset")), None)
-    if key is None or "fixed" not in mat:
-        raise AtlasflowError(f"{path}: no affine transform parameters found")
-    params = np.asarray(mat[key], float).ravel()
-    center = np.asarray(mat["fixed"], float).ravel()
-    matrix = params[:9].reshape(3, 3)
-    translation = params[9:12]
-    # ITK: y = M (x - c) + t + c
-    offset = translation + center - matrix @ center
-    lps = np.eye(4)
-    lps[:3, :3] = matrix
-    lps[:3, 3] = offset
-    return _FLIP @ lps @ _FLIP
-
-
-def write_itk_displacement(displacement: Image, path: str | os.PathLike) -> Path:
-    """Write a RAS-mm displacement field as an ITK/ANTs displacement field (LPS mm, 5-D vector)."""
-    data = np.asarray(displacement.data, np.float32).copy()
-    data[..., 0] *= -1.0
-    data[..., 1] *= -1.0
-    return save_image(Image(data[:, :, :, None, :], displacement.affine), path, intent="vector")
-
-
-def read_itk_displacement(path: str | os.PathLike) -> Image:
-    """Read an ITK/ANTs displacement field as RAS mm, shape (X, Y, Z, 3)."""
-    img = load_image(path, allow_vector=True)
-    data = img.data
-    if data.ndim != 4 or data.shape[-1] != 3:
-        raise AtlasflowError(f"{path}: expected a 3-D displacement field, got shape {data.shape}")
-    data = data.copy()
-    data[..., 0] *= -1.0
-    data[..., 1] *= -1.0
-    return Image(data, img.affine)
-
-
-def save_transform(transform: Transform, affine_path: str | os.PathLike, warp_path: str | os.PathLike | None) -> None:
-    """Write a transform as ANTs reads it: ``[warp_path, affine_path]``.
-
-    An affine-only transform still gets a (zero) displacement field when ``warp_path`` is given, so
-    every backend produces the same files.
-    """
-    write_itk_affine(transform.affine, affine_path)
-    if warp_path is not None:
-        if transform.displacement is None:
-            raise AtlasflowError("an affine-only transform has no grid for a displacement field")
-        write_itk_displacement(transform.displacement, warp_path)
-
-
-def load_transform(affine_path: str | os.PathLike, warp_path: str | os.PathLike | None = None) -> Transform:
-    disp = read_itk_displacement(warp_path) if warp_path is not None else None
-    return Transform(read_itk_affine(affine_path), disp)
 
 
 # ------------------------------------------------------------------------------------ grids, maps
@@ -294,62 +201,3 @@ def displacement_vox_to_world(disp_vox: np.ndarray, grid: Grid) -> np.ndarray:
 
 def displacement_world_to_vox(disp_world: np.ndarray, grid: Grid) -> np.ndarray:
     return disp_world @ np.linalg.inv(grid.affine[:3, :3]).T
-
-
-# ------------------------------------------------------------------------ torch, voxel units
-
-
-def identity_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Voxel index grid of shape (1, 3, X, Y, Z)."""
-    axes = [torch.arange(s, dtype=torch.float32, device=device) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-
-
-@functools.lru_cache(maxsize=8)
-def _normalised_identity(
-    shape: tuple[int, int, int], src_shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """``grid_sample``'s coordinates of every voxel of ``shape`` in a source of ``src_shape``:
-    (1, X, Y, Z, 3), last axis (k, j, i) scaled to [-1, 1]. Never modified (it is shared)."""
-    scale = torch.tensor([max(s - 1, 1) for s in src_shape], dtype=dtype, device=device)
-    base = 2.0 * identity_grid(shape, device).to(dtype) / scale.view(1, 3, 1, 1, 1) - 1.0
-    return base.permute(0, 2, 3, 4, 1).flip(-1).contiguous()
-
-
-def warp_tensor(
-    src: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
-) -> torch.Tensor:
-    """Sample ``src`` (B, C, X, Y, Z) at ``identity + disp`` (B, 3, X, Y, Z, voxel units)."""
-    shape = tuple(disp.shape[2:])
-    src_shape = tuple(src.shape[2:])
-    base = _normalised_identity(shape, src_shape, disp.device, disp.dtype)
-    # The identity's part is cached; only the displacement is scaled, written straight into
-    # grid_sample's (k, j, i)-last layout (no flipped copy of the whole grid per call).
-    grid = torch.stack([disp[:, axis] * (2.0 / max(src_shape[axis] - 1, 1)) for axis in (2, 1, 0)], -1)
-    return F.grid_sample(src, grid.add_(base), mode=mode, padding_mode=padding_mode, align_corners=True)
-
-
-def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``x -> y + second(y)`` with ``y = x + first(x)``."""
-    return first + warp_tensor(second, first)
-
-
-def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Exponential of a stationary velocity field by scaling and squaring (voxel units)."""
-    disp = velocity / (2**steps)
-    for _ in range(steps):
-        disp = disp + warp_tensor(disp, disp)
-    return disp
-
-
-def resize_displacement(disp: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Resample a voxel-unit displacement field to another grid covering the same extent."""
-    if tuple(disp.shape[2:]) == tuple(shape):
-        return disp
-    scale = torch.tensor(
-        [(n - 1) / max(o - 1, 1) for n, o in zip(shape, disp.shape[2:], strict=True)],
-        dtype=disp.dtype,
-        device=disp.device,
-    )
-    up = F.interpolate(disp, size=tuple(shape), mode="trilinear", align_corners=True)
-    return up * scale.view(1, 3, 1, 1, 1)

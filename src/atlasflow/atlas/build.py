@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Grid, Image, atomic_write_text, load_image, load_mask, save_image
+from atlasflow.io.atomic import atomic_write_text
+from atlasflow.io.images import Grid, Image, load_image, load_mask, save_image
 
 # torch (through .transforms and .register), scipy and pandas are imported inside the functions
 # that need them: the label vote and the metrics table (rules atlas_labels, atlas_final) then
@@ -47,12 +48,8 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
     """exp(scale * v) as a RAS-mm displacement field on the velocity's grid."""
     import torch
 
-    from atlasflow.transforms import (
-        displacement_vox_to_world,
-        displacement_world_to_vox,
-        integrate_velocity,
-        resize_displacement,
-    )
+    from atlasflow.nn.layers import integrate_velocity, resize_displacement
+    from atlasflow.transforms import displacement_vox_to_world, displacement_world_to_vox
 
     grid = velocity_world.grid
     v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(np.float32)
@@ -194,8 +191,9 @@ def _register_member(member: Member, target: Target) -> dict:
     """Register one member to ``target``: its image on the template grid and metrics, plus its
     field (iterations) or, with ``affine_only`` in the options (atlas_init), its affine (template
     world -> member world)."""
+    from atlasflow.io.itk import read_itk_affine
     from atlasflow.registration.api import ncc, register
-    from atlasflow.transforms import apply_transform, folding_fraction, read_itk_affine
+    from atlasflow.transforms import apply_transform, folding_fraction
 
     fixed, fixed_mask, options = target.fixed, target.mask, target.options
     try:
@@ -357,7 +355,7 @@ def run_iteration(
     A member that fails is named in the error, or under ``skip_failed`` left out and listed in
     ``out_members`` with its reason.
     """
-    from atlasflow.failures import write_failure
+    from atlasflow.errors import write_failure
 
     if out_velocities is not None and len(out_velocities) != len(members):
         raise AtlasflowError(
@@ -452,8 +450,8 @@ def run_init(
     members (``mean``), or else the reference template itself. Workers, member order and failures
     behave as in :func:`run_iteration`; a failed member's affine file holds its failure record.
     """
-    from atlasflow.failures import write_failure
-    from atlasflow.transforms import write_itk_affine
+    from atlasflow.errors import write_failure
+    from atlasflow.io.itk import write_itk_affine
 
     if len(out_affines) != len(members):
         raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")

@@ -3,7 +3,7 @@
 User-facing problems (:class:`AtlasflowError`) become one line on stderr and exit code 1, never a
 traceback. Under ``--on-scan-error skip`` (the workflow's ``on_scan_error``), a per-scan command
 that fails writes failure records in place of its outputs and exits 0 instead (see
-:mod:`atlasflow.failures`).
+:mod:`atlasflow.errors`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from atlasflow.errors import AtlasflowError
-from atlasflow.failures import (
+from atlasflow.errors import (
+    AtlasflowError,
     describe,
     failure_record,
     first_failed_input,
@@ -135,7 +135,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from atlasflow.io.images import load_image, save_image
-    from atlasflow.transforms import apply_transform, load_transform
+    from atlasflow.io.itk import load_transform
+    from atlasflow.transforms import apply_transform
 
     fixed = load_image(args.fixed)
     labels = args.interpolation in ("nearest", "label")

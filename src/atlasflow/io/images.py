@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from atlasflow.errors import AtlasflowError
-from atlasflow.failures import describe, failure_record
+from atlasflow.errors import AtlasflowError, describe, failure_record
+from atlasflow.io.atomic import atomic_file
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,6 @@ def save_image(
     scale factor, for integer data that stands for ``data * slope`` (readers get the products).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = image.data if dtype is None else image.data.astype(dtype)
     nii = nib.Nifti1Image(data, image.affine)
     nii.header.set_qform(image.affine, code=1)
@@ -144,8 +142,7 @@ def save_image(
     if slope is not None:
         nii.header.set_slope_inter(slope, 0.0)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = sibling_tempfile(path, suffix)
-    try:
+    with atomic_file(path, suffix) as tmp:
         # Fixed gzip mtime so identical inputs give byte-identical files. Level 1 (nibabel's own
         # default): level 9 took 5-10x longer on float displacement fields for files ~5 % smaller.
         if suffix == ".nii.gz":
@@ -157,39 +154,6 @@ def save_image(
                 gz.write(raw)
         else:
             nib.save(nii, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def sibling_tempfile(path: Path, suffix: str = "") -> str:
-    """A new empty file beside ``path`` for an atomic write (renamed over ``path`` once complete).
-
-    It gets the permissions a plain ``open()`` would give (0666 less the umask): mkstemp's 0600
-    would hide every output from the rest of a lab's group.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
-    return tmp
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling_tempfile(path)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -31,13 +31,14 @@ import pandas as pd
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Image, atomic_write_text, load_image, save_image
+from atlasflow.io.atomic import atomic_write_text
+from atlasflow.io.images import Image, load_image, save_image
+from atlasflow.io.itk import save_transform
 from atlasflow.registration.api import ncc, register
 from atlasflow.transforms import (
     Transform,
     apply_transform,
     jacobian_determinant,
-    save_transform,
     transported_volume_mm3,
 )
 
@@ -258,7 +259,7 @@ def to_atlas(
     map_path: str | Path, atlas_path: str | Path, affine: str | Path, warp: str | Path, out_path: str | Path, interpolation: str = "linear"
 ) -> Image:
     """Carry a map on the baseline grid into atlas space through the baseline's atlas transform."""
-    from atlasflow.transforms import load_transform
+    from atlasflow.io.itk import load_transform
 
     image = load_image(map_path, dtype=None if interpolation == "nearest" else np.float32)
     atlas = load_image(atlas_path)

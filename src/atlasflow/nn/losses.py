@@ -153,7 +153,7 @@ def inverse_consistency_loss(
     forward_disp: torch.Tensor, backward_disp: torch.Tensor
 ) -> torch.Tensor:
     """Mean squared residual of ``forward o backward`` (identity for an inverse-consistent pair)."""
-    from atlasflow.transforms import compose_displacements
+    from atlasflow.nn.layers import compose_displacements
 
     residual = compose_displacements(forward_disp, backward_disp)
     return residual.pow(2).sum(1).mean()

@@ -333,7 +333,7 @@ class RegistrationModel(nn.Module):
 
 def centred_affine_grid(matrix: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Voxel displacement (B, 3, X, Y, Z) of the pull-back ``x -> M (x - c) + c + t``."""
-    from atlasflow.transforms import identity_grid
+    from atlasflow.nn.layers import identity_grid
 
     grid = identity_grid(shape, matrix.device).to(matrix.dtype)
     centre = torch.tensor([(s - 1) / 2 for s in shape], device=matrix.device, dtype=matrix.dtype)

@@ -20,16 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Image, atomic_write_text, load_image, load_mask, save_image
-from atlasflow.transforms import (
-    Transform,
-    apply_transform,
-    folding_fraction,
+from atlasflow.io.atomic import atomic_write_text
+from atlasflow.io.images import Image, load_image, load_mask, save_image
+from atlasflow.io.itk import (
     read_itk_affine,
     read_itk_displacement,
     save_transform,
     write_itk_displacement,
 )
+from atlasflow.transforms import Transform, apply_transform, folding_fraction
 
 BACKENDS = ("deep", "ants")
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -33,16 +33,11 @@ import torch.nn.functional as F
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image
 from atlasflow.nn import deterministic_kernels
+from atlasflow.nn.layers import integrate_velocity, resize_displacement, warp_tensor
 from atlasflow.nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
 from atlasflow.nn.networks import RegistrationModel
 from atlasflow.nn.optim import Adam
-from atlasflow.transforms import (
-    Transform,
-    apply_transform,
-    integrate_velocity,
-    resize_displacement,
-    warp_tensor,
-)
+from atlasflow.transforms import Transform, apply_transform
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = MODEL_DIR / "atlasflow_synthmorph_2mm.safetensors"

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 import atlasflow.reports.figures as fg
-from atlasflow.errors import AtlasflowError
-from atlasflow.failures import describe, failure_record
-from atlasflow.io.images import Image, atomic_write_text, load_image
+from atlasflow.errors import AtlasflowError, describe, failure_record
+from atlasflow.io.atomic import atomic_write_text
+from atlasflow.io.images import Image, load_image
 
 STAGES = ("template", "atlas", "baseline")
 STAGE_TITLES = {"template": "to template", "atlas": "to atlas", "baseline": "to baseline"}
@@ -827,7 +827,8 @@ def subject_panels(
     outdir: Path, qc: SubjectQC, raw_inputs: Mapping[str, str] | None = None
 ) -> list[tuple[str, list[Panel]]]:
     """Every figure of a subject report, grouped by section (session, or 'longitudinal')."""
-    from atlasflow.transforms import Transform, apply_transform, read_itk_displacement
+    from atlasflow.io.itk import read_itk_displacement
+    from atlasflow.transforms import Transform, apply_transform
 
     inputs = _Inputs(outdir)
     files = CohortFiles(outdir)

@@ -218,7 +218,7 @@ def build_provenance(
 
 def write_provenance(path: str | os.PathLike, record: dict) -> Path:
     """Write the record atomically as sorted, indented JSON."""
-    from atlasflow.io.images import atomic_write_text
+    from atlasflow.io.atomic import atomic_write_text
 
     return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 

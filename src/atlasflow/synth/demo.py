@@ -43,17 +43,17 @@ import torch
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Grid, Image, atomic_write_text, save_image
+from atlasflow.io.atomic import atomic_write_text
+from atlasflow.io.images import Grid, Image, save_image
+from atlasflow.io.itk import save_transform
+from atlasflow.nn.layers import integrate_velocity, warp_tensor
 from atlasflow.preprocess.reference import template_grid
 from atlasflow.transforms import (
     Transform,
     apply_transform,
     displacement_vox_to_world,
     displacement_world_to_vox,
-    integrate_velocity,
     sample_voxels,
-    save_transform,
-    warp_tensor,
     world_coordinates,
 )
 

@@ -26,14 +26,13 @@ from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image, load_image
-from atlasflow.transforms import (
-    Transform,
-    apply_transform,
+from atlasflow.nn.layers import (
     compose_displacements,
     integrate_velocity,
     resize_displacement,
     warp_tensor,
 )
+from atlasflow.transforms import Transform, apply_transform
 
 #: Label classes used for the Dice loss: FreeSurfer labels grouped into 17 classes (0 = outside
 #: the brain, including the extra-cerebral SynthSeg classes >= 500). Left and right are merged.

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import atomic_write_text, sibling_tempfile
+from atlasflow.io.atomic import atomic_write_text, sibling_tempfile
 from atlasflow.nn import deterministic_kernels
+from atlasflow.nn.layers import integrate_velocity, resize_displacement, warp_tensor
 from atlasflow.nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
 from atlasflow.nn.networks import NetConfig, RegistrationModel
-from atlasflow.transforms import integrate_velocity, resize_displacement, warp_tensor
 
 FORMAT = "atlasflow-registration-v2"
 #: Version 1 files (pooled affine network, no ``affine_kind`` in the config) still load.
