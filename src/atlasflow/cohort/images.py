@@ -34,7 +34,9 @@ from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, load_header
 from atlasflow.io.stream import InvalidFile, raw_pixdim
 
+#: Largest voxel size accepted (mm): beyond it a header is wrong (units, pixdim) rather than coarse.
 MAX_VOXEL_MM = 20.0
+#: How far (in voxels) a mask's or label map's grid may sit from its T1w scan's and still match.
 _GRID_TOLERANCE_VOXELS = 0.01
 
 
@@ -72,6 +74,7 @@ _CACHE_LOCK = threading.Lock()
 
 
 def clear_image_cache() -> None:
+    """Forget every checked file (tests, and callers that rewrite files within one mtime tick)."""
     with _CACHE_LOCK:
         _CACHE.clear()
 

@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -43,7 +44,7 @@ def _row_label(origin: str, subject: str, session: str) -> str:
     return f"{origin} (subject {subject or '?'}, session {session or '?'})"
 
 
-def _schema_problem(error) -> str:
+def _schema_problem(error: Any) -> str:
     """One readable clause from a jsonschema error, using the column's description from the schema."""
     if not error.path:
         return one_line(error.message)
