@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasflow.cohort import manifest as mf
+from atlasflow.cohort.images import clear_image_cache, validate_image
+from atlasflow.cohort.manifest import load_cohort
+from atlasflow.cohort.validate import validate_cohort
 from atlasflow.errors import AtlasflowError
 
 SEED = 20240607
@@ -193,10 +195,10 @@ def test_corrupted_images_pass_or_raise_atlasflow_error(tmp_path: Path):
     assert len(cases) >= 200
     passed = rejected = 0
     for what, path, role in cases:
-        mf.clear_image_cache()
+        clear_image_cache()
         for check_data in (False, True):
             error, seconds, finished = run_with_deadline(
-                lambda p=path, r=role, c=check_data: mf.validate_image(p, r, "fuzz", check_data=c),
+                lambda p=path, r=role, c=check_data: validate_image(p, r, "fuzz", check_data=c),
                 CASE_SECONDS,
             )
             assert finished, (
@@ -225,14 +227,14 @@ def test_corrupted_images_through_validate_cohort(tmp_path: Path, as_role: str):
     good = tmp_path / "good.nii.gz"
     good.write_bytes(gzip.compress(base_image(), mtime=0))
     for what, path, _ in cases:
-        mf.clear_image_cache()
+        clear_image_cache()
         row = {"subject": "01", "session": "1", "t1w": str(path)}
         if as_role == "tumor_mask":
             row = {"subject": "01", "session": "1", "t1w": str(good), "tumor_mask": str(path)}
         manifest = tmp_path / "m.csv"
         pd.DataFrame([row]).to_csv(manifest, index=False)
         error, seconds, finished = run_with_deadline(
-            lambda m=manifest: mf.validate_cohort(mf.load_cohort(m), m), CASE_SECONDS
+            lambda m=manifest: validate_cohort(load_cohort(m), m), CASE_SECONDS
         )
         assert finished, f"{path.name} ({what}) did not finish"
         if error is not None and not isinstance(error, AtlasflowError):

@@ -12,14 +12,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from atlasflow.cohort import manifest as mf
-from atlasflow.cohort.manifest import (
-    grid_mismatch,
-    load_cohort,
-    main_validate,
-    validate_cohort,
-    validate_image,
-)
+from atlasflow.cohort import columns
+from atlasflow.cohort.images import clear_image_cache, grid_mismatch, validate_image
+from atlasflow.cohort.manifest import load_cohort
+from atlasflow.cohort.validate import main_validate, validate_cohort
 from atlasflow.errors import AtlasflowError
 
 SHAPE = (16, 18, 14)
@@ -28,9 +24,9 @@ AFFINE = np.array([[2.0, 0, 0, -15], [0, 2.0, 0, -17], [0, 0, 2.0, -13], [0, 0, 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    mf.clear_image_cache()
+    clear_image_cache()
     yield
-    mf.clear_image_cache()
+    clear_image_cache()
 
 
 def head(seed: int = 0, shape=SHAPE) -> np.ndarray:
@@ -161,7 +157,7 @@ def test_manifest_is_normalised_and_sorted(cohort: Path):
         "manifest.csv row 3",
         "manifest.csv row 2",
     ]
-    assert list(table.columns[:8]) == list(mf.known_columns())
+    assert list(table.columns[:8]) == list(columns.known_columns())
 
 
 def test_dates_order_sessions_even_against_their_labels(cohort: Path):
@@ -221,13 +217,13 @@ def test_cache_notices_a_changed_file(cohort: Path):
 
 
 def test_schema_is_the_source_of_columns():
-    schema = yaml.safe_load(open(mf.schema_path()))
-    assert mf.known_columns() == tuple(schema["properties"])
-    assert mf.required_columns() == ("subject", "session", "t1w")
-    assert set(mf.IMAGE_COLUMNS) <= set(schema["properties"])
+    schema = yaml.safe_load(open(columns.schema_path()))
+    assert columns.known_columns() == tuple(schema["properties"])
+    assert columns.required_columns() == ("subject", "session", "t1w")
+    assert set(columns.IMAGE_COLUMNS) <= set(schema["properties"])
     assert (
-        Path(mf.__file__).parents[1] / "data" / "manifest.schema.yaml"
-    ).resolve() == mf.schema_path().resolve()
+        Path(columns.__file__).parents[1] / "data" / "manifest.schema.yaml"
+    ).resolve() == columns.schema_path().resolve()
 
 
 # ------------------------------------------------------------------------------ BIDS folders

@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
 
     for name, module, func, text in [
-        ("validate", "cohort.manifest", "main_validate", "validate a cohort manifest or BIDS folder"),
+        ("validate", "cohort.validate", "main_validate", "validate a cohort manifest or BIDS folder"),
         ("train", "training.train", "train_main", "train the registration networks on synthetic pairs"),
         ("finetune", "training.train", "finetune_main", "fine-tune the networks on a cohort"),
         ("report", "reports.report", "report_main", "write the HTML reports (subject, cohort)"),

@@ -11,23 +11,28 @@ from pathlib import Path
 
 import pandas as pd
 
-OPTIONAL_COLUMNS = ("labels", "tumor_mask", "brain_mask", "acq_date", "group")
+from atlasflow.cohort.columns import IMAGE_COLUMNS, known_columns, optional_columns
+
 #: The registration weights shipped with the package: deep.DEFAULT_MODEL, spelled here so that the
 #: Snakefile can name it without importing torch (tests/test_provenance.py checks they agree).
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "atlasflow_synthmorph_2mm.safetensors"
+SHIPPED_MODEL = (
+    Path(__file__).resolve().parents[1] / "models" / "atlasflow_synthmorph_2mm.safetensors"
+)
 
 
 def _normalise(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
-    for column in OPTIONAL_COLUMNS:
+    for column in optional_columns():
         if column not in table:
             table[column] = ""
-    for column in ("subject", "session", "t1w", *OPTIONAL_COLUMNS):
+    for column in known_columns():
         table[column] = table[column].fillna("").astype(str)
     return table.reset_index(drop=True)
 
 
-def resolve_cohort(config: dict, workdir: Path | None = None, check_data: bool = True) -> pd.DataFrame:
+def resolve_cohort(
+    config: dict, workdir: Path | None = None, check_data: bool = True
+) -> pd.DataFrame:
     """The cohort as a table with string columns subject, session, t1w and the optional ones.
 
     Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
@@ -47,10 +52,11 @@ def resolve_cohort(config: dict, workdir: Path | None = None, check_data: bool =
             n_timepoints=demo["n_timepoints"],
         )
         table = _normalise(table)
-        for column in ("t1w", "labels", "tumor_mask", "brain_mask"):
+        for column in IMAGE_COLUMNS:
             table[column] = [f"{demo['dir']}/{v}" if v else "" for v in table[column]]
         return table
-    from atlasflow.cohort.manifest import load_cohort, validate_cohort
+    from atlasflow.cohort.manifest import load_cohort
+    from atlasflow.cohort.validate import validate_cohort
 
     source = cohort_source(config, workdir)
     table = validate_cohort(load_cohort(source), source, check_data=check_data)

@@ -1,0 +1,108 @@
+"""The cohort table's columns and its normal form: the one place the column list is read from.
+
+The column names, which are required and the rules for their values live in the manifest schema
+(``workflow/schemas/manifest.schema.yaml``, packaged as ``atlasflow/data``); this module reads it
+and spells the two things the code adds to it: the image columns and the role each plays
+(:data:`IMAGE_COLUMNS`) and the :data:`ORIGIN_COLUMN` that says where a row came from.
+:func:`normalise_table` gives a table read from a manifest CSV or a BIDS folder its normal form.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from atlasflow.errors import AtlasflowError
+
+_SCHEMA_NAME = "manifest.schema.yaml"
+
+#: Image columns and the role each plays; the checks per role are in :mod:`atlasflow.cohort.voxels`.
+IMAGE_COLUMNS = ("t1w", "labels", "tumor_mask", "brain_mask")
+#: Column added by :func:`atlasflow.cohort.manifest.load_cohort`: where the row came from
+#: (manifest row or BIDS file).
+ORIGIN_COLUMN = "origin"
+
+
+def schema_path() -> Path:
+    """The manifest schema: ``workflow/schemas`` of a source checkout, else the packaged copy."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (
+        here.parents[1] / "workflow" / "schemas" / _SCHEMA_NAME,
+        here / "data" / _SCHEMA_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise AtlasflowError(f"manifest schema {_SCHEMA_NAME} not found next to the atlasflow package")
+
+
+@lru_cache(maxsize=1)
+def manifest_schema() -> dict[str, Any]:
+    """The manifest-row JSON-Schema (parsed once)."""
+    with open(schema_path(), encoding="utf-8") as fh:
+        schema = yaml.safe_load(fh)
+    missing = [c for c in IMAGE_COLUMNS if c not in schema["properties"]]
+    if missing:  # the code's roles and the schema's columns must agree
+        raise AtlasflowError(f"{schema_path()}: image column(s) {missing} not described")
+    return schema
+
+
+@lru_cache(maxsize=1)
+def row_validator() -> Any:
+    """A jsonschema validator of one manifest row (built once; jsonschema imported on first use)."""
+    import jsonschema
+
+    schema = manifest_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def known_columns() -> tuple[str, ...]:
+    """Every column the schema describes, in its order."""
+    return tuple(manifest_schema()["properties"])
+
+
+def required_columns() -> tuple[str, ...]:
+    """The columns a manifest's header must have."""
+    return tuple(manifest_schema()["required"])
+
+
+def optional_columns() -> tuple[str, ...]:
+    """The described columns a manifest may leave out (empty when absent), in the schema's order."""
+    required = required_columns()
+    return tuple(c for c in known_columns() if c not in required)
+
+
+def strip_prefix(value: str, prefix: str) -> str:
+    """``value`` without a leading ``prefix`` (BIDS's ``sub-`` / ``ses-``)."""
+    return value[len(prefix) :] if value.startswith(prefix) else value
+
+
+def normalise_table(table: pd.DataFrame, base: Path) -> pd.DataFrame:
+    """String ids without BIDS prefixes, session "1" when empty, absolute paths, "" when absent."""
+    table = table.copy()
+    for col in known_columns():
+        if col not in table.columns:
+            table[col] = ""
+    for col in table.columns:
+        table[col] = [
+            ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip())
+            for v in table[col]
+        ]
+    table["subject"] = [strip_prefix(v, "sub-") for v in table["subject"]]
+    table["session"] = [strip_prefix(v, "ses-") or "1" for v in table["session"]]
+    for col in IMAGE_COLUMNS:
+        table[col] = [
+            os.path.normpath(os.path.join(base, os.path.expanduser(v))) if v else ""
+            for v in table[col]
+        ]
+    ordered = [c for c in known_columns() if c in table.columns]
+    ordered += [c for c in table.columns if c not in ordered and c != ORIGIN_COLUMN]
+    if ORIGIN_COLUMN in table.columns:
+        ordered.append(ORIGIN_COLUMN)
+    return table[ordered].reset_index(drop=True)

@@ -1,0 +1,239 @@
+"""Cohort validation: every check made on a cohort table before any job runs, and ``atlasflow validate``.
+
+:func:`validate_cohort` checks the table from :func:`atlasflow.cohort.manifest.load_cohort`
+against the schema, then the cohort-level rules (duplicate sessions, dates) and finally every image
+(:mod:`atlasflow.cohort.images`), and returns the table sorted by subject and time. It writes
+nothing. Every problem is an :class:`AtlasflowError` whose one-line message names the row
+(``manifest.csv row 4 (subject 03, session 1)``, the header being row 1) or the file, and says what
+is wrong. :func:`main_validate` is the ``atlasflow validate`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from atlasflow.cohort.columns import (
+    IMAGE_COLUMNS,
+    ORIGIN_COLUMN,
+    manifest_schema,
+    normalise_table,
+    required_columns,
+    row_validator,
+)
+from atlasflow.cohort.images import ImageInfo, grid_mismatch, one_line, validate_images
+from atlasflow.cohort.manifest import load_cohort
+from atlasflow.errors import AtlasflowError
+
+
+def _natural_key(text: str) -> tuple:
+    """'2' sorts before '10'; ties between '01' and '1' are broken by the text itself."""
+    parts = re.split(r"(\d+)", text)
+    return tuple((0, int(p), p) if p.isdigit() else (1, 0, p) for p in parts if p) + ((2, 0, text),)
+
+
+def _row_label(origin: str, subject: str, session: str) -> str:
+    return f"{origin} (subject {subject or '?'}, session {session or '?'})"
+
+
+def _schema_problem(error: Any) -> str:
+    """One readable clause from a jsonschema error, using the column's description from the schema."""
+    if not error.path:
+        return one_line(error.message)
+    field = error.path[-1]
+    value = error.instance
+    if value == "":
+        return f"{field} is empty"
+    description = manifest_schema()["properties"].get(field, {}).get("description", "")
+    if error.validator in ("pattern", "format"):
+        return f"{field} '{value}' is not valid: expected {one_line(description)}"
+    return f"{field}: {one_line(error.message)}"
+
+
+def validate_cohort(
+    df: pd.DataFrame,
+    source: str | os.PathLike,
+    check_data: bool = True,
+) -> pd.DataFrame:
+    """Check a cohort table (from :func:`load_cohort`) before anything runs; return it sorted.
+
+    Order of checks, cheapest first so that a table-level mistake is reported without reading
+    images: columns, each row against the manifest schema, duplicate sessions and T1w files, the
+    dates of each subject, then every image (:func:`validate_image`) and that masks and labels
+    share the grid of their T1w scan. Raises :class:`AtlasflowError` at the first problem.
+    Linear in the number of rows; writes nothing.
+    """
+    source = Path(source)
+    name = source.name
+    missing = [c for c in required_columns() if c not in df.columns]
+    if missing:
+        raise AtlasflowError(
+            f"{name}: missing required column(s) {', '.join(repr(c) for c in missing)}"
+        )
+    if len(df) == 0:
+        raise AtlasflowError(f"{name}: the cohort has no rows")
+    base = source.resolve().parent if not source.is_dir() else source.resolve()
+    table = df.copy()
+    if ORIGIN_COLUMN not in table.columns:
+        table[ORIGIN_COLUMN] = [f"{name} row {i + 2}" for i in range(len(table))]
+    table = normalise_table(table, base)
+    records = table.to_dict("records")
+    labels = [_row_label(r[ORIGIN_COLUMN], r["subject"], r["session"]) for r in records]
+
+    validator = row_validator()
+    required = set(required_columns())
+    for record, label in zip(records, labels, strict=True):
+        instance = {
+            k: v for k, v in record.items() if k != ORIGIN_COLUMN and (v != "" or k in required)
+        }
+        errors = sorted(validator.iter_errors(instance), key=lambda e: (list(e.path), e.validator))
+        if errors:
+            raise AtlasflowError(f"{label}: {_schema_problem(errors[0])}")
+
+    first_of_session: dict[tuple[str, str], str] = {}
+    first_of_file: dict[str, str] = {}
+    for record, label in zip(records, labels, strict=True):
+        key = (record["subject"], record["session"])
+        if key in first_of_session:
+            raise AtlasflowError(
+                f"{label}: same subject and session as {first_of_session[key]}; each scan session "
+                "must appear once"
+            )
+        first_of_session[key] = record[ORIGIN_COLUMN]
+        t1w = record["t1w"]
+        if t1w in first_of_file:
+            raise AtlasflowError(f"{label}: t1w {t1w} is also the t1w of {first_of_file[t1w]}")
+        first_of_file[t1w] = record[ORIGIN_COLUMN]
+
+    _check_dates(records, labels)
+
+    # Headers first (and grids, which need only headers), then the voxels of every file.
+    jobs = [
+        (r[role], role, label)
+        for r, label in zip(records, labels, strict=True)
+        for role in IMAGE_COLUMNS
+        if r[role]
+    ]
+    infos = validate_images(jobs, check_data=False)
+    t1w_info: ImageInfo | None = None
+    for (path, role, label), info in zip(jobs, infos, strict=True):
+        if role == "t1w":
+            t1w_info = info
+            continue
+        assert t1w_info is not None  # every row's t1w job precedes its other images
+        problem = grid_mismatch(t1w_info, info)
+        if problem:
+            raise AtlasflowError(f"{label}: {role} {path} is {problem}")
+    if check_data:
+        validate_images(jobs, check_data=True)
+
+    order = sorted(
+        range(len(records)),
+        key=lambda i: (
+            _natural_key(records[i]["subject"]),
+            records[i]["acq_date"],
+            _natural_key(records[i]["session"]),
+        ),
+    )
+    return table.iloc[order].reset_index(drop=True)
+
+
+def _check_dates(records: list[dict[str, str]], labels: list[str]) -> None:
+    """Per subject: dates for all sessions or none, no two sessions on one day, none in the future."""
+    today = date.today()
+    by_subject: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_subject.setdefault(record["subject"], []).append(i)
+        value = record["acq_date"]
+        if value and date.fromisoformat(value) > today:
+            raise AtlasflowError(f"{labels[i]}: acq_date {value} is in the future")
+    for subject, rows in by_subject.items():
+        dated = [i for i in rows if records[i]["acq_date"]]
+        if dated and len(dated) < len(rows):
+            undated = next(i for i in rows if not records[i]["acq_date"])
+            raise AtlasflowError(
+                f"{labels[undated]}: acq_date is empty, but other sessions of subject {subject} have "
+                f"one (e.g. {records[dated[0]][ORIGIN_COLUMN]}); without it this scan cannot be placed "
+                "in time - give a date for every session of the subject, or for none (sessions are "
+                "then ordered by their labels)"
+            )
+        seen: dict[str, int] = {}
+        for i in dated:
+            day = records[i]["acq_date"]
+            if day in seen:
+                j = seen[day]
+                raise AtlasflowError(
+                    f"{labels[i]}: acq_date {day} is also the date of session {records[j]['session']} "
+                    f"({records[j][ORIGIN_COLUMN]}); two scans of one subject on one day leave their "
+                    "order and the growth per day undefined - correct the date or keep one of the two"
+                )
+            seen[day] = i
+
+
+def summarise(table: pd.DataFrame) -> str:
+    """A short human summary of a validated cohort table."""
+    sessions = table.groupby("subject").size()
+    longitudinal = int((sessions > 1).sum())
+    parts = [
+        f"{len(table)} scan session{'s' if len(table) != 1 else ''} of {len(sessions)} "
+        f"subject{'s' if len(sessions) != 1 else ''}",
+        f"{longitudinal} with follow-up (up to {int(sessions.max())} sessions)"
+        if longitudinal
+        else "no follow-up",
+    ]
+    for col, what in (
+        ("labels", "label maps"),
+        ("tumor_mask", "tumour masks"),
+        ("brain_mask", "brain masks"),
+        ("acq_date", "dates"),
+    ):
+        parts.append(f"{what} {int((table[col] != '').sum())}")
+    groups = table.drop_duplicates("subject")["group"]
+    groups = groups[groups != ""]
+    if len(groups):
+        parts.append(
+            "groups " + ", ".join(f"{g} {n}" for g, n in groups.value_counts().sort_index().items())
+        )
+    return "; ".join(parts)
+
+
+def main_validate(argv: list[str] | None = None) -> int:
+    """``atlasflow validate COHORT``: print a summary (exit 0) or one error line (exit 1)."""
+    parser = argparse.ArgumentParser(
+        prog="atlasflow validate",
+        description="Check a cohort manifest CSV or BIDS folder before running the workflow; writes nothing.",
+    )
+    parser.add_argument("cohort", help="manifest .csv or BIDS folder")
+    parser.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="read image headers only (skip the voxel checks: faster, less thorough)",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="also print the normalised cohort table (CSV) on standard output",
+    )
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        table = validate_cohort(
+            load_cohort(args.cohort), args.cohort, check_data=not args.headers_only
+        )
+    except AtlasflowError as exc:
+        print(f"atlasflow validate: error: {one_line(str(exc))}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    checked = "headers" if args.headers_only else "headers and voxels"
+    print(f"{args.cohort}: OK - {summarise(table)} ({checked} checked in {seconds:.2f} s)")
+    if args.table:
+        table.to_csv(sys.stdout, index=False)
+    return 0
