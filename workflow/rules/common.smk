@@ -5,7 +5,7 @@ from pathlib import Path
 
 from atlasflow.runtime.server import enable as enable_engine
 from atlasflow.errors import AtlasflowError
-from atlasflow.failures import set_policy
+from atlasflow.errors import set_policy
 from atlasflow.runtime.provenance import git_commit, package_versions
 from atlasflow.cohort.planning import SHIPPED_MODEL, atlas_members, cohort_source, resolve_cohort
 
