@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +49,6 @@ class Image:
 
     def with_data(self, data: np.ndarray) -> Image:
         return Image(data, self.affine.copy())
-
-
-def _check_gzip(path: Path) -> None:
-    """Read a .gz file to its end so truncation is reported here, not deep inside a job."""
-    try:
-        with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 22):
-                pass
-    except (OSError, EOFError, zlib.error) as exc:
-        raise AtlasflowError(f"{path}: not a readable gzip file ({exc})") from None
 
 
 def load_header(path: str | os.PathLike) -> nib.Nifti1Image:
@@ -156,9 +145,3 @@ def save_image(
             nib.save(nii, tmp)
     return path
 
-
-def check_gzip_integrity(path: str | os.PathLike) -> None:
-    """Public wrapper used by validation: a truncated .nii.gz fails here with a clear message."""
-    path = Path(path)
-    if path.name.endswith(".gz"):
-        _check_gzip(path)

@@ -23,13 +23,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from atlasflow.cohort.columns import IMAGE_COLUMNS
 from atlasflow.errors import AtlasflowError
 
 FORMAT = "atlasflow-provenance-v1"
 #: Distributions whose versions decide what the workflow computes (import names differ: antspyx is `ants`).
 PACKAGES = ("atlasflow", "torch", "antspyx", "snakemake", "nibabel", "numpy", "nilearn", "scipy")
-#: Manifest columns that name input files, in the order they are listed.
-FILE_ROLES = ("t1w", "labels", "tumor_mask", "brain_mask")
 CHUNK = 1 << 20
 
 
@@ -133,7 +132,7 @@ def cohort_files(table) -> list[dict]:
     """One entry per (scan, role, file) of a cohort table (``workflow.resolve_cohort`` columns)."""
     files = []
     for row in table.itertuples(index=False):
-        for role in FILE_ROLES:
+        for role in IMAGE_COLUMNS:
             path = getattr(row, role, "")
             if isinstance(path, str) and path:
                 files.append(
