@@ -585,7 +585,7 @@ def test_a_registration_that_lowers_the_similarity_is_flagged(tmp_path):
 
 
 def test_jacobian_on_the_view_planes_equals_the_full_volume_determinant():
-    from atlasflow.reports.figures import ras_image
+    from atlasflow.reports.montage import ras_image
     from atlasflow.reports.panels import jacobian_on_views
     from atlasflow.transforms import jacobian_determinant
 

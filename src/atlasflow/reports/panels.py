@@ -20,6 +20,7 @@ from atlasflow.io.images import Image, load_image
 from atlasflow.layout import CohortFiles, Scan, scan_id
 from atlasflow.reports.checks import STAGE_TITLES
 from atlasflow.reports.inputs import read_metrics, relative, strip_prefix
+from atlasflow.reports.montage import Volume, centre_of, foreground_centre, ras_image
 from atlasflow.reports.qc import SubjectQC
 
 STAGE_IMAGES = {"template": "template", "atlas": "atlas", "baseline": "baseline scan"}
@@ -61,12 +62,12 @@ class _Inputs:
                 raise Missing(f"{what}: {exc}") from None
         return self._cache[key]
 
-    def volume(self, path: Path | None, what: str, labels: bool = False) -> fg.Volume:
-        return fg.Volume.from_image(self.image(path, what, labels))
+    def volume(self, path: Path | None, what: str, labels: bool = False) -> Volume:
+        return Volume.from_image(self.image(path, what, labels))
 
     def maybe(
         self, path: Path | None, what: str, notes: list[str], labels: bool = False
-    ) -> fg.Volume | None:
+    ) -> Volume | None:
         """The volume, or None with the reason appended to ``notes``."""
         try:
             return self.volume(path, what, labels)
@@ -84,8 +85,8 @@ def _render(panel: Panel, build: Callable[[list[str]], bytes]) -> Panel:
 
 
 def _on_grid(
-    volume: fg.Volume | None, reference: fg.Volume, what: str, notes: list[str]
-) -> fg.Volume | None:
+    volume: Volume | None, reference: Volume, what: str, notes: list[str]
+) -> Volume | None:
     if volume is not None and not volume.same_grid(reference):
         notes.append(
             f"{what}: grid {volume.shape} does not match the fixed image {reference.shape}"
@@ -186,11 +187,11 @@ def subject_panels(
 
             def build_overlay(notes: list[str], scan=scan, stage=stage) -> bytes:
                 fixed_image = inputs.image(files.fixed(stage, s, qc.baseline), stage)
-                fixed = fg.Volume.from_image(fixed_image)
+                fixed = Volume.from_image(fixed_image)
                 before = None
                 try:
                     moving = inputs.image(scan.preproc, "preprocessed")
-                    before = fg.Volume.from_image(
+                    before = Volume.from_image(
                         apply_transform(moving, Transform.identity(), fixed_image.grid)
                     )
                 except Missing as exc:
@@ -230,11 +231,11 @@ def subject_panels(
                     notes.append(f"{what}: {relative(scan.warp(stage), outdir)} not found")
                 else:
                     try:
-                        field = fg.ras_image(read_itk_displacement(scan.warp(stage)))
+                        field = ras_image(read_itk_displacement(scan.warp(stage)))
                         on_grid = (
                             background is not None and background.shape == field.data.shape[:3]
                         )
-                        centre = fg.foreground_centre(background) if on_grid else None
+                        centre = foreground_centre(background) if on_grid else None
                         det = jacobian_on_views(field, centre)
                     except AtlasflowError as exc:
                         notes.append(f"{what}: {exc}")
@@ -311,7 +312,7 @@ def subject_panels(
     return sections
 
 
-def jacobian_on_views(field: Image, centre: Sequence[int] | None) -> fg.Volume:
+def jacobian_on_views(field: Image, centre: Sequence[int] | None) -> Volume:
     """Jacobian determinant of a RAS-ordered displacement field on the three view planes only.
 
     Each plane is computed from a three-voxel slab around it with
@@ -321,7 +322,7 @@ def jacobian_on_views(field: Image, centre: Sequence[int] | None) -> fg.Volume:
     from atlasflow.transforms import jacobian_determinant
 
     shape = field.data.shape[:3]
-    centre = tuple(int(c) for c in (centre if centre is not None else fg.centre_of(None, shape)))
+    centre = tuple(int(c) for c in (centre if centre is not None else centre_of(None, shape)))
     det = np.full(shape, np.nan, np.float32)
     for axis in range(3):
         at = int(np.clip(centre[axis], 0, shape[axis] - 1))
@@ -333,7 +334,7 @@ def jacobian_on_views(field: Image, centre: Sequence[int] | None) -> fg.Volume:
         index = [slice(None)] * 3
         index[axis] = at
         det[tuple(index)] = plane
-    return fg.Volume(det, np.sqrt((np.asarray(field.affine)[:3, :3] ** 2).sum(axis=0)))
+    return Volume(det, np.sqrt((np.asarray(field.affine)[:3, :3] ** 2).sum(axis=0)))
 
 
 def _tumor_plot(qc: SubjectQC, table: Path) -> bytes:
