@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nibabel.orientations as nio
 import numpy as np
@@ -25,6 +26,9 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from atlasflow.io.images import Image
+
+if TYPE_CHECKING:
+    from matplotlib.colors import Colormap
 
 # matplotlib (~0.5 s to import) is imported where a colour map is needed, not with this module.
 
@@ -301,7 +305,7 @@ def view_sizes(volume: Volume, px_per_mm: float) -> list[tuple[int, int]]:
     return sizes
 
 
-def colormap(name: str):
+def colormap(name: str) -> Colormap:
     """matplotlib's colour map of that name (matplotlib imported on first use)."""
     from matplotlib import colormaps
 

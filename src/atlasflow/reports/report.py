@@ -1,18 +1,7 @@
 """The ``atlasflow report`` command (:func:`report_main`): one subject's page or the cohort page.
 
-The reports package, by concept:
-
-- :mod:`~atlasflow.reports.inputs`: which workflow outputs a report reads (the report rules'
-  inputs) and readers for its tables and logs;
-- :mod:`~atlasflow.reports.checks`: one registration's QC numbers, each judged by the rule of
-  :mod:`atlasflow.registration.qc`;
-- :mod:`~atlasflow.reports.qc`: a subject's verdict (``sub-S_qc.json``) and the cohort's;
-- :mod:`~atlasflow.reports.panels` and :mod:`~atlasflow.reports.figures`: the figures, and a
-  visible placeholder naming the file and the reason when one cannot be drawn;
-- :mod:`~atlasflow.reports.html`, :mod:`~atlasflow.reports.subject`,
-  :mod:`~atlasflow.reports.cohort`: the self-contained pages and the functions that write them.
-
-The names importers used before the package was split stay importable from here.
+The names importers used before the reports package was split (see its docstring for the map)
+stay importable from here.
 """
 
 from __future__ import annotations
