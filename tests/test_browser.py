@@ -23,7 +23,8 @@ import pytest
 from conftest import REPO
 from test_report import SESSIONS, THRESHOLDS, make_outputs
 
-from atlasflow.reports.report import write_cohort_report, write_subject_report
+from atlasflow.reports.cohort import write_cohort_report
+from atlasflow.reports.subject import write_subject_report
 
 CHROMIUM = Path(os.environ.get("ATLASFLOW_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = REPO / "test-artifacts"

@@ -21,15 +21,12 @@ from conftest import blob_image
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, save_image
 from atlasflow.io.itk import save_transform
-from atlasflow.reports.report import (
-    Thresholds,
-    last_error_line,
-    read_tumor_table,
-    report_main,
-    subject_qc,
-    write_cohort_report,
-    write_subject_report,
-)
+from atlasflow.registration.qc import QCThresholds
+from atlasflow.reports.cohort import write_cohort_report
+from atlasflow.reports.inputs import last_error_line, read_tumor_table
+from atlasflow.reports.qc import subject_qc
+from atlasflow.reports.report import report_main
+from atlasflow.reports.subject import write_subject_report
 from atlasflow.transforms import Transform
 
 SHAPE = (24, 28, 20)
@@ -511,8 +508,8 @@ def test_small_helpers(tmp_path):
     log.write_text("Traceback\nKilled\n")
     assert last_error_line(log) is None
     with pytest.raises(AtlasflowError, match="qc.min_dice"):
-        Thresholds.from_mapping({"min_dice": "high"})
-    assert Thresholds.from_mapping({"min_ncc_after": 0.7, "other_key": 1}).min_ncc_after == 0.7
+        QCThresholds.from_mapping({"min_dice": "high"})
+    assert QCThresholds.from_mapping({"min_ncc_after": 0.7, "other_key": 1}).min_ncc_after == 0.7
     table = tmp_path / "t.tsv"
     table.write_text("subject\tvolume\n01\t3\n")
     with pytest.raises(AtlasflowError, match="session and volume_mm3"):
@@ -520,7 +517,7 @@ def test_small_helpers(tmp_path):
 
 
 def test_declared_report_inputs_are_what_the_report_reads(reports):
-    from atlasflow.reports.report import cohort_report_inputs, subject_report_inputs
+    from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
 
     outdir = reports["outdir"]
     declared = subject_report_inputs(outdir, "03", ["1", "2"], labels=["1", "2"], tumour=["1", "2"])
@@ -589,8 +586,8 @@ def test_a_registration_that_lowers_the_similarity_is_flagged(tmp_path):
 
 
 def test_jacobian_on_the_view_planes_equals_the_full_volume_determinant():
-    from atlasflow.reports.figures import ras_image
-    from atlasflow.reports.report import jacobian_on_views
+    from atlasflow.reports.montage import ras_image
+    from atlasflow.reports.panels import jacobian_on_views
     from atlasflow.transforms import jacobian_determinant
 
     reference = blob_image(SHAPE)

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from atlasflow import layout
 from atlasflow.runtime.server import enable as enable_engine
 from atlasflow.errors import AtlasflowError
 from atlasflow.errors import set_policy
@@ -10,8 +11,8 @@ from atlasflow.runtime.provenance import git_commit, package_versions
 from atlasflow.cohort.planning import SHIPPED_MODEL, atlas_members, cohort_source, resolve_cohort
 
 OUT = config["outdir"]
-LOGS = f"{OUT}/logs"
-BENCH = f"{OUT}/benchmarks"
+LOGS = layout.logs_dir(OUT)
+BENCH = layout.benchmarks_dir(OUT)
 THREADS = config["threads"]
 # Conda environment for `--sdm conda` (paths in conda: are relative to the rules folder).
 CONDA_ENV = "../../envs/atlasflow.yaml"
@@ -57,26 +58,22 @@ def has(subject, session, column):
 
 
 def anat(suffix, subject="{subject}", session="{session}", **entities):
-    """BIDS-derivatives path of one scan's file, e.g. anat("T1w", desc="preproc")."""
-    parts = [f"sub-{subject}", f"ses-{session}"]
-    for key in ("space", "from_", "to", "mode", "label", "desc"):
-        if key in entities:
-            parts.append(f"{key.rstrip('_')}-{entities[key]}")
-    ext = entities.get("ext", "nii.gz")
-    return f"{OUT}/sub-{subject}/ses-{session}/anat/{'_'.join(parts)}_{suffix}.{ext}"
+    """BIDS-derivatives path of one scan's file, e.g. anat("T1w", desc="preproc") (atlasflow.layout)."""
+    return layout.anat(OUT, suffix, subject, session, **entities)
 
 
 def log(stage, ext="log"):
-    return f"{LOGS}/{stage}/sub-{{subject}}_ses-{{session}}.{ext}"
+    # The reports find a scan's failed job by this name (atlasflow.reports.inputs.logged_errors).
+    return f"{LOGS}/{stage}/{layout.scan_id('{subject}', '{session}')}.{ext}"
 
 
 def bench(stage):
-    return f"{BENCH}/{stage}/sub-{{subject}}_ses-{{session}}.tsv"
+    return f"{BENCH}/{stage}/{layout.scan_id('{subject}', '{session}')}.tsv"
 
 
-TEMPLATE = f"{OUT}/template/template_T1w.nii.gz"
-TEMPLATE_MASK = f"{OUT}/template/template_desc-brain_mask.nii.gz"
-PROVENANCE = f"{OUT}/provenance/provenance.json"
+TEMPLATE = layout.template(OUT)
+TEMPLATE_MASK = layout.template_mask(OUT)
+PROVENANCE = layout.provenance(OUT)
 
 # Versions of the packages that compute the outputs. Snakemake's between-workflow cache key covers
 # rule code, params and input checksums but not pip-installed software, so cached rules carry the
@@ -203,12 +200,12 @@ def qc_options(wildcards):
 
 # --- atlas helpers
 
-ATLAS = f"{OUT}/atlas"
+ATLAS = layout.atlas_dir(OUT)
 
 
 ATL = config["atlas"]
 FINETUNE = REG["backend"] == "deep" and ATL["finetune_steps"] > 0
-FINETUNED_MODEL = f"{ATLAS}/model/finetuned_velocity.safetensors"
+FINETUNED_MODEL = layout.finetuned_model(OUT)
 
 
 N_ITER = ATL["iterations"]
@@ -219,11 +216,11 @@ CARRY = REG["backend"] == "deep" and ATL["carry_velocity"]
 
 def iter_velocities(iteration):
     """The members' velocities of an iteration (coarse grid), in member order."""
-    return [iter_file(iteration, f"velocities/sub-{s}_ses-{t}_velocity.nii") for s, t in ATLAS_MEMBERS]
+    return [iter_file(iteration, layout.member_velocity(s, t)) for s, t in ATLAS_MEMBERS]
 
 
 def iter_mean_velocity(iteration):
-    return iter_file(iteration, "velocities/mean_velocity.nii")
+    return iter_file(iteration, layout.MEAN_VELOCITY)
 
 
 def carried_velocities(wildcards):
@@ -235,12 +232,12 @@ def carried_velocities(wildcards):
 
 
 def iter_file(iteration, name):
-    return f"{ATLAS}/iter-{iteration}/{name}"
+    return layout.iteration_file(OUT, iteration, name)
 
 
 # Each member's affine to the reference template, found by atlas_init; every iteration starts from it.
 ATLAS_AFFINES = [
-    iter_file(0, f"affines/sub-{s}_ses-{t}_from-T1w_to-template_mode-image_xfm.mat") for s, t in ATLAS_MEMBERS
+    iter_file(0, layout.member_affine(s, t)) for s, t in ATLAS_MEMBERS
 ]
 
 
@@ -249,14 +246,14 @@ MIN_MEMBERS = f"--min-inputs {ATL['min_subjects']} --min-inputs-setting atlas.mi
 
 
 def previous_template(wildcards):
-    return iter_file(int(wildcards.iteration) - 1, "template_T1w.nii.gz")
+    return layout.iteration_template(OUT, int(wildcards.iteration) - 1)
 
 
-ATLAS_T1W = f"{ATLAS}/atlas_T1w.nii.gz"
-ATLAS_DSEG = f"{ATLAS}/atlas_dseg.nii.gz"
+ATLAS_T1W = layout.atlas_t1w(OUT)
+ATLAS_DSEG = layout.atlas_dseg(OUT)
 
 
-ATLAS_METRICS = f"{ATLAS}/metrics.tsv"
+ATLAS_METRICS = layout.atlas_metrics(OUT)
 
 
 # --- longitudinal helpers
@@ -293,7 +290,7 @@ def atlas_tumor_mask(subject, session):
     """A session's tumour mask in atlas space (baselines directly, follow-ups through the baseline)."""
     if session == BASELINE[subject]:
         return anat("mask", subject, session, space="atlas", label="tumor", desc="baseline")
-    return f"{OUT}/sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}_space-atlas_label-tumor_mask.nii.gz"
+    return anat("mask", subject, session, space="atlas", label="tumor")
 
 
 def tumor_frequency_inputs(wildcards):
@@ -308,22 +305,24 @@ def tumor_frequency_inputs(wildcards):
 def longitudinal_targets():
     targets = []
     for subject in LONGITUDINAL_SUBJECTS:
-        targets.append(f"{OUT}/sub-{subject}/longitudinal/sub-{subject}_tumor.tsv")
+        targets.append(layout.tumor_table(OUT, subject))
         for session in SESSIONS[subject][1:]:
-            for change in ("desc-logjacobian_map", "desc-displacement_map", "desc-difference_T1w"):
-                targets.append(f"{OUT}/sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}_space-atlas_{change}.nii.gz")
+            for suffix, desc in (("map", "logjacobian"), ("map", "displacement"), ("T1w", "difference")):
+                targets.append(anat(suffix, subject, session, space="atlas", desc=desc))
             if has(subject, session, "tumor_mask"):
                 targets.append(atlas_tumor_mask(subject, session))
     if tumor_frequency_inputs(None):
-        targets.append(f"{ATLAS}/tumor_frequency.nii.gz")
+        targets.append(layout.tumor_frequency(OUT))
     return targets
 
 
 # --- report helpers
 
-from atlasflow.reports.report import cohort_report_inputs, subject_report_inputs  # noqa: E402
+from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs  # noqa: E402
 
-REPORTS = f"{OUT}/reports"
+REPORTS = layout.reports_dir(OUT)
+COHORT_REPORT = f"{REPORTS}/{layout.COHORT_PAGE}"
+COHORT_FIGURES = f"{REPORTS}/{layout.COHORT_FIGURES}"
 QC = config["qc"]
 QC_FLAGS = (
     f"--max-folding-fraction {QC['max_folding_fraction']} --min-ncc-after {QC['min_ncc_after']} "

@@ -7,15 +7,15 @@ rule report_subject:
         subject_report_files,
     output:
         html=report(
-            f"{REPORTS}/sub-{{subject}}.html",
+            f"{REPORTS}/{layout.subject_page('{subject}')}",
             caption="../report/subject_report.rst",
             category="Subjects",
             subcategory="sub-{subject}",
             labels={"subject": "sub-{subject}", "figure": "report"},
         ),
-        qc=f"{REPORTS}/sub-{{subject}}_qc.json",
+        qc=f"{REPORTS}/{layout.subject_qc('{subject}')}",
         figures=report(
-            directory(f"{REPORTS}/figures/sub-{{subject}}"),
+            directory(f"{REPORTS}/{layout.subject_figures('{subject}')}"),
             patterns=["{name}.png"],
             caption="../report/subject_figures.rst",
             category="Subjects",
@@ -46,17 +46,17 @@ rule report_subject:
 rule report_cohort:
     """The cohort page: QC table linking the subject pages, failed subjects, atlas, tumour frequency."""
     input:
-        qc=expand(f"{REPORTS}/sub-{{subject}}_qc.json", subject=SESSIONS),
+        qc=[f"{REPORTS}/{layout.subject_qc(s)}" for s in SESSIONS],
         atlas=cohort_report_inputs(OUT, N_ITER, tumour=bool(tumor_frequency_inputs(None))),
     output:
-        html=report(f"{REPORTS}/cohort.html", caption="../report/cohort_report.rst", category="Cohort",
+        html=report(COHORT_REPORT, caption="../report/cohort_report.rst", category="Cohort",
                     labels={"figure": "cohort report"}),
-        iterations=report(f"{REPORTS}/figures/cohort/atlas_iterations.png", caption="../report/atlas_iterations.rst",
+        iterations=report(f"{COHORT_FIGURES}/atlas_iterations.png", caption="../report/atlas_iterations.rst",
                           category="Cohort", labels={"figure": "atlas iterations"}),
-        convergence=report(f"{REPORTS}/figures/cohort/atlas_convergence.png",
+        convergence=report(f"{COHORT_FIGURES}/atlas_convergence.png",
                            caption="../report/atlas_convergence.rst", category="Cohort",
                            labels={"figure": "atlas convergence"}),
-        frequency=report(f"{REPORTS}/figures/cohort/tumor_frequency.png", caption="../report/tumor_frequency.rst",
+        frequency=report(f"{COHORT_FIGURES}/tumor_frequency.png", caption="../report/tumor_frequency.rst",
                          category="Cohort", labels={"figure": "tumour frequency"}),
     conda:
         CONDA_ENV
@@ -82,4 +82,4 @@ onerror:
     # Under --keep-going a failed subject never reaches report_cohort: write the page anyway, so it
     # lists the failures with the error each job logged.
     shell(f"atlasflow report cohort --outdir {OUT} --scans {SCAN_LIST} --iterations {N_ITER} "
-          f"--out {REPORTS}/cohort.html {QC_FLAGS} || true")
+          f"--out {COHORT_REPORT} {QC_FLAGS} || true")

@@ -5,7 +5,8 @@
 :class:`Registration` whose transform is the same representation for both.
 :func:`register_files` is the file-level wrapper used by the CLI and the workflow: it writes the
 warped image, the ITK affine, the displacement field and its inverse, label-aware warped labels and
-a metrics JSON.
+a metrics JSON judged by :mod:`atlasflow.registration.qc` (whose ``ncc``, ``dice_per_label``,
+``QCThresholds`` and ``qc_flags`` are importable from here too).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from atlasflow.io.itk import (
     read_itk_displacement,
     save_transform,
     write_itk_displacement,
+)
+from atlasflow.registration.qc import (
+    QCThresholds,
+    add_verdict,
+    dice_per_label,
+    ncc,
+    qc_flags,  # noqa: F401  (importable from here, as before)
 )
 from atlasflow.transforms import Transform, apply_transform, folding_fraction
 
@@ -198,50 +206,6 @@ def register(
     raise AtlasflowError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Global normalised cross-correlation inside ``mask``."""
-    if mask is not None:
-        a, b = a[mask > 0], b[mask > 0]
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
-
-
-def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    """Dice of every non-zero label present in both maps."""
-    labels = np.intersect1d(np.unique(a), np.unique(b))
-    out = {}
-    for lab in labels[labels != 0]:
-        x, y = a == lab, b == lab
-        out[int(lab)] = float(2 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
-    return out
-
-
-@dataclass(frozen=True)
-class QCThresholds:
-    """Bounds outside which a registration is flagged (config ``qc``)."""
-
-    max_folding_fraction: float = 0.001
-    min_ncc_after: float = 0.5
-
-
-def qc_flags(metrics: dict, thresholds: QCThresholds) -> list[str]:
-    """Reasons to distrust a registration; empty when it passes every check."""
-    flags = []
-    if metrics["folding_fraction"] > thresholds.max_folding_fraction:
-        flags.append(
-            f"folding fraction {metrics['folding_fraction']:.5f} > {thresholds.max_folding_fraction}"
-        )
-    if metrics["ncc_after"] < thresholds.min_ncc_after:
-        flags.append(f"NCC after registration {metrics['ncc_after']:.3f} < {thresholds.min_ncc_after}")
-    if metrics["ncc_after"] < metrics["ncc_before"] - 0.02:
-        flags.append(
-            f"registration lowered the similarity ({metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f})"
-        )
-    return flags
-
-
 @dataclass
 class RegisterOutputs:
     """Where :func:`register_files` writes; ``None`` skips that file."""
@@ -318,13 +282,7 @@ def register_files(
             target = load_image(fixed_labels, dtype=None).data
             per_label = dice_per_label(warped_labels.data, target)
             metrics["dice_mean"] = float(np.mean(list(per_label.values()))) if per_label else None
-    thresholds = thresholds or QCThresholds()
-    metrics["qc_thresholds"] = {
-        "max_folding_fraction": thresholds.max_folding_fraction,
-        "min_ncc_after": thresholds.min_ncc_after,
-    }
-    metrics["qc_flags"] = qc_flags(metrics, thresholds)
-    metrics["qc_pass"] = not metrics["qc_flags"]
+    add_verdict(metrics, thresholds or QCThresholds())
     if outputs.metrics is not None:
         atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -1,42 +1,47 @@
-"""Report figures: small PNGs of 3-D images in three orthogonal views, overlays and plots.
+"""Report figures: the named PNGs of the pages, from volumes (or tables) to PNG bytes.
 
-Everything here is pure: arrays (or :class:`~atlasflow.io.images.Image`) in, PNG bytes out. Slice
-montages are composed directly as RGB arrays (numpy, matplotlib's colour maps, Pillow for
-resampling, text and PNG encoding): building matplotlib axes for every panel cost about 0.1 s each,
-this costs milliseconds. Only the line plots (tumour volume, atlas convergence) use matplotlib's
-object API on the Agg canvas. No timestamps go into a PNG: same input, same bytes.
-
-Views follow the neurological convention (subject's left on the viewer's left) with superior and
-anterior up; every volume is first turned to the closest RAS voxel order, so scans stored in any
-orientation look the same, and voxels are drawn at their physical size (anisotropic spacing is
-respected). :mod:`atlasflow.reports.report` decides which files feed which figure.
+Each function here draws one kind of figure with the toolkit of :mod:`atlasflow.reports.montage`:
+anatomy rows, registration overlays (edges of the fixed image on the moving one), Jacobian maps,
+longitudinal change maps, atlas iterations, tumour frequency, and the two line plots (tumour
+volume over time, atlas convergence), which use matplotlib's object API on the Agg canvas. Every
+function is pure: arrays in, PNG bytes out, no timestamps, so the same input gives the same bytes.
+:mod:`atlasflow.reports.panels` decides which files feed which figure.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import nibabel.orientations as nio
 import numpy as np
 from PIL import Image as PILImage
-from PIL import ImageDraw, ImageFont
+from PIL import ImageDraw
 
-from atlasflow.io.images import Image
+from atlasflow.reports.montage import (
+    SMALL_FONT,
+    VIEWS,
+    Cell,
+    Volume,
+    blend,
+    boundary,
+    centre_of,
+    colorbar,
+    compose,
+    encode_png,
+    foreground_centre,
+    grey_rgb,
+    load_font,
+    paint,
+    panel_scale,
+    resample,
+    view_sizes,
+    window,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# matplotlib (~0.5 s to import) is imported where a figure is drawn: the workflow imports this
-# module (through atlasflow.reports.report) every time Snakemake plans.
-
-VIEWS = ("sagittal", "coronal", "axial")
-PANEL_PX = 176  # longest physical side of a volume, in pixels (two figures fit side by side)
-GAP = 3
-BACKGROUND = (17, 17, 17)
-MISSING_GREY = (52, 52, 52)
 # Fixed colours so the same thing looks the same in every figure.
 EDGE_COLOUR = (255, 77, 77)
 MASK_COLOUR = (53, 196, 255)
@@ -51,272 +56,8 @@ RESPONSE_COLOURS = {
     "complete_response": "#1a7f37",
     "not_evaluable": "#bf8700",
 }
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:  # Pillow's bundled scalable font: the same glyphs on every machine
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()
-
-
-FONT = _font(12)
-SMALL_FONT = _font(10)
-
-
-@dataclass
-class Volume:
-    """A 3-D array in RAS voxel order with its voxel spacing (mm), ready to slice for display."""
-
-    data: np.ndarray
-    spacing: np.ndarray
-
-    @classmethod
-    def from_image(cls, image: Image) -> Volume:
-        """Reorder (and flip) the voxel axes to the closest RAS order; keep the values."""
-        ras = ras_image(image)
-        return cls(ras.data, np.sqrt((ras.affine[:3, :3] ** 2).sum(axis=0)))
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.data.shape[:3])
-
-    @property
-    def extent_mm(self) -> float:
-        return float(max(np.asarray(self.shape) * self.spacing))
-
-    def same_grid(self, other: Volume) -> bool:
-        return self.shape == other.shape and np.allclose(self.spacing, other.spacing, atol=1e-3)
-
-    def slice(self, view: str, centre: Sequence[int]) -> tuple[np.ndarray, tuple[float, float]]:
-        """2-D slice as an image (row 0 at the top) and its pixel size (row mm, column mm)."""
-        i, j, k = (int(np.clip(c, 0, s - 1)) for c, s in zip(centre, self.shape, strict=True))
-        sx, sy, sz = (float(s) for s in self.spacing)
-        if view == "sagittal":  # columns posterior -> anterior, rows superior -> inferior
-            return self.data[i, :, ::-1].T, (sz, sy)
-        if view == "coronal":  # columns left -> right
-            return self.data[:, j, ::-1].T, (sz, sx)
-        if view == "axial":  # rows anterior -> posterior
-            return self.data[:, ::-1, k].T, (sy, sx)
-        raise ValueError(f"unknown view {view!r}")
-
-
-def ras_image(image: Image) -> Image:
-    """The image with its voxel axes reordered and flipped to the closest RAS order, affine to match.
-
-    Values are untouched, so a vector field in world millimetres stays valid.
-    """
-    ornt = nio.io_orientation(image.affine)
-    data = nio.apply_orientation(np.asarray(image.data), ornt)
-    affine = np.asarray(image.affine, float) @ nio.inv_ornt_aff(ornt, image.data.shape[:3])
-    return Image(np.ascontiguousarray(data), affine)
-
-
-def window(data: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[float, float]:
-    """Robust display range: percentiles of the finite non-zero voxels (all finite voxels if none)."""
-    finite = data[np.isfinite(data)]
-    values = finite[finite != 0] if np.any(finite != 0) else finite
-    if values.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-def centre_of(data: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
-    """Voxel at the centre of mass of ``data > 0`` (the middle of the grid if empty or None)."""
-    if data is not None and np.any(data > 0):
-        return tuple(int(round(c)) for c in np.argwhere(data > 0).mean(axis=0))
-    return tuple(int(s) // 2 for s in shape)
-
-
-def foreground_centre(volume: Volume) -> tuple[int, int, int]:
-    """Centre of the head/brain: centre of mass of voxels above a tenth of the robust maximum."""
-    lo, hi = window(volume.data)
-    return centre_of(volume.data > lo + 0.1 * (hi - lo), volume.shape)
-
-
-# ------------------------------------------------------------------------- pixel primitives
-
-
-def _resample(
-    plane: np.ndarray, pixel_mm: tuple[float, float], px_per_mm: float, smooth: bool
-) -> np.ndarray:
-    height = max(1, int(round(plane.shape[0] * pixel_mm[0] * px_per_mm)))
-    width = max(1, int(round(plane.shape[1] * pixel_mm[1] * px_per_mm)))
-    image = PILImage.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
-    method = PILImage.Resampling.BILINEAR if smooth else PILImage.Resampling.NEAREST
-    return np.asarray(image.resize((width, height), method), dtype=np.float32)
-
-
-def _grey(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scaled = np.clip((np.nan_to_num(values, nan=lo) - lo) / (hi - lo), 0, 1)
-    return np.repeat((scaled * 255).astype(np.uint8)[..., None], 3, axis=-1)
-
-
-def _blend(
-    rgb: np.ndarray,
-    values: np.ndarray,
-    cmap: str,
-    vmin: float,
-    vmax: float,
-    alpha: float | np.ndarray,
-) -> np.ndarray:
-    """Colour ``values`` with ``cmap`` over ``rgb`` where they are finite (``alpha`` may vary per pixel)."""
-    shown = np.isfinite(values)
-    if not shown.any():
-        return rgb
-    colours = (
-        _colormap(cmap)(np.clip((np.where(shown, values, vmin) - vmin) / (vmax - vmin), 0, 1))[
-            ..., :3
-        ]
-        * 255
-    )
-    weight = np.where(shown, alpha, 0.0)[..., None]
-    return ((1 - weight) * rgb + weight * colours).astype(np.uint8)
-
-
-def _boundary(inside: np.ndarray) -> np.ndarray:
-    """Pixels inside a region with a 4-neighbour outside it: a one-pixel outline."""
-    edge = np.zeros_like(inside)
-    edge[1:, :] |= inside[1:, :] & ~inside[:-1, :]
-    edge[:-1, :] |= inside[:-1, :] & ~inside[1:, :]
-    edge[:, 1:] |= inside[:, 1:] & ~inside[:, :-1]
-    edge[:, :-1] |= inside[:, :-1] & ~inside[:, 1:]
-    return edge
-
-
-def _paint(rgb: np.ndarray, where: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    out = rgb.copy()
-    out[where] = colour
-    return out
-
-
-@dataclass
-class Cell:
-    """One panel of a montage: an RGB image or None (drawn as 'missing'), with optional labels."""
-
-    rgb: np.ndarray | None
-    label: str = ""
-    corner: str = ""  # small mark at the lower right (orientation)
-    note: str = ""  # text at the upper right
-
-
-def _text_box(
-    draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, anchor: str, font=FONT
-) -> None:
-    box = draw.textbbox(xy, text, font=font, anchor=anchor)
-    draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0))
-    draw.text(xy, text, fill=(255, 255, 255), font=font, anchor=anchor)
-
-
-def compose(
-    grid: Sequence[Sequence[Cell]],
-    colorbar: PILImage.Image | None = None,
-    sizes: Sequence[Sequence[tuple[int, int]]] | None = None,
-) -> bytes:
-    """Lay cells out in rows (each column as wide as its widest cell), add labels, encode PNG.
-
-    ``sizes`` gives the (height, width) of missing cells; by default they take the size of the
-    other cells of their column/row.
-    """
-    n_rows, n_cols = len(grid), max(len(r) for r in grid)
-    heights = [0] * n_rows
-    widths = [0] * n_cols
-    for r, row in enumerate(grid):
-        for c, cell in enumerate(row):
-            h, w = (
-                cell.rgb.shape[:2] if cell.rgb is not None else (sizes[r][c] if sizes else (0, 0))
-            )
-            heights[r], widths[c] = max(heights[r], h), max(widths[c], w)
-    heights = [h or 120 for h in heights]
-    widths = [w or 120 for w in widths]
-    extra = colorbar.width + 2 * GAP if colorbar is not None else 0
-    total_w = sum(widths) + GAP * (n_cols + 1) + extra
-    total_h = max(sum(heights) + GAP * (n_rows + 1), colorbar.height + 2 * GAP if colorbar else 0)
-    canvas = PILImage.new("RGB", (total_w, total_h), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    y = GAP
-    for r, row in enumerate(grid):
-        x = GAP
-        for c, cell in enumerate(row):
-            w, h = widths[c], heights[r]
-            if cell.rgb is None:
-                draw.rectangle((x, y, x + w - 1, y + h - 1), fill=MISSING_GREY)
-                draw.text(
-                    (x + w // 2, y + h // 2),
-                    "missing",
-                    fill=(190, 190, 190),
-                    font=FONT,
-                    anchor="mm",
-                )
-            else:
-                ch, cw = cell.rgb.shape[:2]
-                canvas.paste(PILImage.fromarray(cell.rgb), (x + (w - cw) // 2, y + (h - ch) // 2))
-            if cell.label:
-                _text_box(draw, (x + 4, y + 4), cell.label, "la")
-            if cell.note:
-                _text_box(draw, (x + w - 4, y + 4), cell.note, "ra", SMALL_FONT)
-            if cell.corner and cell.rgb is not None:
-                _text_box(draw, (x + w - 4, y + h - 4), cell.corner, "rd", SMALL_FONT)
-            x += w + GAP
-        y += heights[r] + GAP
-    if colorbar is not None:
-        canvas.paste(colorbar, (total_w - colorbar.width - GAP, (total_h - colorbar.height) // 2))
-    return encode_png(canvas)
-
-
-def encode_png(image: PILImage.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def colorbar(
-    cmap: str, ticks: Sequence[tuple[float, str]], title: str, height: int = 200
-) -> PILImage.Image:
-    """A vertical colour bar image; ``ticks`` are (position 0..1 from the bottom, text)."""
-    bar_w, text_w = 14, 44
-    image = PILImage.new("RGB", (bar_w + text_w + 18, height + 20), BACKGROUND)
-    ramp = _colormap(cmap)(np.linspace(1, 0, height))[:, :3] * 255
-    image.paste(
-        PILImage.fromarray(np.repeat(ramp.astype(np.uint8)[:, None, :], bar_w, axis=1)), (2, 10)
-    )
-    draw = ImageDraw.Draw(image)
-    for pos, text in ticks:
-        yy = 10 + int(round((1 - pos) * (height - 1)))
-        draw.line((2 + bar_w, yy, 6 + bar_w, yy), fill=(220, 220, 220))
-        draw.text((9 + bar_w, yy), text, fill=(230, 230, 230), font=SMALL_FONT, anchor="lm")
-    vertical = PILImage.new("RGB", (height + 20, 14), BACKGROUND)
-    ImageDraw.Draw(vertical).text(
-        ((height + 20) // 2, 7), title, fill=(230, 230, 230), font=SMALL_FONT, anchor="mm"
-    )
-    image.paste(vertical.rotate(90, expand=True), (image.width - 15, 0))
-    return image
-
-
-def _px_per_mm(*volumes: Volume | None) -> float:
-    extent = max((v.extent_mm for v in volumes if v is not None), default=1.0)
-    return PANEL_PX / max(extent, 1e-6)
-
-
-def _view_sizes(volume: Volume, px_per_mm: float) -> list[tuple[int, int]]:
-    sizes = []
-    for view in VIEWS:
-        plane, pixel = volume.slice(view, [0, 0, 0])
-        sizes.append(
-            (
-                int(round(plane.shape[0] * pixel[0] * px_per_mm)),
-                int(round(plane.shape[1] * pixel[1] * px_per_mm)),
-            )
-        )
-    return sizes
-
-
 # The side of the subject at the right edge of each view.
 ORIENTATION_MARK = {"sagittal": "A", "coronal": "R", "axial": "R"}
-
-
-# ----------------------------------------------------------------------------------- figures
 
 
 def anatomy_rows(rows: Sequence[tuple[str, Volume | None, np.ndarray | None]]) -> bytes:
@@ -331,23 +72,21 @@ def anatomy_rows(rows: Sequence[tuple[str, Volume | None, np.ndarray | None]]) -
         if volume is None:
             grid.append([Cell(None, label if c == 0 else "") for c in range(3)])
             sizes.append(
-                _view_sizes(reference, _px_per_mm(reference))
+                view_sizes(reference, panel_scale(reference))
                 if reference is not None
                 else [(120, 120)] * 3
             )
             continue
-        scale = _px_per_mm(volume)
+        scale = panel_scale(volume)
         lo, hi = window(volume.data)
         centre = foreground_centre(volume)
         cells = []
         for view in VIEWS:
             plane, pixel = volume.slice(view, centre)
-            rgb = _grey(_resample(plane, pixel, scale, True), lo, hi)
+            rgb = grey_rgb(resample(plane, pixel, scale, True), lo, hi)
             if mask is not None:
                 mplane, _ = Volume(mask.astype(np.float32), volume.spacing).slice(view, centre)
-                rgb = _paint(
-                    rgb, _boundary(_resample(mplane, pixel, scale, True) >= 0.5), MASK_COLOUR
-                )
+                rgb = paint(rgb, boundary(resample(mplane, pixel, scale, True) >= 0.5), MASK_COLOUR)
             cells.append(Cell(rgb, corner=ORIENTATION_MARK[view]))
         cells[0].label = label
         grid.append(cells)
@@ -370,16 +109,16 @@ def registration_overlay(fixed: Volume, rows: Sequence[tuple[str, Volume | None]
     Every row is a volume on the fixed grid sliced at the same voxel, so alignment shows as the red
     edges of the fixed image lying on the moving image's own boundaries.
     """
-    scale = _px_per_mm(fixed)
+    scale = panel_scale(fixed)
     centre = foreground_centre(fixed)
     levels = edge_levels(fixed.data)
     edges = []
     for view in VIEWS:
         fplane, pixel = fixed.slice(view, centre)
-        up = _resample(fplane, pixel, scale, True)
+        up = resample(fplane, pixel, scale, True)
         edge = np.zeros(up.shape, bool)
         for level in levels:
-            edge |= _boundary(up > level)
+            edge |= boundary(up > level)
         edges.append(edge)
     grid = []
     for label, moving in rows:
@@ -390,11 +129,11 @@ def registration_overlay(fixed: Volume, rows: Sequence[tuple[str, Volume | None]
         cells = []
         for view, edge in zip(VIEWS, edges, strict=True):
             plane, pixel = moving.slice(view, centre)
-            rgb = _paint(_grey(_resample(plane, pixel, scale, True), lo, hi), edge, EDGE_COLOUR)
+            rgb = paint(grey_rgb(resample(plane, pixel, scale, True), lo, hi), edge, EDGE_COLOUR)
             cells.append(Cell(rgb, corner=ORIENTATION_MARK[view]))
         cells[0].label = label
         grid.append(cells)
-    return compose(grid, sizes=[_view_sizes(fixed, scale)] * len(rows))
+    return compose(grid, sizes=[view_sizes(fixed, scale)] * len(rows))
 
 
 JACOBIAN_LIMIT = float(np.log(3.0))  # colour scale saturates at 3x expansion / contraction
@@ -415,11 +154,11 @@ def jacobian_rows(
     for label, det, background, centre in rows:
         if det is None:
             grid.append([Cell(None, label if c == 0 else "") for c in range(3)])
-            sizes.append(_view_sizes(reference, _px_per_mm(reference)))
+            sizes.append(view_sizes(reference, panel_scale(reference)))
             continue
         if background is not None and not background.same_grid(det):
             background = None
-        scale = _px_per_mm(det)
+        scale = panel_scale(det)
         if centre is None:
             centre = (
                 foreground_centre(background)
@@ -440,16 +179,16 @@ def jacobian_rows(
         for view in VIEWS:
             plane, pixel = log_det.slice(view, centre)
             base = (
-                _grey(_resample(background.slice(view, centre)[0], pixel, scale, True), lo, hi)
+                grey_rgb(resample(background.slice(view, centre)[0], pixel, scale, True), lo, hi)
                 if background is not None
-                else np.zeros((*_resample(plane, pixel, scale, False).shape, 3), np.uint8)
+                else np.zeros((*resample(plane, pixel, scale, False).shape, 3), np.uint8)
             )
-            values = _resample(plane, pixel, scale, False)
+            values = resample(plane, pixel, scale, False)
             # Opacity grows with the change, so unchanged tissue still shows the anatomy underneath.
             alpha = 0.9 * np.clip(np.abs(np.nan_to_num(values)) / (0.4 * JACOBIAN_LIMIT), 0.15, 1.0)
-            rgb = _blend(base, values, "RdBu_r", -JACOBIAN_LIMIT, JACOBIAN_LIMIT, alpha)
+            rgb = blend(base, values, "RdBu_r", -JACOBIAN_LIMIT, JACOBIAN_LIMIT, alpha)
             fplane, _ = folded.slice(view, centre)
-            rgb = _paint(rgb, _resample(fplane, pixel, scale, False) > 0.5, FOLDING_COLOUR)
+            rgb = paint(rgb, resample(fplane, pixel, scale, False) > 0.5, FOLDING_COLOUR)
             cells.append(Cell(rgb, corner=ORIENTATION_MARK[view]))
         cells[0].label = label
         shown = np.concatenate([det.slice(view, centre)[0].ravel() for view in VIEWS])
@@ -485,7 +224,7 @@ def change_maps(
     diverging scale (red positive), unsigned ones a sequential scale from zero; each row's range is
     written in its label. Tumour outlines: baseline cyan, follow-up yellow.
     """
-    scale = _px_per_mm(background)
+    scale = panel_scale(background)
     tumour = (
         tumor_followup if tumor_followup is not None and np.any(tumor_followup) else tumor_baseline
     )
@@ -520,23 +259,23 @@ def change_maps(
         cells = []
         for view in VIEWS:
             bplane, pixel = background.slice(view, centre)
-            rgb = _grey(_resample(bplane, pixel, scale, True), lo, hi)
-            plane = _resample(shown.slice(view, centre)[0], pixel, scale, False)
+            rgb = grey_rgb(resample(bplane, pixel, scale, True), lo, hi)
+            plane = resample(shown.slice(view, centre)[0], pixel, scale, False)
             # Opacity follows the size of the change: small changes leave the anatomy readable.
             alpha = 0.9 * np.clip(np.abs(np.nan_to_num(plane)) / (0.5 * limit), 0.0, 1.0)
             rgb = (
-                _blend(rgb, plane, "RdBu_r", -limit, limit, alpha)
+                blend(rgb, plane, "RdBu_r", -limit, limit, alpha)
                 if signed
-                else _blend(rgb, plane, "inferno", 0.0, limit, alpha)
+                else blend(rgb, plane, "inferno", 0.0, limit, alpha)
             )
             for outline, colour in outlines:
-                mplane = _resample(outline.slice(view, centre)[0], pixel, scale, True)
-                rgb = _paint(rgb, _boundary(mplane >= 0.5), colour)
+                mplane = resample(outline.slice(view, centre)[0], pixel, scale, True)
+                rgb = paint(rgb, boundary(mplane >= 0.5), colour)
             cells.append(Cell(rgb, corner=ORIENTATION_MARK[view]))
         span = f"\u00b1{limit:.3g}" if signed else f"0 to {limit:.3g}"
         cells[0].label = f"{label} ({span}{' ' + unit if unit else ''})"
         grid.append(cells)
-    return compose(grid, sizes=[_view_sizes(background, scale)] * len(maps))
+    return compose(grid, sizes=[view_sizes(background, scale)] * len(maps))
 
 
 def atlas_iterations(templates: Sequence[tuple[str, Volume | None]]) -> bytes:
@@ -544,7 +283,7 @@ def atlas_iterations(templates: Sequence[tuple[str, Volume | None]]) -> bytes:
     present = [v for _, v in templates if v is not None]
     reference = present[-1]
     # About 640 px in all whatever the number of iterations, never larger than a subject panel.
-    scale = min(1.0, 3.6 / max(len(templates), 1)) * _px_per_mm(*present)
+    scale = min(1.0, 3.6 / max(len(templates), 1)) * panel_scale(*present)
     centre = foreground_centre(reference)
     columns = []
     for label, volume in templates:
@@ -554,12 +293,12 @@ def atlas_iterations(templates: Sequence[tuple[str, Volume | None]]) -> bytes:
         lo, hi = window(volume.data)
         at = centre if volume.same_grid(reference) else foreground_centre(volume)
         cells = [
-            Cell(_grey(_resample(*volume.slice(view, at), scale, True), lo, hi)) for view in VIEWS
+            Cell(grey_rgb(resample(*volume.slice(view, at), scale, True), lo, hi)) for view in VIEWS
         ]
         cells[0].label = label
         columns.append(cells)
     grid = [[columns[c][r] for c in range(len(columns))] for r in range(3)]
-    size = _view_sizes(reference, scale)
+    size = view_sizes(reference, scale)
     return compose(grid, sizes=[[size[r]] * len(columns) for r in range(3)])
 
 
@@ -582,18 +321,18 @@ def frequency_map(background: Volume | None, frequency: Volume, label: str) -> b
     peak = float(data.max())
     vmax = 1.0 if peak <= 1.0 else peak
     overlay = Volume(np.where(data > 0, data, np.nan), frequency.spacing)
-    scale = _px_per_mm(frequency)
+    scale = panel_scale(frequency)
     cells = []
     for view in VIEWS:
         plane, pixel = overlay.slice(view, centre)
-        values = _resample(plane, pixel, scale, False)
+        values = resample(plane, pixel, scale, False)
         if background is not None:
             lo, hi = window(background.data)
-            rgb = _grey(_resample(background.slice(view, centre)[0], pixel, scale, True), lo, hi)
+            rgb = grey_rgb(resample(background.slice(view, centre)[0], pixel, scale, True), lo, hi)
         else:
             rgb = np.zeros((*values.shape, 3), np.uint8)
         cells.append(
-            Cell(_blend(rgb, values, "autumn", 0.0, vmax, 0.85), corner=ORIENTATION_MARK[view])
+            Cell(blend(rgb, values, "autumn", 0.0, vmax, 0.85), corner=ORIENTATION_MARK[view])
         )
     cells[0].label = f"max {peak:.3g}"
     bar = colorbar(
@@ -609,18 +348,12 @@ def placeholder_png(title: str, reason: str) -> bytes:
     """A small grey PNG saying what is missing and why (for figure files that must exist)."""
     image = PILImage.new("RGB", (640, 70), (238, 238, 238))
     draw = ImageDraw.Draw(image)
-    draw.text((12, 12), f"missing: {title}", fill=(87, 96, 106), font=_font(14))
+    draw.text((12, 12), f"missing: {title}", fill=(87, 96, 106), font=load_font(14))
     draw.text((12, 40), reason[:100], fill=(87, 96, 106), font=SMALL_FONT)
     return encode_png(image)
 
 
 # ------------------------------------------------------------------------------- line plots
-
-
-def _colormap(name: str):
-    from matplotlib import colormaps
-
-    return colormaps[name]
 
 
 def _figure_png(fig: Figure) -> bytes:

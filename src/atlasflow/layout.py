@@ -1,0 +1,273 @@
+"""Output layout: the name of every file the workflow writes, spelled once.
+
+Names follow BIDS derivatives: a scan's files live in ``OUT/sub-S/ses-T/anat/`` and are called
+``sub-S_ses-T[_space-X][_from-A_to-B_mode-image][_label-L][_desc-D]_<suffix>.<ext>``; the cohort's
+files (template, atlas iterations, tumour frequency, reports) have fixed places under ``OUT``.
+
+The workflow (``workflow/rules/common.smk``) builds its targets with the string functions here, the
+reports find their inputs through :class:`Scan` and :class:`CohortFiles`, which call the same
+functions. The string functions join with ``/`` exactly as given (``OUT`` is not normalised), so a
+target names the same file Snakemake was told about; wildcards such as ``"{subject}"`` pass through.
+
+Planning imports this module every time Snakemake parses the workflow: standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Order of the entities in a scan's file name (``from_`` stands for ``from``, a Python keyword).
+ENTITIES = ("space", "from_", "to", "mode", "label", "desc")
+# Registration stages, by the space they register into (the ``to-`` entity of their transforms).
+STAGES = ("template", "atlas", "baseline")
+
+
+# ------------------------------------------------------------------------------- one scan
+
+
+def scan_id(subject: str, session: str) -> str:
+    """``sub-S_ses-T``: the stem of a scan's file names, its logs and its atlas member name."""
+    return f"sub-{subject}_ses-{session}"
+
+
+def anat(
+    outdir: str | Path,
+    suffix: str,
+    subject: str,
+    session: str,
+    ext: str = "nii.gz",
+    **entities: object,
+) -> str:
+    """Path of one scan's file, e.g. ``anat("results", "T1w", "01", "1", desc="preproc")``.
+
+    Entities are written in :data:`ENTITIES` order whatever the order given; others are ignored.
+    """
+    parts = [scan_id(subject, session)]
+    for key in ENTITIES:
+        if key in entities:
+            parts.append(f"{key.rstrip('_')}-{entities[key]}")
+    return f"{outdir}/sub-{subject}/ses-{session}/anat/{'_'.join(parts)}_{suffix}.{ext}"
+
+
+def tumor_table(outdir: str | Path, subject: str) -> str:
+    """A longitudinal subject's tumour volumes over time (one row per session)."""
+    return f"{outdir}/sub-{subject}/longitudinal/sub-{subject}_tumor.tsv"
+
+
+# ---------------------------------------------------------------------------- the cohort
+
+
+def template(outdir: str | Path) -> str:
+    """The reference template, resampled onto the working grid."""
+    return f"{outdir}/template/template_T1w.nii.gz"
+
+
+def template_mask(outdir: str | Path) -> str:
+    return f"{outdir}/template/template_desc-brain_mask.nii.gz"
+
+
+def provenance(outdir: str | Path) -> str:
+    return f"{outdir}/provenance/provenance.json"
+
+
+def logs_dir(outdir: str | Path) -> str:
+    """Every job's log, as ``logs/<step>/<scan id>.log`` (the reports read the errors there)."""
+    return f"{outdir}/logs"
+
+
+def benchmarks_dir(outdir: str | Path) -> str:
+    return f"{outdir}/benchmarks"
+
+
+def atlas_dir(outdir: str | Path) -> str:
+    return f"{outdir}/atlas"
+
+
+def atlas_t1w(outdir: str | Path) -> str:
+    """The final atlas (the last iteration's template)."""
+    return f"{atlas_dir(outdir)}/atlas_T1w.nii.gz"
+
+
+def atlas_dseg(outdir: str | Path) -> str:
+    """The atlas label map, voted from the members' labels."""
+    return f"{atlas_dir(outdir)}/atlas_dseg.nii.gz"
+
+
+def atlas_metrics(outdir: str | Path) -> str:
+    """Per-iteration convergence metrics of the atlas."""
+    return f"{atlas_dir(outdir)}/metrics.tsv"
+
+
+def tumor_frequency(outdir: str | Path) -> str:
+    """How often each atlas voxel is tumour over the cohort."""
+    return f"{atlas_dir(outdir)}/tumor_frequency.nii.gz"
+
+
+def finetuned_model(outdir: str | Path) -> str:
+    """The velocity network fine-tuned on the cohort (atlas.finetune_steps > 0)."""
+    return f"{atlas_dir(outdir)}/model/finetuned_velocity.safetensors"
+
+
+def iteration_file(outdir: str | Path, iteration: int | str, name: str) -> str:
+    """A file of one atlas iteration (``iter-{i}``; the iteration may be a wildcard)."""
+    return f"{atlas_dir(outdir)}/iter-{iteration}/{name}"
+
+
+def iteration_template(outdir: str | Path, iteration: int | str) -> str:
+    return iteration_file(outdir, iteration, "template_T1w.nii.gz")
+
+
+MEAN_VELOCITY = "velocities/mean_velocity.nii"
+
+
+def member_velocity(subject: str, session: str) -> str:
+    """A member's velocity of an iteration (coarse grid), relative to the iteration's folder."""
+    return f"velocities/{scan_id(subject, session)}_velocity.nii"
+
+
+def member_affine(subject: str, session: str) -> str:
+    """A member's affine to the reference template, relative to iteration 0's folder."""
+    return f"affines/{scan_id(subject, session)}_from-T1w_to-template_mode-image_xfm.mat"
+
+
+# ------------------------------------------------------------------------------- reports
+
+
+COHORT_PAGE = "cohort.html"
+
+
+def reports_dir(outdir: str | Path) -> str:
+    return f"{outdir}/reports"
+
+
+def subject_page(subject: str) -> str:
+    """File name of a subject's HTML report (the cohort page links it by this name)."""
+    return f"sub-{subject}.html"
+
+
+def subject_qc(subject: str) -> str:
+    """File name of a subject's QC verdict, next to its page."""
+    return f"sub-{subject}_qc.json"
+
+
+def subject_figures(subject: str) -> str:
+    """Folder of a subject's figures as PNGs, relative to the reports folder."""
+    return f"figures/sub-{subject}"
+
+
+COHORT_FIGURES = "figures/cohort"
+
+
+# --------------------------------------------------------------------------- as objects
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The files of one scan (subject S, session T) under ``outdir/sub-S/ses-T/anat``."""
+
+    outdir: Path
+    subject: str
+    session: str
+
+    def file(self, suffix: str, ext: str = "nii.gz", **entities: str) -> Path:
+        """Path of one of this scan's files (see :func:`anat`)."""
+        return Path(anat(self.outdir, suffix, self.subject, self.session, ext, **entities))
+
+    @property
+    def preproc(self) -> Path:
+        return self.file("T1w", desc="preproc")
+
+    @property
+    def brain_mask(self) -> Path:
+        return self.file("mask", desc="brain")
+
+    @property
+    def tumor_mask(self) -> Path:
+        return self.file("mask", label="tumor", desc="preproc")
+
+    @property
+    def atlas_dseg(self) -> Path:
+        return self.file("dseg", space="atlas")
+
+    def warped(self, stage: str) -> Path:
+        """The scan resampled onto the fixed grid of a registration stage."""
+        if stage == "atlas":
+            return self.file("T1w", space="atlas")
+        return self.file("T1w", space=stage, desc="warped")
+
+    def warp(self, stage: str) -> Path:
+        return self.file("xfm", from_="T1w", to=stage, mode="image")
+
+    def qc_json(self, stage: str) -> Path:
+        return self.file("xfm", "json", from_="T1w", to=stage, mode="image", desc="qc")
+
+    @property
+    def log_jacobian(self) -> Path:
+        return self.file("map", space="baseline", desc="logjacobian")
+
+    @property
+    def difference(self) -> Path:
+        return self.file("T1w", space="baseline", desc="difference")
+
+    @property
+    def displacement(self) -> Path:
+        return self.file("map", space="baseline", desc="displacement")
+
+    @property
+    def tumor_in_baseline(self) -> Path:
+        return self.file("mask", space="baseline", label="tumor")
+
+
+@dataclass(frozen=True)
+class CohortFiles:
+    """Cohort-wide files: template, atlas iterations, atlas metrics, tumour frequency, logs."""
+
+    outdir: Path
+
+    @property
+    def template(self) -> Path:
+        return Path(template(self.outdir))
+
+    @property
+    def atlas(self) -> Path:
+        return Path(atlas_t1w(self.outdir))
+
+    @property
+    def atlas_dseg(self) -> Path:
+        return Path(atlas_dseg(self.outdir))
+
+    @property
+    def metrics(self) -> Path:
+        return Path(atlas_metrics(self.outdir))
+
+    @property
+    def tumor_frequency(self) -> Path:
+        return Path(tumor_frequency(self.outdir))
+
+    def iteration(self, i: int) -> Path:
+        return Path(iteration_template(self.outdir, i))
+
+    def found_iterations(self) -> list[int]:
+        """The atlas iterations that have a folder (``iter-{i}``), in no particular order."""
+        folders = Path(atlas_dir(self.outdir)).glob("iter-*")
+        return [int(p.name[5:]) for p in folders if p.name[5:].isdigit()]
+
+    def member_tables(self) -> list[Path]:
+        """Per-member registration tables of the atlas iterations (``iter-{i}/members.tsv``)."""
+        return sorted(Path(atlas_dir(self.outdir)).glob("iter-*/members.tsv"))
+
+    def tumor_table(self, subject: str) -> Path:
+        return Path(tumor_table(self.outdir, subject))
+
+    def fixed(self, stage: str, subject: str, baseline: str | None) -> Path | None:
+        """The fixed image of a registration stage."""
+        if stage == "template":
+            return self.template
+        if stage == "atlas":
+            return self.atlas
+        return Scan(self.outdir, subject, baseline).preproc if baseline else None
+
+    @property
+    def logs(self) -> Path:
+        return Path(logs_dir(self.outdir))

@@ -1,0 +1,264 @@
+"""A subject's page: verdict banner, QC table, errors and missing outputs, figures per session
+and, for a longitudinal subject, the tumour over time; :func:`write_subject_report` writes it with
+its QC verdict (``sub-S_qc.json``) and, for Snakemake's ``report()``, its figures as PNGs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from atlasflow.io.atomic import atomic_write_text
+from atlasflow.layout import COHORT_PAGE, STAGES
+from atlasflow.layout import subject_qc as subject_qc_name
+from atlasflow.registration.qc import NCC_DROP_TOLERANCE, QCThresholds
+from atlasflow.reports.checks import STAGE_TITLES, format_metric
+from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
+from atlasflow.reports.panels import Panel, save_figures, subject_panels
+from atlasflow.reports.qc import SubjectQC, subject_qc
+
+
+def response_rule() -> str:
+    """The volumetric response rule of :mod:`atlasflow.longitudinal.change`, in words."""
+    from atlasflow.longitudinal.change import PARTIAL_RESPONSE_PCT, PROGRESSION_PCT
+
+    return (
+        "Response category (volumetric, after RANO/mRANO, relative to the baseline volume): "
+        f"progression at {PROGRESSION_PCT:+g} % or more, partial response at {PARTIAL_RESPONSE_PCT:+g} % "
+        "or less, complete response when no tumour is left, stable in between; not evaluable "
+        "without masks."
+    )
+
+
+def _banner(qc: SubjectQC) -> str:
+    heads = {
+        "pass": "All QC checks passed.",
+        "flag": "Flagged by QC:",
+        "failed": "Processing failed:",
+        "incomplete": "Outputs missing:",
+    }
+    items = "".join(f"<li>{esc(r)}</li>" for r in qc.reasons)
+    return (
+        f'<div class="banner {qc.status}">{badge(qc.status)} <b>{esc(heads[qc.status])}</b>'
+        f"{f'<ul>{items}</ul>' if items else ''}</div>"
+    )
+
+
+def qc_table(qc: SubjectQC) -> str:
+    """One row per registration; each judged number carries its mark, the header its threshold."""
+    limits = QCThresholds(**qc.thresholds)
+    columns = [
+        ("ncc_before", "NCC before", "information"),
+        (
+            "ncc_after",
+            "NCC after",
+            f"\u2265 {format_metric('ncc_after', limits.min_ncc_after)} (qc.min_ncc_after)",
+        ),
+        (
+            "ncc_change",
+            "NCC change",
+            f"\u2265 {format_metric('ncc_change', -NCC_DROP_TOLERANCE)} (no loss)",
+        ),
+        (
+            "folding_fraction",
+            "folding fraction",
+            f"\u2264 {format_metric('folding_fraction', limits.max_folding_fraction)} (qc.max_folding_fraction)",
+        ),
+        (
+            "dice_mean",
+            "mean Dice",
+            f"\u2265 {format_metric('dice_mean', limits.min_dice)} (qc.min_dice)",
+        ),
+    ]
+    head = "".join(
+        f'<th>{esc(label)}<br><span class="limit">{esc(limit)}</span></th>'
+        for _, label, limit in columns
+    )
+    rows = []
+    for session in qc.sessions:
+        for stage in STAGES:
+            checks = {c.metric: c for c in qc.checks if c.session == session and c.stage == stage}
+            if not checks:
+                continue
+            reg = qc.registration.get(f"{session}/{stage}", {})
+            how = (
+                f"{reg.get('backend')}, {reg['seconds']:.1f} s"
+                if reg.get("seconds") is not None
+                else ""
+            )
+            lead = f"<td>ses-{esc(session)}</td><td>{esc(STAGE_TITLES[stage])}</td>"
+            missing = [
+                c for c in checks.values() if c.status == "missing" and c.metric == "ncc_after"
+            ]
+            if missing:
+                rows.append(
+                    f'<tr>{lead}<td colspan="{len(columns)}" class="missing-cell">{badge("missing")} '
+                    f"{esc(missing[0].note)}</td><td></td></tr>"
+                )
+                continue
+            cells = []
+            for metric, _, _ in columns:
+                c = checks.get(metric)
+                if c is None:
+                    cells.append('<td class="num muted">\u2014</td>')
+                elif c.status == "missing":
+                    cells.append(
+                        f'<td class="num muted" title="{esc(c.note)}">{badge("missing")}</td>'
+                    )
+                else:
+                    mark = {"pass": "\u2714 ", "flag": "\u2716 "}.get(c.status, "")
+                    title = f' title="{esc(c.note)}"' if c.note else ""
+                    cells.append(
+                        f'<td class="num {c.status}"{title}>{mark}{esc(format_metric(metric, c.value))}</td>'
+                    )
+            rows.append(f'<tr>{lead}{"".join(cells)}<td class="muted">{esc(how)}</td></tr>')
+    notes = sorted(
+        {c.note for c in qc.checks if c.metric == "dice_mean" and c.note and c.status != "missing"}
+    )
+    foot = f'<p class="muted">Mean Dice: {esc("; ".join(notes))}.</p>' if notes else ""
+    return (
+        f'<table class="qc"><tr><th>session</th><th>registration</th>{head}<th>backend, time</th></tr>'
+        f"{''.join(rows)}</table>{foot}"
+    )
+
+
+def _tumor_table_html(rows: list[dict]) -> str:
+    columns = [
+        ("session", "session"),
+        ("acq_date", "date"),
+        ("days_since_baseline", "days"),
+        ("volume_mm3", "volume (mm\u00b3)"),
+        ("change_from_baseline_pct", "vs baseline (%)"),
+        ("change_from_previous_pct", "vs previous (%)"),
+        ("growth_rate_mm3_per_day", "growth (mm\u00b3/day)"),
+        ("doubling_time_days", "doubling time (days)"),
+        ("response", "response"),
+    ]
+    head = "".join(f"<th>{esc(t)}</th>" for _, t in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for key, _ in columns:
+            value = r.get(key)
+            if key == "response":
+                cells.append(f"<td>{badge(value, value.replace('_', ' ')) if value else ''}</td>")
+            elif isinstance(value, float):
+                shown = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+                cells.append(f'<td class="num">{esc(shown)}</td>')
+            else:
+                cells.append(f"<td>{esc('' if value is None else value)}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table>{'<tr>' + head + '</tr>'}{''.join(body)}</table>"
+
+
+def _errors_html(errors: list[dict], missing: list[dict]) -> str:
+    parts = []
+    if errors:
+        rows = "".join(
+            f"<tr><td>{esc(('ses-' + e['session']) if e['session'] else '')}</td><td>{esc(e['rule'])}</td>"
+            f"<td>{esc(e['message'])}</td><td><code>{esc(e['log'])}</code></td></tr>"
+            for e in errors
+        )
+        parts.append(
+            f"<h3>Errors logged</h3><table><tr><th>session</th><th>step</th><th>error</th><th>log</th></tr>{rows}</table>"
+        )
+    if missing:
+        rows = "".join(
+            f"<tr><td>{esc(('ses-' + m['session']) if m['session'] else '')}</td><td><code>{esc(m['file'])}</code></td>"
+            f"<td>{esc(m['reason'])}</td><td>{'required' if m['required'] else 'optional'}</td></tr>"
+            for m in missing
+        )
+        parts.append(
+            f"<h3>Missing outputs</h3><table><tr><th>session</th><th>file</th><th>reason</th><th></th></tr>{rows}</table>"
+        )
+    return "".join(parts)
+
+
+def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]]) -> str:
+    s = qc.subject
+    nav = "".join(
+        f'<a href="#{esc(name)}">{esc("ses-" + name if name != "longitudinal" else name)}</a>'
+        for name, _ in sections
+    )
+    body = [
+        f'<nav><a href="{COHORT_PAGE}">\u2190 cohort report</a> {nav}</nav>',
+        f"<h1>sub-{esc(s)}</h1>",
+        f'<p class="muted">Sessions: {", ".join("ses-" + esc(t) for t in qc.sessions)}'
+        + (f"; longitudinal, baseline ses-{esc(qc.baseline)}" if qc.longitudinal else "")
+        + "</p>",
+        _banner(qc),
+        "<h2>QC numbers</h2>",
+        qc_table(qc)
+        if qc.checks
+        else '<p class="muted">No QC numbers: the registrations have not produced their QC files.</p>',
+        _errors_html(qc.errors, qc.missing),
+    ]
+    for name, panels in sections:
+        if name == "longitudinal":
+            response = qc.response
+            body.append(
+                f'<h2 id="longitudinal">Tumour over time {badge(response, response.replace("_", " ")) if response else ""}</h2>'
+            )
+            body.append(figures_html(panels))
+            if qc.tumor:
+                body.append(_tumor_table_html(qc.tumor))
+            body.append(f'<p class="muted">{esc(response_rule())}</p>')
+        else:
+            role = (
+                " (baseline)"
+                if qc.longitudinal and name == qc.baseline
+                else (" (follow-up)" if qc.longitudinal else "")
+            )
+            body.append(f'<h2 id="{esc(name)}">ses-{esc(name)}{role}</h2>')
+            body.append(figures_html(panels))
+    body.append("<h2>Definitions</h2>" + definitions_html())
+    return page(f"atlasflow: sub-{s}", "\n".join(body))
+
+
+def write_subject_report(
+    outdir: str | Path,
+    subject: str,
+    sessions: Sequence[str],
+    out_html: str | Path,
+    *,
+    raw_inputs: Mapping[str, str] | None = None,
+    thresholds: Mapping[str, object] | QCThresholds | None = None,
+    baseline: str | None = None,
+    longitudinal: bool | None = None,
+    figures_dir: str | Path | None = None,
+    qc_json: str | Path | None = None,
+) -> dict:
+    """Write ``sub-S.html`` and ``sub-S_qc.json`` (default: next to the page); return the QC summary.
+
+    ``sessions`` in acquisition order (the first is the baseline unless ``baseline`` says otherwise);
+    ``raw_inputs`` maps session -> the manifest's T1w path. With ``figures_dir`` the figures are also
+    written there as PNGs (for Snakemake's ``report()``).
+    """
+    outdir, out_html = Path(outdir), Path(out_html)
+    qc = subject_qc(
+        outdir,
+        subject,
+        sessions,
+        thresholds=thresholds,
+        baseline=baseline,
+        longitudinal=longitudinal,
+    )
+    sections = subject_panels(outdir, qc, raw_inputs)
+    atomic_write_text(out_html, subject_html(qc, sections))
+    summary = qc.to_json()
+    summary["report"] = out_html.name
+    json_path = Path(qc_json) if qc_json else out_html.with_name(subject_qc_name(qc.subject))
+    atomic_write_text(json_path, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    if figures_dir is not None:
+        save_figures([p for _, panels in sections for p in panels], figures_dir)
+    return summary
+
+
+def save_subject_figures(
+    outdir: str | Path, subject: str, sessions: Sequence[str], figures_dir: str | Path, **options
+) -> list[Path]:
+    """Only the figures of a subject report, as PNG files (for Snakemake's ``report()``)."""
+    raw_inputs = options.pop("raw_inputs", None)
+    qc = subject_qc(outdir, subject, sessions, **options)
+    sections = subject_panels(Path(outdir), qc, raw_inputs)
+    return save_figures([p for _, panels in sections for p in panels], figures_dir)

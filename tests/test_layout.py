@@ -1,0 +1,103 @@
+"""atlasflow.layout: the output names the workflow writes and the reports read, spelled once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+from atlasflow import layout
+from atlasflow.layout import CohortFiles, Scan
+
+
+def test_scan_names_are_the_bids_derivatives_names_the_workflow_writes():
+    a = "results/sub-01/ses-2/anat/sub-01_ses-2_"
+    assert layout.anat("results", "T1w", "01", "2", desc="preproc") == a + "desc-preproc_T1w.nii.gz"
+    # Entities in BIDS order whatever the keyword order; `from_` is written `from`.
+    assert (
+        layout.anat(
+            "results",
+            "xfm",
+            "01",
+            "2",
+            desc="qc",
+            mode="image",
+            to="atlas",
+            from_="T1w",
+            ext="json",
+        )
+        == a + "from-T1w_to-atlas_mode-image_desc-qc_xfm.json"
+    )
+    assert (
+        layout.anat("results", "mask", "01", "2", desc="baseline", label="tumor", space="atlas")
+        == a + "space-atlas_label-tumor_desc-baseline_mask.nii.gz"
+    )
+    # Wildcards pass through, and the output folder is joined as given (not normalised).
+    assert layout.anat("out/", "dseg", "{subject}", "{session}", space="template") == (
+        "out//sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}_space-template_dseg.nii.gz"
+    )
+
+
+def test_scan_paths_of_the_reports_use_the_same_names():
+    scan = Scan(Path("results"), "03", "1")
+    assert scan.preproc == Path("results/sub-03/ses-1/anat/sub-03_ses-1_desc-preproc_T1w.nii.gz")
+    assert scan.warped("atlas").name == "sub-03_ses-1_space-atlas_T1w.nii.gz"
+    assert scan.warped("template").name == "sub-03_ses-1_space-template_desc-warped_T1w.nii.gz"
+    assert scan.warp("baseline").name == "sub-03_ses-1_from-T1w_to-baseline_mode-image_xfm.nii.gz"
+    assert scan.qc_json("template").name == (
+        "sub-03_ses-1_from-T1w_to-template_mode-image_desc-qc_xfm.json"
+    )
+    assert scan.log_jacobian.name == "sub-03_ses-1_space-baseline_desc-logjacobian_map.nii.gz"
+    assert scan.tumor_in_baseline.name == "sub-03_ses-1_space-baseline_label-tumor_mask.nii.gz"
+    for name in ("preproc", "brain_mask", "tumor_mask", "atlas_dseg", "difference"):
+        path = getattr(scan, name)
+        assert str(path).startswith("results/sub-03/ses-1/anat/sub-03_ses-1_"), name
+
+
+def test_cohort_files():
+    files = CohortFiles(Path("results"))
+    assert (
+        files.template
+        == Path(layout.template("results"))
+        == Path("results/template/template_T1w.nii.gz")
+    )
+    assert files.atlas == Path("results/atlas/atlas_T1w.nii.gz")
+    assert files.iteration(2) == Path("results/atlas/iter-2/template_T1w.nii.gz")
+    assert files.tumor_table("04") == Path("results/sub-04/longitudinal/sub-04_tumor.tsv")
+    assert files.fixed("baseline", "04", "1") == Scan(Path("results"), "04", "1").preproc
+    assert files.fixed("baseline", "04", None) is None
+    assert layout.iteration_file("results", "{iteration}", layout.member_velocity("01", "2")) == (
+        "results/atlas/iter-{iteration}/velocities/sub-01_ses-2_velocity.nii"
+    )
+    assert layout.member_affine("01", "2") == (
+        "affines/sub-01_ses-2_from-T1w_to-template_mode-image_xfm.mat"
+    )
+
+
+def test_found_iterations(tmp_path):
+    for name in ("iter-0", "iter-3", "iter-x"):
+        (tmp_path / "atlas" / name).mkdir(parents=True)
+    assert sorted(CohortFiles(tmp_path).found_iterations()) == [0, 3]
+
+
+def test_workflow_builds_its_names_through_layout():
+    """common.smk's path helper is a thin call into the layout, and no scan file name is spelled
+    by hand in the rules' shared helpers."""
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert "return layout.anat(OUT, suffix, subject, session, **entities)" in common
+    for spelled in ("_space-atlas_", "desc-logjacobian_map", "_tumor.tsv", "template_T1w.nii.gz"):
+        assert spelled not in common, spelled
+
+
+def test_layout_imports_neither_torch_nor_numpy():
+    """The workflow imports it every time it plans."""
+    code = (
+        "import sys, atlasflow.layout, atlasflow.reports.inputs; "
+        "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'ants') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]"
