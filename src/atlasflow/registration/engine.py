@@ -34,6 +34,7 @@ from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image
 from atlasflow.nn import deterministic_kernels
 from atlasflow.nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
+from atlasflow.nn.model_io import load_model
 from atlasflow.nn.networks import RegistrationModel
 from atlasflow.nn.optim import Adam
 from atlasflow.transforms import (
@@ -158,8 +159,6 @@ _MODEL_CACHE: dict[tuple[str, float], RegistrationModel] = {}
 
 def get_model(model_path: str | os.PathLike | None, device: str = "cpu") -> RegistrationModel:
     """Load (once per process) the model at ``model_path`` or the shipped default."""
-    from atlasflow.training.train import load_model
-
     path = Path(model_path) if model_path is not None else DEFAULT_MODEL
     if not path.is_file():
         raise AtlasflowError(f"{path}: registration model not found")
