@@ -289,6 +289,8 @@ def build_label_set(
 
 
 # ------------------------------------------------------------------------------ random fields
+# Torch counterparts of atlasflow.synth.fields: another algorithm (voxel noise, not world-mm plane
+# waves) on a torch.Generator, kept apart so neither a seed's pairs nor the demo cohort change.
 
 
 def _randu(gen: torch.Generator, low: float, high: float, size=()) -> torch.Tensor:
