@@ -20,7 +20,7 @@ from atlasflow.nn.losses import diffusion_loss, lncc_loss
 from atlasflow.nn.model_io import load_model, save_model
 from atlasflow.nn.networks import RegistrationModel
 from atlasflow.registration.engine import DEFAULT_MODEL, WorkingGrid, register_deep
-from atlasflow.training.train import flow_forward, log_line, set_determinism
+from atlasflow.training.train import flow_forward, log_line, optimiser_step, set_determinism
 from atlasflow.transforms import Transform, apply_transform, warp_tensor
 
 
@@ -98,10 +98,7 @@ def finetune(
         sim = lncc_loss(fixed_t, warp_tensor(moving_t, disp), s.window, mask_t)
         reg = diffusion_loss(velocity)
         loss = sim + s.diffusion_weight * reg
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.flow.parameters(), 1.0)
-        opt.step()
+        optimiser_step(opt, loss, model.flow.parameters())
         if step % s.log_every == 0 or step == 1:
             log_line(
                 f"finetune step {step}/{s.steps} loss {loss.item():.4f} lncc_loss {sim.item():.4f} diffusion {reg.item():.5f} seconds {time.perf_counter() - start:.1f}"

@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -107,6 +107,17 @@ def flow_forward(
 def log_line(line: str, stream: TextIO | None = None) -> None:
     """One progress line, flushed at once (training runs are watched through log files)."""
     print(line, file=stream or sys.stdout, flush=True)
+
+
+def optimiser_step(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter]
+) -> None:
+    """Back-propagate ``loss`` and step ``opt``, the gradient norm clipped to 1 (so that one odd
+    synthetic pair cannot throw the weights far away)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    opt.step()
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -259,10 +270,7 @@ def _train_affine(
             mapped = kp[0] @ truth[:, :3].T + truth[:, 3]
             consistency = (kp[1] - mapped).pow(2).sum(-1).add(1e-6).sqrt().mean()
             loss = loss + consistency
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.affine.parameters(), 1.0)
-        opt.step()
+        optimiser_step(opt, loss, model.affine.parameters())
         if step % s.log_every == 0 or step == 1:
             log_line(
                 f"affine step {step}/{affine_steps} point_error_vox {err.item():.3f} "
@@ -310,11 +318,7 @@ def _train_flow(
             target = resize_displacement(pair["target"], half_shape)
             epe = (disp_half - target).pow(2).sum(1).add(1e-6).sqrt().mean()
             loss = loss + s.flow_target_weight * epe
-        opt.zero_grad()
-        loss.backward()
-        # Clipping keeps one odd synthetic pair from throwing the weights far away.
-        torch.nn.utils.clip_grad_norm_(model.flow.parameters(), 1.0)
-        opt.step()
+        optimiser_step(opt, loss, model.flow.parameters())
         done = step
         if step % s.log_every == 0 or step == 1:
             log_line(
