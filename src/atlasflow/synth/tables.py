@@ -48,6 +48,7 @@ def write_tables(
     parameters: dict,
     volume_rows: list[dict],
 ) -> None:
+    """Write every text file of the cohort; the manifest last, so its presence means complete."""
     manifest = demo_manifest(seed, n_cross, n_long, n_timepoints)
     atomic_write_text(
         out_dir / "dseg.tsv",
