@@ -22,13 +22,13 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from atlasflow.nn.model_io import load_model
     from atlasflow.training.pairs import PairGenerator, build_label_set
     from atlasflow.training.train import (
         DEFAULT_LABEL_DIR,
         _affine_points,
         _split_label_set,
         affine_point_error,
-        load_model,
         synthetic_dice,
     )
 

@@ -10,8 +10,8 @@ from conftest import blob_image
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image
 from atlasflow.nn import NetConfig, RegistrationModel
+from atlasflow.nn.model_io import save_model
 from atlasflow.registration.engine import WorkingGrid, register_deep
-from atlasflow.training.train import save_model
 from atlasflow.transforms import Transform, apply_transform, world_coordinates
 
 TINY = NetConfig(

@@ -195,8 +195,8 @@ def test_reports_list_a_skipped_scan_as_failed_with_its_reason(tmp_path, blob):
 
 def test_a_tampered_or_truncated_weights_file_is_one_line_from_the_command(tmp_path, blob, capsys):
     """The register command given damaged weights: exit 1 and one line naming the file, no traceback."""
+    from atlasflow.nn.model_io import sidecar_path
     from atlasflow.registration.engine import DEFAULT_MODEL
-    from atlasflow.training.train import sidecar_path
 
     save_image(blob, tmp_path / "f.nii.gz")
     save_image(blob, tmp_path / "m.nii.gz")

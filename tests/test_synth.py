@@ -20,13 +20,9 @@ from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, load_image
 from atlasflow.io.itk import load_transform
 from atlasflow.nn.layers import integrate_velocity
-from atlasflow.synth.demo import (
-    MANIFEST_COLUMNS,
-    TumourModel,
-    demo_manifest,
-    make_demo_cohort,
-    oriented_grid,
-)
+from atlasflow.synth.demo import make_demo_cohort, oriented_grid
+from atlasflow.synth.plan import MANIFEST_COLUMNS, demo_manifest
+from atlasflow.synth.tumour import TumourModel
 from atlasflow.transforms import (
     Transform,
     apply_transform,

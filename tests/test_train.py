@@ -11,8 +11,10 @@ import torch
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.nn import NetConfig, RegistrationModel
+from atlasflow.nn.model_io import load_model, save_model, sidecar_path
+from atlasflow.training.commands import train_main
 from atlasflow.training.pairs import NUM_CLASSES, PairGenerator, build_label_set, group_of
-from atlasflow.training.train import load_model, save_model, sidecar_path, train, train_main
+from atlasflow.training.train import TrainSettings, train
 
 TINY = NetConfig(
     unet_encoder=[8, 8, 8, 8], unet_decoder=[8, 8, 8, 8], affine_channels=[4, 8, 8, 8, 8]
@@ -142,20 +144,19 @@ def test_tiny_training_run_reduces_the_loss(tmp_path, capsys):
     maps = write_label_maps(tmp_path / "maps")
     out = tmp_path / "model.safetensors"
     torch.manual_seed(0)
-    train(
-        out,
+    settings = TrainSettings(
         label_dir=maps,
         cache_dir=tmp_path / "cache",
         affine_steps=2,
         flow_steps=150,
         lr=1e-3,
-        config=TINY,
         train_shape=(32, 32, 32),
         log_every=10,
         checkpoint_every=20,
         threads=1,
         seed=0,
     )
+    train(out, settings, config=TINY)
     log = capsys.readouterr().out
     assert "flow step 150/150" in log and "seconds" in log and "dice_loss" in log
     label_set = build_label_set(maps, tmp_path / "cache", shape=(32, 32, 32))
@@ -197,7 +198,7 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
     from conftest import blob_image
 
     from atlasflow.io.images import save_image
-    from atlasflow.training.train import finetune_main
+    from atlasflow.training.commands import finetune_main
 
     torch.manual_seed(0)
     base = save_model(RegistrationModel(TINY), tmp_path / "base.safetensors")

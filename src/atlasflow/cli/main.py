@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, func, text in [
         ("validate", "cohort.validate", "main_validate", "validate a cohort manifest or BIDS folder"),
-        ("train", "training.train", "train_main", "train the registration networks on synthetic pairs"),
-        ("finetune", "training.train", "finetune_main", "fine-tune the networks on a cohort"),
+        ("train", "training.commands", "train_main", "train the registration networks on synthetic pairs"),
+        ("finetune", "training.commands", "finetune_main", "fine-tune the networks on a cohort"),
         ("report", "reports.report", "report_main", "write the HTML reports (subject, cohort)"),
         ("estimate", "runtime.estimate", "main", "predict wall time and core-hours of a run on a cluster"),
         ("provenance", "runtime.provenance", "main", "record versions, config, input and model checksums of a run"),

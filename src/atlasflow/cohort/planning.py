@@ -42,7 +42,7 @@ def resolve_cohort(
     """
     cohort = config.get("cohort")
     if cohort is None:
-        from atlasflow.synth.demo import demo_manifest
+        from atlasflow.synth.plan import demo_manifest
 
         demo = config["demo"]
         table = demo_manifest(

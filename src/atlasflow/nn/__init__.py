@@ -1,4 +1,4 @@
-"""Neural-network pieces of the deep registration engine: networks and losses."""
+"""Neural-network pieces of the deep registration engine: networks, losses and model files."""
 
 import torch
 
@@ -10,6 +10,7 @@ from atlasflow.nn.losses import (
     mse_loss,
     soft_dice_loss,
 )
+from atlasflow.nn.model_io import load_model, read_sidecar, save_model, sidecar_path
 from atlasflow.nn.networks import (
     AffineNet,
     KeypointAffineNet,
@@ -28,8 +29,12 @@ __all__ = [
     "diffusion_loss",
     "inverse_consistency_loss",
     "lncc_loss",
+    "load_model",
     "local_ncc",
     "mse_loss",
+    "read_sidecar",
+    "save_model",
+    "sidecar_path",
     "soft_dice_loss",
 ]
 

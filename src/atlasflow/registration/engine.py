@@ -35,6 +35,7 @@ from atlasflow.io.images import Grid, Image
 from atlasflow.nn import deterministic_kernels
 from atlasflow.nn.layers import integrate_velocity, resize_displacement, warp_tensor
 from atlasflow.nn.losses import diffusion_loss, fixed_statistics, local_ncc, soft_dice_loss
+from atlasflow.nn.model_io import load_model
 from atlasflow.nn.networks import RegistrationModel
 from atlasflow.nn.optim import Adam
 from atlasflow.transforms import Transform, apply_transform
@@ -153,8 +154,6 @@ _MODEL_CACHE: dict[tuple[str, float], RegistrationModel] = {}
 
 def get_model(model_path: str | os.PathLike | None, device: str = "cpu") -> RegistrationModel:
     """Load (once per process) the model at ``model_path`` or the shipped default."""
-    from atlasflow.training.train import load_model
-
     path = Path(model_path) if model_path is not None else DEFAULT_MODEL
     if not path.is_file():
         raise AtlasflowError(f"{path}: registration model not found")

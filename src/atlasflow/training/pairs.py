@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
+from atlasflow.io.atomic import atomic_file
 from atlasflow.io.images import Grid, Image, load_image
 from atlasflow.nn.layers import (
     compose_displacements,
@@ -273,21 +274,21 @@ def build_label_set(
         "nilearn" if files is None else str(source_dir),
     )
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez_compressed(
-            tmp,
-            maps=label_set.maps,
-            labels=label_set.labels,
-            shape=np.array(shape),
-            affine=ref_grid.affine,
-            source=label_set.source,
-        )
-        os.replace(tmp, cache)
+        with atomic_file(cache, ".npz") as tmp:
+            np.savez_compressed(
+                tmp,
+                maps=label_set.maps,
+                labels=label_set.labels,
+                shape=np.array(shape),
+                affine=ref_grid.affine,
+                source=label_set.source,
+            )
     return label_set
 
 
 # ------------------------------------------------------------------------------ random fields
+# Torch counterparts of atlasflow.synth.fields: another algorithm (voxel noise, not world-mm plane
+# waves) on a torch.Generator, kept apart so neither a seed's pairs nor the demo cohort change.
 
 
 def _randu(gen: torch.Generator, low: float, high: float, size=()) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""The ``atlasflow train`` and ``atlasflow finetune`` commands.
+
+Owns their flags (names and defaults) and turns the parsed flags into a
+:class:`~atlasflow.training.train.TrainSettings` or
+:class:`~atlasflow.training.finetune.FinetuneSettings`; errors users can hit become one line on
+stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+
+from atlasflow.errors import AtlasflowError
+from atlasflow.training.finetune import FinetuneSettings, finetune
+from atlasflow.training.train import DEFAULT_LABEL_DIR, TrainSettings, train
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atlasflow train",
+        description="Train the deep registration networks on synthetic pairs.",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output weights (.safetensors); a .json sidecar is written next to it",
+    )
+    p.add_argument(
+        "--label-dir",
+        default=None,
+        help="folder of label maps (default: ../shared/data/synthseg_label_maps if present, else nilearn MNI152)",
+    )
+    p.add_argument("--cache-dir", default=None, help="folder for the resampled label-map cache")
+    p.add_argument("--affine-steps", type=int, default=1000)
+    p.add_argument("--flow-steps", type=int, default=3000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--diffusion-weight", type=float, default=0.5)
+    p.add_argument("--lncc-weight", type=float, default=1.0)
+    p.add_argument("--dice-weight", type=float, default=1.0)
+    p.add_argument(
+        "--flow-target-weight",
+        type=float,
+        default=0.1,
+        help="weight of the end-point error against the known displacement of 'same' pairs",
+    )
+    p.add_argument(
+        "--holdout-maps",
+        type=int,
+        default=4,
+        help="last N label maps: validation only, never trained on",
+    )
+    p.add_argument(
+        "--affine-fraction",
+        type=float,
+        default=0.2,
+        help="share of --time-budget for the affine phase",
+    )
+    p.add_argument(
+        "--max-std",
+        type=float,
+        default=4.0,
+        help="largest random velocity standard deviation (voxels)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--init", default=None, help="start from these weights")
+    p.add_argument("--limit-maps", type=int, default=None)
+    p.add_argument(
+        "--crop",
+        type=int,
+        nargs=3,
+        default=None,
+        help="train the U-Net on random crops of this size (voxels)",
+    )
+    p.add_argument(
+        "--t1-probability",
+        type=float,
+        default=0.8,
+        help="share of pairs with a T1-like contrast (rest: random contrasts)",
+    )
+    p.add_argument(
+        "--same-probability",
+        type=float,
+        default=0.4,
+        help="share of pairs drawn from one label map (known displacement); rest: two maps",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: all cores; 1 is faster on a busy machine)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop after this many seconds (affine phase: --affine-fraction of it)",
+    )
+    return p
+
+
+def _finetune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atlasflow finetune",
+        description="Fine-tune the velocity network on a cohort (unsupervised, LNCC + diffusion).",
+    )
+    p.add_argument("--images", nargs="+", required=True, help="preprocessed images (NIfTI)")
+    p.add_argument("--masks", nargs="+", default=None, help="brain masks, same order as --images")
+    p.add_argument(
+        "--fixed",
+        default=None,
+        help="fixed image (default: the first image), e.g. the current template",
+    )
+    p.add_argument(
+        "--fixed-mask", default=None, help="brain mask of --fixed (similarity only inside)"
+    )
+    p.add_argument("--init", default=None, help="starting weights (default: the shipped model)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--diffusion-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def _settings(cls: type, args: argparse.Namespace, **changes: object):
+    """``cls`` (a settings dataclass) from the flags of the same names; the rest keep defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **changes})
+
+
+def _run(command: str, work: Callable[[], object]) -> int:
+    """Exit code of ``work()``: 0, or 1 with the user's error as one line on stderr."""
+    try:
+        work()
+    except AtlasflowError as exc:
+        print(f"atlasflow {command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``atlasflow train``: returns a process exit code."""
+    args = _train_parser().parse_args(argv)
+    label_dir = args.label_dir
+    if label_dir is None and DEFAULT_LABEL_DIR.is_dir():
+        label_dir = str(DEFAULT_LABEL_DIR)
+    crop = tuple(args.crop) if args.crop else None
+    settings = _settings(TrainSettings, args, label_dir=label_dir, crop=crop)
+    return _run("train", lambda: train(args.out, settings))
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    """``atlasflow finetune``: returns a process exit code."""
+    args = _finetune_parser().parse_args(argv)
+    settings = _settings(FinetuneSettings, args)
+    return _run(
+        "finetune",
+        lambda: finetune(
+            args.out,
+            args.images,
+            settings,
+            fixed=args.fixed,
+            masks=args.masks,
+            fixed_mask=args.fixed_mask,
+        ),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))
