@@ -46,20 +46,20 @@ def test_working_grid_is_ras_padded_and_invertible():
 def test_sample_moving_reads_the_voxels_its_matrix_names():
     """Grid voxel ijk reads moving voxel M @ ijk: integer shifts and an axis swap give exact
     copies, a half-voxel shift the mean of two neighbours, outside is zero."""
-    from atlasflow.registration.engine import _sample_moving
+    from atlasflow.registration.working_grid import sample_moving
 
     rng = np.random.default_rng(0)
     moving = torch.from_numpy(rng.random((1, 1, 9, 8, 7), dtype=np.float32))
     shift = torch.eye(4)
     shift[:3, 3] = torch.tensor([2.0, -1.0, 0.0])
-    out = _sample_moving(moving, shift, (5, 6, 7))[0, 0]
+    out = sample_moving(moving, shift, (5, 6, 7))[0, 0]
     torch.testing.assert_close(out[:, 1:, :], moving[0, 0, 2:7, 0:5, :])
     assert float(out[:, 0].abs().max()) < 1e-6  # j = -1 lies outside
     swap = torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
-    torch.testing.assert_close(_sample_moving(moving, swap, (7, 8, 9))[0, 0], moving[0, 0].permute(2, 1, 0))
+    torch.testing.assert_close(sample_moving(moving, swap, (7, 8, 9))[0, 0], moving[0, 0].permute(2, 1, 0))
     half = torch.eye(4)
     half[0, 3] = 0.5
-    torch.testing.assert_close(_sample_moving(moving, half, (8, 8, 7))[0, 0], (moving[0, 0, :-1] + moving[0, 0, 1:]) / 2)
+    torch.testing.assert_close(sample_moving(moving, half, (8, 8, 7))[0, 0], (moving[0, 0, :-1] + moving[0, 0, 1:]) / 2)
 
 
 def test_working_grid_cropped_to_a_region_keeps_world_positions_and_extends_fields():

@@ -11,36 +11,20 @@ cohort size.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image, atomic_write_text, load_image, load_mask, save_image
+from atlasflow.registration.options import RegistrationOptions
 
 # torch (through .transforms and .register), scipy and pandas are imported inside the functions
 # that need them: the label vote and the metrics table (rules atlas_labels, atlas_final) then
 # start in a fraction of a second instead of paying torch's ~2 s import.
-
-
-def stream_mean(paths: Sequence[str | Path], allow_vector: bool = False) -> Image:
-    """Voxel-wise mean of images on one grid, reading one file at a time."""
-    if not paths:
-        raise AtlasflowError("nothing to average: no input images")
-    total: np.ndarray | None = None
-    first: Image | None = None
-    for path in paths:
-        image = load_image(path, allow_vector=allow_vector)
-        if first is None:
-            first, total = image, image.data.astype(np.float64)
-            continue
-        if not image.grid.same_as(first.grid):
-            raise AtlasflowError(f"{path}: grid differs from {paths[0]}; cannot average")
-        total += image.data
-    assert first is not None and total is not None
-    return Image((total / len(paths)).astype(np.float32), first.affine.copy())
 
 
 def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image:
@@ -85,36 +69,6 @@ def shape_update(average: Image, mean_velocity: Image, gradient_step: float) -> 
 
     disp = velocity_to_displacement(mean_velocity, -gradient_step)
     return apply_transform(average, Transform(np.eye(4), disp), average.grid, "linear")
-
-
-def build_iteration(
-    warped: Sequence[str | Path],
-    velocities: Sequence[str | Path],
-    previous_template: str | Path,
-    out_template: str | Path,
-    out_metrics: str | Path,
-    *,
-    gradient_step: float = 1.0,
-    do_sharpen: bool = True,
-    registration_metrics: Sequence[str | Path] = (),
-    iteration: int = 1,
-    mask: str | Path | None = None,
-) -> dict:
-    """Average, shape-update and sharpen one iteration from members registered elsewhere (files);
-    write the template and its metrics."""
-    average = stream_mean(warped)
-    mean_velocity = stream_mean(velocities, allow_vector=True)
-    previous = load_image(previous_template)
-    region = load_image(mask).data > 0 if mask else previous.data > 0.05
-    subject_norms = [
-        float(_norms_inside(load_image(p, allow_vector=True), region, previous.affine).mean()) for p in velocities
-    ]
-    reg = [json.loads(Path(p).read_text()) for p in registration_metrics]
-    return _finish_iteration(
-        average, mean_velocity, previous, region, subject_norms, reg, out_template, out_metrics,
-        mean_norms=_norms_inside(mean_velocity, region, previous.affine),
-        gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
-    )
 
 
 def _finish_iteration(
@@ -186,7 +140,7 @@ class Target:
 
     fixed: Image
     mask: np.ndarray
-    options: dict
+    options: RegistrationOptions
     start_shift: Image | None = None
 
 
@@ -194,28 +148,33 @@ def _register_member(member: Member, target: Target) -> dict:
     """Register one member to ``target``: its image on the template grid and metrics, plus its
     field (iterations) or, with ``affine_only`` in the options (atlas_init), its affine (template
     world -> member world)."""
-    from atlasflow.registration.api import ncc, register
-    from atlasflow.transforms import apply_transform, folding_fraction, read_itk_affine
+    from atlasflow.registration.api import register_and_measure
+    from atlasflow.transforms import read_itk_affine
 
     fixed, fixed_mask, options = target.fixed, target.mask, target.options
     try:
         moving = load_image(member.image)
         mmask = load_mask(member.mask, moving, member.image)
         init = read_itk_affine(member.affine) if member.affine else None
-        start = _start_velocity(member, target.start_shift)
-        reg = register(
-            fixed, moving, fixed_mask=fixed_mask, moving_mask=mmask, init_affine=init, inverse=False,
-            full_velocity=False, **({} if start is None else {"init_velocity": start}), **options,
+        measured = register_and_measure(
+            fixed,
+            moving,
+            replace(options, inverse=False, full_velocity=False),
+            fixed_mask=fixed_mask,
+            moving_mask=mmask,
+            init_affine=init,
+            init_velocity=_start_velocity(member, target.start_shift),
+            before=False,
         )
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
-    warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
+    reg, numbers = measured.registration, measured.metrics
     result = {
         "name": member.name,
-        "warped": warped.data.astype(np.float32),
-        "metrics": {"seconds": round(reg.seconds, 3), "ncc_after": ncc(fixed.data, warped.data, fixed_mask)},
+        "warped": measured.warped.data.astype(np.float32),
+        "metrics": {"seconds": numbers["seconds"], "ncc_after": numbers["ncc_after"]},
     }
-    if options.get("affine_only"):
+    if options.affine_only:
         result["affine"] = reg.transform.affine
         return result
     # The deep backend's coarse field is 1/8 of the full one (which it does not make here): the
@@ -225,7 +184,7 @@ def _register_member(member: Member, target: Target) -> dict:
     if reg.coarse_velocity is None:
         result["field"] = field.data.astype(np.float32)
     result["metrics"].update(
-        folding_fraction=folding_fraction(reg.transform.displacement, fixed_mask),
+        folding_fraction=numbers["folding_fraction"],
         velocity_norm_mean_mm=float(_norms_inside(field, fixed_mask, fixed.affine).mean()),
     )
     return result
@@ -329,7 +288,7 @@ def run_iteration(
     out_metrics: str | Path,
     out_members: str | Path,
     *,
-    options: dict,
+    options: RegistrationOptions | Mapping[str, Any],
     iteration: int = 1,
     gradient_step: float = 1.0,
     do_sharpen: bool = True,
@@ -369,7 +328,7 @@ def run_iteration(
     if previous_mean_velocity is not None:
         mean_previous = load_image(previous_mean_velocity, allow_vector=True)
         shift = mean_previous.with_data((-gradient_step * mean_previous.data).astype(np.float32))
-    target = Target(previous, region, options, shift)
+    target = Target(previous, region, RegistrationOptions.of(options), shift)
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field: np.ndarray | None = None  # the members' full fields (ANTs) or coarse ones (deep)
     field_affine: np.ndarray | None = None
@@ -439,7 +398,7 @@ def run_init(
     out_affines: Sequence[str | Path],
     out_members: str | Path,
     *,
-    options: dict,
+    options: RegistrationOptions | Mapping[str, Any],
     mean: bool = True,
     workers: int = 1,
     skip_failed: bool = False,
@@ -459,7 +418,7 @@ def run_init(
         raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")
     fixed = load_image(reference)
     region = load_mask(reference_mask, fixed, reference)
-    target = Target(fixed, region, {**options, "affine_only": True})
+    target = Target(fixed, region, RegistrationOptions.of(options, affine_only=True))
     total = np.zeros(fixed.data.shape, np.float64)
     rows: list[dict] = []
     registered = 0

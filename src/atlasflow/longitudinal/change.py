@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,12 +33,12 @@ from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, atomic_write_text, load_image, save_image
-from atlasflow.registration.api import ncc, register
+from atlasflow.registration.api import ncc, register, register_and_measure
+from atlasflow.registration.options import RegistrationOptions
 from atlasflow.transforms import (
     Transform,
     apply_transform,
     jacobian_determinant,
-    save_transform,
     transported_volume_mm3,
 )
 
@@ -136,22 +137,22 @@ def register_followup(
     followup_mask: str | Path | None = None,
     baseline_tumor: str | Path | None = None,
     followup_tumor: str | Path | None = None,
-    exclusion_margin_mm: float = 4.0,
-    tumor_weight: float = 1.0,
-    **options,
+    options: RegistrationOptions | None = None,
+    **changes: Any,
 ) -> dict:
     """Register a follow-up to its baseline with the tumours excluded; write the change maps.
 
     The tumour's intensities have no counterpart at the other timepoint, so the tumours of both
-    sessions (dilated by ``exclusion_margin_mm``) are left out of the image similarity. The tumour
-    *region* does correspond, though: when both masks are given, ``tumor_weight`` x the squared
-    difference of the signed distances to the two tumours' edges joins the instance optimisation
-    (``label_term="distance"``). It maps the baseline tumour onto the follow-up one and keeps depth
-    inside and distance outside, so the growth shows as an expansion of the tumour's inside. (A
-    soft Dice matched the edges just as well but grew the tumour by stretching a thin shell of
-    tissue at its edge and crushing its core; the Jacobian over the baseline tumour then missed
-    the change by 6-12 %.)
+    sessions (dilated by ``exclusion_margin_mm`` of the options) are left out of the image
+    similarity. The tumour *region* does correspond, though: when both masks are given,
+    ``tumor_weight`` x the squared difference of the signed distances to the two tumours' edges
+    joins the instance optimisation (``label_term="distance"``). It maps the baseline tumour onto
+    the follow-up one and keeps depth inside and distance outside, so the growth shows as an
+    expansion of the tumour's inside. (A soft Dice matched the edges just as well but grew the
+    tumour by stretching a thin shell of tissue at its edge and crushing its core; the Jacobian
+    over the baseline tumour then missed the change by 6-12 %.)
     """
+    opts = RegistrationOptions.of(options, **changes)
     fixed = load_image(baseline_path)
     moving = load_image(followup_path)
     fmask = load_image(baseline_mask).data > 0 if baseline_mask else None
@@ -163,48 +164,30 @@ def register_followup(
     tumour_moving = tumour_moving_image.data > 0.5 if tumour_moving_image is not None else None
     excluded = None  # voxels left out of the image similarity
     if baseline_tumor or followup_tumor:
-        # The follow-up tumour is found on the baseline grid through an affine first pass.
-        first = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, affine_only=True, **options)
-        tumour_f = np.zeros(fixed.data.shape, bool)
-        if tumour_moving is not None:
-            tumour_f = apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
-        union = tumour_b | tumour_f
-        if union.any():
-            margin = max(1, int(round(exclusion_margin_mm / spacing)))
-            excluded = ndimage.binary_dilation(union, iterations=margin)
+        excluded = _excluded_region(fixed, moving, fmask, mmask, tumour_b, tumour_moving_image, opts)
     labels = {}
-    if tumor_weight > 0 and tumour_b.any() and tumour_moving is not None and tumour_moving.any():
-        labels = {
-            "fixed_labels": tumour_b.astype(np.uint8),
-            "moving_labels": tumour_moving.astype(np.uint8),
-            "label_weight": tumor_weight,
-            "label_term": "distance",
-        }
-    reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels, **options)
-    transform = reg.transform
-    if transform.displacement is None:
-        transform = Transform(transform.affine, Image(np.zeros((*fixed.data.shape, 3), np.float32), fixed.affine))
-    warped = apply_transform(moving, transform, fixed.grid, "linear")
+    if opts.tumor_weight > 0 and tumour_b.any() and tumour_moving is not None and tumour_moving.any():
+        labels = {"fixed_labels": tumour_b.astype(np.uint8), "moving_labels": tumour_moving.astype(np.uint8)}
+        opts = replace(opts, label_weight=opts.tumor_weight, label_term="distance")
+    measured = register_and_measure(
+        fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels
+    )
+    reg, warped, transform = measured.registration, measured.warped, measured.registration.transform
     det = jacobian_determinant(transform.displacement) * float(np.linalg.det(transform.affine[:3, :3]))
     log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
     difference = (warped.data - fixed.data).astype(np.float32)
     magnitude = np.linalg.norm(transform.displacement.data, axis=-1).astype(np.float32)
-    save_image(warped, outputs.warped, dtype=np.float32)
-    save_transform(transform, outputs.affine, outputs.warp)
+    measured.save(outputs.warped, outputs.affine, outputs.warp)
     save_image(fixed.with_data(log_jac), outputs.log_jacobian, dtype=np.float32)
     save_image(fixed.with_data(difference), outputs.difference, dtype=np.float32)
     save_image(fixed.with_data(magnitude), outputs.displacement, dtype=np.float32)
     region = fmask if fmask is not None else fixed.data > 0
     outside = region if excluded is None else region & ~excluded
-    before = apply_transform(moving, Transform(np.eye(4)), fixed.grid, "linear")
+    before = measured.unregistered
     affine_only = apply_transform(moving, Transform(transform.affine), fixed.grid, "linear")
     voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
     metrics: dict = {
-        "backend": reg.backend,
-        "seconds": round(reg.seconds, 3),
-        "folding_fraction": float((det[region] <= 0).mean()),
-        "ncc_before": ncc(fixed.data, before.data, region),
-        "ncc_after": ncc(fixed.data, warped.data, region),
+        **measured.metrics,
         "ncc_outside_tumor_before": ncc(fixed.data, before.data, outside),
         "ncc_outside_tumor_affine": ncc(fixed.data, affine_only.data, outside),
         "ncc_outside_tumor_after": ncc(fixed.data, warped.data, outside),
@@ -229,6 +212,29 @@ def register_followup(
         save_image(fixed.with_data(carried.astype(np.uint8)), outputs.tumor_mask, dtype=np.uint8)
     atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _excluded_region(
+    fixed: Image,
+    moving: Image,
+    fmask: np.ndarray | None,
+    mmask: np.ndarray | None,
+    tumour_b: np.ndarray,
+    tumour_moving_image: Image | None,
+    opts: RegistrationOptions,
+) -> np.ndarray | None:
+    """The baseline tumour and the follow-up one (found on the baseline grid through an affine
+    first pass), dilated by ``opts.exclusion_margin_mm``; None when neither has a voxel."""
+    first = register(fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, affine_only=True)
+    tumour_f = np.zeros(fixed.data.shape, bool)
+    if tumour_moving_image is not None:
+        tumour_f = apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
+    union = tumour_b | tumour_f
+    if not union.any():
+        return None
+    spacing = float(fixed.grid.spacing.mean())
+    margin = max(1, int(round(opts.exclusion_margin_mm / spacing)))
+    return ndimage.binary_dilation(union, iterations=margin)
 
 
 PAIR_COLUMNS = (
