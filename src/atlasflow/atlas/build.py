@@ -39,7 +39,9 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
     )
 
     grid = velocity_world.grid
-    v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(np.float32)
+    v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(
+        np.float32
+    )
     v = torch.from_numpy(np.ascontiguousarray(v_vox)).permute(3, 0, 1, 2)[None] * scale
     with torch.no_grad():
         shape = tuple(v.shape[2:])
@@ -48,10 +50,16 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
             # it is integrated at half resolution (~8x fewer voxels), then upsampled.
             half = tuple((n + 1) // 2 for n in shape)
             v_half = resize_displacement(v, half)
-            disp = resize_displacement(integrate_velocity(v_half), shape)[0].permute(1, 2, 3, 0).numpy()
+            disp = (
+                resize_displacement(integrate_velocity(v_half), shape)[0]
+                .permute(1, 2, 3, 0)
+                .numpy()
+            )
         else:
             disp = integrate_velocity(v)[0].permute(1, 2, 3, 0).numpy()
-    return Image(displacement_vox_to_world(disp, grid).astype(np.float32), velocity_world.affine.copy())
+    return Image(
+        displacement_vox_to_world(disp, grid).astype(np.float32), velocity_world.affine.copy()
+    )
 
 
 def sharpen(image: Image, amount: float = 0.5, sigma_vox: float = 1.0) -> Image:
@@ -102,14 +110,18 @@ def _finish_iteration(
     metrics = {
         "iteration": iteration,
         "members": len(subject_norms),
-        "template_change_rms": float(np.sqrt(np.mean((template.data - previous.data)[region] ** 2))),
+        "template_change_rms": float(
+            np.sqrt(np.mean((template.data - previous.data)[region] ** 2))
+        ),
         "mean_velocity_norm_mean_mm": float(mean_norms.mean()),
         "mean_velocity_norm_max_mm": float(mean_norms.max()),
         "subject_velocity_norm_mean_mm": subject_norm,
         "velocity_bias_ratio": float(mean_norms.mean() / subject_norm) if subject_norm > 0 else 0.0,
         "ncc_to_template_mean": float(np.mean([r["ncc_after"] for r in reg])) if reg else None,
         "folding_fraction_max": float(max(r["folding_fraction"] for r in reg)) if reg else None,
-        "folding_fraction_mean": float(np.mean([r["folding_fraction"] for r in reg])) if reg else None,
+        "folding_fraction_mean": float(np.mean([r["folding_fraction"] for r in reg]))
+        if reg
+        else None,
     }
     atomic_write_text(out_metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -197,7 +209,12 @@ def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -
     if not Grid(inside.shape, region_affine).same_as(field.grid):
         from atlasflow.transforms import Transform, apply_transform
 
-        share = apply_transform(Image(inside.astype(np.float32), region_affine), Transform.identity(), field.grid, "linear")
+        share = apply_transform(
+            Image(inside.astype(np.float32), region_affine),
+            Transform.identity(),
+            field.grid,
+            "linear",
+        )
         inside = share.data >= 0.5
     return np.linalg.norm(field.data, axis=-1)[inside]
 
@@ -231,7 +248,9 @@ def member_pool(workers: int):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=worker_init, initargs=(1,))
+    return ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("fork"), initializer=worker_init, initargs=(1,)
+    )
 
 
 # A warm engine's member workers (:mod:`atlasflow.runtime.server`), kept between jobs; else each job
@@ -246,7 +265,10 @@ def use_pool(pool) -> None:
 
 
 def _map_members(
-    function: Callable[[Member, Target], dict], members: Sequence[Member], target: Target, workers: int
+    function: Callable[[Member, Target], dict],
+    members: Sequence[Member],
+    target: Target,
+    workers: int,
 ) -> Iterator[dict]:
     """``function(member, target)`` of every member, in member order.
 
@@ -338,10 +360,17 @@ def run_iteration(
     for member, out_velocity, result in zip(members, outs, results, strict=True):
         if "error" in result:
             if not skip_failed:
-                raise AtlasflowError(f"atlas iteration {iteration}: {member.image}: {result['error']}")
+                raise AtlasflowError(
+                    f"atlas iteration {iteration}: {member.image}: {result['error']}"
+                )
             rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
             if out_velocity is not None:
-                write_failure([out_velocity], f"atlas iteration {iteration}", result["error"], source=member.image)
+                write_failure(
+                    [out_velocity],
+                    f"atlas iteration {iteration}",
+                    result["error"],
+                    source=member.image,
+                )
             continue
         coarse = result["coarse_velocity"]
         if out_velocity is not None:
@@ -368,10 +397,22 @@ def run_iteration(
         # field would have had, done once.
         from atlasflow.transforms import Transform, apply_transform
 
-        mean_velocity = apply_transform(mean_velocity, Transform.identity(), previous.grid, "linear")
+        mean_velocity = apply_transform(
+            mean_velocity, Transform.identity(), previous.grid, "linear"
+        )
     metrics = _finish_iteration(
-        average, mean_velocity, previous, region, norms, kept, out_template, out_metrics, mean_norms=mean_norms,
-        gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
+        average,
+        mean_velocity,
+        previous,
+        region,
+        norms,
+        kept,
+        out_template,
+        out_metrics,
+        mean_norms=mean_norms,
+        gradient_step=gradient_step,
+        do_sharpen=do_sharpen,
+        iteration=iteration,
     )
     _write_members(rows, out_members)
     return metrics
@@ -415,7 +456,9 @@ def run_init(
     from atlasflow.transforms import write_itk_affine
 
     if len(out_affines) != len(members):
-        raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")
+        raise AtlasflowError(
+            f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs"
+        )
     fixed = load_image(reference)
     region = load_mask(reference_mask, fixed, reference)
     target = Target(fixed, region, RegistrationOptions.of(options, affine_only=True))
@@ -461,13 +504,19 @@ def _label_counts(label_paths: Sequence[str | Path]) -> tuple[Image, dict[int, n
     return first, counts
 
 
-def _majority(counts: dict[int, np.ndarray], shape: tuple[int, ...], exclude: np.ndarray | None = None) -> np.ndarray:
+def _majority(
+    counts: dict[int, np.ndarray], shape: tuple[int, ...], exclude: np.ndarray | None = None
+) -> np.ndarray:
     """Label with the most votes at each voxel (ties to the lower label); ``exclude``: one map's
     own votes taken out (leave-one-out)."""
     best = np.zeros(shape, np.int32)
     vote = np.zeros(shape, np.int32)
     for value in sorted(counts):
-        c = counts[value] if exclude is None else counts[value].astype(np.int32) - (exclude == value)
+        c = (
+            counts[value]
+            if exclude is None
+            else counts[value].astype(np.int32) - (exclude == value)
+        )
         better = c > best
         vote[better] = value
         best[better] = c[better]
@@ -488,17 +537,24 @@ def label_vote(
     values = sorted(counts)
     vote = _majority(counts, first.data.shape)
     n = len(label_paths)
-    out = first.with_data(vote.astype(np.uint8 if max(values) < 256 and min(values) >= 0 else np.int32))
+    out = first.with_data(
+        vote.astype(np.uint8 if max(values) < 256 and min(values) >= 0 else np.int32)
+    )
     save_image(out, out_dseg)
     if out_probseg is not None:
         foreground = [v for v in values if v != 0]
         # Filled in place (stacking per-label arrays would hold them twice), in Fortran order:
         # each label's volume is then one block, and NIfTI's own order, written without a copy.
-        prob = np.empty((*vote.shape, len(foreground)), np.uint8 if n < 256 else np.uint16, order="F")
+        prob = np.empty(
+            (*vote.shape, len(foreground)), np.uint8 if n < 256 else np.uint16, order="F"
+        )
         for i, v in enumerate(foreground):
             prob[..., i] = counts[v]
         save_image(Image(prob, first.affine), out_probseg, slope=1.0 / n)
-        atomic_write_text(Path(str(out_probseg).replace(".nii.gz", ".tsv")), "index\tlabel\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(foreground)))
+        atomic_write_text(
+            Path(str(out_probseg).replace(".nii.gz", ".tsv")),
+            "index\tlabel\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(foreground)),
+        )
     return out, {v: counts[v] for v in values}
 
 
@@ -507,7 +563,11 @@ def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
     labels = labels[labels != 0]
     if not len(labels):
         return 0.0
-    return float(np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels]))
+    return float(
+        np.mean(
+            [2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels]
+        )
+    )
 
 
 def leave_one_out_consistency(label_paths: Sequence[str | Path]) -> list[float]:
@@ -526,7 +586,9 @@ def leave_one_out_consistency(label_paths: Sequence[str | Path]) -> list[float]:
 
 def gather_metrics(paths: Iterable[str | Path], out_tsv: str | Path) -> None:
     """Collect per-iteration JSON metrics into one TSV (one row per iteration)."""
-    rows = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda row: row["iteration"])
+    rows = sorted(
+        (json.loads(Path(p).read_text()) for p in paths), key=lambda row: row["iteration"]
+    )
     atomic_write_text(out_tsv, _tsv(rows))
 
 

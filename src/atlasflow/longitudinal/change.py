@@ -55,7 +55,9 @@ def mask_volume_mm3(path: str | Path) -> float:
     return float((mask.data > 0.5).sum()) * voxel
 
 
-def response_category(change_pct: float | None, volume: float | None, baseline_volume: float | None) -> str:
+def response_category(
+    change_pct: float | None, volume: float | None, baseline_volume: float | None
+) -> str:
     """Volumetric response from the change relative to the baseline (rule in the module constants)."""
     if volume is None or baseline_volume is None or change_pct is None:
         return "not_evaluable"
@@ -94,8 +96,12 @@ def tumour_table(sessions: list[dict]) -> pd.DataFrame:
         have = vol is not None and base_vol is not None
         row["change_from_baseline_mm3"] = vol - base_vol if have else None
         row["change_from_baseline_pct"] = _pct(vol, base_vol) if have else None
-        row["change_from_previous_mm3"] = vol - prev_vol if vol is not None and prev_vol is not None else None
-        row["change_from_previous_pct"] = _pct(vol, prev_vol) if vol is not None and prev_vol else None
+        row["change_from_previous_mm3"] = (
+            vol - prev_vol if vol is not None and prev_vol is not None else None
+        )
+        row["change_from_previous_pct"] = (
+            _pct(vol, prev_vol) if vol is not None and prev_vol else None
+        )
         rate = doubling = None
         if have and days:
             rate = (vol - base_vol) / days
@@ -103,7 +109,11 @@ def tumour_table(sessions: list[dict]) -> pd.DataFrame:
                 doubling = days * math.log(2) / math.log(vol / base_vol)
         row["growth_rate_mm3_per_day"] = rate
         row["doubling_time_days"] = doubling
-        row["response"] = "baseline" if i == 0 else response_category(row["change_from_baseline_pct"], vol, base_vol)
+        row["response"] = (
+            "baseline"
+            if i == 0
+            else response_category(row["change_from_baseline_pct"], vol, base_vol)
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -122,7 +132,9 @@ class PairOutputs:
     tumor_mask: Path | None = None
 
 
-def _shell(mask: np.ndarray, spacing: float, inner_mm: float = 0.0, outer_mm: float = 10.0) -> np.ndarray:
+def _shell(
+    mask: np.ndarray, spacing: float, inner_mm: float = 0.0, outer_mm: float = 10.0
+) -> np.ndarray:
     """Voxels between ``inner_mm`` and ``outer_mm`` outside the mask's boundary."""
     distance = ndimage.distance_transform_edt(~mask) * spacing
     return (distance > inner_mm) & (distance <= outer_mm)
@@ -158,22 +170,38 @@ def register_followup(
     fmask = load_image(baseline_mask).data > 0 if baseline_mask else None
     mmask = load_image(followup_mask).data > 0 if followup_mask else None
     spacing = float(fixed.grid.spacing.mean())
-    tumour_b = load_image(baseline_tumor).data > 0.5 if baseline_tumor else np.zeros(fixed.data.shape, bool)
+    tumour_b = (
+        load_image(baseline_tumor).data > 0.5
+        if baseline_tumor
+        else np.zeros(fixed.data.shape, bool)
+    )
     # The follow-up tumour stays on its own grid (and affine) until it is carried onto the baseline.
     tumour_moving_image = load_image(followup_tumor) if followup_tumor else None
     tumour_moving = tumour_moving_image.data > 0.5 if tumour_moving_image is not None else None
     excluded = None  # voxels left out of the image similarity
     if baseline_tumor or followup_tumor:
-        excluded = _excluded_region(fixed, moving, fmask, mmask, tumour_b, tumour_moving_image, opts)
+        excluded = _excluded_region(
+            fixed, moving, fmask, mmask, tumour_b, tumour_moving_image, opts
+        )
     labels = {}
-    if opts.tumor_weight > 0 and tumour_b.any() and tumour_moving is not None and tumour_moving.any():
-        labels = {"fixed_labels": tumour_b.astype(np.uint8), "moving_labels": tumour_moving.astype(np.uint8)}
+    if (
+        opts.tumor_weight > 0
+        and tumour_b.any()
+        and tumour_moving is not None
+        and tumour_moving.any()
+    ):
+        labels = {
+            "fixed_labels": tumour_b.astype(np.uint8),
+            "moving_labels": tumour_moving.astype(np.uint8),
+        }
         opts = replace(opts, label_weight=opts.tumor_weight, label_term="distance")
     measured = register_and_measure(
         fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels
     )
     reg, warped, transform = measured.registration, measured.warped, measured.registration.transform
-    det = jacobian_determinant(transform.displacement) * float(np.linalg.det(transform.affine[:3, :3]))
+    det = jacobian_determinant(transform.displacement) * float(
+        np.linalg.det(transform.affine[:3, :3])
+    )
     log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
     difference = (warped.data - fixed.data).astype(np.float32)
     magnitude = np.linalg.norm(transform.displacement.data, axis=-1).astype(np.float32)
@@ -195,14 +223,19 @@ def register_followup(
     if tumour_b.any():
         baseline_mm3 = float(tumour_b.sum() * voxel_mm3)
         carried_mm3 = transported_volume_mm3(
-            fixed.with_data(tumour_b.astype(np.float32)), transform, reg.inverse_displacement, moving.grid
+            fixed.with_data(tumour_b.astype(np.float32)),
+            transform,
+            reg.inverse_displacement,
+            moving.grid,
         )
         shell = _shell(tumour_b, spacing, 0.0, 10.0) & region
         metrics.update(
             {
                 "baseline_tumor_mm3_on_grid": baseline_mm3,
                 "jacobian_volume_change_mm3": carried_mm3 - baseline_mm3,
-                "jacobian_voxel_sum_volume_change_mm3": float(((det - 1.0)[tumour_b]).sum() * voxel_mm3),
+                "jacobian_voxel_sum_volume_change_mm3": float(
+                    ((det - 1.0)[tumour_b]).sum() * voxel_mm3
+                ),
                 "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
                 "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
             }
@@ -228,7 +261,9 @@ def _excluded_region(
     first = register(fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, affine_only=True)
     tumour_f = np.zeros(fixed.data.shape, bool)
     if tumour_moving_image is not None:
-        tumour_f = apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
+        tumour_f = (
+            apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
+        )
     union = tumour_b | tumour_f
     if not union.any():
         return None
@@ -246,7 +281,9 @@ PAIR_COLUMNS = (
 )
 
 
-def write_tumour_table(sessions: list[dict], out_tsv: str | Path, pair_metrics: dict[str, str] | None = None) -> pd.DataFrame:
+def write_tumour_table(
+    sessions: list[dict], out_tsv: str | Path, pair_metrics: dict[str, str] | None = None
+) -> pd.DataFrame:
     """The subject's tumour TSV; follow-up rows also get the registration's mass-effect numbers."""
     table = tumour_table(sessions)
     for key in PAIR_COLUMNS:
@@ -261,7 +298,12 @@ def write_tumour_table(sessions: list[dict], out_tsv: str | Path, pair_metrics: 
 
 
 def to_atlas(
-    map_path: str | Path, atlas_path: str | Path, affine: str | Path, warp: str | Path, out_path: str | Path, interpolation: str = "linear"
+    map_path: str | Path,
+    atlas_path: str | Path,
+    affine: str | Path,
+    warp: str | Path,
+    out_path: str | Path,
+    interpolation: str = "linear",
 ) -> Image:
     """Carry a map on the baseline grid into atlas space through the baseline's atlas transform."""
     from atlasflow.transforms import load_transform

@@ -24,7 +24,9 @@ AFFINE_LR = 0.01
 AFFINE_MIN_COARSE = 16  # voxels per axis below which the quarter-resolution affine level is skipped
 
 
-def initial_affine(pair: WorkingPair, fixed_affine: np.ndarray, init_affine: np.ndarray | None) -> np.ndarray:
+def initial_affine(
+    pair: WorkingPair, fixed_affine: np.ndarray, init_affine: np.ndarray | None
+) -> np.ndarray:
     """Fixed world -> moving world to start from: ``init_affine``, else the translation between
     the images' centres of mass."""
     if init_affine is not None:

@@ -81,5 +81,8 @@ def register_ants(
             inverse = read_itk_displacement(inv_files[0]) if inv_files else None
         else:
             zeros = np.zeros((*fixed.data.shape, 3), np.float32)
-            displacement, inverse = Image(zeros, fixed.affine.copy()), Image(zeros.copy(), fixed.affine.copy())
+            displacement, inverse = (
+                Image(zeros, fixed.affine.copy()),
+                Image(zeros.copy(), fixed.affine.copy()),
+            )
     return Transform(affine, displacement), inverse, seconds

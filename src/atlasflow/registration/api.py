@@ -24,7 +24,9 @@ import numpy as np
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, atomic_write_text, load_image, load_mask, save_image
-from atlasflow.registration.ants import from_ants, register_ants, to_ants  # noqa: F401 (to_ants, from_ants: used via this module)
+
+# to_ants and from_ants are also read from here (preprocessing).
+from atlasflow.registration.ants import from_ants, register_ants, to_ants  # noqa: F401
 from atlasflow.registration.options import BACKENDS, RegistrationOptions
 from atlasflow.transforms import (
     Transform,
@@ -44,7 +46,8 @@ class Registration:
     velocity: Image | None
     seconds: float
     backend: str
-    coarse_velocity: Image | None = None  # deep: the velocity on the network's grid (see register_deep)
+    # deep: the velocity on the network's grid (see register_deep)
+    coarse_velocity: Image | None = None
 
     @property
     def field(self) -> Image:
@@ -87,13 +90,17 @@ def register(
     opts = RegistrationOptions.of(options, **changes)
     if opts.backend == "ants":
         if init_velocity is not None:
-            raise AtlasflowError("init_velocity needs the deep backend; ANTs starts from its own fields")
+            raise AtlasflowError(
+                "init_velocity needs the deep backend; ANTs starts from its own fields"
+            )
         kind = "Affine" if opts.affine_only else opts.ants_type
         if cost_mask is not None:
             # ANTs has no separate cost mask: the excluded voxels leave its fixed mask.
             keep = np.ones(fixed.data.shape, bool) if fixed_mask is None else fixed_mask > 0
             fixed_mask = keep & ~(np.asarray(cost_mask) > 0)
-        transform, inverse, seconds = register_ants(fixed, moving, fixed_mask, moving_mask, kind, opts.seed)
+        transform, inverse, seconds = register_ants(
+            fixed, moving, fixed_mask, moving_mask, kind, opts.seed
+        )
         return Registration(transform, inverse, None, seconds, "ants")
     if opts.backend == "deep":
         from atlasflow.registration.engine import register_deep
@@ -112,9 +119,16 @@ def register(
             affine_network=init_affine is None,
         )
         return Registration(
-            res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep", res.coarse_velocity
+            res.transform,
+            res.inverse_displacement,
+            res.velocity,
+            res.seconds,
+            "deep",
+            res.coarse_velocity,
         )
-    raise AtlasflowError(f"unknown registration backend {opts.backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise AtlasflowError(
+        f"unknown registration backend {opts.backend!r}; choose one of {', '.join(BACKENDS)}"
+    )
 
 
 @dataclass
@@ -137,32 +151,17 @@ def register_and_measure(
     moving: Image,
     options: RegistrationOptions | None = None,
     *,
-    fixed_mask: np.ndarray | None = None,
-    moving_mask: np.ndarray | None = None,
-    cost_mask: np.ndarray | None = None,
-    fixed_labels: np.ndarray | None = None,
-    moving_labels: np.ndarray | None = None,
-    init_affine: np.ndarray | None = None,
-    init_velocity: Image | None = None,
     before: bool = True,
+    **inputs: Any,
 ) -> Measured:
-    """:func:`register`, then the moving image warped onto the fixed grid and the result measured
-    inside the fixed mask (else where the fixed image is > 0): the folding fraction of the
-    displacement (:func:`~atlasflow.transforms.folding_fraction`), the NCC after and, with
-    ``before``, the NCC of the unregistered pair."""
-    reg = register(
-        fixed,
-        moving,
-        options,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
-        cost_mask=cost_mask,
-        fixed_labels=fixed_labels,
-        moving_labels=moving_labels,
-        init_affine=init_affine,
-        init_velocity=init_velocity,
-    )
+    """:func:`register` (``inputs``: its masks, labels and starting transforms), then the moving
+    image warped onto the fixed grid and the result measured inside the fixed mask (else where
+    the fixed image is > 0): the folding fraction of the displacement
+    (:func:`~atlasflow.transforms.folding_fraction`), the NCC after and, with ``before``, the NCC
+    of the unregistered pair."""
+    reg = register(fixed, moving, options, **inputs)
     warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
+    fixed_mask = inputs.get("fixed_mask")
     region = fixed_mask if fixed_mask is not None else (fixed.data > 0)
     metrics: dict = {
         "backend": reg.backend,
@@ -220,6 +219,7 @@ def qc_flags(metrics: dict, thresholds: QCThresholds) -> list[str]:
         )
     return flags
 
+
 @dataclass
 class RegisterOutputs:
     """Where :func:`register_files` writes; ``None`` skips that file."""
@@ -243,7 +243,6 @@ class RegisterOutputs:
             warped_labels=d / "warped_labels.nii.gz" if labels else None,
             metrics=d / "metrics.json",
         )
-
 
 
 def register_files(
@@ -272,7 +271,12 @@ def register_files(
     mmask = load_mask(moving_mask, moving, moving_path)
     cmask = load_image(cost_mask).data > 0 if cost_mask else None
     measured = register_and_measure(
-        fixed, moving, RegistrationOptions.of(options, **changes), fixed_mask=fmask, moving_mask=mmask, cost_mask=cmask
+        fixed,
+        moving,
+        RegistrationOptions.of(options, **changes),
+        fixed_mask=fmask,
+        moving_mask=mmask,
+        cost_mask=cmask,
     )
     reg = measured.registration
     metrics = {**measured.metrics, "fixed": str(fixed_path), "moving": str(moving_path)}

@@ -40,8 +40,10 @@ from atlasflow.nn.losses import local_ncc
 from atlasflow.nn.networks import RegistrationModel
 from atlasflow.registration.affine import AFFINE_STEPS, align_affine, initial_affine
 from atlasflow.registration.options import RegistrationOptions
-from atlasflow.registration.refine import label_targets, refine, signed_distance  # noqa: F401 (named in docs)
-from atlasflow.registration.working_grid import (  # noqa: F401 (WorkingGrid: part of this module's API)
+
+# signed_distance and WorkingGrid are also read from here (docs, training).
+from atlasflow.registration.refine import label_targets, refine, signed_distance  # noqa: F401
+from atlasflow.registration.working_grid import (  # noqa: F401
     WorkingGrid,
     WorkingPair,
     coarse_affine,
@@ -66,7 +68,8 @@ class DeepResult:
     """Output of :func:`register_deep` (all fields on the fixed grid, RAS mm)."""
 
     transform: Transform  # fixed -> moving
-    inverse_displacement: Image | None  # x_fixed = y + v(y), y = affine^-1 x_moving (None: not asked for)
+    # x_fixed = y + v(y), y = affine^-1 x_moving (None: not asked for)
+    inverse_displacement: Image | None
     velocity: Image | None  # stationary velocity field (world mm; None when not asked for)
     seconds: float  # compute time, model loading excluded
     # The same velocity on the network's own grid (half the working resolution, world mm): 1/8 of
@@ -94,7 +97,6 @@ def get_model(model_path: str | os.PathLike | None, device: str = "cpu") -> Regi
             p.requires_grad_(False)
         _MODEL_CACHE[key] = model
     return _MODEL_CACHE[key]
-
 
 
 # ------------------------------------------------------------------------------------ public
@@ -178,7 +180,14 @@ def register_deep(
         labels = {}
         if fixed_labels is not None and moving_labels is not None:
             labels = label_targets(
-                pair, world, fixed, moving, fixed_labels, moving_labels, opts.label_weight, opts.label_term
+                pair,
+                world,
+                fixed,
+                moving,
+                fixed_labels,
+                moving_labels,
+                opts.label_weight,
+                opts.label_term,
             )
         velocity, disp_half = refine(pair, moving_w, velocity, opts.refine_steps, steps, **labels)
     result = _on_fixed_grid(pair, fixed, world, velocity, disp_half, steps, opts)
@@ -213,14 +222,18 @@ def _network_velocity(
         start_velocity, moving_s = None, moving_w
         if init_velocity is not None:
             coarse_shape = tuple(n // 2 for n in work.shape)
-            start_velocity = coarse_from_world(init_velocity, coarse_affine(work, coarse_shape), coarse_shape)
+            start_velocity = coarse_from_world(
+                init_velocity, coarse_affine(work, coarse_shape), coarse_shape
+            )
             start_velocity = start_velocity.to(pair.device)
             start_disp = integrate_velocity(start_velocity, steps)
             moving_s = warp_tensor(moving_w, resize_displacement(start_disp, work.shape))
         velocity = model.flow(torch.cat([pair.fixed_t, moving_s], 1)).contiguous()
         half_shape = tuple(velocity.shape[2:])
         if start_velocity is not None and tuple(start_velocity.shape[2:]) != half_shape:
-            raise AtlasflowError(f"network field {half_shape} is not half the working grid {work.shape}")
+            raise AtlasflowError(
+                f"network field {half_shape} is not half the working grid {work.shape}"
+            )
         # Keep the network's field only when it improves the (masked) similarity at half
         # resolution; otherwise keep the start (the identity, or ``init_velocity``).
         fixed_h, moving_h, cost_h = (
@@ -259,7 +272,9 @@ def _on_fixed_grid(
     with torch.no_grad():
         forward = resize_displacement(disp_half, work.shape)
         backward = (
-            resize_displacement(integrate_velocity(-velocity, steps), work.shape) if opts.inverse else None
+            resize_displacement(integrate_velocity(-velocity, steps), work.shape)
+            if opts.inverse
+            else None
         )
         velocity_full = resize_displacement(velocity, work.shape) if opts.full_velocity else None
     linear = torch.from_numpy(work.affine[:3, :3]).float()

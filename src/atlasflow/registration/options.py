@@ -37,24 +37,32 @@ class RegistrationOptions:
     """
 
     # every command that registers ("engine")
-    backend: str = field(default="deep", metadata=_flag("--backend", "engine", choices=list(BACKENDS)))
+    backend: str = field(
+        default="deep", metadata=_flag("--backend", "engine", choices=list(BACKENDS))
+    )
     refine_steps: int = field(
-        default=0, metadata=_flag("--refine", "engine", type=int, help="instance-optimisation steps (deep)")
+        default=0,
+        metadata=_flag("--refine", "engine", type=int, help="instance-optimisation steps (deep)"),
     )
     model_path: str | None = field(
         default=None, metadata=_flag("--model", "engine", help="weights file (default: shipped)")
     )
     device: str = field(default="cpu", metadata=_flag("--device", "engine", choices=list(DEVICES)))
     ants_type: str = field(
-        default="SyN", metadata=_flag("--ants-type", "engine", help="antspyx type_of_transform (ants backend)")
+        default="SyN",
+        metadata=_flag("--ants-type", "engine", help="antspyx type_of_transform (ants backend)"),
     )
     seed: int = field(default=0, metadata=_flag("--seed", "engine", type=int))
     # one command each
     affine_steps: int | None = field(  # None: the engine's default (engine.AFFINE_STEPS)
         default=None,
-        metadata=_flag("--affine-steps", "atlas", type=int, help="iteration: test-time affine steps (deep)"),
+        metadata=_flag(
+            "--affine-steps", "atlas", type=int, help="iteration: test-time affine steps (deep)"
+        ),
     )
-    affine_only: bool = field(default=False, metadata=_flag("--affine-only", "register", action="store_true"))
+    affine_only: bool = field(
+        default=False, metadata=_flag("--affine-only", "register", action="store_true")
+    )
     exclusion_margin_mm: float = field(
         default=4.0,
         metadata=_flag(
@@ -77,12 +85,15 @@ class RegistrationOptions:
     inverse: bool = True  # deep: compute the inverse field
     full_velocity: bool = True  # deep: the velocity on the fixed grid (else only on the network's)
     label_weight: float = 1.0  # weight of the label term (with fixed and moving labels)
-    label_term: str = "dice"  # "dice" (per label) or "distance" (signed distance to one region's edge)
+    # "dice" (per label) or "distance" (signed distance to one region's edge)
+    label_term: str = "dice"
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def of(cls, options: RegistrationOptions | Mapping[str, Any] | None = None, **changes: Any) -> RegistrationOptions:
+    def of(
+        cls, options: RegistrationOptions | Mapping[str, Any] | None = None, **changes: Any
+    ) -> RegistrationOptions:
         """``options`` (a dataclass, a mapping of field names, or None for the defaults) with
         ``changes``; an unknown name is a TypeError, as a wrong keyword argument would be."""
         if options is None:
@@ -130,7 +141,9 @@ class RegistrationOptions:
             values["tumor_weight"] = lg["tumor_weight"]
             values["exclusion_margin_mm"] = lg["exclusion_margin_mm"]
         elif stage != "register":
-            raise ValueError(f"unknown registration stage {stage!r}; choose one of {', '.join(STAGE_FLAGS)}")
+            raise ValueError(
+                f"unknown registration stage {stage!r}; choose one of {', '.join(STAGE_FLAGS)}"
+            )
         return cls(**values)
 
     # ------------------------------------------------------------------ command line

@@ -75,7 +75,12 @@ def label_targets(
 
 
 def refine(
-    pair: WorkingPair, moving_w: torch.Tensor, velocity: torch.Tensor, steps: int, integration_steps: int, **labels
+    pair: WorkingPair,
+    moving_w: torch.Tensor,
+    velocity: torch.Tensor,
+    steps: int,
+    integration_steps: int,
+    **labels,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``velocity`` after ``steps`` of :func:`refine_velocity` (``moving_w``: the moving image on
     the working grid), and its displacement integrated by ``integration_steps`` squarings."""
@@ -218,6 +223,7 @@ def refine_velocity(
             band = (fixed_part.abs() < fixed_part.abs().max() - 1e-3).to(fixed_part.dtype)
             return ((fixed_part - warped_part) ** 2 * band).sum() / band.sum().clamp_min(1.0)
         return soft_dice_loss(fixed_part, warped_part)
+
     box_mask = mask
     if use_seg:
         fixed_seg_half, moving_seg_half = halve(fixed_seg), halve(moving_seg)
@@ -237,7 +243,9 @@ def refine_velocity(
     window_half = max(3, window // 2 + 1)
     # The fixed images' local statistics are the same at every step.
     stats_half = fixed_statistics(fixed_hb, window_half)
-    stats_full = fixed_statistics(fixed_box, window) if steps > int(round(steps * coarse_share)) else None
+    stats_full = (
+        fixed_statistics(fixed_box, window) if steps > int(round(steps * coarse_share)) else None
+    )
 
     v_box = velocity[(..., *box_half)].detach().clone().requires_grad_(True)
     opt = Adam([v_box], lr=lr)

@@ -54,7 +54,9 @@ class WorkingGrid:
             )
         shape_c = tuple(b.stop - b.start for b in crop)
         affine_c = fixed.affine.copy()
-        affine_c[:3, 3] = fixed.affine[:3, :3] @ np.array([b.start for b in crop], float) + fixed.affine[:3, 3]
+        affine_c[:3, 3] = (
+            fixed.affine[:3, :3] @ np.array([b.start for b in crop], float) + fixed.affine[:3, 3]
+        )
         ornt = nib.orientations.ornt_transform(
             nib.orientations.io_orientation(affine_c),
             nib.orientations.axcodes2ornt(("R", "A", "S")),
@@ -177,14 +179,20 @@ def coarse_to_world(velocity: torch.Tensor, affine: np.ndarray) -> Image:
     return Image(torch.einsum("wc,cxyz->xyzw", linear, velocity[0].cpu()).numpy(), affine.copy())
 
 
-def coarse_from_world(velocity: Image, affine: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
+def coarse_from_world(
+    velocity: Image, affine: np.ndarray, shape: tuple[int, int, int]
+) -> torch.Tensor:
     """World mm vector field (any grid) -> (1, 3, *shape) voxel units on the grid of ``affine``;
     resampled only when its grid is another one."""
     if velocity.data.ndim != 4 or velocity.data.shape[-1] != 3:
-        raise AtlasflowError(f"init_velocity must be a 3-vector field, got shape {velocity.data.shape}")
+        raise AtlasflowError(
+            f"init_velocity must be a 3-vector field, got shape {velocity.data.shape}"
+        )
     data = velocity.data
     if data.shape[:3] != tuple(shape) or not np.allclose(velocity.affine, affine, atol=1e-4):
-        data = apply_transform(velocity, Transform.identity(), Grid(tuple(shape), affine), "linear").data
+        data = apply_transform(
+            velocity, Transform.identity(), Grid(tuple(shape), affine), "linear"
+        ).data
     vox = np.einsum("vw,xyzw->vxyz", np.linalg.inv(affine[:3, :3]), data.astype(np.float64))
     return torch.from_numpy(np.ascontiguousarray(vox, dtype=np.float32))[None]
 
@@ -205,10 +213,14 @@ def sample_moving(
     """
     dtype, device = moving.dtype, moving.device
     grid_half = torch.tensor([max(n - 1, 1) / 2 for n in shape], dtype=dtype, device=device)
-    to_moving = torch.tensor([2 / max(n - 1, 1) for n in moving.shape[2:]], dtype=dtype, device=device)
+    to_moving = torch.tensor(
+        [2 / max(n - 1, 1) for n in moving.shape[2:]], dtype=dtype, device=device
+    )
     # normalised grid u -> voxel i = (u + 1) * half -> moving voxel A i + b -> normalised 2 m / (N - 1) - 1
     linear = vox_matrix[:3, :3].to(dtype) * to_moving[:, None] * grid_half[None, :]
-    offset = to_moving * (vox_matrix[:3, :3].to(dtype) @ grid_half + vox_matrix[:3, 3].to(dtype)) - 1
+    offset = (
+        to_moving * (vox_matrix[:3, :3].to(dtype) @ grid_half + vox_matrix[:3, 3].to(dtype)) - 1
+    )
     # affine_grid and grid_sample order the axes x, y, z = k, j, i.
     theta = torch.cat([linear.flip(0, 1), offset.flip(0)[:, None]], 1)[None]
     grid = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
