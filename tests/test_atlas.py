@@ -8,6 +8,7 @@ import pytest
 from conftest import blob_image
 
 from atlasflow.atlas import build as atlas
+from atlasflow.atlas import labels as atlas_labels
 from atlasflow.io.images import Image, load_image, save_image
 from atlasflow.registration.api import ncc
 from atlasflow.transforms import Transform, apply_transform
@@ -55,7 +56,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
         write(tmp_path, f"l{i}.nii.gz", Image(m.astype(np.uint8), affine))
         for i, m in enumerate(maps)
     ]
-    vote, _ = atlas.label_vote(paths, tmp_path / "dseg.nii.gz", tmp_path / "prob.nii.gz")
+    vote, _ = atlas_labels.label_vote(paths, tmp_path / "dseg.nii.gz", tmp_path / "prob.nii.gz")
     np.testing.assert_array_equal(vote.data[0, 0], [1, 2, 2, 0])
     prob = load_image(tmp_path / "prob.nii.gz", allow_vector=True).data
     assert prob.shape[-1] == 3  # labels 1, 2, 3
@@ -67,7 +68,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
     rng = np.random.default_rng(3)
     maps = [rng.choice([0, 4, 7, 200], size=(5, 6, 7)).astype(np.uint8) for _ in range(4)]
     paths = [write(tmp_path, f"r{i}.nii.gz", Image(m, affine)) for i, m in enumerate(maps)]
-    atlas.label_vote(paths, tmp_path / "rdseg.nii.gz", tmp_path / "rprob.nii.gz")
+    atlas_labels.label_vote(paths, tmp_path / "rdseg.nii.gz", tmp_path / "rprob.nii.gz")
     prob = load_image(tmp_path / "rprob.nii.gz", allow_vector=True).data
     expected = np.stack([np.mean([m == v for m in maps], axis=0) for v in (4, 7, 200)], -1)
     np.testing.assert_allclose(prob, expected, atol=1e-6)
@@ -79,7 +80,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
 def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob):
     labels = blob.with_data(np.digitize(blob.data, [0.3, 0.7]).astype(np.uint8))
     paths = [write(tmp_path, f"{i}.nii.gz", labels) for i in range(3)]
-    assert atlas.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
+    assert atlas_labels.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
 
 
 def _translated_members(tmp_path, reference, shifts_mm):
@@ -165,9 +166,9 @@ def test_leave_one_out_equals_the_vote_of_the_other_maps(tmp_path):
     expected = []
     for i, m in enumerate(maps):  # independent: a full vote written without map i
         others = paths[:i] + paths[i + 1 :]
-        vote, _ = atlas.label_vote(others, tmp_path / f"vote{i}.nii.gz")
-        expected.append(atlas.dice_mean(m.astype(np.int32), vote.data.astype(np.int32)))
-    assert atlas.leave_one_out_consistency(paths) == pytest.approx(expected)
+        vote, _ = atlas_labels.label_vote(others, tmp_path / f"vote{i}.nii.gz")
+        expected.append(atlas_labels.dice_mean(m.astype(np.int32), vote.data.astype(np.int32)))
+    assert atlas_labels.leave_one_out_consistency(paths) == pytest.approx(expected)
 
 
 def test_velocity_bias_ratio_separates_a_shared_shift_from_independent_ones(tmp_path, blob):

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from atlasflow.atlas.build import Member, label_vote, run_init
+from atlasflow.atlas.build import Member, run_init
+from atlasflow.atlas.labels import label_vote
 from atlasflow.cli import main as cli
 from atlasflow.errors import AtlasflowError
 from atlasflow.failures import failure_record, keep_successful, write_failure

@@ -236,7 +236,9 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         )
     elif args.step == "vote":
         (labels,) = _successful(args, [args.labels or []], "atlas label vote")
-        atlas.label_vote(labels, args.output, args.out_probseg)
+        from atlasflow.atlas.labels import label_vote
+
+        label_vote(labels, args.output, args.out_probseg)
     elif args.step == "gather":
         atlas.gather_metrics(args.metrics, args.output)
     return 0

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, atomic_write_text, load_image, save_image
-from atlasflow.registration.api import ncc, register, register_and_measure
+from atlasflow.registration.api import Measured, ncc, register, register_and_measure
 from atlasflow.registration.options import RegistrationOptions
 from atlasflow.transforms import (
     Transform,
@@ -169,7 +169,6 @@ def register_followup(
     moving = load_image(followup_path)
     fmask = load_image(baseline_mask).data > 0 if baseline_mask else None
     mmask = load_image(followup_mask).data > 0 if followup_mask else None
-    spacing = float(fixed.grid.spacing.mean())
     tumour_b = (
         load_image(baseline_tumor).data > 0.5
         if baseline_tumor
@@ -198,53 +197,62 @@ def register_followup(
     measured = register_and_measure(
         fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels
     )
-    reg, warped, transform = measured.registration, measured.warped, measured.registration.transform
+    warped, transform = measured.warped, measured.registration.transform
     det = jacobian_determinant(transform.displacement) * float(
         np.linalg.det(transform.affine[:3, :3])
     )
-    log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
-    difference = (warped.data - fixed.data).astype(np.float32)
     magnitude = np.linalg.norm(transform.displacement.data, axis=-1).astype(np.float32)
     measured.save(outputs.warped, outputs.affine, outputs.warp)
+    log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
     save_image(fixed.with_data(log_jac), outputs.log_jacobian, dtype=np.float32)
+    difference = (warped.data - fixed.data).astype(np.float32)
     save_image(fixed.with_data(difference), outputs.difference, dtype=np.float32)
     save_image(fixed.with_data(magnitude), outputs.displacement, dtype=np.float32)
     region = fmask if fmask is not None else fixed.data > 0
     outside = region if excluded is None else region & ~excluded
-    before = measured.unregistered
     affine_only = apply_transform(moving, Transform(transform.affine), fixed.grid, "linear")
-    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
     metrics: dict = {
         **measured.metrics,
-        "ncc_outside_tumor_before": ncc(fixed.data, before.data, outside),
+        "ncc_outside_tumor_before": ncc(fixed.data, measured.unregistered.data, outside),
         "ncc_outside_tumor_affine": ncc(fixed.data, affine_only.data, outside),
         "ncc_outside_tumor_after": ncc(fixed.data, warped.data, outside),
     }
     if tumour_b.any():
-        baseline_mm3 = float(tumour_b.sum() * voxel_mm3)
-        carried_mm3 = transported_volume_mm3(
-            fixed.with_data(tumour_b.astype(np.float32)),
-            transform,
-            reg.inverse_displacement,
-            moving.grid,
-        )
-        shell = _shell(tumour_b, spacing, 0.0, 10.0) & region
-        metrics.update(
-            {
-                "baseline_tumor_mm3_on_grid": baseline_mm3,
-                "jacobian_volume_change_mm3": carried_mm3 - baseline_mm3,
-                "jacobian_voxel_sum_volume_change_mm3": float(
-                    ((det - 1.0)[tumour_b]).sum() * voxel_mm3
-                ),
-                "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
-                "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
-            }
-        )
+        metrics.update(_tumour_change(fixed, moving, measured, tumour_b, det, magnitude, region))
     if followup_tumor and outputs.tumor_mask is not None:
         carried = apply_transform(tumour_moving_image, transform, fixed.grid, "linear").data > 0.5
         save_image(fixed.with_data(carried.astype(np.uint8)), outputs.tumor_mask, dtype=np.uint8)
     atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _tumour_change(
+    fixed: Image,
+    moving: Image,
+    measured: Measured,
+    tumour_b: np.ndarray,
+    det: np.ndarray,
+    magnitude: np.ndarray,
+    region: np.ndarray,
+) -> dict:
+    """The baseline tumour's volume change by the deformation (transported volume, and the voxel
+    sum of ``det - 1``) and the mass effect: displacement in a 10 mm shell around it."""
+    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
+    baseline_mm3 = float(tumour_b.sum() * voxel_mm3)
+    carried_mm3 = transported_volume_mm3(
+        fixed.with_data(tumour_b.astype(np.float32)),
+        measured.registration.transform,
+        measured.registration.inverse_displacement,
+        moving.grid,
+    )
+    shell = _shell(tumour_b, float(fixed.grid.spacing.mean()), 0.0, 10.0) & region
+    return {
+        "baseline_tumor_mm3_on_grid": baseline_mm3,
+        "jacobian_volume_change_mm3": carried_mm3 - baseline_mm3,
+        "jacobian_voxel_sum_volume_change_mm3": float(((det - 1.0)[tumour_b]).sum() * voxel_mm3),
+        "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
+        "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
+    }
 
 
 def _excluded_region(
