@@ -8,7 +8,7 @@ import pytest
 from conftest import blob_image
 
 from atlasflow.atlas import build as atlas
-from atlasflow.errors import AtlasflowError
+from atlasflow.atlas import labels as atlas_labels
 from atlasflow.io.images import Image, load_image, save_image
 from atlasflow.registration.api import ncc
 from atlasflow.transforms import Transform, apply_transform
@@ -16,19 +16,6 @@ from atlasflow.transforms import Transform, apply_transform
 
 def write(tmp_path, name, image, **kw):
     return save_image(image, tmp_path / name, **kw)
-
-
-def test_stream_mean_equals_numpy_mean(tmp_path, blob):
-    paths = [write(tmp_path, f"{i}.nii.gz", blob.with_data(blob.data * (i + 1))) for i in range(4)]
-    mean = atlas.stream_mean(paths)
-    np.testing.assert_allclose(mean.data, blob.data * 2.5, rtol=1e-5)
-
-
-def test_stream_mean_rejects_mixed_grids(tmp_path, blob):
-    other = blob_image((10, 10, 10))
-    paths = [write(tmp_path, "a.nii.gz", blob), write(tmp_path, "b.nii.gz", other)]
-    with pytest.raises(AtlasflowError, match="grid differs"):
-        atlas.stream_mean(paths)
 
 
 def test_constant_velocity_integrates_to_a_translation(blob):
@@ -43,7 +30,11 @@ def test_constant_velocity_integrates_to_a_translation(blob):
 def test_shape_update_moves_the_template_to_the_cohort_centre(blob):
     """Subjects are the template shifted by +s on average: the update must shift the template by s."""
     shift = np.array([4.0, 0.0, 0.0])
-    truth = apply_transform(blob, Transform(np.diag([1, 1, 1, 1.0]) + np.pad(-shift[:, None], ((0, 1), (3, 0)))), blob.grid)
+    truth = apply_transform(
+        blob,
+        Transform(np.diag([1, 1, 1, 1.0]) + np.pad(-shift[:, None], ((0, 1), (3, 0)))),
+        blob.grid,
+    )
     # x_subject = x_template + u with u = +shift: the mean velocity is the shift
     v = np.broadcast_to(shift, (*blob.data.shape, 3)).astype(np.float32).copy()
     moved = atlas.shape_update(blob, Image(v, blob.affine), gradient_step=1.0)
@@ -61,8 +52,11 @@ def test_sharpen_keeps_range_and_raises_contrast(blob):
 def test_label_vote_majority_and_probabilities(tmp_path):
     affine = np.eye(4)
     maps = [np.array([[[1, 2, 0, 3]]]), np.array([[[1, 2, 2, 0]]]), np.array([[[1, 1, 2, 0]]])]
-    paths = [write(tmp_path, f"l{i}.nii.gz", Image(m.astype(np.uint8), affine)) for i, m in enumerate(maps)]
-    vote, _ = atlas.label_vote(paths, tmp_path / "dseg.nii.gz", tmp_path / "prob.nii.gz")
+    paths = [
+        write(tmp_path, f"l{i}.nii.gz", Image(m.astype(np.uint8), affine))
+        for i, m in enumerate(maps)
+    ]
+    vote, _ = atlas_labels.label_vote(paths, tmp_path / "dseg.nii.gz", tmp_path / "prob.nii.gz")
     np.testing.assert_array_equal(vote.data[0, 0], [1, 2, 2, 0])
     prob = load_image(tmp_path / "prob.nii.gz", allow_vector=True).data
     assert prob.shape[-1] == 3  # labels 1, 2, 3
@@ -74,7 +68,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
     rng = np.random.default_rng(3)
     maps = [rng.choice([0, 4, 7, 200], size=(5, 6, 7)).astype(np.uint8) for _ in range(4)]
     paths = [write(tmp_path, f"r{i}.nii.gz", Image(m, affine)) for i, m in enumerate(maps)]
-    atlas.label_vote(paths, tmp_path / "rdseg.nii.gz", tmp_path / "rprob.nii.gz")
+    atlas_labels.label_vote(paths, tmp_path / "rdseg.nii.gz", tmp_path / "rprob.nii.gz")
     prob = load_image(tmp_path / "rprob.nii.gz", allow_vector=True).data
     expected = np.stack([np.mean([m == v for m in maps], axis=0) for v in (4, 7, 200)], -1)
     np.testing.assert_allclose(prob, expected, atol=1e-6)
@@ -86,7 +80,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
 def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob):
     labels = blob.with_data(np.digitize(blob.data, [0.3, 0.7]).astype(np.uint8))
     paths = [write(tmp_path, f"{i}.nii.gz", labels) for i in range(3)]
-    assert atlas.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
+    assert atlas_labels.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
 
 
 def _translated_members(tmp_path, reference, shifts_mm):
@@ -96,8 +90,14 @@ def _translated_members(tmp_path, reference, shifts_mm):
     for i, shift in enumerate(shifts_mm):
         affine = reference.affine.copy()
         affine[0, 3] += shift
-        image = write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", Image(reference.data, affine))
-        mask = write(tmp_path, f"sub-0{i}_mask.nii.gz", Image((reference.data > 0.05).astype(np.uint8), affine))
+        image = write(
+            tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", Image(reference.data, affine)
+        )
+        mask = write(
+            tmp_path,
+            f"sub-0{i}_mask.nii.gz",
+            Image((reference.data > 0.05).astype(np.uint8), affine),
+        )
         members.append(atlas.Member(f"sub-0{i}_ses-1", str(image), str(mask)))
     return members
 
@@ -108,9 +108,13 @@ def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
     blob = blob_image((40, 40, 40), seed=5)
     # Structure along y and z too, so that no rotation leaves the image unchanged.
     j, k = np.meshgrid(np.linspace(-1, 1, 40), np.linspace(-1, 1, 40), indexing="ij")
-    reference = blob.with_data(blob.data + 0.25 * (blob.data > 0.05) * (np.sin(5 * j) * np.cos(3 * k))[None])
+    reference = blob.with_data(
+        blob.data + 0.25 * (blob.data > 0.05) * (np.sin(5 * j) * np.cos(3 * k))[None]
+    )
     write(tmp_path, "ref.nii.gz", reference)
-    write(tmp_path, "ref_mask.nii.gz", reference.with_data((reference.data > 0.05).astype(np.uint8)))
+    write(
+        tmp_path, "ref_mask.nii.gz", reference.with_data((reference.data > 0.05).astype(np.uint8))
+    )
     shifts = (6.0, -4.0)
     members = _translated_members(tmp_path, reference, shifts)
     options = {"backend": "deep", "refine_steps": 0}
@@ -119,8 +123,14 @@ def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
         out = tmp_path / f"w{workers}"
         affines = [out / f"{m.name}.mat" for m in members]
         atlas.run_init(
-            members, tmp_path / "ref.nii.gz", tmp_path / "ref_mask.nii.gz", out / "t.nii.gz", affines,
-            out / "members.tsv", options=options, workers=workers,
+            members,
+            tmp_path / "ref.nii.gz",
+            tmp_path / "ref_mask.nii.gz",
+            out / "t.nii.gz",
+            affines,
+            out / "members.tsv",
+            options=options,
+            workers=workers,
         )
         templates[workers] = load_image(out / "t.nii.gz").data
         for shift, path in zip(shifts, affines, strict=True):
@@ -134,10 +144,18 @@ def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
 
     # atlas.init: template -> iteration 0 is the reference itself; the affines are still found.
     atlas.run_init(
-        members, tmp_path / "ref.nii.gz", tmp_path / "ref_mask.nii.gz", tmp_path / "t.nii.gz",
-        [tmp_path / "a0.mat", tmp_path / "a1.mat"], tmp_path / "members.tsv", options=options, mean=False,
+        members,
+        tmp_path / "ref.nii.gz",
+        tmp_path / "ref_mask.nii.gz",
+        tmp_path / "t.nii.gz",
+        [tmp_path / "a0.mat", tmp_path / "a1.mat"],
+        tmp_path / "members.tsv",
+        options=options,
+        mean=False,
     )
-    np.testing.assert_array_equal(load_image(tmp_path / "t.nii.gz").data, load_image(tmp_path / "ref.nii.gz").data)
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "t.nii.gz").data, load_image(tmp_path / "ref.nii.gz").data
+    )
     np.testing.assert_allclose(read_itk_affine(tmp_path / "a1.mat")[0, 3], -4.0, atol=0.6)
 
 
@@ -148,41 +166,36 @@ def test_leave_one_out_equals_the_vote_of_the_other_maps(tmp_path):
     expected = []
     for i, m in enumerate(maps):  # independent: a full vote written without map i
         others = paths[:i] + paths[i + 1 :]
-        vote, _ = atlas.label_vote(others, tmp_path / f"vote{i}.nii.gz")
-        expected.append(atlas.dice_mean(m.astype(np.int32), vote.data.astype(np.int32)))
-    assert atlas.leave_one_out_consistency(paths) == pytest.approx(expected)
-
-
-def test_build_iteration_writes_template_and_metrics(tmp_path, blob):
-    warped = [write(tmp_path, f"w{i}.nii.gz", blob.with_data(blob.data + 0.01 * i)) for i in range(3)]
-    vel = [write(tmp_path, f"v{i}.nii.gz", Image(np.zeros((*blob.data.shape, 3), np.float32), blob.affine)) for i in range(3)]
-    reg = []
-    for i in range(3):
-        p = tmp_path / f"m{i}.json"
-        p.write_text(json.dumps({"ncc_after": 0.9, "folding_fraction": 0.0}))
-        reg.append(p)
-    prev = write(tmp_path, "prev.nii.gz", blob)
-    metrics = atlas.build_iteration(warped, vel, prev, tmp_path / "t.nii.gz", tmp_path / "m.json", registration_metrics=reg, do_sharpen=False)
-    assert metrics["members"] == 3 and metrics["mean_velocity_norm_max_mm"] == 0.0
-    assert metrics["template_change_rms"] == pytest.approx(0.01, rel=1e-3)
-    atlas.gather_metrics([tmp_path / "m.json"], tmp_path / "metrics.tsv")
-    assert (tmp_path / "metrics.tsv").read_text().startswith("iteration\t")
+        vote, _ = atlas_labels.label_vote(others, tmp_path / f"vote{i}.nii.gz")
+        expected.append(atlas_labels.dice_mean(m.astype(np.int32), vote.data.astype(np.int32)))
+    assert atlas_labels.leave_one_out_consistency(paths) == pytest.approx(expected)
 
 
 def test_velocity_bias_ratio_separates_a_shared_shift_from_independent_ones(tmp_path, blob):
     """Subjects all displaced alike: the template is biased (ratio 1); displaced in opposite
     directions: the mean cancels (ratio 0)."""
     shape = (*blob.data.shape, 3)
-    warped = [write(tmp_path, f"w{i}.nii.gz", blob) for i in range(2)]
-    prev = write(tmp_path, "prev.nii.gz", blob)
+    region = blob.data > 0.05
     ratios = {}
     for name, signs in (("shared", (1, 1)), ("opposite", (1, -1))):
-        vel = [
-            write(tmp_path, f"{name}{i}.nii.gz", Image(np.full(shape, 0.5 * s, np.float32), blob.affine))
-            for i, s in enumerate(signs)
-        ]
-        metrics = atlas.build_iteration(warped, vel, prev, tmp_path / "t.nii.gz", tmp_path / "m.json", do_sharpen=False)
+        fields = [Image(np.full(shape, 0.5 * s, np.float32), blob.affine) for s in signs]
+        mean = Image(np.mean([f.data for f in fields], axis=0).astype(np.float32), blob.affine)
+        metrics = atlas._finish_iteration(
+            blob,
+            mean,
+            blob,
+            region,
+            [float(atlas._norms_inside(f, region, blob.affine).mean()) for f in fields],
+            [],
+            tmp_path / "t.nii.gz",
+            tmp_path / "m.json",
+            mean_norms=atlas._norms_inside(mean, region, blob.affine),
+            gradient_step=1.0,
+            do_sharpen=False,
+            iteration=1,
+        )
         ratios[name] = metrics["velocity_bias_ratio"]
+        assert metrics["members"] == 2 and metrics["ncc_to_template_mean"] is None
         assert metrics["subject_velocity_norm_mean_mm"] == pytest.approx(0.5 * np.sqrt(3), rel=1e-5)
     assert ratios["shared"] == pytest.approx(1.0, rel=1e-5)
     assert ratios["opposite"] == pytest.approx(0.0, abs=1e-6)
@@ -202,7 +215,9 @@ def test_velocity_norms_are_read_inside_the_region_on_the_fields_own_grid():
     assert norms.size == 5 * 10 * 10 and np.all(norms == 1.0)
     full = np.zeros((20, 20, 20, 3), np.float32)
     full[..., 1] = np.arange(20)[:, None, None]
-    np.testing.assert_array_equal(atlas._norms_inside(Image(full, fine), region, fine), full[region][:, 1])
+    np.testing.assert_array_equal(
+        atlas._norms_inside(Image(full, fine), region, fine), full[region][:, 1]
+    )
 
 
 def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_agree(tmp_path):
@@ -221,7 +236,9 @@ def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_ag
         shift[0, 3] = -shift_vox * previous.affine[0, 0]
         moved = apply_transform(previous, Transform(shift), previous.grid)
         image = write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", moved)
-        member_mask = write(tmp_path, f"sub-0{i}_mask.nii.gz", moved.with_data((moved.data > 0.05).astype(np.uint8)))
+        member_mask = write(
+            tmp_path, f"sub-0{i}_mask.nii.gz", moved.with_data((moved.data > 0.05).astype(np.uint8))
+        )
         affine = write_itk_affine(np.eye(4), tmp_path / f"sub-0{i}.mat")
         members.append(atlas.Member(f"sub-0{i}_ses-1", str(image), str(member_mask), str(affine)))
     options = {"backend": "deep", "refine_steps": 40, "affine_steps": 0}
@@ -230,8 +247,15 @@ def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_ag
         out = tmp_path / f"w{workers}"
         out.mkdir()
         metrics = atlas.run_iteration(
-            members, tmp_path / "prev.nii.gz", tmp_path / "mask.nii.gz", out / "t.nii.gz", out / "m.json",
-            out / "members.tsv", options=options, workers=workers, do_sharpen=False,
+            members,
+            tmp_path / "prev.nii.gz",
+            tmp_path / "mask.nii.gz",
+            out / "t.nii.gz",
+            out / "m.json",
+            out / "members.tsv",
+            options=options,
+            workers=workers,
+            do_sharpen=False,
         )
         outputs[workers] = load_image(out / "t.nii.gz").data
     assert metrics["members"] == 2 and metrics["ncc_to_template_mean"] > 0.9
@@ -250,7 +274,9 @@ def test_gather_metrics_table_reads_back_like_the_json(tmp_path):
     import pandas as pd
 
     for i, extra in ((2, {"note": "a\tb"}), (1, {"ncc_to_template_mean": None})):
-        (tmp_path / f"m{i}.json").write_text(json.dumps({"iteration": i, "template_change_rms": 0.1 / i, **extra}))
+        (tmp_path / f"m{i}.json").write_text(
+            json.dumps({"iteration": i, "template_change_rms": 0.1 / i, **extra})
+        )
     atlas.gather_metrics([tmp_path / "m2.json", tmp_path / "m1.json"], tmp_path / "metrics.tsv")
     table = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert list(table["iteration"]) == [1, 2]
@@ -271,30 +297,86 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
 
     previous = blob_image((40, 40, 40), seed=5)
     prev = write(tmp_path, "prev.nii.gz", previous)
-    mask = write(tmp_path, "mask.nii.gz", previous.with_data((previous.data > 0.05).astype(np.uint8)))
+    mask = write(
+        tmp_path, "mask.nii.gz", previous.with_data((previous.data > 0.05).astype(np.uint8))
+    )
     images, masks, affines = [], [], []
     for i, shift_vox in enumerate((2.0, 4.0)):
         shift = np.eye(4)
         shift[0, 3] = -shift_vox * previous.affine[0, 0]
         moved = apply_transform(previous, Transform(shift), previous.grid)
         images.append(str(write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", moved)))
-        masks.append(str(write(tmp_path, f"sub-0{i}_mask.nii.gz", moved.with_data((moved.data > 0.05).astype(np.uint8)))))
+        masks.append(
+            str(
+                write(
+                    tmp_path,
+                    f"sub-0{i}_mask.nii.gz",
+                    moved.with_data((moved.data > 0.05).astype(np.uint8)),
+                )
+            )
+        )
         affines.append(str(write_itk_affine(np.eye(4), tmp_path / f"sub-0{i}.mat")))
-    bad = [str(p) for p in write_failure(
-        [tmp_path / "sub-09_ses-1_desc-preproc_T1w.nii.gz", tmp_path / "bad_mask.nii.gz", tmp_path / "bad.mat"],
-        "preprocess", "empty image")]
-    members = ["--images", images[0], bad[0], images[1], "--masks", masks[0], bad[1], masks[1],
-               "--affines", affines[0], bad[2], affines[1]]
+    bad = [
+        str(p)
+        for p in write_failure(
+            [
+                tmp_path / "sub-09_ses-1_desc-preproc_T1w.nii.gz",
+                tmp_path / "bad_mask.nii.gz",
+                tmp_path / "bad.mat",
+            ],
+            "preprocess",
+            "empty image",
+        )
+    ]
+    members = [
+        "--images",
+        images[0],
+        bad[0],
+        images[1],
+        "--masks",
+        masks[0],
+        bad[1],
+        masks[1],
+        "--affines",
+        affines[0],
+        bad[2],
+        affines[1],
+    ]
 
     def iteration(name, number, template, velocities=(), mean=None):
         out = tmp_path / name
         out.mkdir()
         outs = [str(out / f"v{i}.nii.gz") for i in range(3)]
-        argv = ["--on-scan-error", "skip", "atlas", "iteration", "--iteration", str(number), "--previous",
-                str(template), "--mask", str(mask), *members, "--refine", "0", "--affine-steps", "0",
-                "--no-sharpen", "--min-inputs", "2", "--out-velocities", *outs,
-                "--out-mean-velocity", str(out / "mean.nii.gz"), "--output", str(out / "t.nii.gz"),
-                "--out-metrics", str(out / "m.json"), "--out-members", str(out / "members.tsv")]
+        argv = [
+            "--on-scan-error",
+            "skip",
+            "atlas",
+            "iteration",
+            "--iteration",
+            str(number),
+            "--previous",
+            str(template),
+            "--mask",
+            str(mask),
+            *members,
+            "--refine",
+            "0",
+            "--affine-steps",
+            "0",
+            "--no-sharpen",
+            "--min-inputs",
+            "2",
+            "--out-velocities",
+            *outs,
+            "--out-mean-velocity",
+            str(out / "mean.nii.gz"),
+            "--output",
+            str(out / "t.nii.gz"),
+            "--out-metrics",
+            str(out / "m.json"),
+            "--out-members",
+            str(out / "members.tsv"),
+        ]
         if velocities:
             argv += ["--velocities", *velocities, "--mean-velocity", str(mean)]
         assert cli.main(argv) == 0
@@ -308,7 +390,9 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
     assert fields[0].data.shape[-1] == 3 and fields[0].data[..., 0].size * 4 < previous.data.size
     assert np.abs(fields[0].data - fields[1].data).max() > 0.5  # the two shifts differ
     np.testing.assert_allclose(
-        load_image(first / "mean.nii.gz", allow_vector=True).data, (fields[0].data + fields[1].data) / 2, atol=1e-6
+        load_image(first / "mean.nii.gz", allow_vector=True).data,
+        (fields[0].data + fields[1].data) / 2,
+        atol=1e-6,
     )
     template = first / "t.nii.gz"
     _, _, fresh = iteration("fresh", 2, template)
@@ -335,31 +419,65 @@ def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path
     make_demo_cohort(tmp_path, seed=0, n_cross=5, n_long=0, spacing_mm=4.0)
     truth = load_image(tmp_path / "truth" / "template_T1w.nii.gz")
     brain = load_image(tmp_path / "truth" / "template_dseg.nii.gz", dtype=None).data > 0
-    reference_mask = write(tmp_path, "reference_mask.nii.gz", truth.with_data(brain.astype(np.uint8)))
+    reference_mask = write(
+        tmp_path, "reference_mask.nii.gz", truth.with_data(brain.astype(np.uint8))
+    )
     members = []
     for row in (tmp_path / "manifest.csv").read_text().splitlines()[1:]:
-        fields = dict(zip((tmp_path / "manifest.csv").read_text().splitlines()[0].split(","), row.split(","), strict=True))
+        fields = dict(
+            zip(
+                (tmp_path / "manifest.csv").read_text().splitlines()[0].split(","),
+                row.split(","),
+                strict=True,
+            )
+        )
         labels = load_image(tmp_path / fields["labels"], dtype=None).data > 0
         image = load_image(tmp_path / fields["t1w"])
         name = f"sub-{fields['subject']}"
-        scaled = write(tmp_path, f"{name}_T1w.nii.gz", image.with_data(image.data / np.percentile(image.data[labels], 99)))
+        scaled = write(
+            tmp_path,
+            f"{name}_T1w.nii.gz",
+            image.with_data(image.data / np.percentile(image.data[labels], 99)),
+        )
         mask = write(tmp_path, f"{name}_mask.nii.gz", image.with_data(labels.astype(np.uint8)))
         members.append(atlas.Member(name, str(scaled), str(mask)))
     affines = [tmp_path / f"{m.name}.mat" for m in members]
     options = {"backend": "deep", "refine_steps": 0}
-    start = atlas.run_init(members, tmp_path / "truth" / "template_T1w.nii.gz", reference_mask, tmp_path / "t0.nii.gz",
-                           affines, tmp_path / "m0.tsv", options=options, workers=2)
-    members = [atlas.Member(m.name, m.image, m.mask, str(a)) for m, a in zip(members, affines, strict=True)]
+    start = atlas.run_init(
+        members,
+        tmp_path / "truth" / "template_T1w.nii.gz",
+        reference_mask,
+        tmp_path / "t0.nii.gz",
+        affines,
+        tmp_path / "m0.tsv",
+        options=options,
+        workers=2,
+    )
+    members = [
+        atlas.Member(m.name, m.image, m.mask, str(a)) for m, a in zip(members, affines, strict=True)
+    ]
     scores, previous, mean = [ncc(start.data, truth.data, brain)], tmp_path / "t0.nii.gz", None
     for i in range(1, 5):
         velocities = [tmp_path / f"iter-{i}" / f"{m.name}_velocity.nii" for m in members]
         atlas.run_iteration(
-            members, previous, reference_mask, tmp_path / f"t{i}.nii.gz", tmp_path / f"m{i}.json",
-            tmp_path / f"m{i}.tsv", options={**options, "affine_steps": 0}, iteration=i, do_sharpen=False,
-            workers=2, previous_mean_velocity=mean, out_velocities=velocities,
+            members,
+            previous,
+            reference_mask,
+            tmp_path / f"t{i}.nii.gz",
+            tmp_path / f"m{i}.json",
+            tmp_path / f"m{i}.tsv",
+            options={**options, "affine_steps": 0},
+            iteration=i,
+            do_sharpen=False,
+            workers=2,
+            previous_mean_velocity=mean,
+            out_velocities=velocities,
             out_mean_velocity=tmp_path / f"iter-{i}" / "mean_velocity.nii",
         )
-        members = [atlas.Member(m.name, m.image, m.mask, m.affine, str(v)) for m, v in zip(members, velocities, strict=True)]
+        members = [
+            atlas.Member(m.name, m.image, m.mask, m.affine, str(v))
+            for m, v in zip(members, velocities, strict=True)
+        ]
         previous, mean = tmp_path / f"t{i}.nii.gz", tmp_path / f"iter-{i}" / "mean_velocity.nii"
         scores.append(ncc(load_image(previous).data, truth.data, brain))
     gains = np.diff(scores)

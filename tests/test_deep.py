@@ -11,7 +11,8 @@ from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image
 from atlasflow.nn import NetConfig, RegistrationModel
 from atlasflow.nn.model_io import save_model
-from atlasflow.registration.engine import WorkingGrid, register_deep
+from atlasflow.registration.engine import register_deep
+from atlasflow.registration.working_grid import WorkingGrid
 from atlasflow.transforms import Transform, apply_transform, world_coordinates
 
 TINY = NetConfig(
@@ -46,20 +47,24 @@ def test_working_grid_is_ras_padded_and_invertible():
 def test_sample_moving_reads_the_voxels_its_matrix_names():
     """Grid voxel ijk reads moving voxel M @ ijk: integer shifts and an axis swap give exact
     copies, a half-voxel shift the mean of two neighbours, outside is zero."""
-    from atlasflow.registration.engine import _sample_moving
+    from atlasflow.registration.working_grid import sample_moving
 
     rng = np.random.default_rng(0)
     moving = torch.from_numpy(rng.random((1, 1, 9, 8, 7), dtype=np.float32))
     shift = torch.eye(4)
     shift[:3, 3] = torch.tensor([2.0, -1.0, 0.0])
-    out = _sample_moving(moving, shift, (5, 6, 7))[0, 0]
+    out = sample_moving(moving, shift, (5, 6, 7))[0, 0]
     torch.testing.assert_close(out[:, 1:, :], moving[0, 0, 2:7, 0:5, :])
     assert float(out[:, 0].abs().max()) < 1e-6  # j = -1 lies outside
     swap = torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
-    torch.testing.assert_close(_sample_moving(moving, swap, (7, 8, 9))[0, 0], moving[0, 0].permute(2, 1, 0))
+    torch.testing.assert_close(
+        sample_moving(moving, swap, (7, 8, 9))[0, 0], moving[0, 0].permute(2, 1, 0)
+    )
     half = torch.eye(4)
     half[0, 3] = 0.5
-    torch.testing.assert_close(_sample_moving(moving, half, (8, 8, 7))[0, 0], (moving[0, 0, :-1] + moving[0, 0, 1:]) / 2)
+    torch.testing.assert_close(
+        sample_moving(moving, half, (8, 8, 7))[0, 0], (moving[0, 0, :-1] + moving[0, 0, 1:]) / 2
+    )
 
 
 def test_working_grid_cropped_to_a_region_keeps_world_positions_and_extends_fields():
@@ -159,29 +164,50 @@ def test_init_velocity_continues_a_registration_from_its_field(tiny_model, still
     moving = _warp_by_inverse(fixed, truth)
     mask = fixed.data > 0.15
     known = {"init_affine": np.eye(4), "affine_network": False, "affine_steps": 0}
-    first = register_deep(fixed, moving, fixed_mask=mask, model_path=tiny_model, refine_steps=30, **known)
+    first = register_deep(
+        fixed, moving, fixed_mask=mask, model_path=tiny_model, refine_steps=30, **known
+    )
     first_error = _mean_error(first.transform, truth, fixed, mask)
     assert first_error < 0.8 * _mean_error(Transform.identity(), truth, fixed, mask)
     coarse = first.coarse_velocity
     assert coarse.data.shape[-1] == 3 and np.prod(coarse.data.shape[:3]) * 4 < fixed.data.size
-    exact = register_deep(fixed, moving, fixed_mask=mask, model_path=still_model, init_velocity=coarse, **known)
-    np.testing.assert_allclose(exact.transform.displacement.data, first.transform.displacement.data, atol=1e-3)
+    exact = register_deep(
+        fixed, moving, fixed_mask=mask, model_path=still_model, init_velocity=coarse, **known
+    )
+    np.testing.assert_allclose(
+        exact.transform.displacement.data, first.transform.displacement.data, atol=1e-3
+    )
     np.testing.assert_allclose(exact.coarse_velocity.data, coarse.data, atol=1e-5)
     resampled = register_deep(
-        fixed, moving, fixed_mask=mask, model_path=still_model, init_velocity=first.velocity, **known
+        fixed,
+        moving,
+        fixed_mask=mask,
+        model_path=still_model,
+        init_velocity=first.velocity,
+        **known,
     )
     size = np.linalg.norm(first.transform.displacement.data, axis=-1)[mask].mean()
-    difference = np.linalg.norm(resampled.transform.displacement.data - first.transform.displacement.data, axis=-1)
+    difference = np.linalg.norm(
+        resampled.transform.displacement.data - first.transform.displacement.data, axis=-1
+    )
     assert difference[mask].mean() < 0.25 * size
     assert _mean_error(resampled.transform, truth, fixed, mask) < 1.2 * first_error
     with pytest.raises(AtlasflowError, match="3-vector"):
         register_deep(fixed, moving, model_path=tiny_model, init_velocity=fixed)
     # Without the full-grid velocity (the atlas members): the same transform and coarse field.
     lean = register_deep(
-        fixed, moving, fixed_mask=mask, model_path=tiny_model, refine_steps=30, full_velocity=False, **known
+        fixed,
+        moving,
+        fixed_mask=mask,
+        model_path=tiny_model,
+        refine_steps=30,
+        full_velocity=False,
+        **known,
     )
     assert lean.velocity is None and first.velocity is not None
-    np.testing.assert_array_equal(lean.transform.displacement.data, first.transform.displacement.data)
+    np.testing.assert_array_equal(
+        lean.transform.displacement.data, first.transform.displacement.data
+    )
     np.testing.assert_array_equal(lean.coarse_velocity.data, coarse.data)
 
 
@@ -231,7 +257,6 @@ def test_register_deep_rejects_bad_inputs(tiny_model):
         register_deep(fixed, fixed, model_path="/nonexistent/model.safetensors")
 
 
-
 def test_cost_mask_marks_voxels_left_out_of_the_similarity(tiny_model):
     """The moving image is the fixed one shifted by 2 voxels with a bright patch pasted in (no
     counterpart); leaving the patch out through ``cost_mask`` must still recover the shift."""
@@ -264,12 +289,21 @@ def test_label_term_pulls_corresponding_regions_together(tiny_model):
     fixed_labels = (np.linalg.norm(ijk - centre, axis=-1) <= 5).astype(np.uint8)
     moving_labels = (np.linalg.norm(ijk - centre - [3, 0, 0], axis=-1) <= 5).astype(np.uint8)
     common = dict(
-        fixed_mask=fixed.data > -1, cost_mask=np.linalg.norm(ijk - centre, axis=-1) <= 8,
-        model_path=tiny_model, refine_steps=60, affine_steps=0, init_affine=np.eye(4),
+        fixed_mask=fixed.data > -1,
+        cost_mask=np.linalg.norm(ijk - centre, axis=-1) <= 8,
+        model_path=tiny_model,
+        refine_steps=60,
+        affine_steps=0,
+        init_affine=np.eye(4),
     )
     plain = register_deep(fixed, fixed, **common)
     guided = register_deep(
-        fixed, fixed, fixed_labels=fixed_labels, moving_labels=moving_labels, label_weight=2.0, **common
+        fixed,
+        fixed,
+        fixed_labels=fixed_labels,
+        moving_labels=moving_labels,
+        label_weight=2.0,
+        **common,
     )
     spacing = float(fixed.affine[0, 0])
 
@@ -291,17 +325,31 @@ def test_distance_term_grows_a_region_from_inside(tiny_model):
     radius = np.linalg.norm(ijk - 16, axis=-1)
     fixed_labels, moving_labels = (radius <= 5).astype(np.uint8), (radius <= 7).astype(np.uint8)
     result = register_deep(
-        fixed, fixed, fixed_mask=fixed.data > -1, cost_mask=radius <= 10, model_path=tiny_model,
-        refine_steps=60, affine_steps=0, init_affine=np.eye(4), fixed_labels=fixed_labels,
-        moving_labels=moving_labels, label_weight=1.0, label_term="distance",
+        fixed,
+        fixed,
+        fixed_mask=fixed.data > -1,
+        cost_mask=radius <= 10,
+        model_path=tiny_model,
+        refine_steps=60,
+        affine_steps=0,
+        init_affine=np.eye(4),
+        fixed_labels=fixed_labels,
+        moving_labels=moving_labels,
+        label_weight=1.0,
+        label_term="distance",
     )
     det = jacobian_determinant(result.transform.displacement)
     assert det.min() > 0
     assert det[radius <= 2].mean() > 1.3, "the core expands with the region"
     voxel = float(abs(np.linalg.det(fixed.affine[:3, :3])))
-    change = transported_volume_mm3(
-        fixed.with_data(fixed_labels.astype(np.float32)), result.transform,
-        result.inverse_displacement, fixed.grid,
-    ) - fixed_labels.sum() * voxel
+    change = (
+        transported_volume_mm3(
+            fixed.with_data(fixed_labels.astype(np.float32)),
+            result.transform,
+            result.inverse_displacement,
+            fixed.grid,
+        )
+        - fixed_labels.sum() * voxel
+    )
     true_change = (moving_labels.sum() - fixed_labels.sum()) * voxel
     assert abs(change - true_change) <= 0.15 * true_change, (change, true_change)

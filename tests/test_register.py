@@ -58,14 +58,31 @@ def test_register_command_writes_every_output(tmp_path, capsys):
     save_image(labels, tmp_path / "l.nii.gz")
     code = main(
         [
-            "register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
-            "--moving-labels", str(tmp_path / "l.nii.gz"), "--out-dir", str(tmp_path / "out"),
-            "--backend", "ants", "--ants-type", "SyN",
+            "register",
+            "--fixed",
+            str(tmp_path / "f.nii.gz"),
+            "--moving",
+            str(tmp_path / "m.nii.gz"),
+            "--moving-labels",
+            str(tmp_path / "l.nii.gz"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--backend",
+            "ants",
+            "--ants-type",
+            "SyN",
         ]
     )
     assert code == 0
     out = tmp_path / "out"
-    for name in ("warped.nii.gz", "affine.mat", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz", "metrics.json"):
+    for name in (
+        "warped.nii.gz",
+        "affine.mat",
+        "warp.nii.gz",
+        "inverse_warp.nii.gz",
+        "warped_labels.nii.gz",
+        "metrics.json",
+    ):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ncc_after"] > metrics["ncc_before"]
@@ -76,7 +93,17 @@ def test_register_command_writes_every_output(tmp_path, capsys):
 
 
 def test_register_command_reports_missing_input_in_one_line(tmp_path, capsys):
-    code = main(["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving", str(tmp_path / "x.nii.gz"), "--out-dir", str(tmp_path)])
+    code = main(
+        [
+            "register",
+            "--fixed",
+            str(tmp_path / "nope.nii.gz"),
+            "--moving",
+            str(tmp_path / "x.nii.gz"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.nii.gz" in err[0] and "not found" in err[0]
@@ -104,14 +131,101 @@ def test_flagged_registration_keeps_its_outputs_and_says_why_in_the_metrics(tmp_
     fixed, moving, _ = shifted_pair()
     save_image(fixed, tmp_path / "f.nii.gz")
     save_image(moving, tmp_path / "m.nii.gz")
-    args = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
-            "--out-dir", str(tmp_path / "out"), "--backend", "deep", "--affine-only"]
+    args = [
+        "register",
+        "--fixed",
+        str(tmp_path / "f.nii.gz"),
+        "--moving",
+        str(tmp_path / "m.nii.gz"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--backend",
+        "deep",
+        "--affine-only",
+    ]
     assert main([*args, "--min-ncc", "1.5", "--max-folding", "-1"]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["qc_pass"] is False
     assert len(metrics["qc_flags"]) == 2
-    assert any("1.5" in f for f in metrics["qc_flags"]) and any("folding" in f for f in metrics["qc_flags"])
+    assert any("1.5" in f for f in metrics["qc_flags"]) and any(
+        "folding" in f for f in metrics["qc_flags"]
+    )
     assert (tmp_path / "out" / "warped.nii.gz").exists()
     assert main([*args, "--min-ncc", "0.0", "--max-folding", "1"]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["qc_pass"] is True and metrics["qc_flags"] == []
+
+
+# ------------------------------------------------------------------- registration options
+
+WORKFLOW_CONFIG = {
+    "registration": {
+        "backend": "deep",
+        "refine_steps": 30,
+        "model": None,
+        "device": "cpu",
+        "ants_type": "SyN",
+        "seed": 0,
+    },
+    "atlas": {"refine_steps": 0, "affine_steps": 0},
+    "longitudinal": {"refine_steps": 100, "tumor_weight": 1.0, "exclusion_margin_mm": 4.0},
+}
+
+
+def test_workflow_flags_keep_their_spelling():
+    """Rules pass these strings as params: a changed spelling would rerun every registration."""
+    from atlasflow.registration.options import workflow_flags
+
+    assert (
+        workflow_flags(WORKFLOW_CONFIG, "register")
+        == "--backend deep --refine 30 --device cpu --ants-type SyN --seed 0 "
+    )
+    assert (
+        workflow_flags(WORKFLOW_CONFIG, "atlas_init")
+        == "--backend deep --refine 0 --device cpu --ants-type SyN --seed 0 "
+    )
+    assert workflow_flags(WORKFLOW_CONFIG, "atlas") == (
+        "--backend deep --refine 0 --device cpu --ants-type SyN --seed 0  --affine-steps 0"
+    )
+    config = {
+        **WORKFLOW_CONFIG,
+        "registration": {**WORKFLOW_CONFIG["registration"], "model": "w.safetensors", "seed": 3},
+    }
+    assert workflow_flags(config, "longitudinal") == (
+        "--backend deep --refine 100 --device cpu --ants-type SyN --seed 3 --model w.safetensors "
+        "--tumor-weight 1.0 --exclusion-margin 4.0"
+    )
+
+
+@pytest.mark.parametrize(
+    "stage, command",
+    [
+        ("register", ["register", "--fixed", "f", "--moving", "m"]),
+        ("atlas_init", ["atlas", "init", "--output", "o"]),
+        ("atlas", ["atlas", "iteration", "--output", "o"]),
+        ("longitudinal", ["longitudinal", "pair"]),
+    ],
+)
+def test_flags_read_back_as_the_options_they_came_from(stage, command):
+    from atlasflow.cli.main import build_parser
+    from atlasflow.registration.options import RegistrationOptions, workflow_flags
+
+    config = {
+        **WORKFLOW_CONFIG,
+        "registration": {**WORKFLOW_CONFIG["registration"], "model": "w.pt", "backend": "ants"},
+    }
+    args = build_parser().parse_args([*command, *workflow_flags(config, stage).split()])
+    assert RegistrationOptions.from_args(args) == RegistrationOptions.from_config(config, stage)
+    # and a command line without them gives the defaults
+    assert (
+        RegistrationOptions.from_args(build_parser().parse_args(command)) == RegistrationOptions()
+    )
+
+
+def test_options_take_keyword_changes_and_refuse_unknown_names():
+    from atlasflow.registration.options import RegistrationOptions
+
+    options = RegistrationOptions.of({"backend": "ants"}, refine_steps=5)
+    assert (options.backend, options.refine_steps, options.seed) == ("ants", 5, 0)
+    with pytest.raises(TypeError):
+        RegistrationOptions.of(options, refine=5)

@@ -34,11 +34,11 @@ rule atlas_init:
     params:
         # Plain values are compared with the last run's when Snakemake plans (functions of
         # `input` are not): a changed setting reruns the rule.
-        settings=f"init {ATL['init']} {registration_options(None, 0)}",
+        settings=f"init {ATL['init']} {registration_options(None, 'atlas_init')}",
         argv=lambda wc, input, output, threads: [
             "--threads", threads, "atlas", "init", "--template", input.template, "--template-mask", input.mask,
             "--images", *input.images, "--masks", *input.masks, "--init", ATL["init"],
-            *registration_options(None, 0).split(), *MIN_MEMBERS.split(),
+            *registration_options(None, "atlas_init").split(), *MIN_MEMBERS.split(),
             "--output", output.template, "--out-affines", *output.affines, "--out-members", output.members,
         ],
     threads: ATL["threads"]
@@ -157,51 +157,25 @@ rule atlas_final:
         "atlasflow atlas gather --metrics {input.metrics} --output {output.metrics}) > {log} 2>&1"
 
 
-rule register_atlas:
-    """Every scan registered to the final atlas: transforms and the scan in atlas space."""
+# Every scan registered to the final atlas: transforms and the scan in atlas space.
+use rule register_template as register_atlas with:
     input:
-        fixed=ATLAS_T1W,
-        fixed_mask=TEMPLATE_MASK,
-        moving=anat("T1w", desc="preproc"),
-        moving_mask=anat("mask", desc="brain"),
-        model=model_input,
+        **registration_inputs(fixed=ATLAS_T1W),
     output:
-        warped=anat("T1w", space="atlas"),
-        affine=anat("xfm", from_="T1w", to="atlas", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="atlas", mode="image"),
-        inverse_warp=anat("xfm", from_="atlas", to="T1w", mode="image"),
-        metrics=anat("xfm", from_="T1w", to="atlas", mode="image", desc="qc", ext="json"),
-    conda:
-        CONDA_ENV
+        **registration_outputs("atlas", warped=anat("T1w", space="atlas")),
     log:
         log("register_atlas"),
     benchmark:
         bench("register_atlas")
-    params:
-        options=registration_options,
-        qc=qc_options,
-    threads: THREADS
-    resources:
-        mem_mb=1500,
-        runtime=15,
-        gpu=0,
-    shell:
-        "atlasflow --threads {threads} register --fixed {input.fixed} --moving {input.moving} "
-        "--fixed-mask {input.fixed_mask} --moving-mask {input.moving_mask} {params.options} {params.qc} "
-        "--out-image {output.warped} --out-affine {output.affine} --out-warp {output.warp} "
-        "--out-inverse-warp {output.inverse_warp} --out-metrics {output.metrics} > {log} 2>&1"
 
 
 use rule warp_labels as warp_labels_atlas with:
     input:
         labels=anat("dseg", desc="preproc"),
         fixed=ATLAS_T1W,
-        affine=anat("xfm", from_="T1w", to="atlas", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="atlas", mode="image"),
+        **xfm("atlas"),
     output:
         anat("dseg", space="atlas"),
-    conda:
-        CONDA_ENV
     log:
         log("warp_labels_atlas"),
     benchmark:

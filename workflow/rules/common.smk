@@ -9,6 +9,7 @@ from atlasflow.errors import AtlasflowError
 from atlasflow.errors import set_policy
 from atlasflow.runtime.provenance import git_commit, package_versions
 from atlasflow.cohort.planning import SHIPPED_MODEL, atlas_members, cohort_source, resolve_cohort
+from atlasflow.registration.options import workflow_flags
 
 OUT = config["outdir"]
 LOGS = layout.logs_dir(OUT)
@@ -157,18 +158,45 @@ def model_input(wildcards):
     return [str(SHIPPED_MODEL)] if REG["backend"] == "deep" else []
 
 
-def registration_options(wildcards, refine_steps=None):
-    """The registration flags shared by every registration rule.
+def registration_options(wildcards, stage="register"):
+    """The engine flags the registrations of ``stage`` pass (register, atlas_init, atlas or
+    longitudinal), rendered from the config by atlasflow.registration.options.
 
     A function of the wildcards only: Snakemake compares such params with the last run's when it
     plans, so a changed setting reruns the registrations (params that take `input` are not).
     """
-    model = f"--model {REG['model']}" if REG["model"] else ""
-    refine = REG["refine_steps"] if refine_steps is None else refine_steps
-    return (
-        f"--backend {REG['backend']} --refine {refine} --device {REG['device']} "
-        f"--ants-type {REG['ants_type']} --seed {REG['seed']} {model}"
-    )
+    return workflow_flags(config, stage)
+
+
+def registration_inputs(fixed):
+    """What registering a scan to ``fixed`` reads: the scan's preprocessed T1w and brain mask, the
+    template's brain mask and the weights."""
+    return {
+        "fixed": fixed,
+        "fixed_mask": TEMPLATE_MASK,
+        "moving": anat("T1w", desc="preproc"),
+        "moving_mask": anat("mask", desc="brain"),
+        "model": model_input,
+    }
+
+
+def xfm(to):
+    """A scan's ITK affine and displacement field to space ``to`` (as named inputs or outputs)."""
+    return {
+        "affine": anat("xfm", from_="T1w", to=to, mode="image", ext="mat"),
+        "warp": anat("xfm", from_="T1w", to=to, mode="image"),
+    }
+
+
+def registration_outputs(to, warped):
+    """What registering a scan to space ``to`` writes: the scan there (``warped``), the transforms
+    both ways and the QC metrics."""
+    return {
+        "warped": warped,
+        **xfm(to),
+        "inverse_warp": anat("xfm", from_=to, to="T1w", mode="image"),
+        "metrics": anat("xfm", from_="T1w", to=to, mode="image", desc="qc", ext="json"),
+    }
 
 
 def atlas_model_input(wildcards):
@@ -178,19 +206,12 @@ def atlas_model_input(wildcards):
 
 def atlas_registration_options(wildcards):
     """Atlas iterations: the shared engine flags with the atlas stage's own step budgets."""
-    return (
-        f"{registration_options(wildcards, ATL['refine_steps'])} "
-        f"--affine-steps {ATL['affine_steps']}"
-    )
+    return registration_options(wildcards, "atlas")
 
 
 def longitudinal_options(wildcards):
     """Follow-up -> baseline: the shared engine flags with the longitudinal stage's own settings."""
-    lg = config["longitudinal"]
-    return (
-        f"{registration_options(wildcards, lg['refine_steps'])} "
-        f"--tumor-weight {lg['tumor_weight']} --exclusion-margin {lg['exclusion_margin_mm']}"
-    )
+    return registration_options(wildcards, "longitudinal")
 
 
 def qc_options(wildcards):

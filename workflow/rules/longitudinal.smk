@@ -8,8 +8,7 @@ rule longitudinal_register:
         model=model_input,
     output:
         warped=anat("T1w", space="baseline", desc="warped"),
-        affine=anat("xfm", from_="T1w", to="baseline", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="baseline", mode="image"),
+        **xfm("baseline"),
         log_jacobian=anat("map", space="baseline", desc="logjacobian"),
         difference=anat("T1w", space="baseline", desc="difference"),
         displacement=anat("map", space="baseline", desc="displacement"),
@@ -38,27 +37,18 @@ rule longitudinal_register:
         "--out-displacement {output.displacement} --out-metrics {output.metrics} > {log} 2>&1"
 
 
-rule longitudinal_tumor_mask:
-    """The follow-up's tumour mask on the baseline grid."""
+# The follow-up's tumour mask on the baseline grid.
+use rule warp_labels as longitudinal_tumor_mask with:
     input:
         labels=anat("mask", label="tumor", desc="preproc"),
         fixed=lambda wc: anat("T1w", wc.subject, BASELINE[wc.subject], desc="preproc"),
-        affine=anat("xfm", from_="T1w", to="baseline", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="baseline", mode="image"),
+        **xfm("baseline"),
     output:
         anat("mask", space="baseline", label="tumor"),
-    conda:
-        CONDA_ENV
     log:
         log("longitudinal_tumor_mask"),
     benchmark:
         bench("longitudinal_tumor_mask")
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    shell:
-        "atlasflow apply --fixed {input.fixed} --moving {input.labels} --affine {input.affine} "
-        "--warp {input.warp} --interpolation nearest --output {output} > {log} 2>&1"
 
 
 rule tumor_table:
@@ -115,27 +105,18 @@ rule change_map_to_atlas:
         "--warp {input.warp} --interpolation {params.interpolation} --output {output} > {log} 2>&1"
 
 
-rule baseline_tumor_to_atlas:
-    """The baseline's tumour mask in atlas space."""
+# The baseline's tumour mask in atlas space.
+use rule warp_labels as baseline_tumor_to_atlas with:
     input:
         labels=anat("mask", label="tumor", desc="preproc"),
         fixed=ATLAS_T1W,
-        affine=anat("xfm", from_="T1w", to="atlas", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="atlas", mode="image"),
+        **xfm("atlas"),
     output:
         anat("mask", space="atlas", label="tumor", desc="baseline"),
-    conda:
-        CONDA_ENV
     log:
         log("baseline_tumor_to_atlas"),
     benchmark:
         bench("baseline_tumor_to_atlas")
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    shell:
-        "atlasflow apply --fixed {input.fixed} --moving {input.labels} --affine {input.affine} "
-        "--warp {input.warp} --interpolation nearest --output {output} > {log} 2>&1"
 
 
 rule tumor_frequency:

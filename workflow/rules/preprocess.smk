@@ -118,7 +118,8 @@ rule preprocess:
 
 
 rule preprocess_labels:
-    """The scan's label map on its working grid (nearest neighbour: labels are never averaged)."""
+    """The scan's label map (or tumour mask) on its working grid (nearest neighbour: labels are
+    never averaged)."""
     input:
         labels=lambda wc: row(wc)["labels"],
         reference=anat("T1w", desc="preproc"),
@@ -137,21 +138,14 @@ rule preprocess_labels:
         "atlasflow preprocess carry --input {input.labels} --reference {input.reference} --output {output} > {log} 2>&1"
 
 
-rule preprocess_tumor_mask:
-    """The scan's tumour mask on its working grid."""
+# The scan's tumour mask on its working grid.
+use rule preprocess_labels as preprocess_tumor_mask with:
     input:
-        mask=lambda wc: row(wc)["tumor_mask"],
+        labels=lambda wc: row(wc)["tumor_mask"],
         reference=anat("T1w", desc="preproc"),
     output:
         anat("mask", label="tumor", desc="preproc"),
-    conda:
-        CONDA_ENV
     log:
         log("preprocess_tumor_mask"),
     benchmark:
         bench("preprocess_tumor_mask")
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    shell:
-        "atlasflow preprocess carry --input {input.mask} --reference {input.reference} --output {output} > {log} 2>&1"

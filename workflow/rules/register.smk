@@ -3,17 +3,9 @@
 rule register_template:
     """Align one preprocessed scan to the template: ITK affine + displacement field, warped image."""
     input:
-        fixed=TEMPLATE,
-        fixed_mask=TEMPLATE_MASK,
-        moving=anat("T1w", desc="preproc"),
-        moving_mask=anat("mask", desc="brain"),
-        model=model_input,
+        **registration_inputs(fixed=TEMPLATE),
     output:
-        warped=anat("T1w", space="template", desc="warped"),
-        affine=anat("xfm", from_="T1w", to="template", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="template", mode="image"),
-        inverse_warp=anat("xfm", from_="template", to="T1w", mode="image"),
-        metrics=anat("xfm", from_="T1w", to="template", mode="image", desc="qc", ext="json"),
+        **registration_outputs("template", warped=anat("T1w", space="template", desc="warped")),
     conda:
         CONDA_ENV
     log:
@@ -36,12 +28,12 @@ rule register_template:
 
 
 rule warp_labels:
-    """A scan's label map carried into template space through its transform (label-aware)."""
+    """A scan's label map (or mask) carried onto another grid through its transform (nearest
+    neighbour: labels are never averaged)."""
     input:
         labels=anat("dseg", desc="preproc"),
         fixed=TEMPLATE,
-        affine=anat("xfm", from_="T1w", to="template", mode="image", ext="mat"),
-        warp=anat("xfm", from_="T1w", to="template", mode="image"),
+        **xfm("template"),
     output:
         anat("dseg", space="template"),
     conda:

@@ -1,47 +1,34 @@
-"""Unbiased population atlas: streaming averages, the shape update, label votes and metrics.
+"""Unbiased population atlas: iteration 0 (affines), the iterations, the shape update, metrics.
 
-One iteration (after Avants et al. 2010, antsMultivariateTemplateConstruction2):
+One iteration (after Avants et al. 2010, antsMultivariateTemplateConstruction2), in one job:
 every member is registered to the previous template (fixed = template), the warped images are
 averaged, and the average is pulled by the negated mean velocity field, scaled by a gradient step,
 so the template moves toward the cohort's centre; a mild unsharp mask restores the edges that
-averaging blurs. All averages stream over files with running sums, so memory does not grow with the
-cohort size.
+averaging blurs. The members' results are summed into running sums in member order, so memory
+does not grow with the cohort size and reruns are identical. The atlas label map is
+:mod:`atlasflow.atlas.labels`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+# The label vote is atlasflow.atlas.labels; benchmarks/ixi_atlas.py still reads it from here.
+from atlasflow.atlas.labels import leave_one_out_consistency  # noqa: F401
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Grid, Image, load_image, load_mask, save_image
+from atlasflow.registration.options import RegistrationOptions
 
 # torch (through .transforms and .register), scipy and pandas are imported inside the functions
 # that need them: the label vote and the metrics table (rules atlas_labels, atlas_final) then
 # start in a fraction of a second instead of paying torch's ~2 s import.
-
-
-def stream_mean(paths: Sequence[str | Path], allow_vector: bool = False) -> Image:
-    """Voxel-wise mean of images on one grid, reading one file at a time."""
-    if not paths:
-        raise AtlasflowError("nothing to average: no input images")
-    total: np.ndarray | None = None
-    first: Image | None = None
-    for path in paths:
-        image = load_image(path, allow_vector=allow_vector)
-        if first is None:
-            first, total = image, image.data.astype(np.float64)
-            continue
-        if not image.grid.same_as(first.grid):
-            raise AtlasflowError(f"{path}: grid differs from {paths[0]}; cannot average")
-        total += image.data
-    assert first is not None and total is not None
-    return Image((total / len(paths)).astype(np.float32), first.affine.copy())
 
 
 def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image:
@@ -52,7 +39,9 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
     from atlasflow.transforms import displacement_vox_to_world, displacement_world_to_vox
 
     grid = velocity_world.grid
-    v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(np.float32)
+    v_vox = displacement_world_to_vox(velocity_world.data.astype(np.float64), grid).astype(
+        np.float32
+    )
     v = torch.from_numpy(np.ascontiguousarray(v_vox)).permute(3, 0, 1, 2)[None] * scale
     with torch.no_grad():
         shape = tuple(v.shape[2:])
@@ -61,10 +50,16 @@ def velocity_to_displacement(velocity_world: Image, scale: float = 1.0) -> Image
             # it is integrated at half resolution (~8x fewer voxels), then upsampled.
             half = tuple((n + 1) // 2 for n in shape)
             v_half = resize_displacement(v, half)
-            disp = resize_displacement(integrate_velocity(v_half), shape)[0].permute(1, 2, 3, 0).numpy()
+            disp = (
+                resize_displacement(integrate_velocity(v_half), shape)[0]
+                .permute(1, 2, 3, 0)
+                .numpy()
+            )
         else:
             disp = integrate_velocity(v)[0].permute(1, 2, 3, 0).numpy()
-    return Image(displacement_vox_to_world(disp, grid).astype(np.float32), velocity_world.affine.copy())
+    return Image(
+        displacement_vox_to_world(disp, grid).astype(np.float32), velocity_world.affine.copy()
+    )
 
 
 def sharpen(image: Image, amount: float = 0.5, sigma_vox: float = 1.0) -> Image:
@@ -82,36 +77,6 @@ def shape_update(average: Image, mean_velocity: Image, gradient_step: float) -> 
 
     disp = velocity_to_displacement(mean_velocity, -gradient_step)
     return apply_transform(average, Transform(np.eye(4), disp), average.grid, "linear")
-
-
-def build_iteration(
-    warped: Sequence[str | Path],
-    velocities: Sequence[str | Path],
-    previous_template: str | Path,
-    out_template: str | Path,
-    out_metrics: str | Path,
-    *,
-    gradient_step: float = 1.0,
-    do_sharpen: bool = True,
-    registration_metrics: Sequence[str | Path] = (),
-    iteration: int = 1,
-    mask: str | Path | None = None,
-) -> dict:
-    """Average, shape-update and sharpen one iteration from members registered elsewhere (files);
-    write the template and its metrics."""
-    average = stream_mean(warped)
-    mean_velocity = stream_mean(velocities, allow_vector=True)
-    previous = load_image(previous_template)
-    region = load_image(mask).data > 0 if mask else previous.data > 0.05
-    subject_norms = [
-        float(_norms_inside(load_image(p, allow_vector=True), region, previous.affine).mean()) for p in velocities
-    ]
-    reg = [json.loads(Path(p).read_text()) for p in registration_metrics]
-    return _finish_iteration(
-        average, mean_velocity, previous, region, subject_norms, reg, out_template, out_metrics,
-        mean_norms=_norms_inside(mean_velocity, region, previous.affine),
-        gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
-    )
 
 
 def _finish_iteration(
@@ -145,14 +110,18 @@ def _finish_iteration(
     metrics = {
         "iteration": iteration,
         "members": len(subject_norms),
-        "template_change_rms": float(np.sqrt(np.mean((template.data - previous.data)[region] ** 2))),
+        "template_change_rms": float(
+            np.sqrt(np.mean((template.data - previous.data)[region] ** 2))
+        ),
         "mean_velocity_norm_mean_mm": float(mean_norms.mean()),
         "mean_velocity_norm_max_mm": float(mean_norms.max()),
         "subject_velocity_norm_mean_mm": subject_norm,
         "velocity_bias_ratio": float(mean_norms.mean() / subject_norm) if subject_norm > 0 else 0.0,
         "ncc_to_template_mean": float(np.mean([r["ncc_after"] for r in reg])) if reg else None,
         "folding_fraction_max": float(max(r["folding_fraction"] for r in reg)) if reg else None,
-        "folding_fraction_mean": float(np.mean([r["folding_fraction"] for r in reg])) if reg else None,
+        "folding_fraction_mean": float(np.mean([r["folding_fraction"] for r in reg]))
+        if reg
+        else None,
     }
     atomic_write_text(out_metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -183,7 +152,7 @@ class Target:
 
     fixed: Image
     mask: np.ndarray
-    options: dict
+    options: RegistrationOptions
     start_shift: Image | None = None
 
 
@@ -192,28 +161,32 @@ def _register_member(member: Member, target: Target) -> dict:
     field (iterations) or, with ``affine_only`` in the options (atlas_init), its affine (template
     world -> member world)."""
     from atlasflow.io.itk import read_itk_affine
-    from atlasflow.registration.api import ncc, register
-    from atlasflow.transforms import apply_transform, folding_fraction
+    from atlasflow.registration.api import register_and_measure
 
     fixed, fixed_mask, options = target.fixed, target.mask, target.options
     try:
         moving = load_image(member.image)
         mmask = load_mask(member.mask, moving, member.image)
         init = read_itk_affine(member.affine) if member.affine else None
-        start = _start_velocity(member, target.start_shift)
-        reg = register(
-            fixed, moving, fixed_mask=fixed_mask, moving_mask=mmask, init_affine=init, inverse=False,
-            full_velocity=False, **({} if start is None else {"init_velocity": start}), **options,
+        measured = register_and_measure(
+            fixed,
+            moving,
+            replace(options, inverse=False, full_velocity=False),
+            fixed_mask=fixed_mask,
+            moving_mask=mmask,
+            init_affine=init,
+            init_velocity=_start_velocity(member, target.start_shift),
+            before=False,
         )
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
-    warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
+    reg, numbers = measured.registration, measured.metrics
     result = {
         "name": member.name,
-        "warped": warped.data.astype(np.float32),
-        "metrics": {"seconds": round(reg.seconds, 3), "ncc_after": ncc(fixed.data, warped.data, fixed_mask)},
+        "warped": measured.warped.data.astype(np.float32),
+        "metrics": {"seconds": numbers["seconds"], "ncc_after": numbers["ncc_after"]},
     }
-    if options.get("affine_only"):
+    if options.affine_only:
         result["affine"] = reg.transform.affine
         return result
     # The deep backend's coarse field is 1/8 of the full one (which it does not make here): the
@@ -223,7 +196,7 @@ def _register_member(member: Member, target: Target) -> dict:
     if reg.coarse_velocity is None:
         result["field"] = field.data.astype(np.float32)
     result["metrics"].update(
-        folding_fraction=folding_fraction(reg.transform.displacement, fixed_mask),
+        folding_fraction=numbers["folding_fraction"],
         velocity_norm_mean_mm=float(_norms_inside(field, fixed_mask, fixed.affine).mean()),
     )
     return result
@@ -236,7 +209,12 @@ def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -
     if not Grid(inside.shape, region_affine).same_as(field.grid):
         from atlasflow.transforms import Transform, apply_transform
 
-        share = apply_transform(Image(inside.astype(np.float32), region_affine), Transform.identity(), field.grid, "linear")
+        share = apply_transform(
+            Image(inside.astype(np.float32), region_affine),
+            Transform.identity(),
+            field.grid,
+            "linear",
+        )
         inside = share.data >= 0.5
     return np.linalg.norm(field.data, axis=-1)[inside]
 
@@ -270,7 +248,9 @@ def member_pool(workers: int):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=worker_init, initargs=(1,))
+    return ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("fork"), initializer=worker_init, initargs=(1,)
+    )
 
 
 # A warm engine's member workers (:mod:`atlasflow.runtime.server`), kept between jobs; else each job
@@ -285,7 +265,10 @@ def use_pool(pool) -> None:
 
 
 def _map_members(
-    function: Callable[[Member, Target], dict], members: Sequence[Member], target: Target, workers: int
+    function: Callable[[Member, Target], dict],
+    members: Sequence[Member],
+    target: Target,
+    workers: int,
 ) -> Iterator[dict]:
     """``function(member, target)`` of every member, in member order.
 
@@ -327,7 +310,7 @@ def run_iteration(
     out_metrics: str | Path,
     out_members: str | Path,
     *,
-    options: dict,
+    options: RegistrationOptions | Mapping[str, Any],
     iteration: int = 1,
     gradient_step: float = 1.0,
     do_sharpen: bool = True,
@@ -367,7 +350,7 @@ def run_iteration(
     if previous_mean_velocity is not None:
         mean_previous = load_image(previous_mean_velocity, allow_vector=True)
         shift = mean_previous.with_data((-gradient_step * mean_previous.data).astype(np.float32))
-    target = Target(previous, region, options, shift)
+    target = Target(previous, region, RegistrationOptions.of(options), shift)
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field: np.ndarray | None = None  # the members' full fields (ANTs) or coarse ones (deep)
     field_affine: np.ndarray | None = None
@@ -377,10 +360,17 @@ def run_iteration(
     for member, out_velocity, result in zip(members, outs, results, strict=True):
         if "error" in result:
             if not skip_failed:
-                raise AtlasflowError(f"atlas iteration {iteration}: {member.image}: {result['error']}")
+                raise AtlasflowError(
+                    f"atlas iteration {iteration}: {member.image}: {result['error']}"
+                )
             rows.append({"member": member.name, "status": "failed", "reason": result["error"]})
             if out_velocity is not None:
-                write_failure([out_velocity], f"atlas iteration {iteration}", result["error"], source=member.image)
+                write_failure(
+                    [out_velocity],
+                    f"atlas iteration {iteration}",
+                    result["error"],
+                    source=member.image,
+                )
             continue
         coarse = result["coarse_velocity"]
         if out_velocity is not None:
@@ -407,10 +397,22 @@ def run_iteration(
         # field would have had, done once.
         from atlasflow.transforms import Transform, apply_transform
 
-        mean_velocity = apply_transform(mean_velocity, Transform.identity(), previous.grid, "linear")
+        mean_velocity = apply_transform(
+            mean_velocity, Transform.identity(), previous.grid, "linear"
+        )
     metrics = _finish_iteration(
-        average, mean_velocity, previous, region, norms, kept, out_template, out_metrics, mean_norms=mean_norms,
-        gradient_step=gradient_step, do_sharpen=do_sharpen, iteration=iteration,
+        average,
+        mean_velocity,
+        previous,
+        region,
+        norms,
+        kept,
+        out_template,
+        out_metrics,
+        mean_norms=mean_norms,
+        gradient_step=gradient_step,
+        do_sharpen=do_sharpen,
+        iteration=iteration,
     )
     _write_members(rows, out_members)
     return metrics
@@ -437,7 +439,7 @@ def run_init(
     out_affines: Sequence[str | Path],
     out_members: str | Path,
     *,
-    options: dict,
+    options: RegistrationOptions | Mapping[str, Any],
     mean: bool = True,
     workers: int = 1,
     skip_failed: bool = False,
@@ -454,10 +456,12 @@ def run_init(
     from atlasflow.io.itk import write_itk_affine
 
     if len(out_affines) != len(members):
-        raise AtlasflowError(f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs")
+        raise AtlasflowError(
+            f"atlas iteration 0: {len(members)} members but {len(out_affines)} affine outputs"
+        )
     fixed = load_image(reference)
     region = load_mask(reference_mask, fixed, reference)
-    target = Target(fixed, region, {**options, "affine_only": True})
+    target = Target(fixed, region, RegistrationOptions.of(options, affine_only=True))
     total = np.zeros(fixed.data.shape, np.float64)
     rows: list[dict] = []
     registered = 0
@@ -481,91 +485,11 @@ def run_init(
     return template
 
 
-def _label_counts(label_paths: Sequence[str | Path]) -> tuple[Image, dict[int, np.ndarray]]:
-    """Per label, how many of the maps hold it at each voxel; one map in memory at a time."""
-    counts: dict[int, np.ndarray] = {}
-    first: Image | None = None
-    for path in label_paths:
-        labels = load_image(path, dtype=None)
-        if first is None:
-            first = labels
-        elif not labels.grid.same_as(first.grid):
-            raise AtlasflowError(f"{path}: grid differs from {label_paths[0]}; cannot vote")
-        data = labels.data.astype(np.int64)
-        for value in np.unique(data):
-            counts.setdefault(int(value), np.zeros(data.shape, np.uint16))
-            counts[int(value)] += data == value
-    if first is None:
-        raise AtlasflowError("no label maps to vote")
-    return first, counts
-
-
-def _majority(counts: dict[int, np.ndarray], shape: tuple[int, ...], exclude: np.ndarray | None = None) -> np.ndarray:
-    """Label with the most votes at each voxel (ties to the lower label); ``exclude``: one map's
-    own votes taken out (leave-one-out)."""
-    best = np.zeros(shape, np.int32)
-    vote = np.zeros(shape, np.int32)
-    for value in sorted(counts):
-        c = counts[value] if exclude is None else counts[value].astype(np.int32) - (exclude == value)
-        better = c > best
-        vote[better] = value
-        best[better] = c[better]
-    return vote
-
-
-def label_vote(
-    label_paths: Sequence[str | Path], out_dseg: str | Path, out_probseg: str | Path | None = None
-) -> tuple[Image, dict[int, np.ndarray]]:
-    """Majority vote of label maps on one grid (streamed), with per-label probability maps.
-
-    Memory holds one count array per label, whatever the number of maps. Probability maps are
-    written as one 4-D NIfTI (last axis = label, in the order of the TSV written beside it) when
-    ``out_probseg`` is given: the vote counts, stored as integers with the scale factor 1 / number
-    of maps, so readers get the exact fractions from a quarter of float32's bytes.
-    """
-    first, counts = _label_counts(label_paths)
-    values = sorted(counts)
-    vote = _majority(counts, first.data.shape)
-    n = len(label_paths)
-    out = first.with_data(vote.astype(np.uint8 if max(values) < 256 and min(values) >= 0 else np.int32))
-    save_image(out, out_dseg)
-    if out_probseg is not None:
-        foreground = [v for v in values if v != 0]
-        # Filled in place (stacking per-label arrays would hold them twice), in Fortran order:
-        # each label's volume is then one block, and NIfTI's own order, written without a copy.
-        prob = np.empty((*vote.shape, len(foreground)), np.uint8 if n < 256 else np.uint16, order="F")
-        for i, v in enumerate(foreground):
-            prob[..., i] = counts[v]
-        save_image(Image(prob, first.affine), out_probseg, slope=1.0 / n)
-        atomic_write_text(Path(str(out_probseg).replace(".nii.gz", ".tsv")), "index\tlabel\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(foreground)))
-    return out, {v: counts[v] for v in values}
-
-
-def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
-    labels = np.intersect1d(np.unique(a), np.unique(b))
-    labels = labels[labels != 0]
-    if not len(labels):
-        return 0.0
-    return float(np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels]))
-
-
-def leave_one_out_consistency(label_paths: Sequence[str | Path]) -> list[float]:
-    """For every subject: Dice of its atlas-space labels with the vote of all the others.
-
-    Two streaming passes (the counts, then each map against the counts without it), so memory
-    does not grow with the number of maps.
-    """
-    first, counts = _label_counts(label_paths)
-    scores = []
-    for path in label_paths:
-        m = load_image(path, dtype=None).data.astype(np.int32)
-        scores.append(dice_mean(m, _majority(counts, first.data.shape, exclude=m)))
-    return scores
-
-
 def gather_metrics(paths: Iterable[str | Path], out_tsv: str | Path) -> None:
     """Collect per-iteration JSON metrics into one TSV (one row per iteration)."""
-    rows = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda row: row["iteration"])
+    rows = sorted(
+        (json.loads(Path(p).read_text()) for p in paths), key=lambda row: row["iteration"]
+    )
     atomic_write_text(out_tsv, _tsv(rows))
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from atlasflow.errors import (
@@ -26,6 +27,7 @@ from atlasflow.errors import (
     on_error_default,
     write_failure,
 )
+from atlasflow.registration.options import RegistrationOptions
 
 
 def limit_threads(n: int | None) -> None:
@@ -120,9 +122,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         fixed_mask=args.fixed_mask,
         moving_mask=args.moving_mask,
         cost_mask=args.cost_mask,
-        affine_only=args.affine_only,
-        **_engine_options(args),
         thresholds=QCThresholds(args.max_folding, args.min_ncc),
+        options=RegistrationOptions.from_args(args),
     )
     flags = "; ".join(metrics["qc_flags"]) or "QC pass"
     print(
@@ -166,6 +167,7 @@ def _member(image: str, mask: str | None, affine: str | None = None, velocity: s
 def cmd_atlas(args: argparse.Namespace) -> int:
     import atlasflow.atlas.build as atlas
 
+    options = RegistrationOptions.from_args(args)
     if args.step == "init":
         images, masks, out_affines = args.images or [], args.masks or [], args.out_affines or []
         if not len(images) == len(masks) == len(out_affines):
@@ -185,26 +187,11 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             args.output,
             kept_affines,
             args.out_members,
-            options=_engine_options(args),
+            options=replace(options, affine_steps=None),  # --affine-steps is the iterations'
             mean=args.init == "mean",
             workers=args.threads or 1,
             skip_failed=args.on_scan_error == "skip",
             min_members=args.min_inputs,
-        )
-    elif args.step == "iterate":
-        columns = [args.warped or [], args.velocity or []] + ([args.metrics] if args.metrics else [])
-        warped, velocity, *metrics = _successful(args, columns, f"atlas iteration {args.iteration}")
-        atlas.build_iteration(
-            warped,
-            velocity,
-            args.previous,
-            args.output,
-            args.out_metrics,
-            gradient_step=args.gradient_step,
-            do_sharpen=not args.no_sharpen,
-            registration_metrics=metrics[0] if metrics else [],
-            iteration=args.iteration,
-            mask=args.mask,
         )
     elif args.step == "iteration":
         images, masks, affines = args.images or [], args.masks or [], args.affines or []
@@ -230,9 +217,6 @@ def cmd_atlas(args: argparse.Namespace) -> int:
             carried = velocity if velocity and failure_record(velocity) is None else None
             members.append(_member(image, mask, affine, carried))
             kept_out.append(out_velocity)
-        options = _engine_options(args)
-        if args.affine_steps is not None:
-            options["affine_steps"] = args.affine_steps
         atlas.run_iteration(
             members,
             args.previous,
@@ -253,7 +237,9 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         )
     elif args.step == "vote":
         (labels,) = _successful(args, [args.labels or []], "atlas label vote")
-        atlas.label_vote(labels, args.output, args.out_probseg)
+        from atlasflow.atlas.labels import label_vote
+
+        label_vote(labels, args.output, args.out_probseg)
     elif args.step == "gather":
         atlas.gather_metrics(args.metrics, args.output)
     return 0
@@ -281,9 +267,7 @@ def cmd_longitudinal(args: argparse.Namespace) -> int:
             followup_mask=args.followup_mask,
             baseline_tumor=args.baseline_tumor,
             followup_tumor=args.followup_tumor,
-            exclusion_margin_mm=args.exclusion_margin,
-            tumor_weight=args.tumor_weight,
-            **_engine_options(args),
+            options=RegistrationOptions.from_args(args),
         )
         print(json.dumps(metrics))
     elif args.step == "table":
@@ -309,28 +293,6 @@ def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
 
 
 # ------------------------------------------------------------------------------------ parser
-
-
-def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Registration-engine flags shared by every command that registers."""
-    p.add_argument("--backend", choices=["deep", "ants"], default="deep")
-    p.add_argument("--refine", type=int, default=0, help="instance-optimisation steps (deep)")
-    p.add_argument("--model", default=None, help="weights file (default: shipped)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--ants-type", default="SyN", help="antspyx type_of_transform (ants backend)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _engine_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of atlasflow.registration.api.register those flags stand for."""
-    return {
-        "backend": args.backend,
-        "refine_steps": args.refine,
-        "model_path": args.model,
-        "device": args.device,
-        "ants_type": args.ants_type,
-        "seed": args.seed,
-    }
 
 
 def _add_min_inputs(p: argparse.ArgumentParser) -> None:
@@ -398,23 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
     p.add_argument("--cost-mask", help="fixed-grid mask of voxels excluded from the similarity")
-    _add_engine_options(p)
-    p.add_argument("--affine-only", action="store_true")
+    RegistrationOptions.add_arguments(p, "register")
     p.add_argument("--max-folding", type=float, default=0.001, help="QC: flag above this folding fraction")
     p.add_argument("--min-ncc", type=float, default=0.5, help="QC: flag below this NCC after registration")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser(
-        "atlas", help="atlas building steps (init, iteration = register + iterate, iterate, vote, gather)"
-    )
-    p.add_argument("step", choices=["init", "iteration", "iterate", "vote", "gather"])
+    p = sub.add_parser("atlas", help="atlas building steps (init, iteration, vote, gather)")
+    p.add_argument("step", choices=["init", "iteration", "vote", "gather"])
     p.add_argument("--output", required=True)
     p.add_argument("--images", nargs="*", help="init/iteration: preprocessed images")
     p.add_argument("--masks", nargs="*", help="init/iteration: their brain masks")
     p.add_argument("--affines", nargs="*", help="iteration: their affines to the reference template (from init)")
     p.add_argument("--out-affines", nargs="*", help="init: where to write the members' affines")
     p.add_argument("--out-members", help="init/iteration: per-member registration metrics (TSV)")
-    p.add_argument("--affine-steps", type=int, default=None, help="iteration: test-time affine steps (deep)")
     p.add_argument(
         "--velocities", nargs="*",
         help="iteration: the members' velocities of the previous iteration, to continue from (deep)",
@@ -422,19 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-velocity", help="iteration: the previous iteration's mean velocity (with --velocities)")
     p.add_argument("--out-velocities", nargs="*", help="iteration: where to write the members' velocities")
     p.add_argument("--out-mean-velocity", help="iteration: where to write their mean")
-    _add_engine_options(p)
+    RegistrationOptions.add_arguments(p, "atlas")
     p.add_argument("--template", help="init: reference template (grid and pose)")
     p.add_argument("--template-mask", help="init: its brain mask")
     p.add_argument(
         "--init", choices=["mean", "template"], default="mean",
         help="init: iteration 0 is the mean of the aligned members, or the reference template itself",
     )
-    p.add_argument("--warped", nargs="*", help="iterate: members warped to the previous template")
-    p.add_argument("--velocity", nargs="*", help="iterate: their velocity fields")
-    p.add_argument("--metrics", nargs="*", help="iterate/gather: metrics JSON files")
-    p.add_argument("--previous", help="iterate: previous template")
-    p.add_argument("--mask", help="iterate: template brain mask (for metrics)")
-    p.add_argument("--out-metrics", help="iterate: metrics JSON of this iteration")
+    p.add_argument("--metrics", nargs="*", help="gather: metrics JSON files")
+    p.add_argument("--previous", help="iteration: previous template")
+    p.add_argument("--mask", help="iteration: template brain mask")
+    p.add_argument("--out-metrics", help="iteration: metrics JSON of this iteration")
     p.add_argument("--iteration", type=int, default=1)
     p.add_argument("--gradient-step", type=float, default=1.0)
     p.add_argument("--no-sharpen", action="store_true")
@@ -453,9 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--followup-tumor")
     for name in ("image", "affine", "warp", "log-jacobian", "difference", "displacement", "metrics", "tumor-mask"):
         p.add_argument(f"--out-{name}")
-    _add_engine_options(p)
-    p.add_argument("--exclusion-margin", type=float, default=4.0, help="pair: mm around the tumours left out of the similarity")
-    p.add_argument("--tumor-weight", type=float, default=1.0, help="pair: weight of the tumour-region term (signed distances to the tumour edges; 0 = off)")
+    RegistrationOptions.add_arguments(p, "longitudinal")
     p.add_argument("--session", nargs=3, action="append", metavar=("ID", "DATE", "MASK"), help="table: one per session, '-' when empty")
     p.add_argument("--pair-sessions", nargs="*")
     p.add_argument("--pair-metrics", nargs="*")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +34,8 @@ from scipy import ndimage
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, save_image
-from atlasflow.io.itk import save_transform
-from atlasflow.registration.api import ncc, register
+from atlasflow.registration.api import Measured, ncc, register, register_and_measure
+from atlasflow.registration.options import RegistrationOptions
 from atlasflow.transforms import (
     Transform,
     apply_transform,
@@ -55,7 +56,9 @@ def mask_volume_mm3(path: str | Path) -> float:
     return float((mask.data > 0.5).sum()) * voxel
 
 
-def response_category(change_pct: float | None, volume: float | None, baseline_volume: float | None) -> str:
+def response_category(
+    change_pct: float | None, volume: float | None, baseline_volume: float | None
+) -> str:
     """Volumetric response from the change relative to the baseline (rule in the module constants)."""
     if volume is None or baseline_volume is None or change_pct is None:
         return "not_evaluable"
@@ -94,8 +97,12 @@ def tumour_table(sessions: list[dict]) -> pd.DataFrame:
         have = vol is not None and base_vol is not None
         row["change_from_baseline_mm3"] = vol - base_vol if have else None
         row["change_from_baseline_pct"] = _pct(vol, base_vol) if have else None
-        row["change_from_previous_mm3"] = vol - prev_vol if vol is not None and prev_vol is not None else None
-        row["change_from_previous_pct"] = _pct(vol, prev_vol) if vol is not None and prev_vol else None
+        row["change_from_previous_mm3"] = (
+            vol - prev_vol if vol is not None and prev_vol is not None else None
+        )
+        row["change_from_previous_pct"] = (
+            _pct(vol, prev_vol) if vol is not None and prev_vol else None
+        )
         rate = doubling = None
         if have and days:
             rate = (vol - base_vol) / days
@@ -103,7 +110,11 @@ def tumour_table(sessions: list[dict]) -> pd.DataFrame:
                 doubling = days * math.log(2) / math.log(vol / base_vol)
         row["growth_rate_mm3_per_day"] = rate
         row["doubling_time_days"] = doubling
-        row["response"] = "baseline" if i == 0 else response_category(row["change_from_baseline_pct"], vol, base_vol)
+        row["response"] = (
+            "baseline"
+            if i == 0
+            else response_category(row["change_from_baseline_pct"], vol, base_vol)
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -122,7 +133,9 @@ class PairOutputs:
     tumor_mask: Path | None = None
 
 
-def _shell(mask: np.ndarray, spacing: float, inner_mm: float = 0.0, outer_mm: float = 10.0) -> np.ndarray:
+def _shell(
+    mask: np.ndarray, spacing: float, inner_mm: float = 0.0, outer_mm: float = 10.0
+) -> np.ndarray:
     """Voxels between ``inner_mm`` and ``outer_mm`` outside the mask's boundary."""
     distance = ndimage.distance_transform_edt(~mask) * spacing
     return (distance > inner_mm) & (distance <= outer_mm)
@@ -137,99 +150,135 @@ def register_followup(
     followup_mask: str | Path | None = None,
     baseline_tumor: str | Path | None = None,
     followup_tumor: str | Path | None = None,
-    exclusion_margin_mm: float = 4.0,
-    tumor_weight: float = 1.0,
-    **options,
+    options: RegistrationOptions | None = None,
+    **changes: Any,
 ) -> dict:
     """Register a follow-up to its baseline with the tumours excluded; write the change maps.
 
     The tumour's intensities have no counterpart at the other timepoint, so the tumours of both
-    sessions (dilated by ``exclusion_margin_mm``) are left out of the image similarity. The tumour
-    *region* does correspond, though: when both masks are given, ``tumor_weight`` x the squared
-    difference of the signed distances to the two tumours' edges joins the instance optimisation
-    (``label_term="distance"``). It maps the baseline tumour onto the follow-up one and keeps depth
-    inside and distance outside, so the growth shows as an expansion of the tumour's inside. (A
-    soft Dice matched the edges just as well but grew the tumour by stretching a thin shell of
-    tissue at its edge and crushing its core; the Jacobian over the baseline tumour then missed
-    the change by 6-12 %.)
+    sessions (dilated by ``exclusion_margin_mm`` of the options) are left out of the image
+    similarity. The tumour *region* does correspond, though: when both masks are given,
+    ``tumor_weight`` x the squared difference of the signed distances to the two tumours' edges
+    joins the instance optimisation (``label_term="distance"``). It maps the baseline tumour onto
+    the follow-up one and keeps depth inside and distance outside, so the growth shows as an
+    expansion of the tumour's inside. (A soft Dice matched the edges just as well but grew the
+    tumour by stretching a thin shell of tissue at its edge and crushing its core; the Jacobian
+    over the baseline tumour then missed the change by 6-12 %.)
     """
+    opts = RegistrationOptions.of(options, **changes)
     fixed = load_image(baseline_path)
     moving = load_image(followup_path)
     fmask = load_image(baseline_mask).data > 0 if baseline_mask else None
     mmask = load_image(followup_mask).data > 0 if followup_mask else None
-    spacing = float(fixed.grid.spacing.mean())
-    tumour_b = load_image(baseline_tumor).data > 0.5 if baseline_tumor else np.zeros(fixed.data.shape, bool)
+    tumour_b = (
+        load_image(baseline_tumor).data > 0.5
+        if baseline_tumor
+        else np.zeros(fixed.data.shape, bool)
+    )
     # The follow-up tumour stays on its own grid (and affine) until it is carried onto the baseline.
     tumour_moving_image = load_image(followup_tumor) if followup_tumor else None
     tumour_moving = tumour_moving_image.data > 0.5 if tumour_moving_image is not None else None
     excluded = None  # voxels left out of the image similarity
     if baseline_tumor or followup_tumor:
-        # The follow-up tumour is found on the baseline grid through an affine first pass.
-        first = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, affine_only=True, **options)
-        tumour_f = np.zeros(fixed.data.shape, bool)
-        if tumour_moving is not None:
-            tumour_f = apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
-        union = tumour_b | tumour_f
-        if union.any():
-            margin = max(1, int(round(exclusion_margin_mm / spacing)))
-            excluded = ndimage.binary_dilation(union, iterations=margin)
+        excluded = _excluded_region(
+            fixed, moving, fmask, mmask, tumour_b, tumour_moving_image, opts
+        )
     labels = {}
-    if tumor_weight > 0 and tumour_b.any() and tumour_moving is not None and tumour_moving.any():
+    if (
+        opts.tumor_weight > 0
+        and tumour_b.any()
+        and tumour_moving is not None
+        and tumour_moving.any()
+    ):
         labels = {
             "fixed_labels": tumour_b.astype(np.uint8),
             "moving_labels": tumour_moving.astype(np.uint8),
-            "label_weight": tumor_weight,
-            "label_term": "distance",
         }
-    reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels, **options)
-    transform = reg.transform
-    if transform.displacement is None:
-        transform = Transform(transform.affine, Image(np.zeros((*fixed.data.shape, 3), np.float32), fixed.affine))
-    warped = apply_transform(moving, transform, fixed.grid, "linear")
-    det = jacobian_determinant(transform.displacement) * float(np.linalg.det(transform.affine[:3, :3]))
-    log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
-    difference = (warped.data - fixed.data).astype(np.float32)
+        opts = replace(opts, label_weight=opts.tumor_weight, label_term="distance")
+    measured = register_and_measure(
+        fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, cost_mask=excluded, **labels
+    )
+    warped, transform = measured.warped, measured.registration.transform
+    det = jacobian_determinant(transform.displacement) * float(
+        np.linalg.det(transform.affine[:3, :3])
+    )
     magnitude = np.linalg.norm(transform.displacement.data, axis=-1).astype(np.float32)
-    save_image(warped, outputs.warped, dtype=np.float32)
-    save_transform(transform, outputs.affine, outputs.warp)
+    measured.save(outputs.warped, outputs.affine, outputs.warp)
+    log_jac = np.log(np.clip(det, 1e-6, None)).astype(np.float32)
     save_image(fixed.with_data(log_jac), outputs.log_jacobian, dtype=np.float32)
+    difference = (warped.data - fixed.data).astype(np.float32)
     save_image(fixed.with_data(difference), outputs.difference, dtype=np.float32)
     save_image(fixed.with_data(magnitude), outputs.displacement, dtype=np.float32)
     region = fmask if fmask is not None else fixed.data > 0
     outside = region if excluded is None else region & ~excluded
-    before = apply_transform(moving, Transform(np.eye(4)), fixed.grid, "linear")
     affine_only = apply_transform(moving, Transform(transform.affine), fixed.grid, "linear")
-    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
     metrics: dict = {
-        "backend": reg.backend,
-        "seconds": round(reg.seconds, 3),
-        "folding_fraction": float((det[region] <= 0).mean()),
-        "ncc_before": ncc(fixed.data, before.data, region),
-        "ncc_after": ncc(fixed.data, warped.data, region),
-        "ncc_outside_tumor_before": ncc(fixed.data, before.data, outside),
+        **measured.metrics,
+        "ncc_outside_tumor_before": ncc(fixed.data, measured.unregistered.data, outside),
         "ncc_outside_tumor_affine": ncc(fixed.data, affine_only.data, outside),
         "ncc_outside_tumor_after": ncc(fixed.data, warped.data, outside),
     }
     if tumour_b.any():
-        baseline_mm3 = float(tumour_b.sum() * voxel_mm3)
-        carried_mm3 = transported_volume_mm3(
-            fixed.with_data(tumour_b.astype(np.float32)), transform, reg.inverse_displacement, moving.grid
-        )
-        shell = _shell(tumour_b, spacing, 0.0, 10.0) & region
-        metrics.update(
-            {
-                "baseline_tumor_mm3_on_grid": baseline_mm3,
-                "jacobian_volume_change_mm3": carried_mm3 - baseline_mm3,
-                "jacobian_voxel_sum_volume_change_mm3": float(((det - 1.0)[tumour_b]).sum() * voxel_mm3),
-                "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
-                "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
-            }
-        )
+        metrics.update(_tumour_change(fixed, moving, measured, tumour_b, det, magnitude, region))
     if followup_tumor and outputs.tumor_mask is not None:
         carried = apply_transform(tumour_moving_image, transform, fixed.grid, "linear").data > 0.5
         save_image(fixed.with_data(carried.astype(np.uint8)), outputs.tumor_mask, dtype=np.uint8)
     atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _tumour_change(
+    fixed: Image,
+    moving: Image,
+    measured: Measured,
+    tumour_b: np.ndarray,
+    det: np.ndarray,
+    magnitude: np.ndarray,
+    region: np.ndarray,
+) -> dict:
+    """The baseline tumour's volume change by the deformation (transported volume, and the voxel
+    sum of ``det - 1``) and the mass effect: displacement in a 10 mm shell around it."""
+    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
+    baseline_mm3 = float(tumour_b.sum() * voxel_mm3)
+    carried_mm3 = transported_volume_mm3(
+        fixed.with_data(tumour_b.astype(np.float32)),
+        measured.registration.transform,
+        measured.registration.inverse_displacement,
+        moving.grid,
+    )
+    shell = _shell(tumour_b, float(fixed.grid.spacing.mean()), 0.0, 10.0) & region
+    return {
+        "baseline_tumor_mm3_on_grid": baseline_mm3,
+        "jacobian_volume_change_mm3": carried_mm3 - baseline_mm3,
+        "jacobian_voxel_sum_volume_change_mm3": float(((det - 1.0)[tumour_b]).sum() * voxel_mm3),
+        "mass_effect_mean_mm": float(magnitude[shell].mean()) if shell.any() else 0.0,
+        "mass_effect_max_mm": float(magnitude[shell].max()) if shell.any() else 0.0,
+    }
+
+
+def _excluded_region(
+    fixed: Image,
+    moving: Image,
+    fmask: np.ndarray | None,
+    mmask: np.ndarray | None,
+    tumour_b: np.ndarray,
+    tumour_moving_image: Image | None,
+    opts: RegistrationOptions,
+) -> np.ndarray | None:
+    """The baseline tumour and the follow-up one (found on the baseline grid through an affine
+    first pass), dilated by ``opts.exclusion_margin_mm``; None when neither has a voxel."""
+    first = register(fixed, moving, opts, fixed_mask=fmask, moving_mask=mmask, affine_only=True)
+    tumour_f = np.zeros(fixed.data.shape, bool)
+    if tumour_moving_image is not None:
+        tumour_f = (
+            apply_transform(tumour_moving_image, first.transform, fixed.grid, "linear").data > 0.5
+        )
+    union = tumour_b | tumour_f
+    if not union.any():
+        return None
+    spacing = float(fixed.grid.spacing.mean())
+    margin = max(1, int(round(opts.exclusion_margin_mm / spacing)))
+    return ndimage.binary_dilation(union, iterations=margin)
 
 
 PAIR_COLUMNS = (
@@ -241,7 +290,9 @@ PAIR_COLUMNS = (
 )
 
 
-def write_tumour_table(sessions: list[dict], out_tsv: str | Path, pair_metrics: dict[str, str] | None = None) -> pd.DataFrame:
+def write_tumour_table(
+    sessions: list[dict], out_tsv: str | Path, pair_metrics: dict[str, str] | None = None
+) -> pd.DataFrame:
     """The subject's tumour TSV; follow-up rows also get the registration's mass-effect numbers."""
     table = tumour_table(sessions)
     for key in PAIR_COLUMNS:
@@ -256,7 +307,12 @@ def write_tumour_table(sessions: list[dict], out_tsv: str | Path, pair_metrics: 
 
 
 def to_atlas(
-    map_path: str | Path, atlas_path: str | Path, affine: str | Path, warp: str | Path, out_path: str | Path, interpolation: str = "linear"
+    map_path: str | Path,
+    atlas_path: str | Path,
+    affine: str | Path,
+    warp: str | Path,
+    out_path: str | Path,
+    interpolation: str = "linear",
 ) -> Image:
     """Carry a map on the baseline grid into atlas space through the baseline's atlas transform."""
     from atlasflow.io.itk import load_transform

@@ -1,8 +1,13 @@
 """Pairwise registration: one entry point, interchangeable backends, files ANTs can read.
 
 :func:`register` aligns ``moving`` to ``fixed`` with the ``deep`` backend (atlasflow's networks,
-:mod:`atlasflow.registration.engine`) or the ``ants`` backend (antspyx, the classical baseline), and returns a
-:class:`Registration` whose transform is the same representation for both.
+:mod:`atlasflow.registration.engine`) or the ``ants`` backend (antspyx, the classical baseline,
+:mod:`atlasflow.registration.ants`), and returns a :class:`Registration` whose transform is the
+same representation for both. How it registers is a
+:class:`~atlasflow.registration.options.RegistrationOptions`.
+:func:`register_and_measure` registers, warps the moving image onto the fixed grid and measures
+the result (folding fraction, NCC before and after): the one path under the ``register``
+command, the atlas members and the longitudinal pairs, each of which adds its own outputs.
 :func:`register_files` is the file-level wrapper used by the CLI and the workflow: it writes the
 warped image, the ITK affine, the displacement field and its inverse, label-aware warped labels and
 a metrics JSON judged by :mod:`atlasflow.registration.qc` (whose ``ncc``, ``dice_per_label``,
@@ -12,34 +17,28 @@ a metrics JSON judged by :mod:`atlasflow.registration.qc` (whose ``ncc``, ``dice
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, load_mask, save_image
-from atlasflow.io.itk import (
-    read_itk_affine,
-    read_itk_displacement,
-    save_transform,
-    write_itk_displacement,
-)
-from atlasflow.registration.qc import (
+from atlasflow.io.itk import save_transform, write_itk_displacement
+
+# to_ants and from_ants are also read from here (preprocessing).
+from atlasflow.registration.ants import from_ants, register_ants, to_ants  # noqa: F401
+from atlasflow.registration.options import BACKENDS, RegistrationOptions
+from atlasflow.registration.qc import (  # noqa: F401  (qc_flags: importable from here, as before)
     QCThresholds,
     add_verdict,
     dice_per_label,
     ncc,
-    qc_flags,  # noqa: F401  (importable from here, as before)
+    qc_flags,
 )
 from atlasflow.transforms import Transform, apply_transform, folding_fraction
-
-BACKENDS = ("deep", "ants")
-_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass
@@ -51,7 +50,8 @@ class Registration:
     velocity: Image | None
     seconds: float
     backend: str
-    coarse_velocity: Image | None = None  # deep: the velocity on the network's grid (see register_deep)
+    # deep: the velocity on the network's grid (see register_deep)
+    coarse_velocity: Image | None = None
 
     @property
     def field(self) -> Image:
@@ -60,102 +60,27 @@ class Registration:
         return self.velocity if self.velocity is not None else self.transform.displacement
 
 
-# ------------------------------------------------------------------------------ ANTs conversion
-
-
-def to_ants(image: Image):
-    """In-memory conversion to an ANTsImage (LPS origin/direction), no temporary file."""
-    import ants
-
-    lps = _FLIP @ image.affine
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(0))
-    direction = lps[:3, :3] / spacing
-    return ants.from_numpy(
-        np.ascontiguousarray(image.data, dtype=np.float32),
-        origin=tuple(float(v) for v in lps[:3, 3]),
-        spacing=tuple(float(v) for v in spacing),
-        direction=direction,
-    )
-
-
-def from_ants(ants_image) -> Image:
-    lps = np.eye(4)
-    spacing = np.asarray(ants_image.spacing, float)
-    lps[:3, :3] = np.asarray(ants_image.direction, float) * spacing
-    lps[:3, 3] = ants_image.origin
-    return Image(np.asarray(ants_image.numpy(), np.float32), _FLIP @ lps)
-
-
-def _register_ants(
-    fixed: Image,
-    moving: Image,
-    fixed_mask: np.ndarray | None,
-    moving_mask: np.ndarray | None,
-    type_of_transform: str,
-    seed: int,
-) -> Registration:
-    import ants
-
-    f, m = to_ants(fixed), to_ants(moving)
-    kwargs = {}
-    if fixed_mask is not None:
-        kwargs["mask"] = to_ants(fixed.with_data(fixed_mask.astype(np.float32)))
-    if moving_mask is not None:
-        kwargs["moving_mask"] = to_ants(moving.with_data(moving_mask.astype(np.float32)))
-    with tempfile.TemporaryDirectory(prefix="atlasflow-ants-") as tmp:
-        start = time.perf_counter()
-        out = ants.registration(
-            f,
-            m,
-            type_of_transform=type_of_transform,
-            outprefix=os.path.join(tmp, "reg_"),
-            random_seed=seed,
-            **kwargs,
-        )
-        seconds = time.perf_counter() - start
-        fwd, inv = out["fwdtransforms"], out["invtransforms"]
-        affine_file = next(p for p in fwd if p.endswith(".mat"))
-        affine = read_itk_affine(affine_file)
-        warp_files = [p for p in fwd if p.endswith(".nii.gz")]
-        inv_files = [p for p in inv if p.endswith(".nii.gz")]
-        if warp_files:
-            displacement = read_itk_displacement(warp_files[0])
-            inverse = read_itk_displacement(inv_files[0]) if inv_files else None
-        else:
-            zeros = np.zeros((*fixed.data.shape, 3), np.float32)
-            displacement, inverse = Image(zeros, fixed.affine.copy()), Image(zeros.copy(), fixed.affine.copy())
-    return Registration(Transform(affine, displacement), inverse, None, seconds, "ants")
-
-
 # ------------------------------------------------------------------------------------- public
 
 
 def register(
     fixed: Image,
     moving: Image,
+    options: RegistrationOptions | None = None,
     *,
-    backend: str = "deep",
     fixed_mask: np.ndarray | None = None,
     moving_mask: np.ndarray | None = None,
     cost_mask: np.ndarray | None = None,
-    refine_steps: int = 0,
-    model_path: str | None = None,
-    device: str = "cpu",
-    ants_type: str = "SyN",
-    affine_only: bool = False,
-    seed: int = 0,
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
-    label_weight: float = 1.0,
-    label_term: str = "dice",
     init_affine: np.ndarray | None = None,
     init_velocity: Image | None = None,
-    affine_steps: int | None = None,
-    inverse: bool = True,
-    full_velocity: bool = True,
+    **changes: Any,
 ) -> Registration:
     """Register ``moving`` to ``fixed``; the transform maps fixed points to moving points.
 
+    ``options`` say how (``changes``: keyword changes to its fields, as in
+    ``register(fixed, moving, backend="ants", ants_type="Affine")``).
     ``fixed_labels``/``moving_labels`` (integer maps of regions that correspond, for example the
     tumour at two timepoints) steer the deep backend's instance optimisation; ANTs ignores them.
     ``init_affine`` (fixed world -> moving world, deep backend) is a known affine alignment: the
@@ -166,44 +91,93 @@ def register(
     ``init_velocity`` (deep backend only) is a field to continue from, for example an earlier
     result's ``coarse_velocity``.
     """
-    if backend == "ants":
+    opts = RegistrationOptions.of(options, **changes)
+    if opts.backend == "ants":
         if init_velocity is not None:
-            raise AtlasflowError("init_velocity needs the deep backend; ANTs starts from its own fields")
-        kind = "Affine" if affine_only else ants_type
+            raise AtlasflowError(
+                "init_velocity needs the deep backend; ANTs starts from its own fields"
+            )
+        kind = "Affine" if opts.affine_only else opts.ants_type
         if cost_mask is not None:
             # ANTs has no separate cost mask: the excluded voxels leave its fixed mask.
             keep = np.ones(fixed.data.shape, bool) if fixed_mask is None else fixed_mask > 0
             fixed_mask = keep & ~(np.asarray(cost_mask) > 0)
-        return _register_ants(fixed, moving, fixed_mask, moving_mask, kind, seed)
-    if backend == "deep":
+        transform, inverse, seconds = register_ants(
+            fixed, moving, fixed_mask, moving_mask, kind, opts.seed
+        )
+        return Registration(transform, inverse, None, seconds, "ants")
+    if opts.backend == "deep":
         from atlasflow.registration.engine import register_deep
 
         res = register_deep(
             fixed,
             moving,
+            opts,
             fixed_mask=fixed_mask,
             moving_mask=moving_mask,
             cost_mask=cost_mask,
-            model_path=model_path,
-            refine_steps=refine_steps,
-            affine_only=affine_only,
-            device=device,
-            seed=seed,
             fixed_labels=fixed_labels,
             moving_labels=moving_labels,
-            label_weight=label_weight,
-            label_term=label_term,
             init_affine=init_affine,
             init_velocity=init_velocity,
             affine_network=init_affine is None,
-            inverse=inverse,
-            full_velocity=full_velocity,
-            **({} if affine_steps is None else {"affine_steps": affine_steps}),
         )
         return Registration(
-            res.transform, res.inverse_displacement, res.velocity, res.seconds, "deep", res.coarse_velocity
+            res.transform,
+            res.inverse_displacement,
+            res.velocity,
+            res.seconds,
+            "deep",
+            res.coarse_velocity,
         )
-    raise AtlasflowError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise AtlasflowError(
+        f"unknown registration backend {opts.backend!r}; choose one of {', '.join(BACKENDS)}"
+    )
+
+
+@dataclass
+class Measured:
+    """A registration, the moving image warped by it onto the fixed grid, and its numbers."""
+
+    registration: Registration
+    warped: Image  # moving on the fixed grid through the transform (linear)
+    unregistered: Image | None  # moving on the fixed grid as it lies (None: not asked for)
+    metrics: dict  # backend, seconds, folding_fraction, ncc_before (with unregistered), ncc_after
+
+    def save(self, warped: str | Path, affine: str | Path, warp: str | Path) -> None:
+        """Write the warped image (float32) and the transform (ITK affine + displacement)."""
+        save_image(self.warped, warped, dtype=np.float32)
+        save_transform(self.registration.transform, affine, warp)
+
+
+def register_and_measure(
+    fixed: Image,
+    moving: Image,
+    options: RegistrationOptions | None = None,
+    *,
+    before: bool = True,
+    **inputs: Any,
+) -> Measured:
+    """:func:`register` (``inputs``: its masks, labels and starting transforms), then the moving
+    image warped onto the fixed grid and the result measured inside the fixed mask (else where
+    the fixed image is > 0): the folding fraction of the displacement
+    (:func:`~atlasflow.transforms.folding_fraction`), the NCC after and, with ``before``, the NCC
+    of the unregistered pair."""
+    reg = register(fixed, moving, options, **inputs)
+    warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
+    fixed_mask = inputs.get("fixed_mask")
+    region = fixed_mask if fixed_mask is not None else (fixed.data > 0)
+    metrics: dict = {
+        "backend": reg.backend,
+        "seconds": round(reg.seconds, 3),
+        "folding_fraction": folding_fraction(reg.transform.displacement, region),
+    }
+    unregistered = None
+    if before:
+        unregistered = apply_transform(moving, Transform.identity(), fixed.grid, "linear")
+        metrics["ncc_before"] = ncc(fixed.data, unregistered.data, region)
+    metrics["ncc_after"] = ncc(fixed.data, warped.data, region)
+    return Measured(reg, warped, unregistered, metrics)
 
 
 @dataclass
@@ -242,11 +216,13 @@ def register_files(
     moving_mask: str | Path | None = None,
     cost_mask: str | Path | None = None,
     thresholds: QCThresholds | None = None,
-    **options,
+    options: RegistrationOptions | None = None,
+    **changes: Any,
 ) -> dict:
     """Register two files and write every output named in ``outputs``; returns the metrics.
 
-    The metrics carry ``qc_flags`` (reasons to distrust the result, by ``thresholds``) and
+    ``moving_labels`` are warped (label-aware) and, with ``fixed_labels``, scored by their mean
+    Dice. The metrics carry ``qc_flags`` (reasons to distrust the result, by ``thresholds``) and
     ``qc_pass``; a flagged registration still writes its outputs so a person can inspect it.
     """
     fixed = load_image(fixed_path)
@@ -254,21 +230,17 @@ def register_files(
     fmask = load_mask(fixed_mask, fixed, fixed_path)
     mmask = load_mask(moving_mask, moving, moving_path)
     cmask = load_image(cost_mask).data > 0 if cost_mask else None
-    reg = register(fixed, moving, fixed_mask=fmask, moving_mask=mmask, cost_mask=cmask, **options)
-    warped = apply_transform(moving, reg.transform, fixed.grid, "linear")
-    before = apply_transform(moving, Transform.identity(), fixed.grid, "linear")
-    region = fmask if fmask is not None else (fixed.data > 0)
-    metrics: dict = {
-        "backend": reg.backend,
-        "seconds": round(reg.seconds, 3),
-        "folding_fraction": folding_fraction(reg.transform.displacement, region),
-        "ncc_before": ncc(fixed.data, before.data, region),
-        "ncc_after": ncc(fixed.data, warped.data, region),
-        "fixed": str(fixed_path),
-        "moving": str(moving_path),
-    }
-    save_image(warped, outputs.warped, dtype=np.float32)
-    save_transform(reg.transform, outputs.affine, outputs.warp)
+    measured = register_and_measure(
+        fixed,
+        moving,
+        RegistrationOptions.of(options, **changes),
+        fixed_mask=fmask,
+        moving_mask=mmask,
+        cost_mask=cmask,
+    )
+    reg = measured.registration
+    metrics = {**measured.metrics, "fixed": str(fixed_path), "moving": str(moving_path)}
+    measured.save(outputs.warped, outputs.affine, outputs.warp)
     if outputs.inverse_warp is not None and reg.inverse_displacement is not None:
         write_itk_displacement(reg.inverse_displacement, outputs.inverse_warp)
     if outputs.velocity is not None:

@@ -20,7 +20,8 @@ from atlasflow.nn.layers import warp_tensor
 from atlasflow.nn.losses import diffusion_loss, lncc_loss
 from atlasflow.nn.model_io import load_model, save_model
 from atlasflow.nn.networks import RegistrationModel
-from atlasflow.registration.engine import DEFAULT_MODEL, WorkingGrid, register_deep
+from atlasflow.registration.engine import DEFAULT_MODEL, register_deep
+from atlasflow.registration.working_grid import WorkingGrid
 from atlasflow.training.train import flow_forward, log_line, optimiser_step, set_determinism
 from atlasflow.transforms import Transform, apply_transform
 
