@@ -237,15 +237,15 @@ def test_cli_passes_calibration_members(tmp_path, capsys):
     stages = {name: {"seconds": c.seconds, "threads": c.threads, "per_unit_s": c.per_unit_s} for name, c in table().stages.items()}
     costs.write_text(json.dumps({"stages": stages}))
     argv = ["--subjects", "40", "--iterations", "1", "--cores-per-node", "8", "--costs", str(costs), "--phases"]
-    assert estimate_module.main([*argv, "--from-benchmarks", str(bench), "--calibration-members", "16"]) == 0
+    assert cli.main(["estimate", *argv, "--from-benchmarks", str(bench), "--calibration-members", "16"]) == 0
     # calibrated fixed part 15 s + 10 s x 40 members / 8 workers
     assert f"{15.0 + 10.0 * 40 / 8:10.1f} s  atlas iteration 1: atlas_iteration (1 jobs)" in capsys.readouterr().out
-    assert estimate_module.main([*argv, "--from-benchmarks", str(bench)]) == 0
+    assert cli.main(["estimate", *argv, "--from-benchmarks", str(bench)]) == 0
     captured = capsys.readouterr()
     assert f"{2.0 + 10.0 * 40 / 8:10.1f} s  atlas iteration 1: atlas_iteration" in captured.out
     assert "--calibration-members" in captured.err
-    with pytest.raises(AtlasflowError, match="needs --from-benchmarks"):
-        estimate_module.main([*argv, "--calibration-members", "16"])
+    assert cli.main(["estimate", *argv, "--calibration-members", "16"]) == 1
+    assert capsys.readouterr().err == "atlasflow: error: --calibration-members needs --from-benchmarks\n"
 
 
 def test_missing_or_foreign_benchmark_folder_is_a_clear_error(tmp_path):

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from atlasflow.cli.main import main as cli_main
 from atlasflow.cohort import columns
 from atlasflow.cohort.images import clear_image_cache, grid_mismatch, validate_image
 from atlasflow.cohort.manifest import load_cohort
-from atlasflow.cohort.validate import main_validate, validate_cohort
+from atlasflow.cohort.validate import validate_cohort
 from atlasflow.errors import AtlasflowError
 
 SHAPE = (16, 18, 14)
@@ -202,7 +203,7 @@ def test_validation_writes_nothing(cohort: Path):
 
     before = snapshot()
     check(cohort)
-    assert main_validate([str(cohort)]) == 0
+    assert cli_main(["validate", str(cohort)]) == 0
     assert snapshot() == before
 
 
@@ -691,14 +692,14 @@ def test_validate_image_without_row_label(tmp_path: Path):
 
 
 def test_main_validate_ok(cohort: Path, capsys):
-    assert main_validate([str(cohort)]) == 0
+    assert cli_main(["validate", str(cohort)]) == 0
     out = capsys.readouterr().out
     assert "OK - 3 scan sessions of 2 subjects" in out and "tumour masks 2" in out
 
 
 def test_main_validate_error_is_one_line(cohort: Path, capsys):
     (cohort.parent / "data" / "s02_brain.nii.gz").unlink()
-    assert main_validate([str(cohort)]) == 1
+    assert cli_main(["validate", str(cohort)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
@@ -711,7 +712,7 @@ def test_cli_dispatch(cohort: Path, capsys):
 
     assert main(["validate", str(cohort), "--headers-only"]) == 0
     assert "headers checked" in capsys.readouterr().out
-    # Options before any positional reach the delegated command (argparse REMAINDER drops them).
+    # Options before the positional reach the command (they once went through argparse REMAINDER).
     assert main(["--threads", "1", "validate", "--headers-only", str(cohort)]) == 0
     assert "headers checked" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import blob_image
 
+from atlasflow.cli.main import main as cli_main
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, save_image
 from atlasflow.io.itk import save_transform
@@ -25,7 +26,6 @@ from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.cohort import write_cohort_report
 from atlasflow.reports.inputs import last_error_line, read_tumor_table
 from atlasflow.reports.qc import subject_qc
-from atlasflow.reports.report import report_main
 from atlasflow.reports.subject import write_subject_report
 from atlasflow.transforms import Transform
 
@@ -438,12 +438,13 @@ def test_cohort_without_any_atlas_shows_placeholders(tmp_path):
     assert "no outputs and no logs found for sub-01" in page
 
 
-def test_cli_writes_both_reports(reports, tmp_path):
+def test_cli_writes_both_reports(reports, tmp_path, capsys):
     outdir, raw = reports["outdir"], reports["raw"]
     out = tmp_path / "sub-03.html"
     assert (
-        report_main(
+        cli_main(
             [
+                "report",
                 "subject",
                 "--outdir",
                 str(outdir),
@@ -465,8 +466,9 @@ def test_cli_writes_both_reports(reports, tmp_path):
     qc = json.loads((tmp_path / "sub-03_qc.json").read_text())
     assert qc["status"] == "flag" and qc["thresholds"]["min_ncc_after"] == 0.99
     assert (
-        report_main(
+        cli_main(
             [
+                "report",
                 "cohort",
                 "--outdir",
                 str(outdir),
@@ -483,9 +485,11 @@ def test_cli_writes_both_reports(reports, tmp_path):
         == 0
     )
     assert 'href="sub-03.html"' in (tmp_path / "cohort.html").read_text()
-    with pytest.raises(AtlasflowError, match="SESSION=PATH"):
-        report_main(
+    capsys.readouterr()
+    assert (
+        cli_main(
             [
+                "report",
                 "subject",
                 "--outdir",
                 str(outdir),
@@ -499,6 +503,9 @@ def test_cli_writes_both_reports(reports, tmp_path):
                 str(out),
             ]
         )
+        == 1
+    )
+    assert capsys.readouterr().err == "atlasflow: error: --raw 'oops': expected SESSION=PATH\n"
 
 
 def test_small_helpers(tmp_path):

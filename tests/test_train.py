@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from atlasflow.cli.main import main as cli_main
 from atlasflow.errors import AtlasflowError
 from atlasflow.nn import NetConfig, RegistrationModel
 from atlasflow.nn.model_io import load_model, save_model, sidecar_path
-from atlasflow.training.commands import train_main
 from atlasflow.training.pairs import NUM_CLASSES, PairGenerator, build_label_set, group_of
 from atlasflow.training.train import TrainSettings, train
 
@@ -174,8 +174,9 @@ def test_train_main_reports_errors(tmp_path, capsys):
     empty.mkdir()
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"garbage")
-    code = train_main(
+    code = cli_main(
         [
+            "train",
             "--out",
             str(tmp_path / "m.safetensors"),
             "--label-dir",
@@ -198,7 +199,6 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
     from conftest import blob_image
 
     from atlasflow.io.images import save_image
-    from atlasflow.training.commands import finetune_main
 
     torch.manual_seed(0)
     base = save_model(RegistrationModel(TINY), tmp_path / "base.safetensors")
@@ -208,8 +208,9 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
         save_image(blob_image(shape=(20, 24, 18), seed=k), path)
         paths.append(str(path))
     out = tmp_path / "tuned.safetensors"
-    code = finetune_main(
+    code = cli_main(
         [
+            "finetune",
             "--images",
             *paths,
             "--init",
@@ -230,15 +231,15 @@ def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
     fixed_mask = tmp_path / "fixed_mask.nii.gz"
     save_image(blob_image(shape=(20, 24, 18), seed=0).with_data(np.ones((20, 24, 18), np.uint8)), fixed_mask)
     args = ["--images", *paths, "--fixed", paths[0], "--init", str(base), "--out", str(out), "--steps", "2", "--threads", "1"]
-    assert finetune_main([*args, "--fixed-mask", str(fixed_mask)]) == 0
+    assert cli_main(["finetune", *args, "--fixed-mask", str(fixed_mask)]) == 0
     wrong = tmp_path / "wrong_mask.nii.gz"
     save_image(blob_image(shape=(8, 8, 8)), wrong)
-    assert finetune_main([*args, "--fixed-mask", str(wrong)]) == 1
+    assert cli_main(["finetune", *args, "--fixed-mask", str(wrong)]) == 1
     err = capsys.readouterr().err
     assert "wrong_mask.nii.gz: mask grid" in err, err
     assert (
-        finetune_main(
-            ["--images", str(tmp_path / "missing.nii.gz"), "--init", str(base), "--out", str(out)]
+        cli_main(
+            ["finetune", "--images", str(tmp_path / "missing.nii.gz"), "--init", str(base), "--out", str(out)]
         )
         == 1
     )

@@ -5,7 +5,8 @@ against the schema, then the cohort-level rules (duplicate sessions, dates) and 
 (:mod:`atlasflow.cohort.images`), and returns the table sorted by subject and time. It writes
 nothing. Every problem is an :class:`AtlasflowError` whose one-line message names the row
 (``manifest.csv row 4 (subject 03, session 1)``, the header being row 1) or the file, and says what
-is wrong. :func:`main_validate` is the ``atlasflow validate`` command.
+is wrong. :func:`add_validate_arguments` and :func:`run_validate` are the ``atlasflow validate``
+command (see :mod:`atlasflow.cli.main`).
 """
 
 from __future__ import annotations
@@ -205,11 +206,10 @@ def summarise(table: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def main_validate(argv: list[str] | None = None) -> int:
-    """``atlasflow validate COHORT``: print a summary (exit 0) or one error line (exit 1)."""
-    parser = argparse.ArgumentParser(
-        prog="atlasflow validate",
-        description="Check a cohort manifest CSV or BIDS folder before running the workflow; writes nothing.",
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``atlasflow validate COHORT``."""
+    parser.description = (
+        "Check a cohort manifest CSV or BIDS folder before running the workflow; writes nothing."
     )
     parser.add_argument("cohort", help="manifest .csv or BIDS folder")
     parser.add_argument(
@@ -222,15 +222,12 @@ def main_validate(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also print the normalised cohort table (CSV) on standard output",
     )
-    args = parser.parse_args(argv)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """``atlasflow validate COHORT``: print a summary (exit 0); a problem raises AtlasflowError."""
     start = time.perf_counter()
-    try:
-        table = validate_cohort(
-            load_cohort(args.cohort), args.cohort, check_data=not args.headers_only
-        )
-    except AtlasflowError as exc:
-        print(f"atlasflow validate: error: {one_line(str(exc))}", file=sys.stderr)
-        return 1
+    table = validate_cohort(load_cohort(args.cohort), args.cohort, check_data=not args.headers_only)
     seconds = time.perf_counter() - start
     checked = "headers" if args.headers_only else "headers and voxels"
     print(f"{args.cohort}: OK - {summarise(table)} ({checked} checked in {seconds:.2f} s)")

@@ -8,6 +8,9 @@ holds it on every leg: :meth:`~RegistrationOptions.from_config` reads the workfl
 (:func:`atlasflow.registration.api.register`, :func:`atlasflow.registration.engine.register_deep`,
 the atlas and longitudinal steps) take the dataclass itself.
 
+:func:`add_qc_arguments` declares the QC thresholds (config ``qc``) that the ``register`` and
+``report`` commands both take, under one spelling.
+
 Torch-free (the workflow plans with it).
 """
 
@@ -197,3 +200,31 @@ def _flagged() -> list:
 
 def _dest(f) -> str:
     return f.metadata["flag"].lstrip("-").replace("-", "_")
+
+
+#: QC thresholds on the command line: config key -> (flag, former ``register`` spelling, help).
+QC_FLAGS: dict[str, tuple[str, str | None, str]] = {
+    "max_folding_fraction": (
+        "--max-folding-fraction",
+        "--max-folding",
+        "QC: flag above this folding fraction",
+    ),
+    "min_ncc_after": ("--min-ncc-after", "--min-ncc", "QC: flag below this NCC after registration"),
+    "min_dice": ("--min-dice", None, "QC: flag below this mean Dice of the labels"),
+}
+
+
+def add_qc_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the QC thresholds as flags named after their config keys (``--max-folding-fraction``).
+
+    Unset flags stay None, so ``QCThresholds.from_mapping(vars(args))`` gives the defaults (kept
+    in :class:`~atlasflow.registration.qc.QCThresholds` alone, which this torch- and numpy-free
+    module does not import). ``register``'s former spellings (``--max-folding``, ``--min-ncc``)
+    still work, hidden from the help: the workflow's register rule passes them.
+    """
+    for key, (flag, former, text) in QC_FLAGS.items():
+        parser.add_argument(flag, dest=key, type=float, default=None, help=text)
+        if former:
+            parser.add_argument(
+                former, dest=key, type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )

@@ -1,4 +1,7 @@
-"""The ``atlasflow report`` command (:func:`report_main`): one subject's page or the cohort page.
+"""The ``atlasflow report`` command: one subject's page or the cohort page.
+
+:func:`add_report_arguments` declares its sub-commands (``subject``, ``cohort``) and their flags,
+:func:`run_report` writes the page (see :mod:`atlasflow.cli.main`).
 
 The names importers used before the reports package was split (see its docstring for the map)
 stay importable from here.
@@ -7,10 +10,10 @@ stay importable from here.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.layout import Scan
+from atlasflow.registration.options import add_qc_arguments
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.cohort import write_cohort_report
 from atlasflow.reports.inputs import (
@@ -27,12 +30,13 @@ from atlasflow.reports.subject import write_subject_report
 __all__ = [
     "QCThresholds",
     "Scan",
+    "add_report_arguments",
     "cohort_report_inputs",
     "cohort_verdicts",
     "jacobian_on_views",
     "last_error_line",
     "read_tumor_table",
-    "report_main",
+    "run_report",
     "subject_qc",
     "subject_report_inputs",
     "write_cohort_report",
@@ -40,26 +44,11 @@ __all__ = [
 ]
 
 
-def _add_thresholds(p: argparse.ArgumentParser) -> None:
-    defaults = QCThresholds()
-    p.add_argument("--max-folding-fraction", type=float, default=defaults.max_folding_fraction)
-    p.add_argument("--min-ncc-after", type=float, default=defaults.min_ncc_after)
-    p.add_argument("--min-dice", type=float, default=defaults.min_dice)
-
-
-def _thresholds(args: argparse.Namespace) -> QCThresholds:
-    return QCThresholds.from_mapping(
-        {
-            "max_folding_fraction": args.max_folding_fraction,
-            "min_ncc_after": args.min_ncc_after,
-            "min_dice": args.min_dice,
-        }
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``subject`` and ``cohort`` sub-commands of ``atlasflow report`` and their flags."""
+    parser.description = (
+        "``atlasflow report subject|cohort ...``: write one subject's report or the cohort report."
     )
-
-
-def report_main(argv: Sequence[str]) -> int:
-    """``atlasflow report subject|cohort ...``: write one subject's report or the cohort report."""
-    parser = argparse.ArgumentParser(prog="atlasflow report", description=report_main.__doc__)
     sub = parser.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("subject", help="one subject's report (sub-S.html + sub-S_qc.json)")
     p.add_argument("--outdir", required=True, help="the workflow's output folder")
@@ -83,7 +72,7 @@ def report_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", required=True, help="HTML page to write")
     p.add_argument("--qc-json", default=None, help="default: sub-S_qc.json next to the page")
     p.add_argument("--figures-dir", default=None, help="also write the figures here as PNGs")
-    _add_thresholds(p)
+    add_qc_arguments(p)
     p = sub.add_parser("cohort", help="the cohort report (cohort.html)")
     p.add_argument("--outdir", required=True)
     group = p.add_mutually_exclusive_group(required=True)
@@ -94,9 +83,12 @@ def report_main(argv: Sequence[str]) -> int:
     p.add_argument("--iterations", type=int, default=None, help="configured atlas iterations")
     p.add_argument("--out", required=True)
     p.add_argument("--figures-dir", default=None)
-    _add_thresholds(p)
-    args = parser.parse_args(list(argv))
+    add_qc_arguments(p)
 
+
+def run_report(args: argparse.Namespace) -> int:
+    """``atlasflow report subject|cohort ...``: write one subject's report or the cohort report."""
+    thresholds = QCThresholds.from_mapping(vars(args))
     if args.kind == "subject":
         raw = {}
         for item in args.raw:
@@ -110,7 +102,7 @@ def report_main(argv: Sequence[str]) -> int:
             args.sessions,
             args.out,
             raw_inputs=raw,
-            thresholds=_thresholds(args),
+            thresholds=thresholds,
             baseline=args.baseline,
             longitudinal=False if args.cross_sectional else None,
             figures_dir=args.figures_dir,
@@ -134,7 +126,7 @@ def report_main(argv: Sequence[str]) -> int:
         args.outdir,
         subjects,
         args.out,
-        thresholds=_thresholds(args),
+        thresholds=thresholds,
         sessions=sessions,
         iterations=args.iterations,
         figures_dir=args.figures_dir,

@@ -446,10 +446,10 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="atlasflow estimate",
-        description="Predict wall time and core-hours of a full run on M nodes, from measured job costs.",
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``atlasflow estimate``."""
+    parser.description = (
+        "Predict wall time and core-hours of a full run on M nodes, from measured job costs."
     )
     parser.add_argument("--subjects", type=int, required=True)
     parser.add_argument("--iterations", type=int, default=4, help="atlas iterations (default 4)")
@@ -470,8 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="atlas members of the run --from-benchmarks measured (without it, cohort-wide steps keep the table's fixed part)",
     )
     parser.add_argument("--phases", action="store_true", help="print the time of every phase")
-    args = parser.parse_args(argv)
 
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """``atlasflow estimate``: print the predicted wall time, core-hours and jobs of a run."""
     table = load_costs(args.costs)
     if args.calibration_members is not None and not args.from_benchmarks:
         raise AtlasflowError("--calibration-members needs --from-benchmarks")
@@ -510,10 +512,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"jobs: {result.jobs}; costs: {table.source}")
     return 0
 
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AtlasflowError as exc:
-        print(f"atlasflow: error: {exc}", file=sys.stderr)
-        sys.exit(1)

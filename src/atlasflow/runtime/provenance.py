@@ -11,6 +11,7 @@ and :func:`git_commit` at parse time, in every Snakemake process.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -222,13 +223,12 @@ def write_provenance(path: str | os.PathLike, record: dict) -> Path:
     return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def main(argv: Sequence[str]) -> int:
-    """``atlasflow provenance --config-json JSON --workflow-dir DIR --output FILE [--model W] [--threads N]``."""
-    import argparse
-
-    from atlasflow.cohort.planning import SHIPPED_MODEL, cohort_source, resolve_cohort
-
-    parser = argparse.ArgumentParser(prog="atlasflow provenance", description=main.__doc__)
+def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``atlasflow provenance``."""
+    parser.description = (
+        "``atlasflow provenance --config-json JSON --workflow-dir DIR --output FILE [--model W] "
+        "[--threads N]``."
+    )
     parser.add_argument(
         "--config-json", required=True, help="the effective workflow config, as JSON text"
     )
@@ -240,7 +240,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", default=None, help="weights in use (default: from the config)")
     parser.add_argument("--threads", type=int, default=1, help="files hashed at once")
-    args = parser.parse_args(argv)
+
+
+def run_provenance(args: argparse.Namespace) -> int:
+    """``atlasflow provenance``: write the run's provenance record."""
+    from atlasflow.cohort.planning import SHIPPED_MODEL, cohort_source, resolve_cohort
+
     try:
         config = json.loads(args.config_json)
     except json.JSONDecodeError as exc:

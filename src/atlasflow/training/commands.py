@@ -1,28 +1,21 @@
 """The ``atlasflow train`` and ``atlasflow finetune`` commands.
 
-Owns their flags (names and defaults) and turns the parsed flags into a
-:class:`~atlasflow.training.train.TrainSettings` or
-:class:`~atlasflow.training.finetune.FinetuneSettings`; errors users can hit become one line on
-stderr and exit code 1.
+Owns their flags (names and defaults: ``add_train_arguments``, ``add_finetune_arguments``) and
+turns the parsed flags into a :class:`~atlasflow.training.train.TrainSettings` or
+:class:`~atlasflow.training.finetune.FinetuneSettings` (``run_train``, ``run_finetune``). torch
+is imported when a command runs, not when its flags are declared (the parser is built before
+``atlasflow --threads`` bounds the thread pools); errors are turned into one line by
+:mod:`atlasflow.cli.main`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from dataclasses import fields
 
-from atlasflow.errors import AtlasflowError
-from atlasflow.training.finetune import FinetuneSettings, finetune
-from atlasflow.training.train import DEFAULT_LABEL_DIR, TrainSettings, train
 
-
-def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="atlasflow train",
-        description="Train the deep registration networks on synthetic pairs.",
-    )
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Train the deep registration networks on synthetic pairs."
     p.add_argument(
         "--out",
         required=True,
@@ -100,14 +93,10 @@ def _train_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many seconds (affine phase: --affine-fraction of it)",
     )
-    return p
 
 
-def _finetune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="atlasflow finetune",
-        description="Fine-tune the velocity network on a cohort (unsupervised, LNCC + diffusion).",
-    )
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Fine-tune the velocity network on a cohort (unsupervised, LNCC + diffusion)."
     p.add_argument("--images", nargs="+", required=True, help="preprocessed images (NIfTI)")
     p.add_argument("--masks", nargs="+", default=None, help="brain masks, same order as --images")
     p.add_argument(
@@ -125,7 +114,6 @@ def _finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    return p
 
 
 def _settings(cls: type, args: argparse.Namespace, **changes: object):
@@ -134,43 +122,28 @@ def _settings(cls: type, args: argparse.Namespace, **changes: object):
     return cls(**{**given, **changes})
 
 
-def _run(command: str, work: Callable[[], object]) -> int:
-    """Exit code of ``work()``: 0, or 1 with the user's error as one line on stderr."""
-    try:
-        work()
-    except AtlasflowError as exc:
-        print(f"atlasflow {command}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def train_main(argv: list[str] | None = None) -> int:
+def run_train(args: argparse.Namespace) -> int:
     """``atlasflow train``: returns a process exit code."""
-    args = _train_parser().parse_args(argv)
+    from atlasflow.training.train import DEFAULT_LABEL_DIR, TrainSettings, train
+
     label_dir = args.label_dir
     if label_dir is None and DEFAULT_LABEL_DIR.is_dir():
         label_dir = str(DEFAULT_LABEL_DIR)
     crop = tuple(args.crop) if args.crop else None
-    settings = _settings(TrainSettings, args, label_dir=label_dir, crop=crop)
-    return _run("train", lambda: train(args.out, settings))
+    train(args.out, _settings(TrainSettings, args, label_dir=label_dir, crop=crop))
+    return 0
 
 
-def finetune_main(argv: list[str] | None = None) -> int:
+def run_finetune(args: argparse.Namespace) -> int:
     """``atlasflow finetune``: returns a process exit code."""
-    args = _finetune_parser().parse_args(argv)
-    settings = _settings(FinetuneSettings, args)
-    return _run(
-        "finetune",
-        lambda: finetune(
-            args.out,
-            args.images,
-            settings,
-            fixed=args.fixed,
-            masks=args.masks,
-            fixed_mask=args.fixed_mask,
-        ),
+    from atlasflow.training.finetune import FinetuneSettings, finetune
+
+    finetune(
+        args.out,
+        args.images,
+        _settings(FinetuneSettings, args),
+        fixed=args.fixed,
+        masks=args.masks,
+        fixed_mask=args.fixed_mask,
     )
-
-
-if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))
+    return 0
