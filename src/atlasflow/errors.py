@@ -32,6 +32,11 @@ class AtlasflowError(Exception):
     """A problem with the user's inputs or configuration, reported as one line without a traceback."""
 
 
+def one_line(text: str) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(text).split())
+
+
 MARKER_KEY = "atlasflow_failed_scan"
 _HEAD = ('{"' + MARKER_KEY + '"').encode()
 ON_ERROR_ENV = "ATLASFLOW_ON_SCAN_ERROR"

@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return int(args.func(args) or 0)
     except AtlasflowError as exc:
-        from atlasflow.cohort.images import one_line
+        from atlasflow.errors import one_line
 
         prefix = f"atlasflow {args.command}" if args.command in NAMED_IN_ERRORS else "atlasflow"
         print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)

@@ -30,7 +30,7 @@ import numpy as np
 
 from atlasflow.cohort.columns import IMAGE_COLUMNS
 from atlasflow.cohort.voxels import VoxelStats, role_problem, voxel_stats
-from atlasflow.errors import AtlasflowError
+from atlasflow.errors import AtlasflowError, one_line
 from atlasflow.io.images import Grid, load_header
 from atlasflow.io.stream import InvalidFile, raw_pixdim
 
@@ -38,11 +38,6 @@ from atlasflow.io.stream import InvalidFile, raw_pixdim
 MAX_VOXEL_MM = 20.0
 #: How far (in voxels) a mask's or label map's grid may sit from its T1w scan's and still match.
 _GRID_TOLERANCE_VOXELS = 0.01
-
-
-def one_line(text: str) -> str:
-    """A message on one line (whitespace runs, newlines included, become one space)."""
-    return " ".join(str(text).split())
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,9 +30,9 @@ from atlasflow.cohort.columns import (
     required_columns,
     row_validator,
 )
-from atlasflow.cohort.images import ImageInfo, grid_mismatch, one_line, validate_images
+from atlasflow.cohort.images import ImageInfo, grid_mismatch, validate_images
 from atlasflow.cohort.manifest import load_cohort
-from atlasflow.errors import AtlasflowError
+from atlasflow.errors import AtlasflowError, one_line
 
 
 def _natural_key(text: str) -> tuple:
