@@ -26,6 +26,11 @@ STAGES = ("template", "atlas", "baseline")
 # ------------------------------------------------------------------------------- one scan
 
 
+def subject_id(subject: str) -> str:
+    """``sub-S``: a subject's folder, and the stem of its per-subject files and logs."""
+    return f"sub-{subject}"
+
+
 def scan_id(subject: str, session: str) -> str:
     """``sub-S_ses-T``: the stem of a scan's file names, its logs and its atlas member name."""
     return f"sub-{subject}_ses-{session}"
@@ -55,7 +60,7 @@ def name_tail(suffix: str, **entities: object) -> str:
 
 def tumor_table(outdir: str | Path, subject: str) -> str:
     """A longitudinal subject's tumour volumes over time (one row per session)."""
-    return f"{outdir}/sub-{subject}/longitudinal/sub-{subject}_tumor.tsv"
+    return f"{outdir}/{subject_id(subject)}/longitudinal/{subject_id(subject)}_tumor.tsv"
 
 
 # ---------------------------------------------------------------------------- the cohort
@@ -132,9 +137,14 @@ def finetuned_model(outdir: str | Path) -> str:
     return f"{atlas_dir(outdir)}/model/finetuned_velocity.safetensors"
 
 
+def iteration_name(iteration: int | str) -> str:
+    """``iter-{i}``: an atlas iteration's folder, and the name of its job's log."""
+    return f"iter-{iteration}"
+
+
 def iteration_file(outdir: str | Path, iteration: int | str, name: str) -> str:
     """A file of one atlas iteration (``iter-{i}``; the iteration may be a wildcard)."""
-    return f"{atlas_dir(outdir)}/iter-{iteration}/{name}"
+    return f"{atlas_dir(outdir)}/{iteration_name(iteration)}/{name}"
 
 
 ITERATION_TEMPLATE = "template_T1w.nii.gz"
@@ -187,17 +197,17 @@ def cohort_page(outdir: str | Path) -> str:
 
 def subject_page(subject: str) -> str:
     """File name of a subject's HTML report (the cohort page links it by this name)."""
-    return f"sub-{subject}.html"
+    return f"{subject_id(subject)}.html"
 
 
 def subject_qc(subject: str) -> str:
     """File name of a subject's QC verdict, next to its page."""
-    return f"sub-{subject}_qc.json"
+    return f"{subject_id(subject)}_qc.json"
 
 
 def subject_figures(subject: str) -> str:
     """Folder of a subject's figures as PNGs, relative to the reports folder."""
-    return f"figures/sub-{subject}"
+    return f"figures/{subject_id(subject)}"
 
 
 COHORT_FIGURES = "figures/cohort"
@@ -205,9 +215,14 @@ COHORT_FIGURES = "figures/cohort"
 COHORT_FIGURE_NAMES = ("atlas_iterations", "atlas_convergence", "tumor_frequency")
 
 
+def figure_file(name: str) -> str:
+    """File name of a report figure (a subject's or the cohort's) called ``name``."""
+    return f"{name}.png"
+
+
 def cohort_figure(outdir: str | Path, name: str) -> str:
-    """One of the cohort page's figures as a PNG (``name`` from :data:`COHORT_FIGURE_NAMES`)."""
-    return f"{reports_dir(outdir)}/{COHORT_FIGURES}/{name}.png"
+    """One of the cohort page's figures (``name`` from :data:`COHORT_FIGURE_NAMES`)."""
+    return f"{reports_dir(outdir)}/{COHORT_FIGURES}/{figure_file(name)}"
 
 
 # --------------------------------------------------------------------------- as objects

@@ -143,7 +143,9 @@ class WorkflowPlan:
         value = self.rows[(subject, session)].get(column)
         return isinstance(value, str) and bool(value)
 
-    def anat(self, suffix: str, subject: str = "{subject}", session: str = "{session}", **entities: Any) -> str:
+    def anat(
+        self, suffix: str, subject: str = "{subject}", session: str = "{session}", **entities: Any
+    ) -> str:
         """A scan's file, e.g. ``anat("T1w", desc="preproc")`` (:func:`atlasflow.layout.anat`)."""
         return layout.anat(self.out, suffix, subject, session, **entities)
 
@@ -196,7 +198,16 @@ class WorkflowPlan:
             targets.append(anat("T1w", subject, session, desc="preproc"))
             targets.append(anat("T1w", subject, session, space="template", desc="warped"))
             targets.append(
-                anat("xfm", subject, session, from_="T1w", to="template", mode="image", desc="qc", ext="json")
+                anat(
+                    "xfm",
+                    subject,
+                    session,
+                    from_="T1w",
+                    to="template",
+                    mode="image",
+                    desc="qc",
+                    ext="json",
+                )
             )
             if has(subject, session, "labels"):
                 targets.append(anat("dseg", subject, session, space="template"))
@@ -213,7 +224,10 @@ class WorkflowPlan:
             return {"given": given}
         if mode in ("auto", "labels") and labels:
             return {"labels": labels}
-        return {"template": layout.template(self.out), "template_mask": layout.template_mask(self.out)}
+        return {
+            "template": layout.template(self.out),
+            "template_mask": layout.template_mask(self.out),
+        }
 
     @staticmethod
     def mask_args(wildcards: Any, input: Any) -> str:
@@ -260,10 +274,14 @@ class WorkflowPlan:
             "model": self.model_input,
         }
 
-    def xfm(self, to: str, subject: str = "{subject}", session: str = "{session}") -> dict[str, str]:
+    def xfm(
+        self, to: str, subject: str = "{subject}", session: str = "{session}"
+    ) -> dict[str, str]:
         """A scan's ITK affine and displacement field to space ``to`` (as named inputs or outputs)."""
         return {
-            "affine": self.anat("xfm", subject, session, from_="T1w", to=to, mode="image", ext="mat"),
+            "affine": self.anat(
+                "xfm", subject, session, from_="T1w", to=to, mode="image", ext="mat"
+            ),
             "warp": self.anat("xfm", subject, session, from_="T1w", to=to, mode="image"),
         }
 
@@ -279,7 +297,9 @@ class WorkflowPlan:
 
     def qc_json(self, to: str, subject: str = "{subject}", session: str = "{session}") -> str:
         """A registration's QC metrics (JSON)."""
-        return self.anat("xfm", subject, session, from_="T1w", to=to, mode="image", desc="qc", ext="json")
+        return self.anat(
+            "xfm", subject, session, from_="T1w", to=to, mode="image", desc="qc", ext="json"
+        )
 
     # --- atlas
 
@@ -344,11 +364,16 @@ class WorkflowPlan:
 
     def member_affines(self) -> list[str]:
         """Each member's affine to the reference template, found by atlas_init; every iteration starts from it."""
-        return [layout.iteration_file(self.out, 0, layout.member_affine(s, t)) for s, t in self.members]
+        return [
+            layout.iteration_file(self.out, 0, layout.member_affine(s, t)) for s, t in self.members
+        ]
 
     def iteration_velocities(self, iteration: int | str) -> list[str]:
         """The members' velocities of an iteration (coarse grid), in member order."""
-        return [layout.iteration_file(self.out, iteration, layout.member_velocity(s, t)) for s, t in self.members]
+        return [
+            layout.iteration_file(self.out, iteration, layout.member_velocity(s, t))
+            for s, t in self.members
+        ]
 
     def iteration_mean_velocity(self, iteration: int | str) -> str:
         return layout.iteration_file(self.out, iteration, layout.MEAN_VELOCITY)
@@ -368,7 +393,11 @@ class WorkflowPlan:
 
     def member_labels(self) -> list[str]:
         """The members' label maps in atlas space (the atlas label vote's inputs)."""
-        return [self.anat("dseg", s, t, space="atlas") for s, t in self.members if self.has(s, t, "labels")]
+        return [
+            self.anat("dseg", s, t, space="atlas")
+            for s, t in self.members
+            if self.has(s, t, "labels")
+        ]
 
     # --- longitudinal
 
@@ -382,16 +411,22 @@ class WorkflowPlan:
             "followup_mask": self.anat("mask", subject, session, desc="brain"),
         }
         if self.has(subject, base, "tumor_mask"):
-            inputs["baseline_tumor"] = self.anat("mask", subject, base, label="tumor", desc="preproc")
+            inputs["baseline_tumor"] = self.anat(
+                "mask", subject, base, label="tumor", desc="preproc"
+            )
         if self.has(subject, session, "tumor_mask"):
-            inputs["followup_tumor"] = self.anat("mask", subject, session, label="tumor", desc="preproc")
+            inputs["followup_tumor"] = self.anat(
+                "mask", subject, session, label="tumor", desc="preproc"
+            )
         return inputs
 
     @staticmethod
     def tumor_flags(wildcards: Any, input: Any) -> str:
         """The pair's tumour masks, excluded from the similarity where given."""
         return " ".join(
-            f"--{k.replace('_', '-')} {input[k]}" for k in ("baseline_tumor", "followup_tumor") if k in input.keys()
+            f"--{k.replace('_', '-')} {input[k]}"
+            for k in ("baseline_tumor", "followup_tumor")
+            if k in input.keys()
         )
 
     def baseline_file(self, suffix: str, **entities: Any) -> Any:
@@ -416,7 +451,10 @@ class WorkflowPlan:
 
     def followup_metrics(self, wildcards: Any) -> list[str]:
         """The QC metrics of the subject's follow-up -> baseline registrations."""
-        return [self.qc_json("baseline", wildcards.subject, t) for t in self.sessions[wildcards.subject][1:]]
+        return [
+            self.qc_json("baseline", wildcards.subject, t)
+            for t in self.sessions[wildcards.subject][1:]
+        ]
 
     def tumor_table_sessions(self, wildcards: Any) -> str:
         """``--session ID DATE MASK`` per session (``-`` for what the manifest leaves empty)."""
@@ -432,7 +470,9 @@ class WorkflowPlan:
     def atlas_tumor_mask(self, subject: str, session: str) -> str:
         """A session's tumour mask in atlas space (baselines directly, follow-ups through the baseline)."""
         if session == self.baseline[subject]:
-            return self.anat("mask", subject, session, space="atlas", label="tumor", desc="baseline")
+            return self.anat(
+                "mask", subject, session, space="atlas", label="tumor", desc="baseline"
+            )
         return self.anat("mask", subject, session, space="atlas", label="tumor")
 
     def tumor_frequency_inputs(self, wildcards: Any = None) -> list[str]:
@@ -448,7 +488,11 @@ class WorkflowPlan:
         for subject in self.longitudinal_subjects:
             targets.append(layout.tumor_table(self.out, subject))
             for session in self.sessions[subject][1:]:
-                for suffix, desc in (("map", "logjacobian"), ("map", "displacement"), ("T1w", "difference")):
+                for suffix, desc in (
+                    ("map", "logjacobian"),
+                    ("map", "displacement"),
+                    ("T1w", "difference"),
+                ):
                     targets.append(self.anat(suffix, subject, session, space="atlas", desc=desc))
                 if self.has(subject, session, "tumor_mask"):
                     targets.append(self.atlas_tumor_mask(subject, session))
@@ -495,4 +539,6 @@ class WorkflowPlan:
         return " ".join(f"{t}={self.rows[(subject, t)]['t1w']}" for t in self.sessions[subject])
 
     def cohort_report_inputs(self) -> list[str]:
-        return cohort_report_inputs(self.out, self.n_iter, tumour=bool(self.tumor_frequency_inputs()))
+        return cohort_report_inputs(
+            self.out, self.n_iter, tumour=bool(self.tumor_frequency_inputs())
+        )

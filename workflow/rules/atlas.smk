@@ -30,7 +30,7 @@ rule atlas_init:
     conda:
         CONDA_ENV
     log:
-        layout.job_log(OUT, "atlas", "iter-0"),
+        layout.job_log(OUT, "atlas", layout.iteration_name(0)),
     benchmark:
         layout.job_benchmark(OUT, "atlas_init")
     params:
@@ -105,9 +105,9 @@ rule atlas_iteration:
     conda:
         CONDA_ENV
     log:
-        layout.job_log(OUT, "atlas", "iter-{iteration}"),
+        layout.job_log(OUT, "atlas", layout.iteration_name("{iteration}")),
     benchmark:
-        layout.job_benchmark(OUT, "atlas_iteration", "iter-{iteration}")
+        layout.job_benchmark(OUT, "atlas_iteration", layout.iteration_name("{iteration}"))
     params:
         # Plain values (not functions of `input`) are compared with the last run's: a changed
         # setting reruns the iterations.

@@ -61,9 +61,9 @@ rule tumor_table:
     conda:
         CONDA_ENV
     log:
-        layout.job_log(OUT, "tumor_table", "sub-{subject}"),
+        layout.job_log(OUT, "tumor_table", layout.subject_id("{subject}")),
     benchmark:
-        layout.job_benchmark(OUT, "tumor_table", "sub-{subject}")
+        layout.job_benchmark(OUT, "tumor_table", layout.subject_id("{subject}"))
     params:
         sessions=PLAN.tumor_table_sessions,
         pairs=PLAN.followups,

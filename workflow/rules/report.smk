@@ -10,24 +10,24 @@ rule report_subject:
             f"{layout.reports_dir(OUT)}/{layout.subject_page('{subject}')}",
             caption="../report/subject_report.rst",
             category="Subjects",
-            subcategory="sub-{subject}",
-            labels={"subject": "sub-{subject}", "figure": "report"},
+            subcategory=layout.subject_id("{subject}"),
+            labels={"subject": layout.subject_id("{subject}"), "figure": "report"},
         ),
         qc=f"{layout.reports_dir(OUT)}/{layout.subject_qc('{subject}')}",
         figures=report(
             directory(f"{layout.reports_dir(OUT)}/{layout.subject_figures('{subject}')}"),
-            patterns=["{name}.png"],
+            patterns=[layout.figure_file("{name}")],
             caption="../report/subject_figures.rst",
             category="Subjects",
-            subcategory="sub-{subject}",
-            labels={"subject": "sub-{subject}", "figure": "{name}"},
+            subcategory=layout.subject_id("{subject}"),
+            labels={"subject": layout.subject_id("{subject}"), "figure": "{name}"},
         ),
     conda:
         CONDA_ENV
     log:
-        layout.job_log(OUT, "report", "sub-{subject}"),
+        layout.job_log(OUT, "report", layout.subject_id("{subject}")),
     benchmark:
-        layout.job_benchmark(OUT, "report_subject", "sub-{subject}")
+        layout.job_benchmark(OUT, "report_subject", layout.subject_id("{subject}"))
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
         sessions=PLAN.subject_sessions,
