@@ -70,7 +70,8 @@ def test_rules_run_atlasflow_without_the_environment_on_path(tmp_path):
     """`.venv/bin/snakemake` without an activated venv: the rules run the package of the Python that
     runs Snakemake (a shell function, `python -m atlasflow`), not whatever PATH holds."""
     target = "results/template/template_T1w.nii.gz"
-    out = snakemake("-c", "1", "--configfile", str(TINY), target, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    # the target before --configfile, which takes every word that follows it
+    out = snakemake(target, "-c", "1", "--configfile", str(TINY), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / target).exists()
     # the printed command and what Snakemake records stay `atlasflow ...`: finished runs do not rerun

@@ -56,12 +56,18 @@ def test_the_tiny_demo_cohort(plan):
 def test_targets_are_layout_names(plan):
     targets = plan.all_targets()
     assert len(targets) == len(set(targets))
-    for path in (layout.template("results"), layout.atlas_t1w("results"), layout.tumor_table("results", "04")):
+    for path in (
+        layout.template("results"),
+        layout.atlas_t1w("results"),
+        layout.tumor_table("results", "04"),
+    ):
         assert path in targets
     # every change map the longitudinal stage targets is one change_map_to_atlas makes
     for path in plan.longitudinal_targets():
         if "/anat/" in path and "desc-baseline" not in path:
-            assert any(path.endswith(f"_space-atlas_{change}.nii.gz") for change in CHANGE_MAPS), path
+            assert any(path.endswith(f"_space-atlas_{change}.nii.gz") for change in CHANGE_MAPS), (
+                path
+            )
     assert plan.tumor_frequency_inputs() == [plan.atlas_tumor_mask("04", "2")]
 
 
@@ -87,14 +93,28 @@ def test_atlas_settings_and_flags_come_from_the_same_config(plan):
     flags = plan.registration_options(None, "atlas_init")
     assert plan.atlas_init_settings == f"init {plan.atl['init']} {flags}"
     assert plan.atlas_init_flags()[:2] == ["--init", plan.atl["init"]]
-    assert plan.atlas_init_flags()[-4:] == ["--min-inputs", "2", "--min-inputs-setting", "atlas.min_subjects"]
+    assert plan.atlas_init_flags()[-4:] == [
+        "--min-inputs",
+        "2",
+        "--min-inputs-setting",
+        "atlas.min_subjects",
+    ]
     assert plan.atlas_iteration_settings.endswith(
         f"gradient_step {plan.atl['gradient_step']} sharpen {plan.atl['sharpen']} carry True"
     )
-    assert plan.atlas_finetune_flags() == ["--steps", plan.atl["finetune_steps"], "--seed", plan.reg["seed"]]
-    finetuned = WorkflowPlan.from_config(config(atlas={"finetune_steps": 5}), REPO, check_data=False)
+    assert plan.atlas_finetune_flags() == [
+        "--steps",
+        plan.atl["finetune_steps"],
+        "--seed",
+        plan.reg["seed"],
+    ]
+    finetuned = WorkflowPlan.from_config(
+        config(atlas={"finetune_steps": 5}), REPO, check_data=False
+    )
     assert ["--model", layout.finetuned_model("results")] == [
-        f for f in finetuned.atlas_iteration_flags() if f in ("--model", layout.finetuned_model("results"))
+        f
+        for f in finetuned.atlas_iteration_flags()
+        if f in ("--model", layout.finetuned_model("results"))
     ]
     assert finetuned.atlas_model_input(None) == [layout.finetuned_model("results")]
 
@@ -115,7 +135,9 @@ def test_the_shell_prefix_runs_the_package_of_the_interpreter_without_path():
     prefix = shell_prefix(sys.executable, conda=False)
     assert prefix.startswith("set -euo pipefail; ")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run(["bash", "-c", prefix + "atlasflow --help"], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        ["bash", "-c", prefix + "atlasflow --help"], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: atlasflow ")
     # under --sdm conda the rule's activated environment provides `atlasflow`
