@@ -30,6 +30,6 @@ include: "workflow/rules/provenance.smk"
 rule all:
     """Every preprocessed scan, its registrations to the template and the atlas, and the atlas."""
     input:
-        all_targets(),
-        f"{OUT}/reports/cohort.html",
+        PLAN.all_targets(),
+        layout.cohort_page(OUT),
     default_target: True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,13 +83,72 @@ def test_found_iterations(tmp_path):
     assert sorted(CohortFiles(tmp_path).found_iterations()) == [0, 3]
 
 
+def test_cohort_wide_names():
+    assert layout.iteration_template("r", 0) == "r/atlas/iter-0/template_T1w.nii.gz"
+    assert layout.iteration_metrics("r", "{iteration}") == "r/atlas/iter-{iteration}/metrics.json"
+    assert layout.iteration_members("r", 2) == "r/atlas/iter-2/members.tsv"
+    assert layout.atlas_probseg("r") == "r/atlas/atlas_probseg.nii.gz"
+    assert layout.cohort_page("r") == "r/reports/cohort.html"
+    assert (
+        layout.cohort_figure("r", "atlas_convergence")
+        == "r/reports/figures/cohort/atlas_convergence.png"
+    )
+    assert layout.demo_manifest("demo_data") == "demo_data/manifest.csv"
+
+
+def test_job_logs_and_benchmarks():
+    scan = layout.scan_id("{subject}", "{session}")
+    assert (
+        layout.job_log("r", "register_template", scan)
+        == "r/logs/register_template/sub-{subject}_ses-{session}.log"
+    )
+    assert layout.job_log("r", "template") == "r/logs/template.log"
+    assert layout.job_log("r", "atlas", "iter-{iteration}") == "r/logs/atlas/iter-{iteration}.log"
+    assert layout.job_benchmark("r", "atlas_init") == "r/benchmarks/atlas_init.tsv"
+
+
+def test_name_tail_is_the_end_of_a_scan_file_name():
+    assert layout.name_tail("map", desc="logjacobian") == "desc-logjacobian_map"
+    assert (
+        layout.name_tail("mask", desc="baseline", label="tumor") == "label-tumor_desc-baseline_mask"
+    )
+    # a tail as the suffix of `anat` gives the scan's file of those entities
+    assert layout.anat(
+        "r", layout.name_tail("mask", label="tumor"), "01", "2", space="atlas"
+    ) == layout.anat("r", "mask", "01", "2", space="atlas", label="tumor")
+
+
+# File names that only atlasflow.layout may spell.
+SPELLED = (
+    "sub-",
+    "_space-",
+    "desc-",
+    "label-",
+    ".nii",
+    "_tumor.tsv",
+    "template_T1w",
+    ".png",
+    ".tsv",
+    ".json",
+    ".html",
+    "iter-",
+)
+
+
 def test_workflow_builds_its_names_through_layout():
-    """common.smk's path helper is a thin call into the layout, and no scan file name is spelled
-    by hand in the rules' shared helpers."""
-    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    assert "return layout.anat(OUT, suffix, subject, session, **entities)" in common
-    for spelled in ("_space-atlas_", "desc-logjacobian_map", "_tumor.tsv", "template_T1w.nii.gz"):
-        assert spelled not in common, spelled
+    """The rules and their plan (atlasflow.workflow_plan) spell no output name: every path comes
+    from the layout (the scan path helper is a thin call into it)."""
+    plan = (REPO / "src" / "atlasflow" / "workflow_plan.py").read_text()
+    assert "return layout.anat(self.out, suffix, subject, session, **entities)" in plan
+    sources = {"workflow_plan.py": plan, "Snakefile": (REPO / "Snakefile").read_text()}
+    sources.update({p.name: p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")})
+    for name, text in sources.items():
+        code = "\n".join(line.split("#")[0] for line in text.splitlines() if '"""' not in line)
+        for literal in re.findall(r'"[^"\n]*"|\'[^\'\n]*\'', code):  # the string literals
+            spelled = [
+                s for s in SPELLED if s in re.sub(r"\{[^{}]*\}", "", literal)
+            ]  # not {output.html}
+            assert not spelled, f"{name}: {literal} spells {spelled} by hand"
 
 
 def test_layout_imports_neither_torch_nor_numpy():

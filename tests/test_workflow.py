@@ -60,6 +60,24 @@ def test_finetuning_on_the_cohort_is_a_target_the_atlas_iterations_use(tmp_path)
     assert plain.returncode == 0 and "rule atlas_finetune:" not in plain.stdout + plain.stderr
 
 
+def test_python_m_atlasflow_is_the_atlasflow_command():
+    out = subprocess.run([sys.executable, "-m", "atlasflow", "--help"], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: atlasflow ")
+
+
+def test_rules_run_atlasflow_without_the_environment_on_path(tmp_path):
+    """`.venv/bin/snakemake` without an activated venv: the rules run the package of the Python that
+    runs Snakemake (a shell function, `python -m atlasflow`), not whatever PATH holds."""
+    target = "results/template/template_T1w.nii.gz"
+    # the target before --configfile, which takes every word that follows it
+    out = snakemake(target, "-c", "1", "--configfile", str(TINY), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / target).exists()
+    # the printed command and what Snakemake records stay `atlasflow ...`: finished runs do not rerun
+    assert "Shell command: atlasflow template " in out.stdout + out.stderr
+
+
 CACHE_LINE = re.compile(r"Output file (\S+) will be (?:written to|obtained from) global between-workflow cache")
 
 

@@ -26,6 +26,11 @@ STAGES = ("template", "atlas", "baseline")
 # ------------------------------------------------------------------------------- one scan
 
 
+def subject_id(subject: str) -> str:
+    """``sub-S``: a subject's folder, and the stem of its per-subject files and logs."""
+    return f"sub-{subject}"
+
+
 def scan_id(subject: str, session: str) -> str:
     """``sub-S_ses-T``: the stem of a scan's file names, its logs and its atlas member name."""
     return f"sub-{subject}_ses-{session}"
@@ -43,16 +48,19 @@ def anat(
 
     Entities are written in :data:`ENTITIES` order whatever the order given; others are ignored.
     """
-    parts = [scan_id(subject, session)]
-    for key in ENTITIES:
-        if key in entities:
-            parts.append(f"{key.rstrip('_')}-{entities[key]}")
-    return f"{outdir}/sub-{subject}/ses-{session}/anat/{'_'.join(parts)}_{suffix}.{ext}"
+    return f"{outdir}/sub-{subject}/ses-{session}/anat/{scan_id(subject, session)}_{name_tail(suffix, **entities)}.{ext}"
+
+
+def name_tail(suffix: str, **entities: object) -> str:
+    """The part of a scan's file name after ``sub-S_ses-T_``, without extension, e.g.
+    ``name_tail("map", desc="logjacobian") == "desc-logjacobian_map"``."""
+    parts = [f"{key.rstrip('_')}-{entities[key]}" for key in ENTITIES if key in entities]
+    return "_".join([*parts, suffix])
 
 
 def tumor_table(outdir: str | Path, subject: str) -> str:
     """A longitudinal subject's tumour volumes over time (one row per session)."""
-    return f"{outdir}/sub-{subject}/longitudinal/sub-{subject}_tumor.tsv"
+    return f"{outdir}/{subject_id(subject)}/longitudinal/{subject_id(subject)}_tumor.tsv"
 
 
 # ---------------------------------------------------------------------------- the cohort
@@ -80,6 +88,21 @@ def benchmarks_dir(outdir: str | Path) -> str:
     return f"{outdir}/benchmarks"
 
 
+def job_log(outdir: str | Path, *names: str, ext: str = "log") -> str:
+    """A job's log: ``logs/<names joined by />.log``, e.g. ``job_log(out, "preprocess", scan_id(s, t))``."""
+    return f"{logs_dir(outdir)}/{'/'.join(names)}.{ext}"
+
+
+def job_benchmark(outdir: str | Path, *names: str) -> str:
+    """A job's Snakemake benchmark table, named as its log (``benchmarks/<names>.tsv``)."""
+    return f"{benchmarks_dir(outdir)}/{'/'.join(names)}.tsv"
+
+
+def demo_manifest(demo_dir: str | Path) -> str:
+    """The manifest of the demo cohort the ``demo_data`` rule writes."""
+    return f"{demo_dir}/manifest.csv"
+
+
 def atlas_dir(outdir: str | Path) -> str:
     return f"{outdir}/atlas"
 
@@ -92,6 +115,11 @@ def atlas_t1w(outdir: str | Path) -> str:
 def atlas_dseg(outdir: str | Path) -> str:
     """The atlas label map, voted from the members' labels."""
     return f"{atlas_dir(outdir)}/atlas_dseg.nii.gz"
+
+
+def atlas_probseg(outdir: str | Path) -> str:
+    """The atlas label probabilities (one volume per label), beside the label map."""
+    return f"{atlas_dir(outdir)}/atlas_probseg.nii.gz"
 
 
 def atlas_metrics(outdir: str | Path) -> str:
@@ -109,13 +137,34 @@ def finetuned_model(outdir: str | Path) -> str:
     return f"{atlas_dir(outdir)}/model/finetuned_velocity.safetensors"
 
 
+def iteration_name(iteration: int | str) -> str:
+    """``iter-{i}``: an atlas iteration's folder, and the name of its job's log."""
+    return f"iter-{iteration}"
+
+
 def iteration_file(outdir: str | Path, iteration: int | str, name: str) -> str:
     """A file of one atlas iteration (``iter-{i}``; the iteration may be a wildcard)."""
-    return f"{atlas_dir(outdir)}/iter-{iteration}/{name}"
+    return f"{atlas_dir(outdir)}/{iteration_name(iteration)}/{name}"
+
+
+ITERATION_TEMPLATE = "template_T1w.nii.gz"
+ITERATION_METRICS = "metrics.json"
+ITERATION_MEMBERS = "members.tsv"
 
 
 def iteration_template(outdir: str | Path, iteration: int | str) -> str:
-    return iteration_file(outdir, iteration, "template_T1w.nii.gz")
+    """An iteration's template (iteration 0: the affine mean or the reference)."""
+    return iteration_file(outdir, iteration, ITERATION_TEMPLATE)
+
+
+def iteration_metrics(outdir: str | Path, iteration: int | str) -> str:
+    """An iteration's convergence metrics (JSON; gathered into :func:`atlas_metrics`)."""
+    return iteration_file(outdir, iteration, ITERATION_METRICS)
+
+
+def iteration_members(outdir: str | Path, iteration: int | str) -> str:
+    """Per-member registration table of an iteration (which members succeeded)."""
+    return iteration_file(outdir, iteration, ITERATION_MEMBERS)
 
 
 MEAN_VELOCITY = "velocities/mean_velocity.nii"
@@ -141,22 +190,39 @@ def reports_dir(outdir: str | Path) -> str:
     return f"{outdir}/reports"
 
 
+def cohort_page(outdir: str | Path) -> str:
+    """The cohort report."""
+    return f"{reports_dir(outdir)}/{COHORT_PAGE}"
+
+
 def subject_page(subject: str) -> str:
     """File name of a subject's HTML report (the cohort page links it by this name)."""
-    return f"sub-{subject}.html"
+    return f"{subject_id(subject)}.html"
 
 
 def subject_qc(subject: str) -> str:
     """File name of a subject's QC verdict, next to its page."""
-    return f"sub-{subject}_qc.json"
+    return f"{subject_id(subject)}_qc.json"
 
 
 def subject_figures(subject: str) -> str:
     """Folder of a subject's figures as PNGs, relative to the reports folder."""
-    return f"figures/sub-{subject}"
+    return f"figures/{subject_id(subject)}"
 
 
 COHORT_FIGURES = "figures/cohort"
+#: The cohort page's figures, written as ``<name>.png`` (atlasflow.reports.panels names them).
+COHORT_FIGURE_NAMES = ("atlas_iterations", "atlas_convergence", "tumor_frequency")
+
+
+def figure_file(name: str) -> str:
+    """File name of a report figure (a subject's or the cohort's) called ``name``."""
+    return f"{name}.png"
+
+
+def cohort_figure(outdir: str | Path, name: str) -> str:
+    """One of the cohort page's figures (``name`` from :data:`COHORT_FIGURE_NAMES`)."""
+    return f"{reports_dir(outdir)}/{COHORT_FIGURES}/{figure_file(name)}"
 
 
 # --------------------------------------------------------------------------- as objects
@@ -255,7 +321,7 @@ class CohortFiles:
 
     def member_tables(self) -> list[Path]:
         """Per-member registration tables of the atlas iterations (``iter-{i}/members.tsv``)."""
-        return sorted(Path(atlas_dir(self.outdir)).glob("iter-*/members.tsv"))
+        return sorted(Path(atlas_dir(self.outdir)).glob(f"iter-*/{ITERATION_MEMBERS}"))
 
     def tumor_table(self, subject: str) -> Path:
         return Path(tumor_table(self.outdir, subject))

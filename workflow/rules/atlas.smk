@@ -4,10 +4,12 @@ Each iteration is its own set of targets (`iter-{iteration}`), so raising `atlas
 only the new iterations and what follows them.
 """
 
+from atlasflow.runtime.server import enable as enable_engine
+
 onstart:
     # The atlas jobs of a local run share one warm engine (torch, weights, workers), which exits
     # with this process; jobs on cluster nodes start their own (atlasflow.runtime.server).
-    if ATL["warm_engine"] and workflow.local_exec:
+    if config["atlas"]["warm_engine"] and workflow.local_exec:
         enable_engine()
 
 
@@ -16,35 +18,34 @@ rule atlas_init:
     in the iterations), and their mean (atlas.init: mean) or the reference itself (template).
     The atlas thus needs only the preprocessed scans, not the registrations to the template."""
     input:
-        template=TEMPLATE,
-        mask=TEMPLATE_MASK,
-        images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
-        masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
-        model=model_input,
+        template=layout.template(OUT),
+        mask=layout.template_mask(OUT),
+        images=PLAN.member_images(),
+        masks=PLAN.member_masks(),
+        model=PLAN.model_input,
     output:
-        template=iter_file(0, "template_T1w.nii.gz"),
-        affines=ATLAS_AFFINES,
-        members=iter_file(0, "members.tsv"),
+        template=layout.iteration_template(OUT, 0),
+        affines=PLAN.member_affines(),
+        members=layout.iteration_members(OUT, 0),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/atlas/iter-0.log",
+        layout.job_log(OUT, "atlas", layout.iteration_name(0)),
     benchmark:
-        f"{BENCH}/atlas_init.tsv"
+        layout.job_benchmark(OUT, "atlas_init")
     params:
         # Plain values are compared with the last run's when Snakemake plans (functions of
         # `input` are not): a changed setting reruns the rule.
-        settings=f"init {ATL['init']} {registration_options(None, 'atlas_init')}",
+        settings=PLAN.atlas_init_settings,
         argv=lambda wc, input, output, threads: [
             "--threads", threads, "atlas", "init", "--template", input.template, "--template-mask", input.mask,
-            "--images", *input.images, "--masks", *input.masks, "--init", ATL["init"],
-            *registration_options(None, "atlas_init").split(), *MIN_MEMBERS.split(),
+            "--images", *input.images, "--masks", *input.masks, *PLAN.atlas_init_flags(),
             "--output", output.template, "--out-affines", *output.affines, "--out-members", output.members,
         ],
-    threads: ATL["threads"]
+    threads: config["atlas"]["threads"]
     resources:
         mem_mb=lambda wc, threads: 1000 + 700 * threads,
-        runtime=lambda wc, threads: 10 + len(ATLAS_MEMBERS) // max(threads, 1),
+        runtime=lambda wc, threads: 10 + len(PLAN.members) // max(threads, 1),
         gpu=0,
     script:
         "../scripts/atlasflow_cli.py"
@@ -54,25 +55,25 @@ rule atlas_finetune:
     """Optional (atlas.finetune_steps > 0): the velocity network fine-tuned, unsupervised, on the
     atlas members against iteration 0; the atlas iterations then register with it."""
     input:
-        fixed=iter_file(0, "template_T1w.nii.gz"),
-        fixed_mask=TEMPLATE_MASK,
-        images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
-        masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
-        model=model_input,
+        fixed=layout.iteration_template(OUT, 0),
+        fixed_mask=layout.template_mask(OUT),
+        images=PLAN.member_images(),
+        masks=PLAN.member_masks(),
+        model=PLAN.model_input,
     output:
-        FINETUNED_MODEL,
+        PLAN.finetuned_model,
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/atlas/finetune.log",
+        layout.job_log(OUT, "atlas", "finetune"),
     benchmark:
-        f"{BENCH}/atlas_finetune.tsv"
+        layout.job_benchmark(OUT, "atlas_finetune")
     params:
-        settings=f"steps {ATL['finetune_steps']} seed {REG['seed']}",
+        settings=PLAN.atlas_finetune_settings,
         argv=lambda wc, input, output, threads: [
             "finetune", "--images", *input.images, "--masks", *input.masks, "--fixed", input.fixed,
-            "--fixed-mask", input.fixed_mask, "--out", output[0], "--steps", ATL["finetune_steps"],
-            "--seed", REG["seed"], "--threads", threads, *(["--init", input.model[0]] if input.model else []),
+            "--fixed-mask", input.fixed_mask, "--out", output[0], *PLAN.atlas_finetune_flags(),
+            "--threads", threads, *(["--init", input.model[0]] if input.model else []),
         ],
     threads: THREADS
     resources:
@@ -88,45 +89,43 @@ rule atlas_iteration:
     engine's start-up once and keeps the warped members in memory; its threads are worker
     processes, one member each."""
     input:
-        unpack(carried_velocities),
-        previous=previous_template,
-        mask=TEMPLATE_MASK,
-        images=[anat("T1w", s, t, desc="preproc") for s, t in ATLAS_MEMBERS],
-        masks=[anat("mask", s, t, desc="brain") for s, t in ATLAS_MEMBERS],
-        affines=ATLAS_AFFINES,
-        model=atlas_model_input,
+        unpack(PLAN.carried_velocities),
+        previous=PLAN.previous_template,
+        mask=layout.template_mask(OUT),
+        images=PLAN.member_images(),
+        masks=PLAN.member_masks(),
+        affines=PLAN.member_affines(),
+        model=PLAN.atlas_model_input,
     output:
-        template=iter_file("{iteration}", "template_T1w.nii.gz"),
-        metrics=iter_file("{iteration}", "metrics.json"),
-        members=iter_file("{iteration}", "members.tsv"),
-        velocities=iter_velocities("{iteration}") if CARRY else [],
-        mean_velocity=iter_mean_velocity("{iteration}") if CARRY else [],
+        template=layout.iteration_template(OUT, "{iteration}"),
+        metrics=layout.iteration_metrics(OUT, "{iteration}"),
+        members=layout.iteration_members(OUT, "{iteration}"),
+        velocities=PLAN.iteration_velocities("{iteration}") if PLAN.carry else [],
+        mean_velocity=PLAN.iteration_mean_velocity("{iteration}") if PLAN.carry else [],
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/atlas/iter-{{iteration}}.log",
+        layout.job_log(OUT, "atlas", layout.iteration_name("{iteration}")),
     benchmark:
-        f"{BENCH}/atlas_iteration/iter-{{iteration}}.tsv"
+        layout.job_benchmark(OUT, "atlas_iteration", layout.iteration_name("{iteration}"))
     params:
         # Plain values (not functions of `input`) are compared with the last run's: a changed
         # setting reruns the iterations.
-        settings=f"{atlas_registration_options(None)} gradient_step {ATL['gradient_step']} sharpen {ATL['sharpen']} carry {CARRY}",
+        settings=PLAN.atlas_iteration_settings,
         argv=lambda wc, input, output, threads: [
             "--threads", threads, "atlas", "iteration", "--iteration", wc.iteration,
             "--previous", input.previous, "--mask", input.mask,
             "--images", *input.images, "--masks", *input.masks, "--affines", *input.affines,
-            *atlas_registration_options(wc).split(), *(["--model", FINETUNED_MODEL] if FINETUNE else []),
-            "--gradient-step", ATL["gradient_step"],
-            *([] if ATL["sharpen"] else ["--no-sharpen"]), *MIN_MEMBERS.split(),
+            *PLAN.atlas_iteration_flags(),
             "--output", output.template, "--out-metrics", output.metrics, "--out-members", output.members,
             *(["--velocities", *input.velocities, "--mean-velocity", input.mean_velocity] if hasattr(input, "velocities") else []),
-            *(["--out-velocities", *output.velocities, "--out-mean-velocity", output.mean_velocity] if CARRY else []),
+            *(["--out-velocities", *output.velocities, "--out-mean-velocity", output.mean_velocity] if PLAN.carry else []),
         ],
-    threads: ATL["threads"]
+    threads: config["atlas"]["threads"]
     resources:
         # one engine per worker (~700 MB each at 2 mm) + the two running sums
         mem_mb=lambda wc, threads: 1000 + 700 * threads,
-        runtime=lambda wc, threads: 10 + 2 * len(ATLAS_MEMBERS) // max(threads, 1),
+        runtime=lambda wc, threads: 10 + 2 * len(PLAN.members) // max(threads, 1),
         gpu=0,
     script:
         "../scripts/atlasflow_cli.py"
@@ -141,17 +140,17 @@ localrules:
 rule atlas_final:
     """The final atlas (last iteration's template) and the per-iteration metrics table."""
     input:
-        template=iter_file(N_ITER, "template_T1w.nii.gz"),
-        metrics=[iter_file(i, "metrics.json") for i in range(1, N_ITER + 1)],
+        template=layout.iteration_template(OUT, PLAN.n_iter),
+        metrics=[layout.iteration_metrics(OUT, i) for i in range(1, PLAN.n_iter + 1)],
     output:
-        template=ATLAS_T1W,
-        metrics=ATLAS_METRICS,
+        template=layout.atlas_t1w(OUT),
+        metrics=layout.atlas_metrics(OUT),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/atlas/final.log",
+        layout.job_log(OUT, "atlas", "final"),
     benchmark:
-        f"{BENCH}/atlas_final.tsv"
+        layout.job_benchmark(OUT, "atlas_final")
     shell:
         "(cp {input.template} {output.template} && "
         "atlasflow atlas gather --metrics {input.metrics} --output {output.metrics}) > {log} 2>&1"
@@ -160,9 +159,9 @@ rule atlas_final:
 # Every scan registered to the final atlas: transforms and the scan in atlas space.
 use rule register_template as register_atlas with:
     input:
-        **registration_inputs(fixed=ATLAS_T1W),
+        **PLAN.registration_inputs(fixed=layout.atlas_t1w(OUT)),
     output:
-        **registration_outputs("atlas", warped=anat("T1w", space="atlas")),
+        **PLAN.registration_outputs("atlas", warped=anat("T1w", space="atlas")),
     log:
         log("register_atlas"),
     benchmark:
@@ -172,7 +171,7 @@ use rule register_template as register_atlas with:
 use rule warp_labels as warp_labels_atlas with:
     input:
         labels=anat("dseg", desc="preproc"),
-        fixed=ATLAS_T1W,
+        fixed=layout.atlas_t1w(OUT),
         **xfm("atlas"),
     output:
         anat("dseg", space="atlas"),
@@ -185,16 +184,16 @@ use rule warp_labels as warp_labels_atlas with:
 rule atlas_labels:
     """Atlas label map: majority vote of the members' labels in atlas space, + probabilities."""
     input:
-        [anat("dseg", s, t, space="atlas") for s, t in ATLAS_MEMBERS if has(s, t, "labels")],
+        PLAN.member_labels(),
     output:
-        dseg=ATLAS_DSEG,
-        probseg=f"{ATLAS}/atlas_probseg.nii.gz",
+        dseg=layout.atlas_dseg(OUT),
+        probseg=layout.atlas_probseg(OUT),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/atlas/labels.log",
+        layout.job_log(OUT, "atlas", "labels"),
     benchmark:
-        f"{BENCH}/atlas_labels.tsv"
+        layout.job_benchmark(OUT, "atlas_labels")
     params:
         argv=lambda wc, input, output: ["atlas", "vote", "--labels", *input, "--output", output.dseg, "--out-probseg", output.probseg],
     resources:

@@ -5,14 +5,14 @@ if config["cohort"] is None:
     rule demo_data:
         """Generate the synthetic demo cohort and its ground truth."""
         output:
-            manifest=f"{config['demo']['dir']}/manifest.csv",
-            files=demo_outputs(COHORT),
+            manifest=layout.demo_manifest(config["demo"]["dir"]),
+            files=PLAN.cohort_images(),
         conda:
             CONDA_ENV
         log:
-            f"{LOGS}/demo_data.log",
+            layout.job_log(OUT, "demo_data"),
         benchmark:
-            f"{BENCH}/demo_data.tsv"
+            layout.job_benchmark(OUT, "demo_data")
         params:
             demo=config["demo"],
         threads: THREADS

@@ -1,18 +1,20 @@
 """Longitudinal tumour monitoring: every follow-up registered to its subject's baseline."""
 
+from atlasflow.workflow_plan import CHANGE_MAPS
+
 
 rule longitudinal_register:
     """Follow-up -> baseline with the tumours excluded; log-Jacobian, difference, displacement maps."""
     input:
-        unpack(longitudinal_inputs),
-        model=model_input,
+        unpack(PLAN.longitudinal_inputs),
+        model=PLAN.model_input,
     output:
         warped=anat("T1w", space="baseline", desc="warped"),
         **xfm("baseline"),
         log_jacobian=anat("map", space="baseline", desc="logjacobian"),
         difference=anat("T1w", space="baseline", desc="difference"),
         displacement=anat("map", space="baseline", desc="displacement"),
-        metrics=anat("xfm", from_="T1w", to="baseline", mode="image", desc="qc", ext="json"),
+        metrics=PLAN.qc_json("baseline"),
     conda:
         CONDA_ENV
     log:
@@ -20,10 +22,8 @@ rule longitudinal_register:
     benchmark:
         bench("longitudinal_register")
     params:
-        options=longitudinal_options,
-        tumors=lambda wc, input: " ".join(
-            f"--{k.replace('_', '-')} {input[k]}" for k in ("baseline_tumor", "followup_tumor") if k in input.keys()
-        ),
+        options=PLAN.longitudinal_options,
+        tumors=PLAN.tumor_flags,
     threads: THREADS
     resources:
         mem_mb=1500,
@@ -41,7 +41,7 @@ rule longitudinal_register:
 use rule warp_labels as longitudinal_tumor_mask with:
     input:
         labels=anat("mask", label="tumor", desc="preproc"),
-        fixed=lambda wc: anat("T1w", wc.subject, BASELINE[wc.subject], desc="preproc"),
+        fixed=PLAN.baseline_file("T1w", desc="preproc"),
         **xfm("baseline"),
     output:
         anat("mask", space="baseline", label="tumor"),
@@ -54,22 +54,19 @@ use rule warp_labels as longitudinal_tumor_mask with:
 rule tumor_table:
     """Per-subject tumour volumes, changes, growth rate, doubling time and response category."""
     input:
-        masks=lambda wc: [row_of(wc.subject, t)["tumor_mask"] for t in SESSIONS[wc.subject] if has(wc.subject, t, "tumor_mask")],
-        metrics=lambda wc: [anat("xfm", wc.subject, t, from_="T1w", to="baseline", mode="image", desc="qc", ext="json") for t in SESSIONS[wc.subject][1:]],
+        masks=PLAN.tumor_masks,
+        metrics=PLAN.followup_metrics,
     output:
-        f"{OUT}/sub-{{subject}}/longitudinal/sub-{{subject}}_tumor.tsv",
+        layout.tumor_table(OUT, "{subject}"),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/tumor_table/sub-{{subject}}.log",
+        layout.job_log(OUT, "tumor_table", layout.subject_id("{subject}")),
     benchmark:
-        f"{BENCH}/tumor_table/sub-{{subject}}.tsv"
+        layout.job_benchmark(OUT, "tumor_table", layout.subject_id("{subject}"))
     params:
-        sessions=lambda wc: " ".join(
-            f"--session {t} {row_of(wc.subject, t)['acq_date'] or '-'} {row_of(wc.subject, t)['tumor_mask'] or '-'}"
-            for t in SESSIONS[wc.subject]
-        ),
-        pairs=lambda wc: " ".join(SESSIONS[wc.subject][1:]),
+        sessions=PLAN.tumor_table_sessions,
+        pairs=PLAN.followups,
     resources:
         mem_mb=1000,
         runtime=5,
@@ -81,20 +78,19 @@ rule tumor_table:
 rule change_map_to_atlas:
     """A follow-up's change map carried into atlas space through its baseline's atlas transform."""
     input:
-        image=f"{OUT}/sub-{{subject}}/ses-{{session}}/anat/sub-{{subject}}_ses-{{session}}_space-baseline_{{change}}.nii.gz",
-        atlas=ATLAS_T1W,
-        affine=lambda wc: anat("xfm", wc.subject, BASELINE[wc.subject], from_="T1w", to="atlas", mode="image", ext="mat"),
-        warp=lambda wc: anat("xfm", wc.subject, BASELINE[wc.subject], from_="T1w", to="atlas", mode="image"),
+        image=anat("{change}", space="baseline"),
+        atlas=layout.atlas_t1w(OUT),
+        **PLAN.baseline_xfm("atlas"),
     output:
-        f"{OUT}/sub-{{subject}}/ses-{{session}}/anat/sub-{{subject}}_ses-{{session}}_space-atlas_{{change}}.nii.gz",
+        anat("{change}", space="atlas"),
     wildcard_constraints:
-        change="desc-logjacobian_map|desc-displacement_map|desc-difference_T1w|label-tumor_mask",
+        change="|".join(CHANGE_MAPS),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/change_map_to_atlas/sub-{{subject}}_ses-{{session}}_{{change}}.log",
+        layout.job_log(OUT, "change_map_to_atlas", layout.scan_id("{subject}", "{session}") + "_{change}"),
     benchmark:
-        f"{BENCH}/change_map_to_atlas/sub-{{subject}}_ses-{{session}}_{{change}}.tsv"
+        layout.job_benchmark(OUT, "change_map_to_atlas", layout.scan_id("{subject}", "{session}") + "_{change}")
     params:
         interpolation=lambda wc: "nearest" if wc.change.endswith("mask") else "linear",
     resources:
@@ -109,7 +105,7 @@ rule change_map_to_atlas:
 use rule warp_labels as baseline_tumor_to_atlas with:
     input:
         labels=anat("mask", label="tumor", desc="preproc"),
-        fixed=ATLAS_T1W,
+        fixed=layout.atlas_t1w(OUT),
         **xfm("atlas"),
     output:
         anat("mask", space="atlas", label="tumor", desc="baseline"),
@@ -122,15 +118,15 @@ use rule warp_labels as baseline_tumor_to_atlas with:
 rule tumor_frequency:
     """Share of tumour subjects with tumour at each atlas voxel (latest session with a mask)."""
     input:
-        tumor_frequency_inputs,
+        PLAN.tumor_frequency_inputs,
     output:
-        f"{ATLAS}/tumor_frequency.nii.gz",
+        layout.tumor_frequency(OUT),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/atlas/tumor_frequency.log",
+        layout.job_log(OUT, "atlas", "tumor_frequency"),
     benchmark:
-        f"{BENCH}/tumor_frequency.tsv"
+        layout.job_benchmark(OUT, "tumor_frequency")
     resources:
         mem_mb=1000,
         runtime=5,

@@ -4,10 +4,10 @@
 rule template:
     """The reference template and its brain mask on the working grid."""
     input:
-        unpack(template_files),
+        unpack(PLAN.template_files),
     output:
-        image=TEMPLATE,
-        mask=TEMPLATE_MASK,
+        image=layout.template(OUT),
+        mask=layout.template_mask(OUT),
     # Eligible for Snakemake's between-workflow cache (`--cache`): no patient data goes in, and
     # the key (shell code, params incl. the versions below, template file checksums) determines
     # the output. The cache forbids a benchmark directive, hence none here.
@@ -15,7 +15,7 @@ rule template:
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/template.log",
+        layout.job_log(OUT, "template"),
     params:
         source=config["template"],
         mask=f"--mask {config['template_mask']}" if config["template_mask"] else "",
@@ -32,7 +32,7 @@ rule template:
 rule reorient:
     """Reorder the voxel array to RAS from the header (no resampling)."""
     input:
-        lambda wc: row(wc)["t1w"],
+        lambda wc: PLAN.row(wc)["t1w"],
     output:
         temp(anat("T1w", desc="reoriented")),
     conda:
@@ -73,7 +73,7 @@ rule bias_correct:
 rule brain_mask:
     """Brain mask on the scan's own grid: given, from labels, or carried in from the template."""
     input:
-        unpack(mask_inputs),
+        unpack(PLAN.mask_inputs),
         image=anat("T1w", desc="n4"),
     output:
         temp(anat("mask", space="orig", desc="brain")),
@@ -84,7 +84,7 @@ rule brain_mask:
     benchmark:
         bench("brain_mask")
     params:
-        extra=mask_args,
+        extra=PLAN.mask_args,
     threads: THREADS
     resources:
         mem_mb=3000,
@@ -121,7 +121,7 @@ rule preprocess_labels:
     """The scan's label map (or tumour mask) on its working grid (nearest neighbour: labels are
     never averaged)."""
     input:
-        labels=lambda wc: row(wc)["labels"],
+        labels=lambda wc: PLAN.row(wc)["labels"],
         reference=anat("T1w", desc="preproc"),
     output:
         anat("dseg", desc="preproc"),
@@ -141,7 +141,7 @@ rule preprocess_labels:
 # The scan's tumour mask on its working grid.
 use rule preprocess_labels as preprocess_tumor_mask with:
     input:
-        labels=lambda wc: row(wc)["tumor_mask"],
+        labels=lambda wc: PLAN.row(wc)["tumor_mask"],
         reference=anat("T1w", desc="preproc"),
     output:
         anat("mask", label="tumor", desc="preproc"),

@@ -9,17 +9,17 @@ rule provenance:
         # Inputs and params are exactly what the record describes: a new or edited input file, a
         # config change, a package upgrade or a new commit reruns this rule. Nothing depends on
         # its output, so that rerun stops here.
-        unpack(template_files),
-        cohort=cohort_files(),
-        model=model_input,
+        unpack(PLAN.template_files),
+        cohort=PLAN.cohort_files(),
+        model=PLAN.model_input,
     output:
-        PROVENANCE,
+        layout.provenance(OUT),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/provenance.log",
+        layout.job_log(OUT, "provenance"),
     benchmark:
-        f"{BENCH}/provenance.tsv"
+        layout.job_benchmark(OUT, "provenance")
     params:
         config=json.dumps(config, sort_keys=True),
         versions=json.dumps(VERSIONS, sort_keys=True),

@@ -3,9 +3,9 @@
 rule register_template:
     """Align one preprocessed scan to the template: ITK affine + displacement field, warped image."""
     input:
-        **registration_inputs(fixed=TEMPLATE),
+        **PLAN.registration_inputs(fixed=layout.template(OUT)),
     output:
-        **registration_outputs("template", warped=anat("T1w", space="template", desc="warped")),
+        **PLAN.registration_outputs("template", warped=anat("T1w", space="template", desc="warped")),
     conda:
         CONDA_ENV
     log:
@@ -13,8 +13,8 @@ rule register_template:
     benchmark:
         bench("register_template")
     params:
-        options=registration_options,
-        qc=qc_options,
+        options=PLAN.registration_options,
+        qc=PLAN.qc_options,
     threads: THREADS
     resources:
         mem_mb=1500,
@@ -32,7 +32,7 @@ rule warp_labels:
     neighbour: labels are never averaged)."""
     input:
         labels=anat("dseg", desc="preproc"),
-        fixed=TEMPLATE,
+        fixed=layout.template(OUT),
         **xfm("template"),
     output:
         anat("dseg", space="template"),

@@ -4,36 +4,36 @@
 rule report_subject:
     """One subject's self-contained HTML report, its QC verdict (JSON) and its figures as PNGs."""
     input:
-        subject_report_files,
+        PLAN.subject_report_files,
     output:
         html=report(
-            f"{REPORTS}/{layout.subject_page('{subject}')}",
+            f"{layout.reports_dir(OUT)}/{layout.subject_page('{subject}')}",
             caption="../report/subject_report.rst",
             category="Subjects",
-            subcategory="sub-{subject}",
-            labels={"subject": "sub-{subject}", "figure": "report"},
+            subcategory=layout.subject_id("{subject}"),
+            labels={"subject": layout.subject_id("{subject}"), "figure": "report"},
         ),
-        qc=f"{REPORTS}/{layout.subject_qc('{subject}')}",
+        qc=f"{layout.reports_dir(OUT)}/{layout.subject_qc('{subject}')}",
         figures=report(
-            directory(f"{REPORTS}/{layout.subject_figures('{subject}')}"),
-            patterns=["{name}.png"],
+            directory(f"{layout.reports_dir(OUT)}/{layout.subject_figures('{subject}')}"),
+            patterns=[layout.figure_file("{name}")],
             caption="../report/subject_figures.rst",
             category="Subjects",
-            subcategory="sub-{subject}",
-            labels={"subject": "sub-{subject}", "figure": "{name}"},
+            subcategory=layout.subject_id("{subject}"),
+            labels={"subject": layout.subject_id("{subject}"), "figure": "{name}"},
         ),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/report/sub-{{subject}}.log",
+        layout.job_log(OUT, "report", layout.subject_id("{subject}")),
     benchmark:
-        f"{BENCH}/report_subject/sub-{{subject}}.tsv"
+        layout.job_benchmark(OUT, "report_subject", layout.subject_id("{subject}"))
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
-        sessions=lambda wc: " ".join(SESSIONS[wc.subject]),
-        baseline=lambda wc: BASELINE[wc.subject],
-        raw=lambda wc: " ".join(f"{t}={row_of(wc.subject, t)['t1w']}" for t in SESSIONS[wc.subject]),
-        qc=QC_FLAGS,
+        sessions=PLAN.subject_sessions,
+        baseline=PLAN.subject_baseline,
+        raw=PLAN.raw_scans,
+        qc=PLAN.qc_flags,
     resources:
         mem_mb=1500,
         runtime=5,
@@ -46,29 +46,29 @@ rule report_subject:
 rule report_cohort:
     """The cohort page: QC table linking the subject pages, failed subjects, atlas, tumour frequency."""
     input:
-        qc=[f"{REPORTS}/{layout.subject_qc(s)}" for s in SESSIONS],
-        atlas=cohort_report_inputs(OUT, N_ITER, tumour=bool(tumor_frequency_inputs(None))),
+        qc=[f"{layout.reports_dir(OUT)}/{layout.subject_qc(s)}" for s in PLAN.sessions],
+        atlas=PLAN.cohort_report_inputs(),
     output:
-        html=report(COHORT_REPORT, caption="../report/cohort_report.rst", category="Cohort",
+        html=report(layout.cohort_page(OUT), caption="../report/cohort_report.rst", category="Cohort",
                     labels={"figure": "cohort report"}),
-        iterations=report(f"{COHORT_FIGURES}/atlas_iterations.png", caption="../report/atlas_iterations.rst",
+        iterations=report(layout.cohort_figure(OUT, "atlas_iterations"), caption="../report/atlas_iterations.rst",
                           category="Cohort", labels={"figure": "atlas iterations"}),
-        convergence=report(f"{COHORT_FIGURES}/atlas_convergence.png",
+        convergence=report(layout.cohort_figure(OUT, "atlas_convergence"),
                            caption="../report/atlas_convergence.rst", category="Cohort",
                            labels={"figure": "atlas convergence"}),
-        frequency=report(f"{COHORT_FIGURES}/tumor_frequency.png", caption="../report/tumor_frequency.rst",
+        frequency=report(layout.cohort_figure(OUT, "tumor_frequency"), caption="../report/tumor_frequency.rst",
                          category="Cohort", labels={"figure": "tumour frequency"}),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/report/cohort.log",
+        layout.job_log(OUT, "report", "cohort"),
     benchmark:
-        f"{BENCH}/report_cohort.tsv"
+        layout.job_benchmark(OUT, "report_cohort")
     params:
         outdir=lambda wc, output: str(Path(output.html).parent.parent),
-        iterations=N_ITER,
-        scans=SCAN_LIST,
-        qc=QC_FLAGS,
+        iterations=PLAN.n_iter,
+        scans=PLAN.scan_list,
+        qc=PLAN.qc_flags,
         figures=lambda wc, output: str(Path(output.iterations).parent),
     resources:
         mem_mb=1000,
@@ -81,5 +81,6 @@ rule report_cohort:
 onerror:
     # Under --keep-going a failed subject never reaches report_cohort: write the page anyway, so it
     # lists the failures with the error each job logged.
-    shell(f"atlasflow report cohort --outdir {OUT} --scans {SCAN_LIST} --iterations {N_ITER} "
-          f"--out {COHORT_REPORT} {QC_FLAGS} || true")
+    # It runs in Snakemake's own process and environment (no rule's conda environment): its Python.
+    shell(f"{ATLASFLOW} report cohort --outdir {OUT} --scans {PLAN.scan_list} --iterations {PLAN.n_iter} "
+          f"--out {layout.cohort_page(OUT)} {PLAN.qc_flags} || true")

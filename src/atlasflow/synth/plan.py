@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from atlasflow.cohort.columns import known_columns
 from atlasflow.errors import AtlasflowError
 
-MANIFEST_COLUMNS = ("subject", "session", "t1w", "labels", "tumor_mask", "acq_date", "group")
+#: The demo manifest's columns: the cohort table's (atlasflow.cohort.columns), in its order, but
+#: brain_mask: the demo gives none (preprocessing derives the masks from the label maps).
+MANIFEST_COLUMNS = tuple(c for c in known_columns() if c != "brain_mask")
 # Header orientations cycled over subjects (same image in world space, different voxel order), so
 # preprocessing's reorientation always has work to do; PSR is how the IXI scans are stored.
 ORIENTATIONS = ("RAS", "LPS", "PSR", "LAS")

@@ -1,0 +1,544 @@
+"""What the Snakemake workflow plans from its config and cohort: rule inputs, targets, option strings.
+
+``workflow/rules/common.smk`` builds one :class:`WorkflowPlan` when Snakemake parses the workflow
+and the rules call its methods as input and params functions (their ``wildcards`` carry
+``subject``, ``session`` and ``iteration``). Every path comes from :mod:`atlasflow.layout`; every
+option string the rules pass on is rendered here, so it can be unit-tested without Snakemake.
+
+Params that a rule takes as plain values or as functions of the wildcards only are compared with
+the last run's when Snakemake plans (functions of ``input`` / ``output`` are not): a changed
+setting reruns exactly the jobs it reaches. The strings rendered here are therefore part of every
+finished run's record; changing their text reruns jobs.
+
+Planning imports this module every time Snakemake parses the workflow: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from atlasflow import layout
+from atlasflow.cohort.columns import IMAGE_COLUMNS
+from atlasflow.cohort.planning import (
+    SHIPPED_MODEL,
+    atlas_members,
+    cohort_source,
+    resolve_cohort,
+    session_order,
+)
+from atlasflow.registration.options import workflow_flags
+from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
+
+#: The rules' change maps carried into atlas space (the ``{change}`` of ``change_map_to_atlas``).
+CHANGE_MAPS = (
+    layout.name_tail("map", desc="logjacobian"),
+    layout.name_tail("map", desc="displacement"),
+    layout.name_tail("T1w", desc="difference"),
+    layout.name_tail("mask", label="tumor"),
+)
+
+_MASK_FLAGS = {
+    "given": "--given-mask",
+    "labels": "--labels",
+    "template": "--template",
+    "template_mask": "--template-mask",
+}
+
+
+def image_files(cohort: pd.DataFrame) -> list[str]:
+    """Every image file of a cohort table (its :data:`~atlasflow.cohort.columns.IMAGE_COLUMNS`)."""
+    files: list[str] = []
+    for column in IMAGE_COLUMNS:
+        if column in cohort:
+            files += [v for v in cohort[column] if isinstance(v, str) and v]
+    return files
+
+
+# --------------------------------------------------------------- how rules run `atlasflow`
+
+
+def atlasflow_command(python: str) -> str:
+    """``atlasflow`` as the interpreter ``python`` runs it (``python -m atlasflow``, shell-quoted)."""
+    return f"{shlex.quote(python)} -m atlasflow"
+
+
+def shell_prefix(python: str, conda: bool) -> str:
+    """What every rule's ``shell:`` command starts with (Snakemake's ``shell.prefix``).
+
+    Bash's strict mode, as Snakemake's default prefix, and -- unless the rules run in their conda
+    environment (``--sdm conda``, where the activated environment provides ``atlasflow``) -- a
+    shell function ``atlasflow`` that runs the package with ``python``, the interpreter running
+    Snakemake: the rules then work without that environment's ``bin`` on ``PATH`` (a venv
+    not activated, a cluster job started as ``python -m snakemake``). The rules' command text
+    stays ``atlasflow ...``: Snakemake records it and reruns a job whose text changed.
+    """
+    prefix = "set -euo pipefail; "
+    if conda:
+        return prefix
+    return prefix + f'atlasflow() {{ {atlasflow_command(python)} "$@"; }}; '
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+class WorkflowPlan:
+    """The workflow's cohort (a table of string columns) and config, and what its rules derive
+    from them. ``outdir`` is the config's ``outdir``, joined as given (see :mod:`atlasflow.layout`).
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        cohort: pd.DataFrame,
+        members: list[tuple[str, str]],
+        workdir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.cohort = cohort
+        self.workdir = workdir
+        self.out = config["outdir"]
+        self.scans = list(zip(cohort["subject"], cohort["session"], strict=True))
+        # Rows by (subject, session): input functions look a row up per job, so a table scan per
+        # lookup would make planning quadratic in the cohort size.
+        self.rows = {(r["subject"], r["session"]): r for r in cohort.to_dict("records")}
+        ordered = session_order(cohort)
+        self.sessions = {s: list(g["session"]) for s, g in ordered.groupby("subject", sort=True)}
+        self.baseline = {s: sessions[0] for s, sessions in self.sessions.items()}
+        self.longitudinal_subjects = [s for s, t in self.sessions.items() if len(t) > 1]
+        # registration and atlas settings
+        self.reg = config["registration"]
+        self.atl = config["atlas"]
+        self.members = members
+        self.n_iter = self.atl["iterations"]
+        self.finetune = self.reg["backend"] == "deep" and self.atl["finetune_steps"] > 0
+        # Deep backend: each iteration continues every member's velocity of the previous one.
+        self.carry = self.reg["backend"] == "deep" and self.atl["carry_velocity"]
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], workdir: Path, check_data: bool = True
+    ) -> WorkflowPlan:
+        """Validate the cohort of ``config`` (:class:`~atlasflow.errors.AtlasflowError` naming the
+        row or file) and choose the atlas members."""
+        cohort = resolve_cohort(config, workdir=workdir, check_data=check_data)
+        members = atlas_members(cohort, config["atlas"]["min_subjects"])
+        return cls(config, cohort, members, workdir)
+
+    # --- one scan
+
+    def row(self, wildcards: Any) -> dict[str, str]:
+        """The manifest row of one scan (a dict: column -> string)."""
+        return self.rows[(wildcards.subject, wildcards.session)]
+
+    def optional(self, wildcards: Any, column: str) -> list[str]:
+        value = self.row(wildcards).get(column)
+        return [value] if isinstance(value, str) and value else []
+
+    def has(self, subject: str, session: str, column: str) -> bool:
+        value = self.rows[(subject, session)].get(column)
+        return isinstance(value, str) and bool(value)
+
+    def anat(
+        self, suffix: str, subject: str = "{subject}", session: str = "{session}", **entities: Any
+    ) -> str:
+        """A scan's file, e.g. ``anat("T1w", desc="preproc")`` (:func:`atlasflow.layout.anat`)."""
+        return layout.anat(self.out, suffix, subject, session, **entities)
+
+    def log(self, step: str, ext: str = "log") -> str:
+        """A per-scan job's log (the reports find a scan's failed job by this name)."""
+        return layout.job_log(self.out, step, layout.scan_id("{subject}", "{session}"), ext=ext)
+
+    def bench(self, step: str) -> str:
+        return layout.job_benchmark(self.out, step, layout.scan_id("{subject}", "{session}"))
+
+    # --- inputs of the cohort-wide rules
+
+    def template_files(self, wildcards: Any = None) -> dict[str, str]:
+        """A template (and mask) given as NIfTI paths: inputs, so edits rerun it and enter the cache key."""
+        files = {}
+        if self.config["template"] != "mni152":
+            files["source"] = self.config["template"]
+        if self.config["template_mask"]:
+            files["source_mask"] = self.config["template_mask"]
+        return files
+
+    def cohort_images(self) -> list[str]:
+        """Every image file of the cohort (for the demo: what its rule writes, so jobs depend on it)."""
+        return image_files(self.cohort)
+
+    def cohort_files(self) -> list[str]:
+        """Every file the cohort is read from: its images and masks, and the manifest when it is a CSV."""
+        files = self.cohort_images()
+        source = cohort_source(dict(self.config), self.workdir)
+        if source is not None and source.is_file():
+            files.append(str(source))
+        return files
+
+    def all_targets(self) -> list[str]:
+        """Every preprocessed scan, its registrations to the template and the atlas, and the atlas."""
+        out, has, anat = self.out, self.has, self.anat
+        targets = [
+            layout.template(out),
+            layout.atlas_t1w(out),
+            layout.atlas_metrics(out),
+            layout.provenance(out),
+            *self.longitudinal_targets(),
+        ]
+        if any(has(s, t, "labels") for s, t in self.members):
+            targets.append(layout.atlas_dseg(out))
+        for subject, session in self.scans:
+            targets.append(anat("T1w", subject, session, space="atlas"))
+            if has(subject, session, "labels"):
+                targets.append(anat("dseg", subject, session, space="atlas"))
+            targets.append(anat("T1w", subject, session, desc="preproc"))
+            targets.append(anat("T1w", subject, session, space="template", desc="warped"))
+            targets.append(
+                anat(
+                    "xfm",
+                    subject,
+                    session,
+                    from_="T1w",
+                    to="template",
+                    mode="image",
+                    desc="qc",
+                    ext="json",
+                )
+            )
+            if has(subject, session, "labels"):
+                targets.append(anat("dseg", subject, session, space="template"))
+        return targets
+
+    # --- preprocessing
+
+    def mask_inputs(self, wildcards: Any) -> dict[str, Any]:
+        """What the brain mask is derived from, by config and by what the manifest gives."""
+        mode = self.config["preprocess"]["brain_mask"]
+        given = self.optional(wildcards, "brain_mask")
+        labels = self.optional(wildcards, "labels")
+        if mode in ("auto", "given") and given:
+            return {"given": given}
+        if mode in ("auto", "labels") and labels:
+            return {"labels": labels}
+        return {
+            "template": layout.template(self.out),
+            "template_mask": layout.template_mask(self.out),
+        }
+
+    @staticmethod
+    def mask_args(wildcards: Any, input: Any) -> str:
+        """The brain-mask command's flags for the inputs :meth:`mask_inputs` chose."""
+        return " ".join(f"{_MASK_FLAGS[k]} {input[k]}" for k in _MASK_FLAGS if k in input.keys())
+
+    # --- registration
+
+    def model_input(self, wildcards: Any = None) -> list[str]:
+        """The weights the deep backend loads: an input, so that registrations rerun when they change."""
+        if self.reg["model"]:
+            return [self.reg["model"]]
+        return [str(SHIPPED_MODEL)] if self.reg["backend"] == "deep" else []
+
+    def registration_options(self, wildcards: Any, stage: str = "register") -> str:
+        """The engine flags the registrations of ``stage`` pass (register, atlas_init, atlas or
+        longitudinal), rendered from the config by :mod:`atlasflow.registration.options`.
+
+        A function of the wildcards only: Snakemake compares such params with the last run's when
+        it plans, so a changed setting reruns the registrations (params that take `input` are not).
+        """
+        return workflow_flags(self.config, stage)
+
+    def atlas_registration_options(self, wildcards: Any) -> str:
+        """Atlas iterations: the shared engine flags with the atlas stage's own step budgets."""
+        return self.registration_options(wildcards, "atlas")
+
+    def longitudinal_options(self, wildcards: Any) -> str:
+        """Follow-up -> baseline: the shared engine flags with the longitudinal stage's own settings."""
+        return self.registration_options(wildcards, "longitudinal")
+
+    def qc_options(self, wildcards: Any) -> str:
+        qc = self.config["qc"]
+        return f"--max-folding {qc['max_folding_fraction']} --min-ncc {qc['min_ncc_after']}"
+
+    def registration_inputs(self, fixed: str) -> dict[str, Any]:
+        """What registering a scan to ``fixed`` reads: the scan's preprocessed T1w and brain mask,
+        the template's brain mask and the weights."""
+        return {
+            "fixed": fixed,
+            "fixed_mask": layout.template_mask(self.out),
+            "moving": self.anat("T1w", desc="preproc"),
+            "moving_mask": self.anat("mask", desc="brain"),
+            "model": self.model_input,
+        }
+
+    def xfm(
+        self, to: str, subject: str = "{subject}", session: str = "{session}"
+    ) -> dict[str, str]:
+        """A scan's ITK affine and displacement field to space ``to`` (as named inputs or outputs)."""
+        return {
+            "affine": self.anat(
+                "xfm", subject, session, from_="T1w", to=to, mode="image", ext="mat"
+            ),
+            "warp": self.anat("xfm", subject, session, from_="T1w", to=to, mode="image"),
+        }
+
+    def registration_outputs(self, to: str, warped: str) -> dict[str, str]:
+        """What registering a scan to space ``to`` writes: the scan there (``warped``), the
+        transforms both ways and the QC metrics."""
+        return {
+            "warped": warped,
+            **self.xfm(to),
+            "inverse_warp": self.anat("xfm", from_=to, to="T1w", mode="image"),
+            "metrics": self.qc_json(to),
+        }
+
+    def qc_json(self, to: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        """A registration's QC metrics (JSON)."""
+        return self.anat(
+            "xfm", subject, session, from_="T1w", to=to, mode="image", desc="qc", ext="json"
+        )
+
+    # --- atlas
+
+    @property
+    def finetuned_model(self) -> str:
+        return layout.finetuned_model(self.out)
+
+    def atlas_model_input(self, wildcards: Any) -> list[str]:
+        """The atlas iterations' weights: the cohort-fine-tuned ones when atlas.finetune_steps > 0."""
+        return [self.finetuned_model] if self.finetune else self.model_input(wildcards)
+
+    @property
+    def min_members(self) -> str:
+        """Under on_scan_error: skip, the atlas averages need this many members whose scans succeeded."""
+        return f"--min-inputs {self.atl['min_subjects']} --min-inputs-setting atlas.min_subjects"
+
+    # Each atlas rule's settings (a plain param: compared with the last run's, so a changed setting
+    # reruns the rule) beside the flags its command gets from them: a new option goes into both.
+
+    @property
+    def atlas_init_settings(self) -> str:
+        return f"init {self.atl['init']} {self.registration_options(None, 'atlas_init')}"
+
+    def atlas_init_flags(self) -> list[Any]:
+        return [
+            "--init",
+            self.atl["init"],
+            *self.registration_options(None, "atlas_init").split(),
+            *self.min_members.split(),
+        ]
+
+    @property
+    def atlas_finetune_settings(self) -> str:
+        return f"steps {self.atl['finetune_steps']} seed {self.reg['seed']}"
+
+    def atlas_finetune_flags(self) -> list[Any]:
+        return ["--steps", self.atl["finetune_steps"], "--seed", self.reg["seed"]]
+
+    @property
+    def atlas_iteration_settings(self) -> str:
+        atl = self.atl
+        return (
+            f"{self.atlas_registration_options(None)} gradient_step {atl['gradient_step']} "
+            f"sharpen {atl['sharpen']} carry {self.carry}"
+        )
+
+    def atlas_iteration_flags(self) -> list[Any]:
+        return [
+            *self.atlas_registration_options(None).split(),
+            *(["--model", self.finetuned_model] if self.finetune else []),
+            "--gradient-step",
+            self.atl["gradient_step"],
+            *([] if self.atl["sharpen"] else ["--no-sharpen"]),
+            *self.min_members.split(),
+        ]
+
+    def member_images(self) -> list[str]:
+        return [self.anat("T1w", s, t, desc="preproc") for s, t in self.members]
+
+    def member_masks(self) -> list[str]:
+        return [self.anat("mask", s, t, desc="brain") for s, t in self.members]
+
+    def member_affines(self) -> list[str]:
+        """Each member's affine to the reference template, found by atlas_init; every iteration starts from it."""
+        return [
+            layout.iteration_file(self.out, 0, layout.member_affine(s, t)) for s, t in self.members
+        ]
+
+    def iteration_velocities(self, iteration: int | str) -> list[str]:
+        """The members' velocities of an iteration (coarse grid), in member order."""
+        return [
+            layout.iteration_file(self.out, iteration, layout.member_velocity(s, t))
+            for s, t in self.members
+        ]
+
+    def iteration_mean_velocity(self, iteration: int | str) -> str:
+        return layout.iteration_file(self.out, iteration, layout.MEAN_VELOCITY)
+
+    def carried_velocities(self, wildcards: Any) -> dict[str, Any]:
+        """What iteration i continues from: iteration i-1's member and mean velocities (none for i = 1)."""
+        previous = int(wildcards.iteration) - 1
+        if not self.carry or previous < 1:
+            return {}
+        return {
+            "velocities": self.iteration_velocities(previous),
+            "mean_velocity": self.iteration_mean_velocity(previous),
+        }
+
+    def previous_template(self, wildcards: Any) -> str:
+        return layout.iteration_template(self.out, int(wildcards.iteration) - 1)
+
+    def member_labels(self) -> list[str]:
+        """The members' label maps in atlas space (the atlas label vote's inputs)."""
+        return [
+            self.anat("dseg", s, t, space="atlas")
+            for s, t in self.members
+            if self.has(s, t, "labels")
+        ]
+
+    # --- longitudinal
+
+    def longitudinal_inputs(self, wildcards: Any) -> dict[str, str]:
+        subject, session = wildcards.subject, wildcards.session
+        base = self.baseline[subject]
+        inputs = {
+            "baseline": self.anat("T1w", subject, base, desc="preproc"),
+            "baseline_mask": self.anat("mask", subject, base, desc="brain"),
+            "followup": self.anat("T1w", subject, session, desc="preproc"),
+            "followup_mask": self.anat("mask", subject, session, desc="brain"),
+        }
+        if self.has(subject, base, "tumor_mask"):
+            inputs["baseline_tumor"] = self.anat(
+                "mask", subject, base, label="tumor", desc="preproc"
+            )
+        if self.has(subject, session, "tumor_mask"):
+            inputs["followup_tumor"] = self.anat(
+                "mask", subject, session, label="tumor", desc="preproc"
+            )
+        return inputs
+
+    @staticmethod
+    def tumor_flags(wildcards: Any, input: Any) -> str:
+        """The pair's tumour masks, excluded from the similarity where given."""
+        return " ".join(
+            f"--{k.replace('_', '-')} {input[k]}"
+            for k in ("baseline_tumor", "followup_tumor")
+            if k in input.keys()
+        )
+
+    def baseline_file(self, suffix: str, **entities: Any) -> Any:
+        """An input function: the file of the subject's baseline scan (``anat`` entities)."""
+        return lambda wc: self.anat(suffix, wc.subject, self.baseline[wc.subject], **entities)
+
+    def baseline_xfm(self, to: str) -> dict[str, Any]:
+        """The baseline scan's ITK affine and displacement field to ``to``, as input functions."""
+        return {
+            key: (lambda wc, key=key: self.xfm(to, wc.subject, self.baseline[wc.subject])[key])
+            for key in ("affine", "warp")
+        }
+
+    def tumor_masks(self, wildcards: Any) -> list[str]:
+        """The subject's tumour masks as given in the manifest, in session order."""
+        subject = wildcards.subject
+        return [
+            self.rows[(subject, t)]["tumor_mask"]
+            for t in self.sessions[subject]
+            if self.has(subject, t, "tumor_mask")
+        ]
+
+    def followup_metrics(self, wildcards: Any) -> list[str]:
+        """The QC metrics of the subject's follow-up -> baseline registrations."""
+        return [
+            self.qc_json("baseline", wildcards.subject, t)
+            for t in self.sessions[wildcards.subject][1:]
+        ]
+
+    def tumor_table_sessions(self, wildcards: Any) -> str:
+        """``--session ID DATE MASK`` per session (``-`` for what the manifest leaves empty)."""
+        subject = wildcards.subject
+        return " ".join(
+            f"--session {t} {self.rows[(subject, t)]['acq_date'] or '-'} {self.rows[(subject, t)]['tumor_mask'] or '-'}"
+            for t in self.sessions[subject]
+        )
+
+    def followups(self, wildcards: Any) -> str:
+        return " ".join(self.sessions[wildcards.subject][1:])
+
+    def atlas_tumor_mask(self, subject: str, session: str) -> str:
+        """A session's tumour mask in atlas space (baselines directly, follow-ups through the baseline)."""
+        if session == self.baseline[subject]:
+            return self.anat(
+                "mask", subject, session, space="atlas", label="tumor", desc="baseline"
+            )
+        return self.anat("mask", subject, session, space="atlas", label="tumor")
+
+    def tumor_frequency_inputs(self, wildcards: Any = None) -> list[str]:
+        masks = []
+        for subject, sessions in self.sessions.items():
+            with_mask = [t for t in sessions if self.has(subject, t, "tumor_mask")]
+            if with_mask:
+                masks.append(self.atlas_tumor_mask(subject, with_mask[-1]))
+        return masks
+
+    def longitudinal_targets(self) -> list[str]:
+        targets = []
+        for subject in self.longitudinal_subjects:
+            targets.append(layout.tumor_table(self.out, subject))
+            for session in self.sessions[subject][1:]:
+                for suffix, desc in (
+                    ("map", "logjacobian"),
+                    ("map", "displacement"),
+                    ("T1w", "difference"),
+                ):
+                    targets.append(self.anat(suffix, subject, session, space="atlas", desc=desc))
+                if self.has(subject, session, "tumor_mask"):
+                    targets.append(self.atlas_tumor_mask(subject, session))
+        if self.tumor_frequency_inputs():
+            targets.append(layout.tumor_frequency(self.out))
+        return targets
+
+    # --- reports
+
+    @property
+    def qc_flags(self) -> str:
+        qc = self.config["qc"]
+        return (
+            f"--max-folding-fraction {qc['max_folding_fraction']} --min-ncc-after {qc['min_ncc_after']} "
+            f"--min-dice {qc.get('min_dice', 0.5)}"
+        )
+
+    @property
+    def scan_list(self) -> str:
+        """Every scan as ``subject:session``, subjects sorted, sessions in acquisition order."""
+        return " ".join(f"{s}:{t}" for s, sessions in self.sessions.items() for t in sessions)
+
+    def subject_report_files(self, wildcards: Any) -> list[str]:
+        subject = wildcards.subject
+        sessions = self.sessions[subject]
+        return subject_report_inputs(
+            self.out,
+            subject,
+            sessions,
+            baseline=self.baseline[subject],
+            labels=[t for t in sessions if self.has(subject, t, "labels")],
+            tumour=[t for t in sessions if self.has(subject, t, "tumor_mask")],
+        ) + [self.rows[(subject, t)]["t1w"] for t in sessions]
+
+    def subject_sessions(self, wildcards: Any) -> str:
+        return " ".join(self.sessions[wildcards.subject])
+
+    def subject_baseline(self, wildcards: Any) -> str:
+        return self.baseline[wildcards.subject]
+
+    def raw_scans(self, wildcards: Any) -> str:
+        """``session=t1w path`` of each of the subject's sessions (the report shows the raw scans)."""
+        subject = wildcards.subject
+        return " ".join(f"{t}={self.rows[(subject, t)]['t1w']}" for t in self.sessions[subject])
+
+    def cohort_report_inputs(self) -> list[str]:
+        return cohort_report_inputs(
+            self.out, self.n_iter, tumour=bool(self.tumor_frequency_inputs())
+        )

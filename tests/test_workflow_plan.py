@@ -1,0 +1,144 @@
+"""atlasflow.workflow_plan: what the rules derive from the config and the cohort, without Snakemake."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import REPO
+
+from atlasflow import layout
+from atlasflow.workflow_plan import (
+    CHANGE_MAPS,
+    WorkflowPlan,
+    atlasflow_command,
+    shell_prefix,
+)
+
+
+def config(**overrides) -> dict:
+    """The tiny test config over config.yaml, with the schema's defaults (as the Snakefile has it)."""
+    from snakemake.utils import validate
+
+    merged = yaml.safe_load((REPO / "config.yaml").read_text())
+    for key, value in yaml.safe_load((REPO / "tests" / "config_tiny.yaml").read_text()).items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    for key, value in overrides.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    validate(merged, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def plan() -> WorkflowPlan:
+    return WorkflowPlan.from_config(config(), REPO, check_data=False)
+
+
+def wc(**kwargs) -> SimpleNamespace:
+    return SimpleNamespace(**kwargs)
+
+
+def test_the_tiny_demo_cohort(plan):
+    # 3 cross-sectional subjects and one with 2 sessions (tumour); the atlas: tumour-free baselines
+    assert plan.members == [("01", "1"), ("02", "1"), ("03", "1")]
+    assert plan.sessions["04"] == ["1", "2"] and plan.baseline["04"] == "1"
+    assert plan.longitudinal_subjects == ["04"]
+    assert plan.scan_list == "01:1 02:1 03:1 04:1 04:2"
+    assert plan.followups(wc(subject="04")) == "2"
+    assert all(p.startswith("demo_data/") for p in plan.cohort_images())
+
+
+def test_targets_are_layout_names(plan):
+    targets = plan.all_targets()
+    assert len(targets) == len(set(targets))
+    for path in (
+        layout.template("results"),
+        layout.atlas_t1w("results"),
+        layout.tumor_table("results", "04"),
+    ):
+        assert path in targets
+    # every change map the longitudinal stage targets is one change_map_to_atlas makes
+    for path in plan.longitudinal_targets():
+        if "/anat/" in path and "desc-baseline" not in path:
+            assert any(path.endswith(f"_space-atlas_{change}.nii.gz") for change in CHANGE_MAPS), (
+                path
+            )
+    assert plan.tumor_frequency_inputs() == [plan.atlas_tumor_mask("04", "2")]
+
+
+def test_option_strings_the_rules_pass(plan):
+    scan = wc(subject="04", session="2")
+    assert plan.tumor_table_sessions(wc(subject="04")).startswith("--session 1 ")
+    assert plan.raw_scans(wc(subject="04")).split()[1].startswith("2=demo_data/sub-04/ses-2/")
+    assert plan.qc_flags.startswith("--max-folding-fraction ")
+    inputs = plan.longitudinal_inputs(scan)
+    assert inputs["baseline"] == plan.anat("T1w", "04", "1", desc="preproc")
+    assert {"baseline_tumor", "followup_tumor"} <= set(inputs)
+    assert plan.tumor_flags(scan, inputs) == (
+        f"--baseline-tumor {inputs['baseline_tumor']} --followup-tumor {inputs['followup_tumor']}"
+    )
+    # the brain mask: from the labels when the manifest gives them (auto), flags named after them
+    mask = plan.mask_inputs(wc(subject="01", session="1"))
+    assert list(mask) == ["labels"]
+    assert plan.mask_args(None, mask | {"labels": "l.nii.gz"}) == "--labels l.nii.gz"
+
+
+def test_atlas_settings_and_flags_come_from_the_same_config(plan):
+    """The settings strings are in every finished run's record: their text must not drift."""
+    flags = plan.registration_options(None, "atlas_init")
+    assert plan.atlas_init_settings == f"init {plan.atl['init']} {flags}"
+    assert plan.atlas_init_flags()[:2] == ["--init", plan.atl["init"]]
+    assert plan.atlas_init_flags()[-4:] == [
+        "--min-inputs",
+        "2",
+        "--min-inputs-setting",
+        "atlas.min_subjects",
+    ]
+    assert plan.atlas_iteration_settings.endswith(
+        f"gradient_step {plan.atl['gradient_step']} sharpen {plan.atl['sharpen']} carry True"
+    )
+    assert plan.atlas_finetune_flags() == [
+        "--steps",
+        plan.atl["finetune_steps"],
+        "--seed",
+        plan.reg["seed"],
+    ]
+    finetuned = WorkflowPlan.from_config(
+        config(atlas={"finetune_steps": 5}), REPO, check_data=False
+    )
+    assert ["--model", layout.finetuned_model("results")] == [
+        f
+        for f in finetuned.atlas_iteration_flags()
+        if f in ("--model", layout.finetuned_model("results"))
+    ]
+    assert finetuned.atlas_model_input(None) == [layout.finetuned_model("results")]
+
+
+def test_carried_velocities(plan):
+    assert plan.carried_velocities(wc(iteration="1")) == {}
+    carried = plan.carried_velocities(wc(iteration="2"))
+    assert carried["mean_velocity"] == layout.iteration_file("results", 1, layout.MEAN_VELOCITY)
+    assert len(carried["velocities"]) == len(plan.members)
+
+
+def test_atlasflow_command_quotes_the_interpreter():
+    assert atlasflow_command("/opt/my env/bin/python") == "'/opt/my env/bin/python' -m atlasflow"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_shell_prefix_runs_the_package_of_the_interpreter_without_path():
+    prefix = shell_prefix(sys.executable, conda=False)
+    assert prefix.startswith("set -euo pipefail; ")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        ["bash", "-c", prefix + "atlasflow --help"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: atlasflow ")
+    # under --sdm conda the rule's activated environment provides `atlasflow`
+    assert shell_prefix(sys.executable, conda=True) == "set -euo pipefail; "
