@@ -1,17 +1,18 @@
-"""Shared pytest fixtures: tiny in-memory volumes and the optional real data in ../shared/data."""
+"""Shared pytest fixtures: a tiny in-memory volume and the optional real data in ../shared/data.
+
+Fixtures only: the plain helpers that test files import live in factories.py.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from atlasflow.io.images import Image
+# REPO: test_workflow.py and test_layout.py still import it from here.
+from factories import REPO, SHARED_DATA, blob_image  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ATLASFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+from atlasflow.io.images import Image
 
 
 @pytest.fixture(scope="session")
@@ -22,18 +23,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def blob_image(shape=(24, 28, 20), spacing=2.0, seed=0) -> Image:
-    """A smooth ellipsoidal 'brain' with internal structure, for fast numerical tests."""
-    rng = np.random.default_rng(seed)
-    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
-    r = np.sqrt(((ijk / np.array([0.8, 0.85, 0.75])) ** 2).sum(-1))
-    data = np.clip(1.2 - r, 0, None) + 0.3 * np.sin(4 * ijk[..., 0]) * (r < 0.9)
-    data = data + 0.01 * rng.standard_normal(shape)
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2
-    return Image(data.astype(np.float32), affine)
-
-
 @pytest.fixture
 def blob() -> Image:
+    """:func:`factories.blob_image` with its defaults."""
     return blob_image()

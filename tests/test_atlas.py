@@ -5,17 +5,13 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import blob_image
+from factories import blob_image, shifted_members, translated
 
 from atlasflow.atlas import build as atlas
 from atlasflow.atlas import labels as atlas_labels
 from atlasflow.io.images import Image, load_image, save_image
 from atlasflow.registration.api import ncc
 from atlasflow.transforms import Transform, apply_transform
-
-
-def write(tmp_path, name, image, **kw):
-    return save_image(image, tmp_path / name, **kw)
 
 
 def test_constant_velocity_integrates_to_a_translation(blob):
@@ -53,7 +49,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
     affine = np.eye(4)
     maps = [np.array([[[1, 2, 0, 3]]]), np.array([[[1, 2, 2, 0]]]), np.array([[[1, 1, 2, 0]]])]
     paths = [
-        write(tmp_path, f"l{i}.nii.gz", Image(m.astype(np.uint8), affine))
+        save_image(Image(m.astype(np.uint8), affine), tmp_path / f"l{i}.nii.gz")
         for i, m in enumerate(maps)
     ]
     vote, _ = atlas_labels.label_vote(paths, tmp_path / "dseg.nii.gz", tmp_path / "prob.nii.gz")
@@ -67,7 +63,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
     # the scale factor 1 / number of maps.
     rng = np.random.default_rng(3)
     maps = [rng.choice([0, 4, 7, 200], size=(5, 6, 7)).astype(np.uint8) for _ in range(4)]
-    paths = [write(tmp_path, f"r{i}.nii.gz", Image(m, affine)) for i, m in enumerate(maps)]
+    paths = [save_image(Image(m, affine), tmp_path / f"r{i}.nii.gz") for i, m in enumerate(maps)]
     atlas_labels.label_vote(paths, tmp_path / "rdseg.nii.gz", tmp_path / "rprob.nii.gz")
     prob = load_image(tmp_path / "rprob.nii.gz", allow_vector=True).data
     expected = np.stack([np.mean([m == v for m in maps], axis=0) for v in (4, 7, 200)], -1)
@@ -79,7 +75,7 @@ def test_label_vote_majority_and_probabilities(tmp_path):
 
 def test_leave_one_out_consistency_is_perfect_for_identical_maps(tmp_path, blob):
     labels = blob.with_data(np.digitize(blob.data, [0.3, 0.7]).astype(np.uint8))
-    paths = [write(tmp_path, f"{i}.nii.gz", labels) for i in range(3)]
+    paths = [save_image(labels, tmp_path / f"{i}.nii.gz") for i in range(3)]
     assert atlas_labels.leave_one_out_consistency(paths) == pytest.approx([1.0, 1.0, 1.0])
 
 
@@ -90,13 +86,12 @@ def _translated_members(tmp_path, reference, shifts_mm):
     for i, shift in enumerate(shifts_mm):
         affine = reference.affine.copy()
         affine[0, 3] += shift
-        image = write(
-            tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", Image(reference.data, affine)
+        image = save_image(
+            Image(reference.data, affine), tmp_path / f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz"
         )
-        mask = write(
-            tmp_path,
-            f"sub-0{i}_mask.nii.gz",
+        mask = save_image(
             Image((reference.data > 0.05).astype(np.uint8), affine),
+            tmp_path / f"sub-0{i}_mask.nii.gz",
         )
         members.append(atlas.Member(f"sub-0{i}_ses-1", str(image), str(mask)))
     return members
@@ -111,9 +106,9 @@ def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
     reference = blob.with_data(
         blob.data + 0.25 * (blob.data > 0.05) * (np.sin(5 * j) * np.cos(3 * k))[None]
     )
-    write(tmp_path, "ref.nii.gz", reference)
-    write(
-        tmp_path, "ref_mask.nii.gz", reference.with_data((reference.data > 0.05).astype(np.uint8))
+    save_image(reference, tmp_path / "ref.nii.gz")
+    save_image(
+        reference.with_data((reference.data > 0.05).astype(np.uint8)), tmp_path / "ref_mask.nii.gz"
     )
     shifts = (6.0, -4.0)
     members = _translated_members(tmp_path, reference, shifts)
@@ -162,7 +157,7 @@ def test_run_init_finds_the_members_affines_and_averages_them(tmp_path):
 def test_leave_one_out_equals_the_vote_of_the_other_maps(tmp_path):
     rng = np.random.default_rng(3)
     maps = [rng.integers(0, 4, (6, 5, 4)).astype(np.uint8) for _ in range(5)]
-    paths = [write(tmp_path, f"m{i}.nii.gz", Image(m, np.eye(4))) for i, m in enumerate(maps)]
+    paths = [save_image(Image(m, np.eye(4)), tmp_path / f"m{i}.nii.gz") for i, m in enumerate(maps)]
     expected = []
     for i, m in enumerate(maps):  # independent: a full vote written without map i
         others = paths[:i] + paths[i + 1 :]
@@ -224,23 +219,11 @@ def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_ag
     """Members are the previous template shifted by +2 and +4 voxels along x (known affines
     given as identity, so the deformable stage must find the shifts): the iteration's template
     moves toward their centre (+3 voxels), and 2 worker processes give the same bytes as 1."""
-    from atlasflow.io.itk import write_itk_affine
-
-    previous = blob_image((40, 40, 40), seed=5)
-    write(tmp_path, "prev.nii.gz", previous)
-    mask = previous.with_data((previous.data > 0.05).astype(np.uint8))
-    write(tmp_path, "mask.nii.gz", mask)
-    members = []
-    for i, shift_vox in enumerate((2.0, 4.0)):
-        shift = np.eye(4)
-        shift[0, 3] = -shift_vox * previous.affine[0, 0]
-        moved = apply_transform(previous, Transform(shift), previous.grid)
-        image = write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", moved)
-        member_mask = write(
-            tmp_path, f"sub-0{i}_mask.nii.gz", moved.with_data((moved.data > 0.05).astype(np.uint8))
-        )
-        affine = write_itk_affine(np.eye(4), tmp_path / f"sub-0{i}.mat")
-        members.append(atlas.Member(f"sub-0{i}_ses-1", str(image), str(member_mask), str(affine)))
+    previous, images, masks, affines = shifted_members(tmp_path, (2.0, 4.0))
+    members = [
+        atlas.Member(f"sub-0{i}_ses-1", *files)
+        for i, files in enumerate(zip(images, masks, affines, strict=True))
+    ]
     options = {"backend": "deep", "refine_steps": 40, "affine_steps": 0}
     outputs = {}
     for workers in (1, 2):
@@ -261,10 +244,8 @@ def test_run_iteration_moves_the_template_towards_shifted_members_and_workers_ag
     assert metrics["members"] == 2 and metrics["ncc_to_template_mean"] > 0.9
     np.testing.assert_array_equal(outputs[1], outputs[2])
     # The new template correlates better with the members' centre (shift +3) than the old one.
-    centre_shift = np.eye(4)
-    centre_shift[0, 3] = -3.0 * previous.affine[0, 0]
-    centre = apply_transform(previous, Transform(centre_shift), previous.grid).data
-    region = mask.data > 0
+    centre = translated(previous, [3.0 * previous.affine[0, 0], 0.0, 0.0]).data
+    region = previous.data > 0.05
     assert ncc(outputs[1], centre, region) > ncc(previous.data, centre, region) + 0.01
 
 
@@ -293,29 +274,9 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
     is a failure record starts afresh."""
     from atlasflow.cli import main as cli
     from atlasflow.errors import failure_record, write_failure
-    from atlasflow.io.itk import write_itk_affine
 
-    previous = blob_image((40, 40, 40), seed=5)
-    prev = write(tmp_path, "prev.nii.gz", previous)
-    mask = write(
-        tmp_path, "mask.nii.gz", previous.with_data((previous.data > 0.05).astype(np.uint8))
-    )
-    images, masks, affines = [], [], []
-    for i, shift_vox in enumerate((2.0, 4.0)):
-        shift = np.eye(4)
-        shift[0, 3] = -shift_vox * previous.affine[0, 0]
-        moved = apply_transform(previous, Transform(shift), previous.grid)
-        images.append(str(write(tmp_path, f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz", moved)))
-        masks.append(
-            str(
-                write(
-                    tmp_path,
-                    f"sub-0{i}_mask.nii.gz",
-                    moved.with_data((moved.data > 0.05).astype(np.uint8)),
-                )
-            )
-        )
-        affines.append(str(write_itk_affine(np.eye(4), tmp_path / f"sub-0{i}.mat")))
+    previous, images, masks, affines = shifted_members(tmp_path, (2.0, 4.0))
+    prev, mask = tmp_path / "prev.nii.gz", tmp_path / "mask.nii.gz"
     bad = [
         str(p)
         for p in write_failure(
@@ -419,8 +380,8 @@ def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path
     make_demo_cohort(tmp_path, seed=0, n_cross=5, n_long=0, spacing_mm=4.0)
     truth = load_image(tmp_path / "truth" / "template_T1w.nii.gz")
     brain = load_image(tmp_path / "truth" / "template_dseg.nii.gz", dtype=None).data > 0
-    reference_mask = write(
-        tmp_path, "reference_mask.nii.gz", truth.with_data(brain.astype(np.uint8))
+    reference_mask = save_image(
+        truth.with_data(brain.astype(np.uint8)), tmp_path / "reference_mask.nii.gz"
     )
     members = []
     for row in (tmp_path / "manifest.csv").read_text().splitlines()[1:]:
@@ -434,12 +395,13 @@ def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path
         labels = load_image(tmp_path / fields["labels"], dtype=None).data > 0
         image = load_image(tmp_path / fields["t1w"])
         name = f"sub-{fields['subject']}"
-        scaled = write(
-            tmp_path,
-            f"{name}_T1w.nii.gz",
+        scaled = save_image(
             image.with_data(image.data / np.percentile(image.data[labels], 99)),
+            tmp_path / f"{name}_T1w.nii.gz",
         )
-        mask = write(tmp_path, f"{name}_mask.nii.gz", image.with_data(labels.astype(np.uint8)))
+        mask = save_image(
+            image.with_data(labels.astype(np.uint8)), tmp_path / f"{name}_mask.nii.gz"
+        )
         members.append(atlas.Member(name, str(scaled), str(mask)))
     affines = [tmp_path / f"{m.name}.mat" for m in members]
     options = {"backend": "deep", "refine_steps": 0}

@@ -7,31 +7,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from conftest import blob_image
+from factories import shifted_members
 
-from atlasflow.io.images import save_image
-from atlasflow.io.itk import write_itk_affine
 from atlasflow.runtime import server as engine
-from atlasflow.transforms import Transform, apply_transform
 
 
 @pytest.fixture
 def members(tmp_path):
     """A previous template and three members shifted along x (identity affines): the inputs of
     one ``atlas iteration``."""
-    previous = blob_image((40, 40, 40), seed=5)
-    save_image(previous, tmp_path / "prev.nii.gz")
-    save_image(previous.with_data((previous.data > 0.05).astype(np.uint8)), tmp_path / "mask.nii.gz")
-    images, masks, affines = [], [], []
-    for i, shift_vox in enumerate((2.0, 4.0, -1.0)):
-        shift = np.eye(4)
-        shift[0, 3] = -shift_vox * previous.affine[0, 0]
-        moved = apply_transform(previous, Transform(shift), previous.grid)
-        images.append(str(save_image(moved, tmp_path / f"sub-0{i}_ses-1_desc-preproc_T1w.nii.gz")))
-        masks.append(str(save_image(moved.with_data((moved.data > 0.05).astype(np.uint8)), tmp_path / f"m{i}.nii.gz")))
-        affines.append(str(write_itk_affine(np.eye(4), tmp_path / f"a{i}.mat")))
+    _, images, masks, affines = shifted_members(tmp_path, (2.0, 4.0, -1.0))
     return tmp_path, images, masks, affines
 
 

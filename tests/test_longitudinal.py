@@ -3,21 +3,25 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import blob_image
+from factories import ball, blob_image, manifest_rows
 
 from atlasflow.io.images import Image, load_image, save_image
 from atlasflow.longitudinal import change as lg
 from atlasflow.transforms import Transform, apply_transform
 
 
-def ball(shape, centre, radius, affine):
-    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
-    return (np.linalg.norm(ijk - np.array(centre), axis=-1) <= radius).astype(np.uint8)
+def pair_outputs(folder) -> lg.PairOutputs:
+    """The files of one follow-up registration, in ``folder``."""
+    return lg.PairOutputs(
+        warped=folder / "w.nii.gz", affine=folder / "a.mat", warp=folder / "u.nii.gz",
+        log_jacobian=folder / "lj.nii.gz", difference=folder / "d.nii.gz",
+        displacement=folder / "disp.nii.gz", metrics=folder / "m.json",
+    )
 
 
 def test_volume_is_voxel_count_times_voxel_volume(tmp_path):
     affine = np.diag([0.9, 0.9, 5.0, 1.0])
-    mask = ball((20, 20, 8), (10, 10, 4), 5, affine)
+    mask = ball((20, 20, 8), (10, 10, 4), 5)
     save_image(Image(mask, affine), tmp_path / "m.nii.gz")
     assert lg.mask_volume_mm3(tmp_path / "m.nii.gz") == pytest.approx(mask.sum() * 0.9 * 0.9 * 5.0)
 
@@ -34,7 +38,7 @@ def test_tumour_table_growth_and_doubling_time(tmp_path):
     affine = np.eye(4)
     paths = []
     for i, radius in enumerate([3, 4, 5]):
-        save_image(Image(ball((16, 16, 16), (8, 8, 8), radius, affine), affine), tmp_path / f"m{i}.nii.gz")
+        save_image(Image(ball((16, 16, 16), (8, 8, 8), radius), affine), tmp_path / f"m{i}.nii.gz")
         paths.append(str(tmp_path / f"m{i}.nii.gz"))
     sessions = [
         {"session": "1", "acq_date": "2020-01-01", "tumor_mask": paths[0]},
@@ -74,11 +78,7 @@ def test_followup_registration_measures_growth_and_writes_maps(tmp_path):
     save_image(follow, tmp_path / "f.nii.gz")
     tumour_b = (r <= 3).astype(np.uint8)
     save_image(base.with_data(tumour_b), tmp_path / "tb.nii.gz")
-    outputs = lg.PairOutputs(
-        warped=tmp_path / "w.nii.gz", affine=tmp_path / "a.mat", warp=tmp_path / "u.nii.gz",
-        log_jacobian=tmp_path / "lj.nii.gz", difference=tmp_path / "d.nii.gz",
-        displacement=tmp_path / "disp.nii.gz", metrics=tmp_path / "m.json",
-    )
+    outputs = pair_outputs(tmp_path)
     metrics = lg.register_followup(tmp_path / "b.nii.gz", tmp_path / "f.nii.gz", outputs, baseline_tumor=tmp_path / "tb.nii.gz", backend="ants", ants_type="SyN")
     print(metrics)
     # ANTs barely moves this smooth blob, and its multi-threaded run is not bit-reproducible:
@@ -99,17 +99,13 @@ def test_jacobian_volume_change_matches_the_simulated_growth(tmp_path):
     from atlasflow.synth.demo import make_demo_cohort
 
     make_demo_cohort(tmp_path, seed=0, n_cross=0, n_long=1, n_timepoints=2, spacing_mm=2.0)
-    rows = pd.read_csv(tmp_path / "manifest.csv", dtype=str).to_dict("records")
+    rows = manifest_rows(tmp_path / "manifest.csv")
     truth = pd.read_csv(tmp_path / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"session": str})
     for row in rows:
         labels = load_image(tmp_path / row["labels"], dtype=None)
         save_image(labels.with_data((labels.data > 0).astype(np.uint8)), tmp_path / f"brain_{row['session']}.nii.gz")
     base, follow = rows
-    outputs = lg.PairOutputs(
-        warped=tmp_path / "w.nii.gz", affine=tmp_path / "a.mat", warp=tmp_path / "u.nii.gz",
-        log_jacobian=tmp_path / "lj.nii.gz", difference=tmp_path / "d.nii.gz",
-        displacement=tmp_path / "disp.nii.gz", metrics=tmp_path / "m.json",
-    )
+    outputs = pair_outputs(tmp_path)
     metrics = lg.register_followup(
         tmp_path / base["t1w"], tmp_path / follow["t1w"], outputs,
         baseline_mask=tmp_path / f"brain_{base['session']}.nii.gz",

@@ -11,6 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from factories import SCAN_AFFINE as AFFINE
+from factories import SCAN_SHAPE as SHAPE
+from factories import brain, head, write_manifest
+from factories import manifest_rows as rows_of
+from factories import write_nifti as write
 
 from atlasflow.cli.main import main as cli_main
 from atlasflow.cohort import columns
@@ -19,52 +24,12 @@ from atlasflow.cohort.manifest import load_cohort
 from atlasflow.cohort.validate import validate_cohort
 from atlasflow.errors import AtlasflowError
 
-SHAPE = (16, 18, 14)
-AFFINE = np.array([[2.0, 0, 0, -15], [0, 2.0, 0, -17], [0, 0, 2.0, -13], [0, 0, 0, 1]])
-
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     clear_image_cache()
     yield
     clear_image_cache()
-
-
-def head(seed: int = 0, shape=SHAPE) -> np.ndarray:
-    """A smooth bright ellipsoid with noise: a stand-in T1w scan."""
-    rng = np.random.default_rng(seed)
-    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
-    r = np.sqrt((ijk**2).sum(-1))
-    return (np.clip(1.1 - r, 0, None) * 100 + rng.normal(0, 1, shape)).astype(np.float32)
-
-
-def brain(shape=SHAPE) -> np.ndarray:
-    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
-    return (np.sqrt((ijk**2).sum(-1)) < 0.6).astype(np.uint8)
-
-
-def write(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE, **fields) -> Path:
-    """Write a NIfTI file, then force raw header fields byte-wise (nibabel would fix or reset them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    raw = bytearray(img.to_bytes())
-    header = np.frombuffer(bytes(raw[:348]), dtype=img.header.structarr.dtype).copy()
-    for key, value in fields.items():
-        if key.startswith("pixdim"):
-            header["pixdim"][0, int(key[-1])] = value
-        else:
-            header[key] = value
-    raw[:348] = header.tobytes()
-    path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
-    return path
-
-
-def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv") -> Path:
-    path = folder / name
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture
@@ -116,10 +81,6 @@ def cohort(tmp_path: Path) -> Path:
         },
     ]
     return write_manifest(tmp_path, rows)
-
-
-def rows_of(manifest: Path) -> list[dict]:
-    return pd.read_csv(manifest, dtype=str, keep_default_na=False).to_dict("records")
 
 
 def check(manifest: Path, check_data: bool = True) -> pd.DataFrame:

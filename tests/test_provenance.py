@@ -11,8 +11,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
+from factories import random_nifti as write_nifti
+from factories import write_manifest
 
 from atlasflow.cli.main import main as cli_main
 from atlasflow.cohort.planning import SHIPPED_MODEL, resolve_cohort
@@ -27,13 +28,6 @@ CONFIG = {
     "registration": {"backend": "deep", "model": None},
     "threads": 1,
 }
-
-
-def write_nifti(path: Path, seed: int, dtype=np.float32) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.random.default_rng(seed).random((10, 12, 8))
-    nib.save(nib.Nifti1Image(data.astype(dtype), np.eye(4)), path)
-    return path
 
 
 @pytest.fixture
@@ -57,9 +51,7 @@ def cohort(tmp_path) -> Path:
             "tumor_mask": "b_tumor.nii.gz",
         },
     ]
-    manifest = folder / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
+    return write_manifest(folder, rows)
 
 
 def test_sha256_streams_across_chunk_boundaries(tmp_path):

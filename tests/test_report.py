@@ -1,9 +1,10 @@
 """HTML reports on tiny fake outputs: verdicts and thresholds, embedded figures, placeholders, failed list.
 
-:func:`make_outputs` writes the files the workflow would write for a four-subject cohort on a
-24x28x20 grid: sub-01 passes, sub-02 is flagged (low NCC, folding) and misses some files, sub-03 is
-longitudinal (two sessions, tumour growing), sub-04 failed in registration with a logged error.
-tests/test_browser.py opens the same pages in a real browser.
+:func:`factories.report_outputs` writes the files the workflow would write for a four-subject
+cohort on a 24x28x20 grid: sub-01 passes, sub-02 is flagged (low NCC, folding) and misses some
+files, sub-03 is longitudinal (two sessions, tumour growing), sub-04 failed in registration with a
+logged error.
+tests/test_reports_browser.py opens the same pages in a real browser.
 """
 
 from __future__ import annotations
@@ -16,199 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import blob_image
+from factories import REPORT_SESSIONS as SESSIONS
+from factories import REPORT_SHAPE as SHAPE
+from factories import REPORT_THRESHOLDS as THRESHOLDS
+from factories import anat_path as _anat
+from factories import blob_image
+from factories import qc_json as _qc
+from factories import report_outputs as make_outputs
+from factories import wavy_field as _field
 
 from atlasflow.cli.main import main as cli_main
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, save_image
-from atlasflow.io.itk import save_transform
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.cohort import write_cohort_report
 from atlasflow.reports.inputs import last_error_line, read_tumor_table
 from atlasflow.reports.qc import subject_qc
 from atlasflow.reports.subject import write_subject_report
-from atlasflow.transforms import Transform
-
-SHAPE = (24, 28, 20)
-THRESHOLDS = {"max_folding_fraction": 0.001, "min_ncc_after": 0.5, "min_dice": 0.5}
-
-
-def _labels(image: Image) -> Image:
-    data = image.data
-    return image.with_data(np.digitize(data, [0.3, 0.7, 1.0]).astype(np.uint8))
-
-
-def _field(grid_image: Image, amplitude_mm: float, seed: int) -> Image:
-    """A smooth sinusoidal displacement; a large amplitude folds the map."""
-    rng = np.random.default_rng(seed)
-    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1).astype(
-        np.float32
-    )
-    phase = rng.uniform(0, 2 * np.pi, 3)
-    u = np.stack([amplitude_mm * np.sin(ijk[..., c] * 0.5 + phase[c]) for c in range(3)], -1)
-    return Image(u.astype(np.float32), grid_image.affine.copy())
-
-
-def _qc(ncc_before: float, ncc_after: float, folding: float, **extra) -> str:
-    return json.dumps(
-        {
-            "backend": "deep",
-            "seconds": 0.8,
-            "folding_fraction": folding,
-            "ncc_before": ncc_before,
-            "ncc_after": ncc_after,
-            **extra,
-        }
-    )
-
-
-def _anat(outdir: Path, s: str, t: str, name: str) -> Path:
-    return outdir / f"sub-{s}" / f"ses-{t}" / "anat" / f"sub-{s}_ses-{t}_{name}"
-
-
-def _write_scan(
-    outdir: Path,
-    s: str,
-    t: str,
-    seed: int,
-    *,
-    qc_template: str,
-    qc_atlas: str,
-    amplitude: float = 1.5,
-    tumour_voxels: int = 0,
-) -> None:
-    template = blob_image(SHAPE, seed=100)
-    moving = blob_image(SHAPE, seed=seed)
-    # A shifted copy so 'before' and 'after' differ visibly.
-    moving = moving.with_data(np.roll(moving.data, 2, axis=0))
-    save_image(moving, _anat(outdir, s, t, "desc-preproc_T1w.nii.gz"))
-    save_image(
-        moving.with_data((moving.data > 0.2).astype(np.uint8)),
-        _anat(outdir, s, t, "desc-brain_mask.nii.gz"),
-    )
-    save_image(_labels(moving), _anat(outdir, s, t, "desc-preproc_dseg.nii.gz"))
-    if tumour_voxels:
-        mask = np.zeros(SHAPE, np.uint8)
-        r = tumour_voxels
-        mask[12 - r : 12 + r, 14 - r : 14 + r, 10 - r : 10 + r] = 1
-        save_image(
-            moving.with_data(mask), _anat(outdir, s, t, "label-tumor_desc-preproc_mask.nii.gz")
-        )
-    for stage, qc in (("template", qc_template), ("atlas", qc_atlas)):
-        warped_name = (
-            "space-template_desc-warped_T1w.nii.gz"
-            if stage == "template"
-            else "space-atlas_T1w.nii.gz"
-        )
-        save_image(
-            template.with_data(0.9 * template.data + 0.1 * moving.data),
-            _anat(outdir, s, t, warped_name),
-        )
-        save_transform(
-            Transform(np.eye(4), _field(template, amplitude, seed)),
-            _anat(outdir, s, t, f"from-T1w_to-{stage}_mode-image_xfm.mat"),
-            _anat(outdir, s, t, f"from-T1w_to-{stage}_mode-image_xfm.nii.gz"),
-        )
-        _anat(outdir, s, t, f"from-T1w_to-{stage}_mode-image_desc-qc_xfm.json").write_text(qc)
-    save_image(_labels(template), _anat(outdir, s, t, "space-atlas_dseg.nii.gz"))
-
-
-def make_outputs(root: Path) -> tuple[Path, dict]:
-    """Fake workflow outputs under ``root/results``; returns (outdir, raw inputs per subject)."""
-    outdir = root / "results"
-    template = blob_image(SHAPE, seed=100)
-    save_image(template, outdir / "template" / "template_T1w.nii.gz")
-    for i in range(3):
-        sharp = template.with_data(np.clip(template.data, 0, None) ** (1 + 0.3 * i))
-        save_image(sharp, outdir / "atlas" / f"iter-{i}" / "template_T1w.nii.gz")
-    save_image(template, outdir / "atlas" / "atlas_T1w.nii.gz")
-    save_image(_labels(template), outdir / "atlas" / "atlas_dseg.nii.gz")
-    frequency = np.zeros(SHAPE, np.float32)
-    frequency[10:15, 12:17, 8:12] = 0.5
-    frequency[11:13, 13:15, 9:11] = 1.0
-    save_image(template.with_data(frequency), outdir / "atlas" / "tumor_frequency.nii.gz")
-    (outdir / "atlas" / "metrics.tsv").write_text(
-        "iteration\tmembers\ttemplate_change_rms\tmean_velocity_norm_mean_mm\tmean_velocity_norm_max_mm\t"
-        "ncc_to_template_mean\tfolding_fraction_max\tfolding_fraction_mean\n"
-        "1\t4\t0.08\t1.9\t4.1\t0.81\t0.0\t0.0\n2\t4\t0.03\t1.1\t2.6\t0.88\t0.0002\t0.00005\n"
-    )
-    raw = {}
-    for s in ("01", "02", "03"):
-        raw_path = root / "input" / f"sub-{s}_T1w.nii.gz"
-        image = blob_image((30, 30, 24), spacing=1.6, seed=int(s))
-        # Stored LAS, as many scanners write: the report must show it the same way round.
-        flipped = Image(
-            image.data[::-1].copy(),
-            image.affine
-            @ np.array([[-1, 0, 0, 29], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float),
-        )
-        save_image(flipped, raw_path)
-        raw[s] = raw_path
-
-    good = _qc(0.41, 0.86, 0.0)
-    _write_scan(
-        outdir, "01", "1", 1, qc_template=good, qc_atlas=_qc(0.45, 0.9, 0.0, dice_mean=0.83)
-    )
-    # sub-02: poor registration to the atlas (NCC below 0.5, folding above 0.1 %) and missing files.
-    _write_scan(
-        outdir, "02", "1", 2, qc_template=good, qc_atlas=_qc(0.2, 0.31, 0.012), amplitude=4.0
-    )
-    _anat(outdir, "02", "1", "space-atlas_T1w.nii.gz").unlink()
-    _anat(outdir, "02", "1", "from-T1w_to-template_mode-image_xfm.nii.gz").unlink()
-    _anat(outdir, "02", "1", "from-T1w_to-atlas_mode-image_xfm.nii.gz").unlink()
-    # sub-03: longitudinal, tumour grows from baseline (ses-1) to follow-up (ses-2).
-    _write_scan(outdir, "03", "1", 3, qc_template=good, qc_atlas=good, tumour_voxels=2)
-    _write_scan(outdir, "03", "2", 4, qc_template=good, qc_atlas=good, tumour_voxels=3)
-    baseline = blob_image(SHAPE, seed=3)
-    log_jac = np.zeros(SHAPE, np.float32)
-    log_jac[9:15, 11:17, 7:13] = 0.4
-    save_image(
-        baseline.with_data(log_jac),
-        _anat(outdir, "03", "2", "space-baseline_desc-logjacobian_map.nii.gz"),
-    )
-    save_image(
-        baseline.with_data(0.2 * np.sin(baseline.data * 6)),
-        _anat(outdir, "03", "2", "space-baseline_desc-difference_T1w.nii.gz"),
-    )
-    save_image(
-        baseline.with_data(np.abs(log_jac) * 5),
-        _anat(outdir, "03", "2", "space-baseline_desc-displacement_map.nii.gz"),
-    )
-    save_image(
-        baseline.with_data(0.95 * baseline.data),
-        _anat(outdir, "03", "2", "space-baseline_desc-warped_T1w.nii.gz"),
-    )
-    mask = np.zeros(SHAPE, np.uint8)
-    mask[9:15, 11:17, 7:13] = 1
-    save_image(
-        baseline.with_data(mask), _anat(outdir, "03", "2", "space-baseline_label-tumor_mask.nii.gz")
-    )
-    _anat(outdir, "03", "2", "from-T1w_to-baseline_mode-image_desc-qc_xfm.json").write_text(
-        _qc(0.7, 0.95, 0.0)
-    )
-    longitudinal = outdir / "sub-03" / "longitudinal"
-    longitudinal.mkdir(parents=True)
-    (longitudinal / "sub-03_tumor.tsv").write_text(
-        "session\tacq_date\tdays_since_baseline\tvolume_mm3\tchange_from_baseline_mm3\tchange_from_baseline_pct\t"
-        "change_from_previous_mm3\tchange_from_previous_pct\tgrowth_rate_mm3_per_day\tdoubling_time_days\tresponse\n"
-        "1\t2024-01-10\t0\t512\tn/a\tn/a\tn/a\tn/a\tn/a\tn/a\tbaseline\n"
-        "2\t2024-03-10\t60\t1728\t1216\t237.5\t1216\t237.5\t20.27\t34.2\tprogression\n"
-    )
-    # sub-04: preprocessing done, registration to the template failed with a logged error.
-    save_image(blob_image(SHAPE, seed=5), _anat(outdir, "04", "1", "desc-preproc_T1w.nii.gz"))
-    log = outdir / "logs" / "register_template" / "sub-04_ses-1.log"
-    log.parent.mkdir(parents=True)
-    log.write_text(
-        "loading model\nTraceback (most recent call last):\n  ...\n"
-        "atlasflow: error: old message that is not the last one\n"
-        "atlasflow: error: sub-04_ses-1_desc-preproc_T1w.nii.gz: brain mask is empty\n\n"
-    )
-    (outdir / "logs" / "preprocess").mkdir(parents=True)
-    (outdir / "logs" / "preprocess" / "sub-04_ses-1.log").write_text("preprocessed in 2.1 s\n")
-    return outdir, raw
-
-
-SESSIONS = {"01": ["1"], "02": ["1"], "03": ["1", "2"], "04": ["1"]}
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from factories import REPO, TINY_CONFIG, workflow_rules
 
 # The SLURM run mostly waits on the queue: under `make test` (two pytest workers) it has a worker
 # of its own while the other runs the rest.
 pytestmark = pytest.mark.xdist_group("slurm")
 
-REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
-TINY_CONFIG = REPO / "tests" / "config_tiny.yaml"
 SLURM_PROFILE = REPO / "profiles" / "slurm"
 SLURM_UP = REPO / ".ci" / "slurm-up.sh"
 SLURM_DOWN = REPO / ".ci" / "slurm-down.sh"
@@ -250,12 +249,9 @@ def test_profiles_name_real_rules_and_groups():
     does not know, so a renamed rule would lose its cluster resources or its group), every group
     the profile sizes has members, and the rules themselves carry no `group:` (grouping is the
     cluster profile's business: in the rules it makes every local dry run pay the group checks)."""
-    rule_names = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        text = smk.read_text()
-        rule_names |= set(re.findall(r"^\s*rule\s+(\w+)\s*:", text, flags=re.M))
-        rule_names |= set(re.findall(r"^\s*use\s+rule\s+\w+\s+as\s+(\w+)", text, flags=re.M))
-        assert not re.search(r"^\s*group:", text, flags=re.M), f"{smk.name}: a rule sets group:"
+        assert not re.search(r"^\s*group:", smk.read_text(), flags=re.M), f"{smk.name}: a rule sets group:"
+    rule_names = workflow_rules()
     assert rule_names
     config = _real_profile()
     named = set(config.get("set-resources", {})) | set(config.get("set-threads", {}))

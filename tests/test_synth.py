@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from factories import file_digests, read_manifest
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
@@ -40,10 +41,6 @@ def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     make_demo_cohort(out, **COHORT)
     return out
-
-
-def read_manifest(folder: Path) -> pd.DataFrame:
-    return pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
 
 
 def truth_transform(folder: Path, subject: str, session: str, name: str) -> Transform:
@@ -162,18 +159,12 @@ def test_invalid_arguments_are_reported(tmp_path):
 # ---------------------------------------------------------------------------- determinism
 
 
-def file_bytes(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     small = dict(n_cross=1, n_long=1, n_timepoints=2, spacing_mm=SPACING)
     make_demo_cohort(tmp_path / "a", seed=3, **small)
     make_demo_cohort(tmp_path / "b", seed=3, **small)
     make_demo_cohort(tmp_path / "c", seed=4, n_cross=1, n_long=0, spacing_mm=SPACING)
-    first, second, other = (file_bytes(tmp_path / name) for name in "abc")
+    first, second, other = (file_digests(tmp_path / name) for name in "abc")
     assert len(first) > 20 and first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
     control = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from factories import blob_image, tiny_net_config
 
 from atlasflow.cli.main import main as cli_main
 from atlasflow.errors import AtlasflowError
@@ -16,9 +17,7 @@ from atlasflow.nn.model_io import load_model, save_model, sidecar_path
 from atlasflow.training.pairs import NUM_CLASSES, PairGenerator, build_label_set, group_of
 from atlasflow.training.train import TrainSettings, train
 
-TINY = NetConfig(
-    unet_encoder=[8, 8, 8, 8], unet_decoder=[8, 8, 8, 8], affine_channels=[4, 8, 8, 8, 8]
-)
+TINY = tiny_net_config()
 
 
 def write_label_maps(folder, n=2, shape=(40, 40, 40)):
@@ -192,12 +191,6 @@ def test_train_main_reports_errors(tmp_path, capsys):
 
 
 def test_finetune_runs_on_a_tiny_cohort(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import blob_image
-
     from atlasflow.io.images import save_image
 
     torch.manual_seed(0)

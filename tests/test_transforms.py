@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import blob_image
+from factories import ball, blob_image
 from scipy.ndimage import gaussian_filter
 
 from atlasflow.io.images import Image, load_image, save_image
@@ -111,10 +111,8 @@ def test_transported_volume_of_a_ball_under_known_maps():
     under a uniform expansion about its centre, written as displacement + exact inverse, the
     volume grows by the cube of the factor."""
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    ijk = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"), -1)
-    ball = (np.linalg.norm(ijk - 20, axis=-1) <= 8).astype(np.float32)
-    region = Image(ball, affine)
-    base = float(ball.sum() * 8)
+    region = Image(ball((40, 40, 40), (20, 20, 20), 8).astype(np.float32), affine)
+    base = float(region.data.sum() * 8)
     assert transported_volume_mm3(region, Transform(np.eye(4)), None, region.grid) == pytest.approx(base)
     scale = np.diag([1.1, 0.95, 1.2, 1.0])
     carried = transported_volume_mm3(region, Transform(scale), None, region.grid)

@@ -1,16 +1,17 @@
-"""The registration entry point and its file outputs (ANTs backend; the deep one in test_deep.py)."""
+"""The registration entry point and its file outputs (ANTs backend; the deep one in
+test_registration_engine.py)."""
 
 import json
 
 import numpy as np
 import pytest
-from conftest import blob_image
+from factories import blob_image, translated
 
 from atlasflow.cli.main import main
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import load_image, save_image
 from atlasflow.registration.api import dice_per_label, from_ants, ncc, register, to_ants
-from atlasflow.transforms import Transform, apply_transform
+from atlasflow.transforms import apply_transform
 
 
 def shifted_pair():
@@ -18,7 +19,7 @@ def shifted_pair():
     truth = np.eye(4)
     truth[:3, 3] = [4.0, -3.0, 2.0]  # mm
     # moving sampled so that x_moving = truth @ x_fixed is the correspondence
-    moving = apply_transform(fixed, Transform(np.linalg.inv(truth)), fixed.grid)
+    moving = translated(fixed, truth[:3, 3])
     return fixed, moving, truth
 
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import blob_image
+from factories import ball, blob_image, tiny_net_config, translated
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image
-from atlasflow.nn import NetConfig, RegistrationModel
+from atlasflow.nn import RegistrationModel
 from atlasflow.nn.model_io import save_model
 from atlasflow.registration.engine import register_deep
 from atlasflow.registration.working_grid import WorkingGrid
 from atlasflow.transforms import Transform, apply_transform, world_coordinates
 
-TINY = NetConfig(
-    unet_encoder=[8, 8, 8, 8], unet_decoder=[8, 8, 8, 8], affine_channels=[4, 8, 8, 8, 8]
-)
+TINY = tiny_net_config()
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +259,7 @@ def test_cost_mask_marks_voxels_left_out_of_the_similarity(tiny_model):
     """The moving image is the fixed one shifted by 2 voxels with a bright patch pasted in (no
     counterpart); leaving the patch out through ``cost_mask`` must still recover the shift."""
     fixed = blob_image(shape=(32, 32, 32), seed=4)
-    shift = np.eye(4)
-    shift[0, 3] = 2.0 * fixed.affine[0, 0]
-    moving = apply_transform(fixed, Transform(shift), fixed.grid)
+    moving = translated(fixed, [-2.0 * fixed.affine[0, 0], 0.0, 0.0])
     patch = np.zeros(fixed.data.shape, bool)
     patch[12:20, 12:20, 12:20] = True
     moving.data[np.roll(patch, -2, axis=0)] = 3.0
@@ -284,13 +280,12 @@ def test_label_term_pulls_corresponding_regions_together(tiny_model):
     """Identical images, but a region labelled 3 voxels apart: with the region left out of the
     similarity, the label Dice moves the field inside it towards the labelled counterpart."""
     fixed = blob_image(shape=(32, 32, 32), seed=5)
-    ijk = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"), -1)
     centre = np.array([16, 16, 16])
-    fixed_labels = (np.linalg.norm(ijk - centre, axis=-1) <= 5).astype(np.uint8)
-    moving_labels = (np.linalg.norm(ijk - centre - [3, 0, 0], axis=-1) <= 5).astype(np.uint8)
+    fixed_labels = ball(fixed.data.shape, centre, 5)
+    moving_labels = ball(fixed.data.shape, centre + [3, 0, 0], 5)
     common = dict(
         fixed_mask=fixed.data > -1,
-        cost_mask=np.linalg.norm(ijk - centre, axis=-1) <= 8,
+        cost_mask=ball(fixed.data.shape, centre, 8) > 0,
         model_path=tiny_model,
         refine_steps=60,
         affine_steps=0,

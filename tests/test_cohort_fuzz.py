@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
+from factories import write_manifest
 
 from atlasflow.cohort.images import clear_image_cache, validate_image
 from atlasflow.cohort.manifest import load_cohort
@@ -231,8 +231,7 @@ def test_corrupted_images_through_validate_cohort(tmp_path: Path, as_role: str):
         row = {"subject": "01", "session": "1", "t1w": str(path)}
         if as_role == "tumor_mask":
             row = {"subject": "01", "session": "1", "t1w": str(good), "tumor_mask": str(path)}
-        manifest = tmp_path / "m.csv"
-        pd.DataFrame([row]).to_csv(manifest, index=False)
+        manifest = write_manifest(tmp_path, [row], "m.csv")
         error, seconds, finished = run_with_deadline(
             lambda m=manifest: validate_cohort(load_cohort(m), m), CASE_SECONDS
         )

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_report import SESSIONS, THRESHOLDS, make_outputs
+from factories import REPO, REPORT_SESSIONS, REPORT_THRESHOLDS, report_outputs
 
 from atlasflow.reports.cohort import write_cohort_report
 from atlasflow.reports.subject import write_subject_report
@@ -192,9 +191,9 @@ Promise.all(Array.from(document.images).map(function (img) {
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
-    outdir, raw = make_outputs(root)
+    outdir, raw = report_outputs(root)
     reports = outdir / "reports"
-    for s, sessions in SESSIONS.items():
+    for s, sessions in REPORT_SESSIONS.items():
         raw_inputs = {t: str(raw[s]) for t in sessions} if s in raw else None
         write_subject_report(
             outdir,
@@ -202,14 +201,14 @@ def pages(tmp_path_factory) -> Path:
             sessions,
             reports / f"sub-{s}.html",
             raw_inputs=raw_inputs,
-            thresholds=THRESHOLDS,
+            thresholds=REPORT_THRESHOLDS,
         )
     write_cohort_report(
         outdir,
-        list(SESSIONS),
+        list(REPORT_SESSIONS),
         reports / "cohort.html",
-        thresholds=THRESHOLDS,
-        sessions=SESSIONS,
+        thresholds=REPORT_THRESHOLDS,
+        sessions=REPORT_SESSIONS,
         iterations=2,
     )
     return reports
