@@ -8,9 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-# REPO: test_workflow.py and test_layout.py still import it from here.
-from factories import REPO, SHARED_DATA, blob_image  # noqa: F401
+from factories import SHARED_DATA, blob_image
 
 from atlasflow.io.images import Image
 

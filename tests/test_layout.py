@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from factories import REPO
 
 from atlasflow import layout
 from atlasflow.layout import CohortFiles, Scan

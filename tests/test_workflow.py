@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from factories import REPO
 
 from atlasflow.io.images import load_image
 from atlasflow.transforms import Transform, apply_transform
@@ -119,7 +119,13 @@ def test_bad_manifest_stops_with_one_line_before_any_job(tmp_path, problem):
     errors = [line for line in out.stderr.splitlines() if line.startswith("atlasflow: error:")]
     assert len(errors) == 1, out.stderr
     assert "Traceback" not in out.stderr
-    assert "row" in errors[0] or "02" in errors[0] or "b.nii.gz" in errors[0]
+    expected = {
+        "missing": f"manifest.csv row 3 (subject 02, session 1): t1w {tmp_path / 'nope.nii.gz'}: file not found",
+        "four_d": f"manifest.csv row 3 (subject 02, session 1): t1w {tmp_path / 'b.nii.gz'}: is 4-D with 3 volumes",
+        "duplicate": "manifest.csv row 3 (subject 01, session 1): same subject and session as manifest.csv row 2",
+        "text": f"manifest.csv row 3 (subject 02, session 1): t1w {tmp_path / 'b.nii.gz'}: not a readable NIfTI image",
+    }[problem]
+    assert errors[0].startswith(f"atlasflow: error: {expected}"), errors[0]
     after = sorted(p.name for p in tmp_path.iterdir() if p.name != ".snakemake")
     assert after == before, "a rejected cohort must write nothing"
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO
+from factories import REPO
 
 from atlasflow import layout
 from atlasflow.workflow_plan import (
