@@ -109,8 +109,8 @@ def run_case(folder: Path, fixed_name: str, moving_name: str, methods: list[str]
         if method == "none":
             moved = world
             seconds = 0.0
-        elif method == "atlasflow":
-            reg = register(fixed, moving, backend="deep")
+        elif method in ("atlasflow", "atlasflow-affine"):
+            reg = register(fixed, moving, backend="deep", affine_only=method.endswith("affine"))
             seconds = reg.seconds
             moved = mapped_points(reg.transform, fixed, world, idx)
         elif method.startswith("ants"):
