@@ -10,7 +10,8 @@ different fields of view (a 12 cm slab against a whole head). The start is found
    keeping the few best;
 3. each kept start, and the scanner's own alignment, refined rigidly by normalised mutual
    information (Parzen-window joint histograms, differentiable in torch) at 4 mm; the best one
-   wins and is refined at 2 mm, rigidly and then as a 12-parameter affine.
+   wins and is refined at 2 mm, rigidly and then as a 12-parameter affine, and last as an affine
+   on the scans as they came where they are finer than 2 mm (down to 1 mm).
 
 Mutual information only asks that one image's intensities predict the other's, so the same code
 aligns T1w to T1w and FLAIR to T1w. Inputs are :class:`~atlasflow.registration.inputs.PreparedImage`
@@ -40,6 +41,9 @@ BINS = 64
 LEVELS = ((4.0, 40, 0.01, True), (2.0, 60, 0.003, True), (2.0, 30, 0.002, False))
 MASKED = True
 MAX_POINTS = 20000
+#: (Adam steps, learning rate) of the last affine level on the native scans, at FINEST_MM or coarser.
+NATIVE_LEVEL = (30, 0.001)
+FINEST_MM = 1.0
 TRANSLATION_SCALE_MM = 10.0  # one unit of the translation parameters (all of order one)
 
 
@@ -155,10 +159,14 @@ def _on_grid(mask: np.ndarray, image: Image, target: Image) -> np.ndarray:
 
 
 def _masked_copy(prepared: PreparedImage, spacing: float, masked: bool = True) -> Image:
-    image = prepared.image.with_data(prepared.image.data * prepared.mask) if masked else prepared.image
+    image, mask = prepared.image, prepared.mask
+    if prepared.native is not None and spacing < float(image.grid.spacing.min()) - 1e-3:
+        # finer than the working grid: read the scan as it came (normalised), not the 2 mm copy
+        image, mask = prepared.native, prepared.native_mask
+    image = image.with_data(image.data * mask) if masked else image
     if np.allclose(image.grid.spacing, spacing, atol=0.05 * spacing):
         return image
-    return resample_smooth(image, isotropic_grid(image.grid, spacing, region=prepared.mask))
+    return resample_smooth(image, isotropic_grid(image.grid, spacing, region=mask))
 
 
 def _rodrigues(w: torch.Tensor) -> torch.Tensor:
@@ -230,7 +238,19 @@ def initial_alignment(fixed: PreparedImage, moving: PreparedImage) -> np.ndarray
     best = max(refined, key=levels[spacing].score)
     for spacing, steps, lr, rigid in finer:
         best = optimise_nmi(levels[spacing], best, centre, steps, lr, rigid)
+    # Last, an affine step on the scans as they came, where they are finer than the working grid
+    # (down to 1 mm): at 2 mm the optimum sat 0.3-1 mm from the open_ms authors' alignment, at
+    # the native in-plane resolution 0.2-0.5 mm closer on every pair.
+    native = max(FINEST_MM, min(_finest(fixed), _finest(moving)))
+    if native < float(fixed.image.grid.spacing.min()) - 1e-3:
+        steps, lr = NATIVE_LEVEL
+        best = optimise_nmi(_Level(fixed, moving, native), best, centre, steps, lr, rigid=False)
     return best
+
+
+def _finest(prepared: PreparedImage) -> float:
+    grid = prepared.original if prepared.native is not None else prepared.image.grid
+    return float(grid.spacing.min())
 
 
 def deformation_helps(fixed: PreparedImage, moving: PreparedImage, result) -> bool:

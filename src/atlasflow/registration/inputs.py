@@ -47,6 +47,8 @@ class PreparedImage:
     original: Grid  # the grid the user's scan came on
     resampled: bool  # whether ``image`` lives on another grid than ``original``
     mask_found: bool  # the mask was found here rather than given
+    native: Image | None = None  # normalised on ``original`` (finer alignment levels read it)
+    native_mask: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------- intensities
@@ -215,7 +217,8 @@ def prepare(image: Image, mask: np.ndarray | None = None) -> PreparedImage:
     if mask_b is None:
         mask_b = foreground_mask(norm, image.grid.spacing)
     work, work_mask, resampled = working_image(image.with_data(norm), mask_b)
-    return PreparedImage(work, work_mask, image.grid, resampled, not given)
+    native = image.with_data(norm)
+    return PreparedImage(work, work_mask, image.grid, resampled, not given, native, mask_b)
 
 
 def needs_preparation(
