@@ -272,6 +272,135 @@ def test_bids_folder_without_t1w(tmp_path: Path):
         load_cohort(root)
 
 
+def test_validate_table_is_a_manifest_validate_accepts(tmp_path: Path, capsys):
+    """BIDS folder -> validate --table > m.csv -> validate m.csv: same subjects and sessions."""
+    root = make_bids(tmp_path / "bids")
+    assert cli_main(["validate", "--table", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "OK - 3 scan sessions of 2 subjects" in captured.err
+    assert "OK" not in captured.out and "origin" not in captured.out.splitlines()[0]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(captured.out)
+    assert cli_main(["validate", str(manifest)]) == 0
+    assert "OK - 3 scan sessions of 2 subjects" in capsys.readouterr().out
+    from_bids = validate_cohort(load_cohort(root), root)
+    from_csv = validate_cohort(load_cohort(manifest), manifest)
+    pd.testing.assert_frame_equal(from_bids.drop(columns="origin"), from_csv.drop(columns="origin"))
+    from atlasflow.cohort.planning import resolve_cohort  # what the workflow reads
+
+    planned = resolve_cohort({"cohort": str(manifest)}, check_data=False)
+    assert list(zip(planned["subject"], planned["session"], strict=True)) == [
+        ("01", "1"),
+        ("01", "2"),
+        ("02", "1"),
+    ]
+
+
+def test_bids_tsv_with_stray_trailing_tabs_and_spaces(tmp_path: Path):
+    root = make_bids(tmp_path / "bids")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text(
+        "session_id\tacq_time\t\nses-1\t2020-01-02T10:11:12 \t\t\nses-2\t2020-06-30\t \n"
+    )
+    (root / "participants.tsv").write_text(
+        "participant_id\tage\tgroup\t\t\nsub-01\t50\tpatient\t\nsub-02\t41\tn/a  \n\t\n"
+    )
+    table = validate_cohort(load_cohort(root), root)
+    assert list(table["acq_date"]) == ["2020-01-02", "2020-06-30", ""]
+    assert list(table["group"]) == ["patient", "patient", ""]
+    # A value in an unnamed column, or a short row, is still an error.
+    (root / "participants.tsv").write_text("participant_id\tgroup\nsub-01\tpatient\tx\n")
+    with pytest.raises(
+        AtlasflowError, match=r"participants.tsv row 2: has 3 values, the header has 2"
+    ):
+        load_cohort(root)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2020-01-02T10:11:12Z",
+        "2020-01-02T10:11:12.123456Z",
+        "2020-01-02T10:11:12.5",
+        "2020-01-02T10:11:12+02:00",
+    ],
+)
+def test_bids_acq_time_with_zone_or_fraction(tmp_path: Path, value: str):
+    root = make_bids(tmp_path / "bids")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text(
+        f"session_id\tacq_time\nses-1\t{value}\nses-2\t2020-06-30T08:00:00Z\n"
+    )
+    table = load_cohort(root)
+    assert list(table["acq_date"][:2]) == ["2020-01-02", "2020-06-30"]
+
+
+@pytest.mark.parametrize("value", ["2020-01-02T25:00:00Z", "2020-01-02TZ", "2020-13-02T10:00Z"])
+def test_bids_acq_time_still_strict(tmp_path: Path, value: str):
+    root = make_bids(tmp_path / "bids")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text(
+        f"session_id\tacq_time\nses-1\t{value}\nses-2\t2020-06-30\n"
+    )
+    with pytest.raises(
+        AtlasflowError, match=r"row 2 \(session 1\): acq_time .* is not an ISO date"
+    ):
+        load_cohort(root)
+
+
+def test_bids_symlink_loops_are_skipped_and_listed(tmp_path: Path, capsys):
+    root = make_bids(tmp_path / "bids")
+    (root / "sub-03").symlink_to("sub-03")  # a subject folder linking to itself
+    (root / "sub-02" / "ses-x").symlink_to("ses-x")
+    loop = root / "sub-02" / "anat" / "sub-02_run-2_T1w.nii.gz"
+    loop.symlink_to(loop.name)
+    skipped: list = []
+    table = load_cohort(root, skipped)
+    assert len(table) == 3
+    assert set(skipped) == {
+        ("sub-03", "symbolic link loop (cannot be read)"),
+        ("sub-02/ses-x", "symbolic link loop (cannot be read)"),
+        ("sub-02/anat/sub-02_run-2_T1w.nii.gz", "symbolic link loop (cannot be read)"),
+    }
+    assert cli_main(["validate", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert f"warning: skipped {root}/sub-03: symbolic link loop" in captured.err
+    # The cohort path itself a loop: one line naming it.
+    (tmp_path / "self").symlink_to("self")
+    (tmp_path / "self.csv").symlink_to("self.csv")
+    for name in ("self", "self.csv"):
+        assert cli_main(["validate", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"atlasflow validate: error: {tmp_path / name}: is a symbolic link loop "
+            "(it links, maybe through others, to itself)"
+        ]
+
+
+def test_bids_skipped_inputs_are_warned_not_silent(tmp_path: Path, capsys):
+    root = make_bids(tmp_path / "bids")
+    (root / "sub-04" / "func").mkdir(parents=True)  # subject without anat/
+    write(root / "sub-05" / "1" / "anat" / "sub-05_ses-1_T1w.nii.gz", head(5))  # no ses- prefix
+    write(root / "sub-06" / "anat" / "sub-06_t1w.nii.gz", head(6))  # lowercase suffix
+    (root / "sub-07" / "anat" / "sub-07_T1w.nii.gz").mkdir(parents=True)  # a folder
+    (root / "sub-01" / "ses-3" / "func").mkdir(parents=True)  # session without anat/
+    assert cli_main(["validate", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "OK - 3 scan sessions of 2 subjects" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    prefix = f"atlasflow validate: warning: skipped {root}/"
+    assert warnings == [
+        prefix + "sub-01/ses-3: session without an anat/ folder",
+        prefix + "sub-04: no anat/ or ses-*/anat/ folder",
+        prefix + "sub-05/1: has anat/ but is not named ses-<label> (not a BIDS session)",
+        prefix
+        + "sub-06/anat/sub-06_t1w.nii.gz: suffix 't1w' is not 'T1w' (BIDS is case-sensitive)",
+        prefix + "sub-07/anat/sub-07_T1w.nii.gz: is a folder, not a NIfTI file",
+    ]
+    # A clean folder gives no warnings.
+    clean = make_bids(tmp_path / "clean")
+    assert cli_main(["validate", str(clean)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_bids_discovery_is_fast_on_a_large_folder(tmp_path: Path):
     import time
 

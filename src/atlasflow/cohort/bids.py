@@ -30,13 +30,20 @@ _BIDS_KIND = {
 }
 
 
+_ISO_DATE_TIME = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})"
+    r"(?:[T ](?P<time>\d{2}:\d{2}(?::\d{2})?)(?:\.\d+)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?"
+)
+
+
 def _parse_iso_date(text: str) -> date | None:
-    """An ISO date, or the date of an ISO date-time (BIDS acq_time); None when unparsable."""
-    text = text.strip()
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?", text):
+    """An ISO date, or the date of an ISO date-time (BIDS acq_time, fractional seconds and a ``Z``
+    or ``+hh:mm`` zone allowed); None when unparsable."""
+    match = _ISO_DATE_TIME.fullmatch(text.strip())
+    if not match:
         return None
-    try:
-        return datetime.fromisoformat(text).date()
+    try:  # fromisoformat checks the ranges; zone and fraction are left out (Python 3.10 refuses Z)
+        return datetime.fromisoformat(f"{match['date']}T{match['time'] or '00:00'}").date()
     except ValueError:
         return None
 
@@ -66,11 +73,15 @@ def _read_tsv(path: Path, root: Path) -> tuple[list[str], list[tuple[int, dict[s
     if not lines:
         return [], []
     header = [h.strip() for h in lines[0].split("\t")]
+    while header and not header[-1]:  # stray trailing tabs: unnamed, empty columns
+        header.pop()
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         values = line.split("\t")
+        while len(values) > len(header) and not values[-1].strip():
+            values.pop()
         if len(values) != len(header):
             raise AtlasflowError(
                 f"{rel} row {number}: has {len(values)} values, the header has {len(header)}"
@@ -124,17 +135,51 @@ def _pick_one(files: list[str], what: str, folder: str) -> str:
     return files[0] if files else ""
 
 
-def _bids_anat(anat: Path, root: Path, subject: str, session: str | None) -> dict[str, str] | None:
+#: (path relative to the BIDS root, reason) of an entry that looks like an input but is skipped.
+Skipped = list[tuple[str, str]]
+
+_T1W_LIKE = re.compile(r".*t1w\.nii(?:\.gz)?", re.IGNORECASE)
+
+
+def _is_dir(entry: os.DirEntry) -> bool | None:
+    """Whether a directory entry is a folder (following links); None for a link loop or another
+    entry that cannot be looked at (``Too many levels of symbolic links``)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return None
+
+
+def _bids_anat(
+    anat: Path, root: Path, subject: str, session: str | None, skipped: Skipped
+) -> dict[str, str] | None:
     """One row from one anat/ folder (None when it holds no T1w)."""
     folder = str(anat.relative_to(root))
     found: dict[str, list[str]] = {role: [] for role in IMAGE_COLUMNS}
+    t1w_like: list[tuple[str, str]] = []
     with os.scandir(anat) as entries:
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.name):
             # Broken symlinks (datalad files not fetched yet) are kept: validation reports them.
-            if entry.is_dir():
+            is_dir = _is_dir(entry)
+            t1w_name = _T1W_LIKE.fullmatch(entry.name) is not None
+            if is_dir is None:
+                if t1w_name:
+                    t1w_like.append((entry.name, "symbolic link loop (cannot be read)"))
+                else:
+                    skipped.append(
+                        (f"{folder}/{entry.name}", "symbolic link loop (cannot be read)")
+                    )
+                continue
+            if is_dir:
+                if t1w_name:
+                    t1w_like.append((entry.name, "is a folder, not a NIfTI file"))
                 continue
             parsed = _bids_entities(entry.name)
             if parsed is None:
+                if t1w_name:
+                    t1w_like.append(
+                        (entry.name, "not a BIDS file name (sub-<label>[_...]_T1w.nii[.gz])")
+                    )
                 continue
             entities, suffix = parsed
             if suffix == "T1w":
@@ -149,6 +194,10 @@ def _bids_anat(anat: Path, root: Path, subject: str, session: str | None) -> dic
             ):
                 role = "brain_mask"
             else:
+                if suffix.lower() == "t1w":
+                    t1w_like.append(
+                        (entry.name, f"suffix '{suffix}' is not 'T1w' (BIDS is case-sensitive)")
+                    )
                 continue
             if entities.get("sub") != subject or entities.get("ses") != session:
                 raise AtlasflowError(
@@ -156,7 +205,10 @@ def _bids_anat(anat: Path, root: Path, subject: str, session: str | None) -> dic
                     f"(sub-{subject}{'' if session is None else '/ses-' + session})"
                 )
             found[role].append(entry.name)
+    skipped.extend((f"{folder}/{name}", reason) for name, reason in t1w_like)
     if not found["t1w"]:
+        if not t1w_like:
+            skipped.append((folder, "no sub-*_T1w.nii[.gz] file"))
         return None
     row = {"subject": subject, "session": session or ""}
     for role, files in found.items():
@@ -166,42 +218,80 @@ def _bids_anat(anat: Path, root: Path, subject: str, session: str | None) -> dic
     return row
 
 
-def load_bids(root: Path) -> pd.DataFrame:
-    """The cohort table of a BIDS folder (one row per session with a T1w scan)."""
+def _subject_rows(
+    subject_dir: Path, root: Path, subject: str, groups: dict[str, str], skipped: Skipped
+) -> list[dict[str, str]]:
+    """The rows of one sub-* folder; what looks like an input but is not used goes to skipped."""
+    rel = subject_dir.name
+    dates: dict[str, str] = {}
+    sessions_tsv = subject_dir / f"sub-{subject}_sessions.tsv"
+    if sessions_tsv.is_file():
+        dates = _bids_session_dates(sessions_tsv, root)
+    folders: list[str] = []
+    with os.scandir(subject_dir) as children:
+        for child in sorted(children, key=lambda c: c.name):
+            is_dir = _is_dir(child)
+            if is_dir is None:
+                skipped.append((f"{rel}/{child.name}", "symbolic link loop (cannot be read)"))
+            elif is_dir:
+                folders.append(child.name)
+    rows: list[dict[str, str]] = []
+    for child in folders:
+        session = child[4:] if child.startswith("ses-") else None
+        if child == "anat":
+            anat = subject_dir / "anat"
+        elif (subject_dir / child / "anat").is_dir():
+            if session is None:
+                skipped.append(
+                    (
+                        f"{rel}/{child}",
+                        "has anat/ but is not named ses-<label> (not a BIDS session)",
+                    )
+                )
+                continue
+            anat = subject_dir / child / "anat"
+        else:
+            if session is not None:
+                skipped.append((f"{rel}/{child}", "session without an anat/ folder"))
+            continue
+        row = _bids_anat(anat, root, subject, session, skipped)
+        if row is None:
+            continue
+        row["acq_date"] = dates.get(session or "", "")
+        row["group"] = groups.get(subject, "")
+        rows.append(row)
+    if not rows and not any(path.startswith(f"{rel}/") for path, _ in skipped):
+        skipped.append((rel, "no anat/ or ses-*/anat/ folder"))
+    return rows
+
+
+def load_bids(root: Path, skipped: Skipped | None = None) -> pd.DataFrame:
+    """The cohort table of a BIDS folder (one row per session with a T1w scan).
+
+    Folders and files that look like inputs but are not used (a subject without ``anat/``, a
+    session folder without the ``ses-`` prefix, a ``_t1w`` in lower case, a T1w name that is a
+    folder, a symbolic link loop) are appended to ``skipped`` as (path relative to the root,
+    reason) when a list is given.
+    """
     root = Path(os.path.abspath(root))
+    skipped = [] if skipped is None else skipped
     groups = _bids_groups(root)
     rows: list[dict[str, str]] = []
     csv_here: list[str] = []
     with os.scandir(root) as top:
         entries = sorted(top, key=lambda e: e.name)
     for entry in entries:
-        if entry.name.lower().endswith(".csv") and entry.is_file():
+        is_dir = _is_dir(entry)
+        if is_dir is None:
+            if entry.name.startswith("sub-") or entry.name.lower().endswith(".csv"):
+                skipped.append((entry.name, "symbolic link loop (cannot be read)"))
+            continue
+        if entry.name.lower().endswith(".csv") and not is_dir and entry.is_file():
             csv_here.append(entry.name)
         # Only sub-* folders at the top are looked at: derivatives/, sourcedata/, code/ never are.
-        if not entry.name.startswith("sub-") or not entry.is_dir():
+        if not entry.name.startswith("sub-") or not is_dir:
             continue
-        subject = entry.name[4:]
-        subject_dir = Path(entry.path)
-        dates: dict[str, str] = {}
-        sessions_tsv = subject_dir / f"sub-{subject}_sessions.tsv"
-        if sessions_tsv.is_file():
-            dates = _bids_session_dates(sessions_tsv, root)
-        with os.scandir(subject_dir) as children:
-            child_names = sorted(c.name for c in children if c.is_dir())
-        for child in child_names:
-            session = child[4:] if child.startswith("ses-") else None
-            if child == "anat":
-                anat = subject_dir / "anat"
-            elif session is not None and (subject_dir / child / "anat").is_dir():
-                anat = subject_dir / child / "anat"
-            else:
-                continue
-            row = _bids_anat(anat, root, subject, session)
-            if row is None:
-                continue
-            row["acq_date"] = dates.get(session or "", "")
-            row["group"] = groups.get(subject, "")
-            rows.append(row)
+        rows += _subject_rows(Path(entry.path), root, entry.name[4:], groups, skipped)
     if not rows:
         hint = (
             f"; to use the manifest {csv_here[0]} in it, give that file instead" if csv_here else ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import io
 import os
 from pathlib import Path
@@ -32,15 +33,27 @@ from atlasflow.cohort.columns import (
 from atlasflow.errors import AtlasflowError
 
 
-def load_cohort(source: str | os.PathLike) -> pd.DataFrame:
+def load_cohort(
+    source: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+) -> pd.DataFrame:
     """Read a manifest CSV or discover a BIDS folder; return the normalised cohort table.
 
     Structural problems (missing file, not a CSV, empty manifest, missing columns, BIDS folder
     without T1w scans) raise :class:`AtlasflowError`; value checks are :func:`validate_cohort`'s.
+    For a BIDS folder, what looks like an input but is skipped is appended to ``skipped`` as
+    (path, reason) (see :func:`atlasflow.cohort.bids.load_bids`).
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_bids(path)
+        return load_bids(path, skipped)
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise AtlasflowError(
+                    f"{path}: is a symbolic link loop (it links, maybe through others, to itself)"
+                ) from None
     if not path.exists():
         raise AtlasflowError(
             f"{path}: no such file or folder (expected a manifest .csv or a BIDS folder)"

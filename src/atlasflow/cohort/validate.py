@@ -220,17 +220,49 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--table",
         action="store_true",
-        help="also print the normalised cohort table (CSV) on standard output",
+        help="print the normalised cohort table on standard output as a manifest CSV that "
+        "atlasflow accepts as it is (the summary then goes to standard error)",
     )
 
 
+#: Skipped inputs listed one per line by ``atlasflow validate``; the rest are counted.
+MAX_SKIPPED_LINES = 50
+
+
+def skipped_lines(skipped: list[tuple[str, str]], source: str | os.PathLike) -> list[str]:
+    """The warning lines of ``atlasflow validate`` for inputs that were skipped, capped."""
+    lines = [
+        f"atlasflow validate: warning: skipped {os.path.join(str(source), path)}: {reason}"
+        for path, reason in skipped[:MAX_SKIPPED_LINES]
+    ]
+    if len(skipped) > MAX_SKIPPED_LINES:
+        lines.append(
+            f"atlasflow validate: warning: ... and {len(skipped) - MAX_SKIPPED_LINES} more skipped"
+        )
+    return lines
+
+
 def run_validate(args: argparse.Namespace) -> int:
-    """``atlasflow validate COHORT``: print a summary (exit 0); a problem raises AtlasflowError."""
+    """``atlasflow validate COHORT``: print a summary (exit 0); a problem raises AtlasflowError.
+
+    The summary goes to standard output, or to standard error under ``--table``, whose standard
+    output is the manifest CSV alone (without the ``origin`` column, which a manifest may not
+    have). Inputs of a BIDS folder that were skipped follow as warnings on standard error.
+    """
     start = time.perf_counter()
-    table = validate_cohort(load_cohort(args.cohort), args.cohort, check_data=not args.headers_only)
+    skipped: list[tuple[str, str]] = []
+    table = validate_cohort(
+        load_cohort(args.cohort, skipped), args.cohort, check_data=not args.headers_only
+    )
     seconds = time.perf_counter() - start
     checked = "headers" if args.headers_only else "headers and voxels"
-    print(f"{args.cohort}: OK - {summarise(table)} ({checked} checked in {seconds:.2f} s)")
+    print(
+        f"{args.cohort}: OK - {summarise(table)} ({checked} checked in {seconds:.2f} s)",
+        file=sys.stderr if args.table else sys.stdout,
+    )
+    if skipped:
+        sys.stdout.flush()
+        print("\n".join(skipped_lines(skipped, args.cohort)), file=sys.stderr)
     if args.table:
-        table.to_csv(sys.stdout, index=False)
+        table.drop(columns=[ORIGIN_COLUMN]).to_csv(sys.stdout, index=False)
     return 0
