@@ -14,7 +14,7 @@ from atlasflow.preprocess.reference import load_mni152
 from atlasflow.registration import initial, inputs
 from atlasflow.registration.api import register
 from atlasflow.registration.qc import dice_per_label
-from atlasflow.transforms import Transform, apply_transform
+from atlasflow.transforms import Transform, apply_transform, rotation_matrix
 
 
 def test_normalisation_ignores_scale_offset_and_dtype():
@@ -80,7 +80,7 @@ def mni_4mm() -> tuple[Image, np.ndarray]:
 
 def _rigid(angle_deg: float, shift_mm: np.ndarray, centre: np.ndarray) -> np.ndarray:
     out = np.eye(4)
-    out[:3, :3] = initial.rotation(np.array([angle_deg, 0.0, 0.0]))
+    out[:3, :3] = rotation_matrix(np.radians([angle_deg, 0.0, 0.0]))
     out[:3, 3] = centre + shift_mm - out[:3, :3] @ centre
     return out
 

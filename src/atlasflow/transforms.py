@@ -41,6 +41,16 @@ class Transform:
 # ------------------------------------------------------------------------------------ grids, maps
 
 
+def rotation_matrix(angles: np.ndarray) -> np.ndarray:
+    """3x3 rotation about the x, then y, then z world axes by ``angles`` (radians)."""
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 def world_coordinates(grid: Grid) -> np.ndarray:
     """World RAS coordinates of every voxel centre, shape (X, Y, Z, 3)."""
     ijk = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in grid.shape], indexing="ij"), -1)

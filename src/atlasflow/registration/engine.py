@@ -139,28 +139,16 @@ def register_deep(
     ``coarse_velocity`` holds it on the network's grid), as ``inverse=False`` does the inverse.
     """
     opts = RegistrationOptions.of(options, **changes)
-    _check_inputs(
-        fixed,
-        moving,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
-        cost_mask=cost_mask,
-        fixed_labels=fixed_labels,
-        moving_labels=moving_labels,
-    )
+    masks = {
+        "fixed_mask": fixed_mask,
+        "moving_mask": moving_mask,
+        "cost_mask": cost_mask,
+        "fixed_labels": fixed_labels,
+        "moving_labels": moving_labels,
+    }
+    _check_inputs(fixed, moving, **masks)
     if needs_preparation(fixed, moving, fixed_mask, moving_mask):
-        return _register_prepared(
-            fixed,
-            moving,
-            opts,
-            fixed_mask=fixed_mask,
-            moving_mask=moving_mask,
-            cost_mask=cost_mask,
-            fixed_labels=fixed_labels,
-            moving_labels=moving_labels,
-            init_affine=init_affine,
-            init_velocity=init_velocity,
-        )
+        return _register_prepared(fixed, moving, opts, masks, init_affine, init_velocity)
     device = opts.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
@@ -177,14 +165,7 @@ def register_deep(
     affine_steps = AFFINE_STEPS if opts.affine_steps is None else opts.affine_steps
     world = align_affine(pair, world, model if affine_network else None, affine_steps)
     if opts.affine_only:
-        zeros = np.zeros((*fixed.data.shape, 3), np.float32)
-        seconds = time.perf_counter() - start
-        return DeepResult(
-            Transform(world, Image(zeros, fixed.affine.copy())),
-            Image(zeros.copy(), fixed.affine.copy()),
-            Image(zeros.copy(), fixed.affine.copy()),
-            seconds,
-        )
+        return _affine_result(world, fixed, time.perf_counter() - start)
 
     steps = model.config.integration_steps
     velocity, disp_half, moving_w = _network_velocity(pair, model, world, init_velocity)
@@ -211,12 +192,7 @@ def _register_prepared(
     fixed: Image,
     moving: Image,
     opts: RegistrationOptions,
-    *,
-    fixed_mask: np.ndarray | None,
-    moving_mask: np.ndarray | None,
-    cost_mask: np.ndarray | None,
-    fixed_labels: np.ndarray | None,
-    moving_labels: np.ndarray | None,
+    masks: dict[str, np.ndarray | None],
     init_affine: np.ndarray | None,
     init_velocity: Image | None,
 ) -> DeepResult:
@@ -227,7 +203,7 @@ def _register_prepared(
     affine steps (local correlation on a coarse grid) were measured to move it away from the
     dataset authors' alignment on the open_ms scans (0.3-1.5 mm -> 1-6 mm)."""
     start = time.perf_counter()
-    pf, pm = prepare(fixed, fixed_mask), prepare(moving, moving_mask)
+    pf, pm = prepare(fixed, masks["fixed_mask"]), prepare(moving, masks["moving_mask"])
     world = initial_alignment(pf, pm) if init_affine is None else np.asarray(init_affine, float)
     result = register_deep(
         pf.image,
@@ -235,16 +211,16 @@ def _register_prepared(
         opts,
         fixed_mask=pf.mask,
         moving_mask=pm.mask,
-        cost_mask=on_working_grid(cost_mask, fixed, pf, "linear"),
-        fixed_labels=on_working_grid(fixed_labels, fixed, pf, "nearest"),
-        moving_labels=on_working_grid(moving_labels, moving, pm, "nearest"),
+        cost_mask=on_working_grid(masks["cost_mask"], fixed, pf, "linear"),
+        fixed_labels=on_working_grid(masks["fixed_labels"], fixed, pf, "nearest"),
+        moving_labels=on_working_grid(masks["moving_labels"], moving, pm, "nearest"),
         init_affine=world,
         init_velocity=init_velocity,
         affine_network=False,
         affine_steps=0 if init_affine is None else opts.affine_steps,
     )
     if not opts.affine_only and not deformation_helps(pf, pm, result):
-        result = _affine_part(result, pf.image)
+        result = _affine_result(result.transform.affine, pf.image, result.seconds, result.coarse_velocity)
     if pf.resampled:
         result.transform = Transform(result.transform.affine, to_original_grid(result.transform.displacement, fixed.grid))
         result.inverse_displacement = to_original_grid(result.inverse_displacement, fixed.grid)
@@ -253,15 +229,16 @@ def _register_prepared(
     return result
 
 
-def _affine_part(result: DeepResult, fixed: Image) -> DeepResult:
-    """The result without its deformation (zero fields on the fixed grid)."""
+def _affine_result(world: np.ndarray, fixed: Image, seconds: float, coarse: Image | None = None) -> DeepResult:
+    """An affine-only result: zero fields on the fixed grid (and a zero coarse velocity when the
+    deformation it replaces had one)."""
     zeros = np.zeros((*fixed.data.shape, 3), np.float32)
     return DeepResult(
-        Transform(result.transform.affine, Image(zeros, fixed.affine.copy())),
+        Transform(world, Image(zeros, fixed.affine.copy())),
         Image(zeros.copy(), fixed.affine.copy()),
-        Image(zeros.copy(), fixed.affine.copy()) if result.velocity is not None else None,
-        result.seconds,
-        None if result.coarse_velocity is None else result.coarse_velocity.with_data(np.zeros_like(result.coarse_velocity.data)),
+        Image(zeros.copy(), fixed.affine.copy()),
+        seconds,
+        None if coarse is None else coarse.with_data(np.zeros_like(coarse.data)),
     )
 
 

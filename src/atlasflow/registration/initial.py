@@ -25,12 +25,12 @@ import itertools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
-from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image
 from atlasflow.nn.optim import Adam
+from atlasflow.registration.affine import centre_of_mass
 from atlasflow.registration.inputs import PreparedImage, isotropic_grid, resample_smooth
+from atlasflow.transforms import Transform, apply_transform, rotation_matrix
 
 SEARCH_ANGLES = (-30.0, -15.0, 0.0, 15.0, 30.0)
 SEARCH_SPACING_MM = 6.0
@@ -39,30 +39,11 @@ BINS = 64
 #: (spacing mm, Adam steps, learning rate) of the affine levels after the search; the first
 #: level runs once per kept start.
 LEVELS = ((4.0, 40, 0.01, True), (2.0, 60, 0.003, True), (2.0, 30, 0.002, False))
-MASKED = True
 MAX_POINTS = 20000
 #: (Adam steps, learning rate) of the last affine level on the native scans, at FINEST_MM or coarser.
 NATIVE_LEVEL = (30, 0.001)
 FINEST_MM = 1.0
 TRANSLATION_SCALE_MM = 10.0  # one unit of the translation parameters (all of order one)
-
-
-def centre_of_mass(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """World position of the intensity-weighted centre (negative values count as zero)."""
-    weights = np.clip(np.asarray(data, np.float64), 0, None)
-    if weights.sum() <= 0:
-        raise AtlasflowError("image is empty inside its mask; nothing to register")
-    com = np.array(ndimage.center_of_mass(weights))
-    return affine[:3, :3] @ com + affine[:3, 3]
-
-
-def rotation(angles_deg: np.ndarray) -> np.ndarray:
-    """3x3 rotation about x, then y, then z (world axes), angles in degrees."""
-    a, b, c = np.radians(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 # ------------------------------------------------------------------------------ similarity
@@ -110,11 +91,10 @@ class _Level:
     """Both images on one isotropic grid: the fixed foreground's points and values, the moving
     image as a tensor to sample."""
 
-    def __init__(self, fixed: PreparedImage, moving: PreparedImage, spacing: float, masked: bool | None = None):
-        masked = MASKED if masked is None else masked
-        f = _masked_copy(fixed, spacing, masked)
-        m = _masked_copy(moving, spacing, masked)
-        region = _on_grid(fixed.mask, fixed.image, f) if not masked else f.data > 0
+    def __init__(self, fixed: PreparedImage, moving: PreparedImage, spacing: float):
+        f = _masked_copy(fixed, spacing)
+        m = _masked_copy(moving, spacing)
+        region = f.data > 0
         idx = np.argwhere(region)
         if len(idx) > MAX_POINTS:
             # A fixed, evenly spread subset (as ANTs samples its MI metric): the histogram needs
@@ -151,19 +131,12 @@ class _Level:
             return float(self.nmi(torch.from_numpy(world_map).float()))
 
 
-def _on_grid(mask: np.ndarray, image: Image, target: Image) -> np.ndarray:
-    from atlasflow.transforms import Transform, apply_transform
-
-    moved = apply_transform(image.with_data(mask.astype(np.float32)), Transform.identity(), target.grid, "linear")
-    return moved.data > 0.5
-
-
-def _masked_copy(prepared: PreparedImage, spacing: float, masked: bool = True) -> Image:
+def _masked_copy(prepared: PreparedImage, spacing: float) -> Image:
     image, mask = prepared.image, prepared.mask
     if prepared.native is not None and spacing < float(image.grid.spacing.min()) - 1e-3:
         # finer than the working grid: read the scan as it came (normalised), not the 2 mm copy
         image, mask = prepared.native, prepared.native_mask
-    image = image.with_data(image.data * mask) if masked else image
+    image = image.with_data(image.data * mask)
     if np.allclose(image.grid.spacing, spacing, atol=0.05 * spacing):
         return image
     return resample_smooth(image, isotropic_grid(image.grid, spacing, region=mask))
@@ -215,7 +188,7 @@ def rotation_candidates(fixed: PreparedImage, moving: PreparedImage, keep: int =
     scored = []
     for angles in itertools.product(SEARCH_ANGLES, repeat=3):
         start = np.eye(4)
-        start[:3, :3] = rotation(np.array(angles))
+        start[:3, :3] = rotation_matrix(np.radians(angles))
         start[:3, 3] = m_com - start[:3, :3] @ f_com
         scored.append((level.score(start), angles == (0.0, 0.0, 0.0), start))
     scored.sort(key=lambda s: -s[0])
@@ -258,8 +231,6 @@ def deformation_helps(fixed: PreparedImage, moving: PreparedImage, result) -> bo
     foreground beyond its affine alone. The networks judge their own field by local correlation,
     which across contrasts can reward a field that bends anatomy; on same-subject open_ms pairs
     it was measured to turn 0.45-0.63 mm affine alignments into 1.1-1.6 mm ones."""
-    from atlasflow.transforms import Transform, apply_transform
-
     grid = fixed.image.grid
     mask = fixed.mask
     values = torch.from_numpy(np.clip(fixed.image.data[mask], 0, 1).astype(np.float32))

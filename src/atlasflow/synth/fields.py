@@ -23,6 +23,7 @@ from atlasflow.transforms import (
     apply_transform,
     displacement_vox_to_world,
     displacement_world_to_vox,
+    rotation_matrix,
 )
 
 
@@ -66,15 +67,6 @@ def smooth_field(
     return out
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def random_affine(
     rng: np.random.Generator,
     centre: np.ndarray,
@@ -86,7 +78,7 @@ def random_affine(
     angles = rng.uniform(-max_rotation_deg, max_rotation_deg, 3)
     scales = rng.uniform(*scale_range, 3)
     shift = rng.uniform(-max_shift_mm, max_shift_mm, 3)
-    linear = _rotation(np.deg2rad(angles)) @ np.diag(scales)
+    linear = rotation_matrix(np.deg2rad(angles)) @ np.diag(scales)
     affine = np.eye(4)
     affine[:3, :3] = linear
     affine[:3, 3] = centre + shift - linear @ centre
