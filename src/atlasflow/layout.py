@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Order of the entities in a scan's file name (``from_`` stands for ``from``, a Python keyword).
-ENTITIES = ("space", "from_", "to", "mode", "label", "desc")
+ENTITIES = ("ce", "space", "from_", "to", "mode", "label", "desc")
+#: The name of each contrast (a cohort column) in a scan's file names: its BIDS suffix and the
+#: entities that go with it (a post-contrast T1w is ``ce-gadolinium_..._T1w``).
+CONTRASTS: dict[str, tuple[str, dict[str, str]]] = {
+    "t1w": ("T1w", {}),
+    "t2w": ("T2w", {}),
+    "flair": ("FLAIR", {}),
+    "t1ce": ("T1w", {"ce": "gadolinium"}),
+    "pdw": ("PDw", {}),
+}
 # Registration stages, by the space they register into (the ``to-`` entity of their transforms).
 STAGES = ("template", "atlas", "baseline")
 
@@ -49,6 +58,20 @@ def anat(
     Entities are written in :data:`ENTITIES` order whatever the order given; others are ignored.
     """
     return f"{outdir}/sub-{subject}/ses-{session}/anat/{scan_id(subject, session)}_{name_tail(suffix, **entities)}.{ext}"
+
+
+def contrast(
+    outdir: str | Path,
+    column: str,
+    subject: str,
+    session: str,
+    ext: str = "nii.gz",
+    **entities: object,
+) -> str:
+    """Path of one scan's file of contrast ``column`` (a :data:`CONTRASTS` key), e.g.
+    ``contrast("results", "flair", "01", "1", desc="preproc")`` ends ``desc-preproc_FLAIR.nii.gz``."""
+    suffix, own = CONTRASTS[column]
+    return anat(outdir, suffix, subject, session, ext=ext, **own, **entities)
 
 
 def name_tail(suffix: str, **entities: object) -> str:
@@ -110,6 +133,13 @@ def atlas_dir(outdir: str | Path) -> str:
 def atlas_t1w(outdir: str | Path) -> str:
     """The final atlas (the last iteration's template)."""
     return f"{atlas_dir(outdir)}/atlas_T1w.nii.gz"
+
+
+def atlas_contrast(outdir: str | Path, column: str) -> str:
+    """The atlas of one contrast: the members' images of it averaged in atlas space
+    (``atlas_T1w`` for the T1w, ``atlas_FLAIR``, ``atlas_ce-gadolinium_T1w``, ...)."""
+    suffix, own = CONTRASTS[column]
+    return f"{atlas_dir(outdir)}/atlas_{name_tail(suffix, **own)}.nii.gz"
 
 
 def atlas_dseg(outdir: str | Path) -> str:

@@ -27,7 +27,13 @@ _BIDS_KIND = {
     "labels": "_dseg",
     "tumor_mask": "tumour mask",
     "brain_mask": "brain mask",
+    "t2w": "T2w",
+    "flair": "FLAIR",
+    "t1ce": "contrast-enhanced T1w (ce-)",
+    "pdw": "PDw",
 }
+#: BIDS suffixes of the other contrasts of a session (a ``ce-`` T1w is the ``t1ce`` one).
+_CONTRAST_SUFFIXES = {"T2w": "t2w", "FLAIR": "flair", "PDw": "pdw"}
 
 
 _ISO_DATE_TIME = re.compile(
@@ -183,7 +189,9 @@ def _bids_anat(
                 continue
             entities, suffix = parsed
             if suffix == "T1w":
-                role = "t1w"
+                role = "t1ce" if "ce" in entities else "t1w"
+            elif suffix in _CONTRAST_SUFFIXES:
+                role = _CONTRAST_SUFFIXES[suffix]
             elif suffix == "dseg":
                 role = "labels"
             elif suffix == "mask" and entities.get("label", "").lower() in ("tumor", "tumour"):

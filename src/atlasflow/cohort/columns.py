@@ -22,8 +22,13 @@ from atlasflow.errors import AtlasflowError
 
 _SCHEMA_NAME = "manifest.schema.yaml"
 
+#: Scans of a session beside its T1w (the reference), each on its own grid: the workflow aligns
+#: them to the T1w. Their output names are in :data:`atlasflow.layout.CONTRASTS`.
+CONTRAST_COLUMNS = ("t2w", "flair", "t1ce", "pdw")
+#: Columns whose images are on the T1w's grid (label map and masks).
+T1W_GRID_COLUMNS = ("labels", "tumor_mask", "brain_mask")
 #: Image columns and the role each plays; the checks per role are in :mod:`atlasflow.cohort.voxels`.
-IMAGE_COLUMNS = ("t1w", "labels", "tumor_mask", "brain_mask")
+IMAGE_COLUMNS = ("t1w", *T1W_GRID_COLUMNS, *CONTRAST_COLUMNS)
 #: Column added by :func:`atlasflow.cohort.manifest.load_cohort`: where the row came from
 #: (manifest row or BIDS file).
 ORIGIN_COLUMN = "origin"

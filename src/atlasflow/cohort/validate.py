@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from atlasflow.cohort.columns import (
+    CONTRAST_COLUMNS,
     IMAGE_COLUMNS,
     ORIGIN_COLUMN,
     manifest_schema,
@@ -32,6 +33,7 @@ from atlasflow.cohort.columns import (
 )
 from atlasflow.cohort.images import ImageInfo, grid_mismatch, validate_images
 from atlasflow.cohort.manifest import load_cohort
+from atlasflow.cohort.voxels import SCAN_ROLES as SCAN_COLUMNS
 from atlasflow.errors import AtlasflowError, one_line
 
 
@@ -109,10 +111,13 @@ def validate_cohort(
                 "must appear once"
             )
         first_of_session[key] = record[ORIGIN_COLUMN]
-        t1w = record["t1w"]
-        if t1w in first_of_file:
-            raise AtlasflowError(f"{label}: t1w {t1w} is also the t1w of {first_of_file[t1w]}")
-        first_of_file[t1w] = record[ORIGIN_COLUMN]
+        for role in SCAN_COLUMNS:
+            path = record[role]
+            if not path:
+                continue
+            if path in first_of_file:
+                raise AtlasflowError(f"{label}: {role} {path} is also the {first_of_file[path]}")
+            first_of_file[path] = f"{role} of {record[ORIGIN_COLUMN]}"
 
     _check_dates(records, labels)
 
@@ -130,6 +135,8 @@ def validate_cohort(
             t1w_info = info
             continue
         assert t1w_info is not None  # every row's t1w job precedes its other images
+        if role in CONTRAST_COLUMNS:
+            continue  # other contrasts have grids of their own: the workflow aligns them
         problem = grid_mismatch(t1w_info, info)
         if problem:
             raise AtlasflowError(f"{label}: {role} {path} is {problem}")

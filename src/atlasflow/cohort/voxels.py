@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.io.stream import voxel_chunks
+
+#: Roles whose images are scans (intensities to register), not labels or masks.
+SCAN_ROLES = ("t1w", *CONTRAST_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,14 @@ class VoxelStats:
     integer_valued: bool
     non_integer_example: float | None
     nonzero: int
+    # Number of distinct values when the voxels are whole numbers with at most
+    # DISTINCT_LIMIT of them (a label map), else None (a scan: counting stopped early).
+    distinct: int | None = None
+
+
+#: A whole-number image with at most this many distinct values reads as a label map, not a scan:
+#: label maps hold tens to about 150 labels, an 8-bit scan uses most of its 256 levels.
+DISTINCT_LIMIT = 160
 
 
 class _StatsAccumulator:
@@ -57,6 +69,17 @@ class _StatsAccumulator:
         self.minimum = math.inf
         self.maximum = -math.inf
         self.nonzero = 0
+        self.distinct: set[float] | None = set()
+
+    def _count_distinct(self, raw: np.ndarray) -> None:
+        if self.distinct is not None:
+            # Stored values map one-to-one to scaled ones: count them as stored.
+            if self.stored_integers:
+                self.distinct.update(np.unique(raw).tolist())
+                if len(self.distinct) > DISTINCT_LIMIT:
+                    self.distinct = None
+            else:
+                self._note_distinct(raw)
 
     def _scale(self, value: float) -> float:
         return value * self.slope + self.inter if self.scaled else value
@@ -67,7 +90,18 @@ class _StatsAccumulator:
             self.integer_valued = False
             self.non_integer_example = float(values[np.argmax(fractional)])
 
+    def _note_distinct(self, values: np.ndarray) -> None:
+        if self.distinct is None:
+            return
+        if not self.integer_valued:
+            self.distinct = None
+            return
+        self.distinct.update(np.unique(values).tolist())
+        if len(self.distinct) > DISTINCT_LIMIT:
+            self.distinct = None  # a scan: stop counting
+
     def add(self, raw: np.ndarray) -> None:
+        self._count_distinct(raw)
         if self.stored_integers:
             ends = sorted((self._scale(float(raw.min())), self._scale(float(raw.max()))))
             self.minimum, self.maximum = min(self.minimum, ends[0]), max(self.maximum, ends[1])
@@ -102,6 +136,7 @@ class _StatsAccumulator:
             self.integer_valued,
             self.non_integer_example,
             self.nonzero,
+            len(self.distinct) if self.distinct is not None and self.integer_valued else None,
         )
 
 
@@ -135,9 +170,14 @@ def role_problem(stats: VoxelStats | None, role: str) -> str | None:
         return None
     if not stats.finite:
         return "image contains NaN or infinite voxels (or values beyond the float32 range)"
-    if role == "t1w":
+    if role in SCAN_ROLES:
         if stats.maximum <= stats.minimum:
             return f"image is constant (every voxel is {stats.minimum:g}): nothing to register"
+        if role != "t1w" and stats.distinct is not None:
+            return (
+                f"looks like a label map or mask, not a {role} scan: only {stats.distinct} distinct "
+                "whole-number values"
+            )
         return None
     if role == "labels":
         if not stats.integer_valued:

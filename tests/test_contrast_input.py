@@ -1,0 +1,120 @@
+"""Multi-contrast cohort input: T2w / FLAIR / post-contrast T1w / PDw columns and BIDS files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from factories import SCAN_AFFINE as AFFINE
+from factories import SCAN_SHAPE as SHAPE
+from factories import brain, head, write_manifest
+from factories import write_nifti as write
+
+from atlasflow.cohort.images import clear_image_cache
+from atlasflow.cohort.manifest import load_cohort
+from atlasflow.cohort.validate import validate_cohort
+from atlasflow.errors import AtlasflowError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_image_cache()
+    yield
+    clear_image_cache()
+
+
+def _own_grid_affine() -> np.ndarray:
+    """Another grid of the same head: coarser through-plane, shifted and tilted (as a FLAIR is)."""
+    affine = AFFINE.copy()
+    affine[:3, 2] *= 1.5
+    c, s = np.cos(0.1), np.sin(0.1)
+    affine[:3, :3] = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ affine[:3, :3]
+    affine[:3, 3] += (2.0, -3.0, 1.0)
+    return affine
+
+
+@pytest.fixture
+def cohort(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    write(d / "a_T1w.nii.gz", head(1))
+    write(d / "a_FLAIR.nii.gz", head(2)[:, :, :10], affine=_own_grid_affine())
+    write(d / "a_T2w.nii.gz", head(3).astype(np.float32) * 0.37)
+    write(d / "b_T1w.nii.gz", head(4))
+    rows = [
+        {"subject": "a", "session": "", "t1w": "data/a_T1w.nii.gz", "flair": "data/a_FLAIR.nii.gz",
+         "t2w": "data/a_T2w.nii.gz"},
+        {"subject": "b", "session": "", "t1w": "data/b_T1w.nii.gz", "flair": "", "t2w": ""},
+    ]  # fmt: skip
+    return write_manifest(tmp_path, rows)
+
+
+def check(manifest: Path):
+    return validate_cohort(load_cohort(manifest), manifest, check_data=True)
+
+
+def fails(manifest: Path, *fragments: str) -> str:
+    with pytest.raises(AtlasflowError) as info:
+        check(manifest)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _edit(manifest: Path, row: int, **values) -> Path:
+    from factories import manifest_rows
+
+    rows = manifest_rows(manifest)
+    rows[row].update(values)
+    return write_manifest(manifest.parent, rows)
+
+
+def test_contrasts_on_their_own_grids_are_accepted(cohort: Path):
+    table = check(cohort)
+    assert table.loc[0, "flair"].endswith("a_FLAIR.nii.gz") and Path(table.loc[0, "flair"]).is_absolute()
+    assert table.loc[0, "t2w"].endswith("a_T2w.nii.gz")
+    assert table.loc[1, "flair"] == "" and table.loc[0, "t1ce"] == "" and table.loc[0, "pdw"] == ""
+
+
+def test_a_contrast_column_pointing_at_a_label_map_is_refused(cohort: Path):
+    labels = (brain() * 3 + (head(5) > 60)).astype(np.int16)
+    write(cohort.parent / "data" / "a_dseg.nii.gz", labels)
+    fails(_edit(cohort, 0, flair="data/a_dseg.nii.gz"), "row 2", "flair", "label map")
+
+
+def test_a_4d_contrast_is_refused(cohort: Path):
+    write(cohort.parent / "data" / "a_4d.nii.gz", np.stack([head(2), head(3)], axis=-1))
+    fails(_edit(cohort, 0, t2w="data/a_4d.nii.gz"), "row 2", "a_4d.nii.gz")
+
+
+def test_a_contrast_that_is_the_t1w_file_is_refused(cohort: Path):
+    fails(_edit(cohort, 0, t2w="data/a_T1w.nii.gz"), "row 2", "t2w", "is also the t1w")
+
+
+def test_eight_bit_scans_are_not_label_maps(cohort: Path):
+    values = (head(6).astype(np.float64) / head(6).max() * 255).astype(np.uint8)
+    write(cohort.parent / "data" / "a_u8.nii.gz", values)
+    assert len(np.unique(values)) > 160
+    check(_edit(cohort, 0, t2w="data/a_u8.nii.gz"))
+
+
+def test_bids_contrasts_are_discovered(tmp_path: Path):
+    anat = tmp_path / "bids" / "sub-01" / "anat"
+    write(anat / "sub-01_T1w.nii.gz", head(1))
+    write(anat / "sub-01_ce-gadolinium_T1w.nii.gz", head(2))
+    write(anat / "sub-01_FLAIR.nii.gz", head(3), affine=_own_grid_affine())
+    write(anat / "sub-01_T2w.nii.gz", head(4))
+    write(anat / "sub-01_PDw.nii.gz", head(5))
+    write(tmp_path / "bids" / "sub-02" / "anat" / "sub-02_T1w.nii.gz", head(6))
+    root = tmp_path / "bids"
+    table = validate_cohort(load_cohort(root), root)
+    first = table.iloc[0]
+    assert first["t1w"].endswith("sub-01_T1w.nii.gz")
+    assert first["t1ce"].endswith("sub-01_ce-gadolinium_T1w.nii.gz")
+    assert first["flair"].endswith("sub-01_FLAIR.nii.gz")
+    assert first["t2w"].endswith("sub-01_T2w.nii.gz")
+    assert first["pdw"].endswith("sub-01_PDw.nii.gz")
+    assert table.iloc[1]["flair"] == ""
+    assert SHAPE == head(1).shape
