@@ -11,7 +11,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from atlasflow import layout
-from atlasflow.errors import AtlasflowError, set_policy
+from atlasflow.errors import AtlasflowError, error_lines, set_policy
 from atlasflow.runtime.provenance import git_commit, package_versions
 from atlasflow.workflow_plan import WorkflowPlan, atlasflow_command, shell_prefix
 
@@ -28,7 +28,8 @@ try:
 except AtlasflowError as exc:
     # One line naming the row/file and the problem (or one line per problem when there are
     # several), nothing written, non-zero exit.
-    print(f"atlasflow: error: {exc}", file=sys.stderr)
+    first, *rest = error_lines(exc)
+    print("\n".join([f"atlasflow: error: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
     sys.exit(1)
 
 if workflow.is_main_process and PLAN.notes.skipped_rows():
