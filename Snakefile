@@ -23,6 +23,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/atlas.smk"
 include: "workflow/rules/longitudinal.smk"
+include: "workflow/rules/contrasts.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/provenance.smk"
 

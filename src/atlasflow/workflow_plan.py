@@ -33,6 +33,7 @@ from atlasflow.cohort.planning import (
     session_order,
 )
 from atlasflow.cohort.selection import CohortNotes
+from atlasflow.contrasts.plan import ContrastPlan
 from atlasflow.registration.options import workflow_flags
 from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
 
@@ -122,6 +123,7 @@ class WorkflowPlan:
         self.finetune = self.reg["backend"] == "deep" and self.atl["finetune_steps"] > 0
         # Deep backend: each iteration continues every member's velocity of the previous one.
         self.carry = self.reg["backend"] == "deep" and self.atl["carry_velocity"]
+        self.contrasts = ContrastPlan(self)
 
     @classmethod
     def from_config(
@@ -203,6 +205,7 @@ class WorkflowPlan:
             layout.dataset_description(out),
             layout.skipped_inputs(out),
             *self.longitudinal_targets(),
+            *self.contrasts.targets(),
         ]
         if any(has(s, t, "labels") for s, t in self.members):
             targets.append(layout.atlas_dseg(out))

@@ -49,6 +49,11 @@ COMMANDS = [
         "longitudinal", "atlasflow.cli.steps", "follow-up -> baseline change maps, tumour tables"
     ),
     Command(
+        "contrast",
+        "atlasflow.contrasts.commands",
+        "a session's other contrasts: align to the T1w, warp, change, per-contrast atlas",
+    ),
+    Command(
         "apply", "atlasflow.cli.commands", "apply a written transform ([warp, affine]) to an image"
     ),
     Command("validate", "atlasflow.cohort.validate", "validate a cohort manifest or BIDS folder"),
@@ -78,6 +83,9 @@ PER_SCAN_COMMANDS = {
     ("register", None),
     ("apply", None),
     ("longitudinal", "pair"),
+    ("contrast", "align"),
+    ("contrast", "warp"),
+    ("contrast", "change"),
     ("longitudinal", "table"),
     ("longitudinal", "to-atlas"),
 }

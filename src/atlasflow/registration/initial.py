@@ -241,3 +241,36 @@ def deformation_helps(fixed: PreparedImage, moving: PreparedImage, result) -> bo
 
     affine_only = Transform(result.transform.affine)
     return score(result.transform) > score(affine_only) + 1e-3
+
+
+def session_alignment(fixed: PreparedImage, moving: PreparedImage, rigid: bool = True) -> np.ndarray:
+    """Two scans of one session (a FLAIR onto its T1w): fixed world -> moving world 4x4.
+
+    The scanner's coordinates are the start (both scans share them, so they agree to a few
+    millimetres unless the head moved), with the centre-of-mass translation as a second start
+    for a head that moved more; then the same rigid (or affine) NMI levels as
+    :func:`initial_alignment`, down to the scans' own resolution. No rotation search: a
+    within-session scan is never tens of degrees off, and a search could only find a wrong
+    optimum on a slab.
+    """
+    torch.manual_seed(0)
+    centre = centre_of_mass(fixed.image.data * fixed.mask, fixed.image.affine)
+    shift = np.eye(4)
+    shift[:3, 3] = centre_of_mass(moving.image.data * moving.mask, moving.image.affine) - centre
+    (spacing, steps, lr, _), *finer = LEVELS
+    coarse = _Level(fixed, moving, spacing)
+    refined = [optimise_nmi(coarse, s, centre, steps, lr, rigid=True) for s in (np.eye(4), shift)]
+    best = max(refined, key=coarse.score)
+    for spacing, steps, lr, level_rigid in finer:
+        best = optimise_nmi(_Level(fixed, moving, spacing), best, centre, steps, lr, rigid or level_rigid)
+    native = max(FINEST_MM, min(_finest(fixed), _finest(moving)))
+    if native < float(fixed.image.grid.spacing.min()) - 1e-3:
+        steps, lr = NATIVE_LEVEL
+        best = optimise_nmi(_Level(fixed, moving, native), best, centre, steps, lr, rigid=rigid)
+    return best
+
+
+def alignment_nmi(fixed: PreparedImage, moving: PreparedImage, world_map: np.ndarray, spacing: float = 2.0) -> float:
+    """Normalised mutual information (1 = independent, 2 = one image determines the other) of the
+    fixed foreground and the moving scan through ``world_map``, on a ``spacing`` mm grid."""
+    return _Level(fixed, moving, spacing).score(world_map)

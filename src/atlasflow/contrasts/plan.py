@@ -1,0 +1,138 @@
+"""What the workflow plans for a session's other contrasts: their files, rule inputs and targets.
+
+Per contrast ``c`` of a scan (``workflow/rules/contrasts.smk``, one set of rules per contrast):
+
+- ``align_c``: bias-corrected, aligned to the session's T1w, normalised: the brain on its own
+  grid (``space-orig_desc-preproc``), on the T1w's working grid (``desc-preproc``), the transform
+  ``from-<c>_to-T1w`` and its QC;
+- ``c_to_template`` / ``c_to_atlas``: the own-grid image in template / atlas space through the
+  T1w's transform composed with the session alignment (one interpolation);
+- ``atlas_c``: the mean of the atlas members' images in atlas space;
+- ``c_change`` (follow-ups whose baseline has ``c``): the follow-up in baseline space and its
+  difference to the baseline; ``c_change_to_atlas``: that difference in atlas space.
+
+Torch-free: Snakemake imports it when it parses the workflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from atlasflow import layout
+from atlasflow.cohort.columns import CONTRAST_COLUMNS
+
+#: Each contrast's name in ``from-``/``to-`` transform entities (letters and digits only).
+TRANSFORM_LABELS = {"t2w": "T2w", "flair": "FLAIR", "t1ce": "ceT1w", "pdw": "PDw"}
+
+
+def used_contrasts(config: Mapping[str, Any], present: set[str]) -> list[str]:
+    """The contrasts the workflow processes: configured (``contrasts.use``) and in the cohort."""
+    wanted = (config.get("contrasts") or {}).get("use", list(CONTRAST_COLUMNS))
+    return [c for c in CONTRAST_COLUMNS if c in wanted and c in present]
+
+
+class ContrastFiles:
+    """The files of the contrast rules of one output folder (wildcards pass through)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def image(self, c: str, subject: str = "{subject}", session: str = "{session}", **entities: Any) -> str:
+        return layout.contrast(self.out, c, subject, session, **entities)
+
+    def native(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        """The normalised brain on the contrast's own grid: what every space is resampled from."""
+        return self.image(c, subject, session, space="orig", desc="preproc")
+
+    def preproc(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        """The contrast on its session's T1w working grid (the baseline space of a baseline)."""
+        return self.image(c, subject, session, desc="preproc")
+
+    def session_affine(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        return layout.anat(
+            self.out, "xfm", subject, session, from_=TRANSFORM_LABELS[c], to="T1w", mode="image", ext="mat"
+        )
+
+    def session_qc(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        return layout.anat(
+            self.out,
+            "xfm",
+            subject,
+            session,
+            from_=TRANSFORM_LABELS[c],
+            to="T1w",
+            mode="image",
+            desc="qc",
+            ext="json",
+        )
+
+    def in_space(self, c: str, space: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        """The contrast in template, atlas or baseline space (atlas: named as the T1w's, no desc)."""
+        if space == "atlas":
+            return self.image(c, subject, session, space="atlas")
+        return self.image(c, subject, session, space=space, desc="warped")
+
+    def difference(self, c: str, space: str, subject: str = "{subject}", session: str = "{session}") -> str:
+        return self.image(c, subject, session, space=space, desc="difference")
+
+
+class ContrastPlan:
+    """The multi-contrast part of :class:`atlasflow.workflow_plan.WorkflowPlan`."""
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+        self.files = ContrastFiles(plan.out)
+        present = {c for c in CONTRAST_COLUMNS if c in plan.cohort and any(plan.cohort[c])}
+        self.used = used_contrasts(plan.config, present)
+        settings = plan.config.get("contrasts") or {}
+        self.dof = settings.get("align", "rigid")
+        self.min_nmi = settings.get("min_nmi", 1.03)
+        self.max_shift_mm = settings.get("max_shift_mm", 20.0)
+
+    # --- per scan
+
+    def align_flags(self) -> str:
+        return f"--dof {self.dof} --min-nmi {self.min_nmi} --max-shift-mm {self.max_shift_mm}"
+
+    def scans_with(self, c: str) -> list[tuple[str, str]]:
+        return [(s, t) for s, t in self.plan.scans if self.plan.has(s, t, c)]
+
+    def members_with(self, c: str) -> list[tuple[str, str]]:
+        return [(s, t) for s, t in self.plan.members if self.plan.has(s, t, c)]
+
+    def changes_with(self, c: str) -> list[tuple[str, str]]:
+        """(subject, follow-up session) pairs whose follow-up and baseline both have ``c``."""
+        plan = self.plan
+        return [
+            (s, t)
+            for s in plan.longitudinal_subjects
+            if plan.has(s, plan.baseline[s], c)
+            for t in plan.sessions[s][1:]
+            if plan.has(s, t, c)
+        ]
+
+    def member_images(self, c: str) -> list[str]:
+        return [self.files.in_space(c, "atlas", s, t) for s, t in self.members_with(c)]
+
+    def baseline_preproc(self, c: str) -> Any:
+        """An input function: the subject's baseline contrast on its own T1w working grid."""
+        return lambda wc: self.files.preproc(c, wc.subject, self.plan.baseline[wc.subject])
+
+    # --- targets
+
+    def targets(self) -> list[str]:
+        files, out = self.files, []
+        for c in self.used:
+            for s, t in self.scans_with(c):
+                out += [
+                    files.preproc(c, s, t),
+                    files.session_qc(c, s, t),
+                    files.in_space(c, "template", s, t),
+                    files.in_space(c, "atlas", s, t),
+                ]
+            if self.members_with(c):
+                out.append(layout.atlas_contrast(self.plan.out, c))
+            for s, t in self.changes_with(c):
+                out += [files.difference(c, "baseline", s, t), files.difference(c, "atlas", s, t)]
+        return out
