@@ -37,8 +37,9 @@ def resolve_cohort(
 
     Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
     rule writes (relative to the working directory, as Snakemake expects for outputs).
-    ``check_data`` reads the voxels too (NaN, constant, truncated files); jobs spawned by Snakemake
-    skip it since the main process already did it.
+    ``check_data`` reads the voxels too (NaN, constant, truncated files, tumour masks holding values
+    that ``longitudinal.tumor_labels`` does not name); jobs spawned by Snakemake skip it since the
+    main process already did it.
     """
     cohort = config.get("cohort")
     if cohort is None:
@@ -57,9 +58,11 @@ def resolve_cohort(
         return table
     from atlasflow.cohort.manifest import load_cohort
     from atlasflow.cohort.validate import validate_cohort
+    from atlasflow.longitudinal.compartments import TumourLabels
 
     source = cohort_source(config, workdir)
-    table = validate_cohort(load_cohort(source), source, check_data=check_data)
+    labels = TumourLabels.of((config.get("longitudinal") or {}).get("tumor_labels"))
+    table = validate_cohort(load_cohort(source), source, check_data=check_data, tumor_labels=labels)
     return _normalise(table)
 
 

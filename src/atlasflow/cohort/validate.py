@@ -35,6 +35,7 @@ from atlasflow.cohort.images import ImageInfo, grid_mismatch, validate_images
 from atlasflow.cohort.manifest import load_cohort
 from atlasflow.cohort.voxels import SCAN_ROLES as SCAN_COLUMNS
 from atlasflow.errors import AtlasflowError, one_line
+from atlasflow.longitudinal.compartments import TumourLabels
 
 
 def _natural_key(text: str) -> tuple:
@@ -65,6 +66,7 @@ def validate_cohort(
     df: pd.DataFrame,
     source: str | os.PathLike,
     check_data: bool = True,
+    tumor_labels: TumourLabels | None = None,
 ) -> pd.DataFrame:
     """Check a cohort table (from :func:`load_cohort`) before anything runs; return it sorted.
 
@@ -72,7 +74,9 @@ def validate_cohort(
     images: columns, each row against the manifest schema, duplicate sessions and T1w files, the
     dates of each subject, then every image (:func:`validate_image`) and that masks and labels
     share the grid of their T1w scan. Raises :class:`AtlasflowError` at the first problem.
-    Linear in the number of rows; writes nothing.
+    ``tumor_labels`` are the compartment labels a tumour mask may hold besides 1 (the config's
+    ``longitudinal.tumor_labels``; None: the BraTS default). Linear in the number of rows; writes
+    nothing.
     """
     source = Path(source)
     name = source.name
@@ -141,7 +145,7 @@ def validate_cohort(
         if problem:
             raise AtlasflowError(f"{label}: {role} {path} is {problem}")
     if check_data:
-        validate_images(jobs, check_data=True)
+        validate_images(jobs, check_data=True, tumor_labels=tumor_labels)
 
     order = sorted(
         range(len(records)),
@@ -225,6 +229,13 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         help="read image headers only (skip the voxel checks: faster, less thorough)",
     )
     parser.add_argument(
+        "--tumor-labels",
+        nargs="*",
+        metavar="NAME=LABEL[,LABEL]",
+        help="tumour-mask compartments as in the config's longitudinal.tumor_labels "
+        "(default: necrosis=1 oedema=2 enhancing=3,4; none given: binary 0/1 masks only)",
+    )
+    parser.add_argument(
         "--table",
         action="store_true",
         help="print the normalised cohort table on standard output as a manifest CSV that "
@@ -259,7 +270,10 @@ def run_validate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     skipped: list[tuple[str, str]] = []
     table = validate_cohort(
-        load_cohort(args.cohort, skipped), args.cohort, check_data=not args.headers_only
+        load_cohort(args.cohort, skipped),
+        args.cohort,
+        check_data=not args.headers_only,
+        tumor_labels=TumourLabels.parse(args.tumor_labels),
     )
     seconds = time.perf_counter() - start
     checked = "headers" if args.headers_only else "headers and voxels"
