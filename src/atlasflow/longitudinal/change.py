@@ -43,6 +43,7 @@ from atlasflow.longitudinal.compartments import (
     jacobian_mask_check,
     mask_volumes,
     response_compartment,
+    voxel_volume_mm3,
 )
 from atlasflow.registration.api import Measured, ncc, register, register_and_measure
 from atlasflow.registration.options import RegistrationOptions
@@ -62,7 +63,7 @@ PARTIAL_RESPONSE_PCT = -65.0
 def mask_volume_mm3(path: str | Path) -> float:
     """Tumour volume from a mask file: voxels > 0.5 (any label) times the voxel volume of its grid."""
     mask = load_image(path)
-    voxel = float(abs(np.linalg.det(mask.affine[:3, :3])))
+    voxel = voxel_volume_mm3(mask.affine)
     return float((mask.data > 0.5).sum()) * voxel
 
 

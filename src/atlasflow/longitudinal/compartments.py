@@ -157,13 +157,20 @@ class MaskVolumes:
     multi_label: bool
 
 
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """|det| of the affine's 3x3 part as a triple product: exact for axis-aligned grids (LU
+    round-off would give 7.999999999999998 for 2 mm voxels)."""
+    a = np.asarray(affine, float)[:3, :3]
+    return float(abs(np.dot(a[:, 0], np.cross(a[:, 1], a[:, 2]))))
+
+
 def mask_volumes(path: str | Path, labels: TumourLabels) -> MaskVolumes:
     """Voxel counts x the voxel volume of the mask's own grid: the whole tumour (any non-zero
     label) and every configured compartment (voxels whose label it names)."""
     from atlasflow.io.images import load_image
 
     mask = load_image(path, dtype=None)
-    voxel = float(abs(np.linalg.det(mask.affine[:3, :3])))
+    voxel = voxel_volume_mm3(mask.affine)
     data = np.rint(np.asarray(mask.data)).astype(np.int64)
     values, counts = np.unique(data, return_counts=True)
     count = dict(zip(values.tolist(), counts.tolist(), strict=True))
