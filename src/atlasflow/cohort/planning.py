@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from atlasflow.cohort.columns import IMAGE_COLUMNS, known_columns, optional_columns
+from atlasflow.cohort.selection import BidsOptions, CohortNotes
 
 #: The registration weights shipped with the package: deep.DEFAULT_MODEL, spelled here so that the
 #: Snakefile can name it without importing torch (tests/test_provenance.py checks they agree).
@@ -31,7 +32,10 @@ def _normalise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def resolve_cohort(
-    config: dict, workdir: Path | None = None, check_data: bool = True
+    config: dict,
+    workdir: Path | None = None,
+    check_data: bool = True,
+    notes: CohortNotes | None = None,
 ) -> pd.DataFrame:
     """The cohort as a table with string columns subject, session, t1w and the optional ones.
 
@@ -39,7 +43,8 @@ def resolve_cohort(
     rule writes (relative to the working directory, as Snakemake expects for outputs).
     ``check_data`` reads the voxels too (NaN, constant, truncated files, tumour masks holding values
     that ``longitudinal.tumor_labels`` does not name); jobs spawned by Snakemake skip it since the
-    main process already did it.
+    main process already did it. A BIDS folder is read under the config's ``bids`` section; its
+    skipped inputs and choices go to ``notes`` when given.
     """
     cohort = config.get("cohort")
     if cohort is None:
@@ -61,8 +66,10 @@ def resolve_cohort(
     from atlasflow.longitudinal.compartments import TumourLabels
 
     source = cohort_source(config, workdir)
+    notes = CohortNotes() if notes is None else notes
     labels = TumourLabels.of((config.get("longitudinal") or {}).get("tumor_labels"))
-    table = validate_cohort(load_cohort(source), source, check_data=check_data, tumor_labels=labels)
+    table = load_cohort(source, notes, BidsOptions.from_config(config))
+    table = validate_cohort(table, source, check_data=check_data, notes=notes, tumor_labels=labels)
     return _normalise(table)
 
 
