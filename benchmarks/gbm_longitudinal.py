@@ -4,7 +4,8 @@ Writes a manifest (pre/post post-contrast T1, tumour masks, dates from supplemen
 workflow up to every patient's tumour table (preprocessing, follow-up -> baseline registration with
 the tumours excluded, change maps), and prints one row per patient: normalised cross-correlation
 outside the tumour with the identity, after affine alone and after the full registration, tumour
-volumes, growth rate and response category.
+volumes, growth rate and response category; then the registration's (Jacobian) volume change of the
+baseline tumour against the masks' change, with the table's agreement ratio and flag.
 
     python benchmarks/gbm_longitudinal.py [--backend deep|ants] [--refine-steps N] [--work DIR]
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbackend {args.backend}, wall time {wall:.0f} s (cached jobs not rerun)\n")
     print("| patient | NCC outside tumour: identity | affine | registered | folding % | pre mm3 | post mm3 | change % | growth mm3/day | category |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    jacobian_rows = []
     for s in patients:
         qc = json.loads(next((out / f"sub-{s}" / "ses-post" / "anat").glob("*to-baseline*desc-qc_xfm.json")).read_text())
         with open(out / f"sub-{s}" / "longitudinal" / f"sub-{s}_tumor.tsv", newline="") as fh:
@@ -87,7 +89,21 @@ def main(argv: list[str] | None = None) -> int:
             f"| {post['volume_mm3']} | {post.get('change_from_baseline_pct', '')} | {post.get('growth_rate_mm3_per_day', '')} "
             f"| {post.get('response', '')} |"
         )
+        jacobian_rows.append(
+            f"| {s} | {float(pre['volume_mm3']) / 1000:.3f} | {float(post['volume_mm3']) / 1000:.3f} "
+            f"| {post.get('response_compartment', '')} | {_num(post.get('change_from_baseline_pct'))} "
+            f"| {_num(post.get('jacobian_volume_change_pct'))} | {_num(post.get('jacobian_mask_agreement'), '.2f')} "
+            f"| {post.get('jacobian_mask_flag', '')} |"
+        )
+    print("\nJacobian volume change against the masks' (whole tumour; the masks are binary)\n")
+    print("| patient | pre ml | post ml | judged on | mask change % | Jacobian change % | Jacobian / mask | flag |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(jacobian_rows))
     return 0
+
+
+def _num(value: str | None, spec: str = "+.1f") -> str:
+    return format(float(value), spec) if value not in (None, "") else ""
 
 
 if __name__ == "__main__":

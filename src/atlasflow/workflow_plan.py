@@ -34,6 +34,7 @@ from atlasflow.cohort.planning import (
 )
 from atlasflow.cohort.selection import CohortNotes
 from atlasflow.contrasts.plan import ContrastPlan
+from atlasflow.longitudinal.compartments import TumourLabels
 from atlasflow.registration.options import workflow_flags
 from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
 
@@ -481,6 +482,10 @@ class WorkflowPlan:
             f"--session {t} {self.rows[(subject, t)]['acq_date'] or '-'} {self.rows[(subject, t)]['tumor_mask'] or '-'}"
             for t in self.sessions[subject]
         )
+
+    def tumor_label_flags(self, wildcards: Any = None) -> str:
+        """``--tumor-labels name=1,...``: the compartments of ``longitudinal.tumor_labels``."""
+        return TumourLabels.of(self.config["longitudinal"].get("tumor_labels")).flags()
 
     def followups(self, wildcards: Any) -> str:
         return " ".join(self.sessions[wildcards.subject][1:])

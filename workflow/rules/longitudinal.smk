@@ -52,7 +52,8 @@ use rule warp_labels as longitudinal_tumor_mask with:
 
 
 rule tumor_table:
-    """Per-subject tumour volumes, changes, growth rate, doubling time and response category."""
+    """Per-subject tumour volumes (whole and per compartment), changes, growth, response category,
+    and the registration's volume change checked against the masks'."""
     input:
         masks=PLAN.tumor_masks,
         metrics=PLAN.followup_metrics,
@@ -67,12 +68,13 @@ rule tumor_table:
     params:
         sessions=PLAN.tumor_table_sessions,
         pairs=PLAN.followups,
+        labels=PLAN.tumor_label_flags(),
     resources:
         mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow longitudinal table {params.sessions} --pair-sessions {params.pairs} "
-        "--pair-metrics {input.metrics} --output {output} > {log} 2>&1"
+        "--pair-metrics {input.metrics} {params.labels} --output {output} > {log} 2>&1"
 
 
 rule change_map_to_atlas:

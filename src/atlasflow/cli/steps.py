@@ -217,6 +217,12 @@ def add_longitudinal_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pair-sessions", nargs="*")
     p.add_argument("--pair-metrics", nargs="*")
+    p.add_argument(
+        "--tumor-labels",
+        nargs="*",
+        metavar="NAME=LABEL[,LABEL]",
+        help="table: tumour-mask compartments (default: necrosis=1 oedema=2 enhancing=3,4)",
+    )
     p.add_argument("--input")
     p.add_argument("--atlas")
     p.add_argument("--affine")
@@ -258,7 +264,10 @@ def run_longitudinal(args: argparse.Namespace) -> int:
             for s, d, m in args.session
         ]
         pair_metrics = dict(zip(args.pair_sessions or [], args.pair_metrics or [], strict=True))
-        lg.write_tumour_table(sessions, args.output, pair_metrics)
+        from atlasflow.longitudinal.compartments import TumourLabels
+
+        labels = TumourLabels.parse(args.tumor_labels)
+        lg.write_tumour_table(sessions, args.output, pair_metrics, labels)
     elif args.step == "to-atlas":
         lg.to_atlas(args.input, args.atlas, args.affine, args.warp, args.output, args.interpolation)
     elif args.step == "frequency":

@@ -4,7 +4,8 @@
 ``tumor_mask``, ``brain_mask``): header checks read only the header (through
 :func:`atlasflow.io.images.load_header`); with ``check_data`` the voxels are streamed once (one
 decompression, which also verifies the gzip checksum; :mod:`atlasflow.cohort.voxels`) to find
-truncation, NaN/Inf, constant images, non-integer labels and non-binary or empty masks.
+truncation, NaN/Inf, constant images, non-integer labels, non-binary or empty brain masks and
+tumour masks with values that are not tumour labels.
 :func:`validate_images` does the same for many files, the voxel passes in a few threads.
 :func:`grid_mismatch` says whether a mask or label map lies on its T1w scan's grid. Results are
 cached in memory by (path, size, mtime).
@@ -33,6 +34,7 @@ from atlasflow.cohort.voxels import VoxelStats, role_problem, voxel_stats
 from atlasflow.errors import AtlasflowError, one_line
 from atlasflow.io.images import Grid, load_header
 from atlasflow.io.stream import InvalidFile, raw_pixdim
+from atlasflow.longitudinal.compartments import TumourLabels
 
 #: Largest voxel size accepted (mm): beyond it a header is wrong (units, pixdim) rather than coarse.
 MAX_VOXEL_MM = 20.0
@@ -91,6 +93,7 @@ def validate_image(
     role: str,
     row_label: str = "",
     check_data: bool = True,
+    tumor_labels: TumourLabels | None = None,
 ) -> ImageInfo:
     """Check one NIfTI file for its role; return its header facts or raise AtlasflowError.
 
@@ -99,7 +102,8 @@ def validate_image(
     header and the affine, a non-degenerate affine, valid intensity scaling, an uncompressed file
     long enough for its data. ``check_data`` adds one streaming pass over the voxels: complete gzip
     stream with a valid checksum, enough data, finite values, and per role: t1w not constant;
-    labels whole, non-negative numbers with some label; masks 0/1 only; brain mask not empty.
+    labels whole, non-negative numbers with some label; brain masks 0/1 only and not empty; tumour
+    masks 0 and 1 or the compartment labels of ``tumor_labels`` (None: the BraTS default).
     """
     if role not in IMAGE_COLUMNS:
         raise ValueError(f"unknown image role {role!r}; expected one of {IMAGE_COLUMNS}")
@@ -107,7 +111,7 @@ def validate_image(
     prefix = f"{row_label}: {role} {path}" if row_label else f"{role} {path}"
     try:
         info = _image_facts(path, check_data)
-        problem = role_problem(info.stats if check_data else None, role)
+        problem = role_problem(info.stats if check_data else None, role, tumor_labels)
     except InvalidFile as exc:
         raise AtlasflowError(f"{prefix}: {one_line(str(exc))}") from None
     if problem:
@@ -166,6 +170,7 @@ def validate_images(
     jobs: list[tuple[str | os.PathLike, str, str]],
     check_data: bool = True,
     problems: list[str] | None = None,
+    tumor_labels: TumourLabels | None = None,
 ) -> list[ImageInfo | None]:
     """:func:`validate_image` for many ``(path, role, row_label)`` jobs; the first problem in job
     order is raised, whatever order the work finished in. Given a ``problems`` list, every
@@ -216,7 +221,7 @@ def validate_images(
         problem = (
             one_line(str(result))
             if isinstance(result, InvalidFile)
-            else role_problem(result.stats, role)
+            else role_problem(result.stats, role, tumor_labels)
         )
         if problem:
             if problems is None:

@@ -41,9 +41,10 @@ def resolve_cohort(
 
     Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
     rule writes (relative to the working directory, as Snakemake expects for outputs).
-    ``check_data`` reads the voxels too (NaN, constant, truncated files); jobs spawned by Snakemake
-    skip it since the main process already did it. A BIDS folder is read under the config's
-    ``bids`` section; its skipped inputs and choices go to ``notes`` when given.
+    ``check_data`` reads the voxels too (NaN, constant, truncated files, tumour masks holding values
+    that ``longitudinal.tumor_labels`` does not name); jobs spawned by Snakemake skip it since the
+    main process already did it. A BIDS folder is read under the config's ``bids`` section; its
+    skipped inputs and choices go to ``notes`` when given.
     """
     cohort = config.get("cohort")
     if cohort is None:
@@ -62,11 +63,13 @@ def resolve_cohort(
         return table
     from atlasflow.cohort.manifest import load_cohort
     from atlasflow.cohort.validate import validate_cohort
+    from atlasflow.longitudinal.compartments import TumourLabels
 
     source = cohort_source(config, workdir)
     notes = CohortNotes() if notes is None else notes
+    labels = TumourLabels.of((config.get("longitudinal") or {}).get("tumor_labels"))
     table = load_cohort(source, notes, BidsOptions.from_config(config))
-    table = validate_cohort(table, source, check_data=check_data, notes=notes)
+    table = validate_cohort(table, source, check_data=check_data, notes=notes, tumor_labels=labels)
     return _normalise(table)
 
 

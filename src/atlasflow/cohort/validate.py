@@ -36,6 +36,7 @@ from atlasflow.cohort.manifest import load_cohort
 from atlasflow.cohort.selection import CHOOSE, BidsOptions, Choice, CohortNotes
 from atlasflow.cohort.voxels import SCAN_ROLES as SCAN_COLUMNS
 from atlasflow.errors import AtlasflowError, one_line, problems_error
+from atlasflow.longitudinal.compartments import TumourLabels
 
 
 def _natural_key(text: str) -> tuple:
@@ -67,6 +68,7 @@ def validate_cohort(
     source: str | os.PathLike,
     check_data: bool = True,
     notes: CohortNotes | None = None,
+    tumor_labels: TumourLabels | None = None,
 ) -> pd.DataFrame:
     """Check a cohort table (from :func:`load_cohort`) before anything runs; return it sorted.
 
@@ -77,7 +79,9 @@ def validate_cohort(
     collected (a row's first table-level problem is its only one: its later checks and its images
     are skipped; images are checked file by file) and all are raised together with those discovery
     left in ``notes``: one :class:`AtlasflowError`, one line per problem, a single problem keeping
-    its one-line message. Linear in the number of rows; writes nothing.
+    its one-line message. ``tumor_labels`` are the compartment labels a tumour mask may hold
+    besides 1 (the config's ``longitudinal.tumor_labels``; None: the BraTS default). Linear in the
+    number of rows; writes nothing.
     """
     source = Path(source)
     name = source.name
@@ -166,7 +170,7 @@ def validate_cohort(
             problems.append(f"{label}: {role} {path} is {problem}")
     if check_data:
         readable = [job for job, info in zip(image_jobs, infos, strict=True) if info is not None]
-        validate_images(readable, check_data=True, problems=problems)
+        validate_images(readable, check_data=True, problems=problems, tumor_labels=tumor_labels)
     if problems:
         raise problems_error(where, problems)
 
@@ -262,6 +266,13 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         "--headers-only",
         action="store_true",
         help="read image headers only (skip the voxel checks: faster, less thorough)",
+    )
+    parser.add_argument(
+        "--tumor-labels",
+        nargs="*",
+        metavar="NAME=LABEL[,LABEL]",
+        help="tumour-mask compartments as in the config's longitudinal.tumor_labels "
+        "(default: necrosis=1 oedema=2 enhancing=3,4; none given: binary 0/1 masks only)",
     )
     parser.add_argument(
         "--table",
@@ -366,7 +377,13 @@ def run_validate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     notes = CohortNotes()
     table = load_cohort(args.cohort, notes, bids_options(args))
-    table = validate_cohort(table, args.cohort, check_data=not args.headers_only, notes=notes)
+    table = validate_cohort(
+        table,
+        args.cohort,
+        check_data=not args.headers_only,
+        notes=notes,
+        tumor_labels=TumourLabels.parse(args.tumor_labels),
+    )
     seconds = time.perf_counter() - start
     checked = "headers" if args.headers_only else "headers and voxels"
     chosen = (

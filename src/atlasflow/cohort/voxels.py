@@ -17,6 +17,7 @@ import numpy as np
 
 from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.io.stream import voxel_chunks
+from atlasflow.longitudinal.compartments import TumourLabels
 
 #: Roles whose images are scans (intensities to register), not labels or masks.
 SCAN_ROLES = ("t1w", *CONTRAST_COLUMNS)
@@ -35,6 +36,8 @@ class VoxelStats:
     # Number of distinct values when the voxels are whole numbers with at most
     # DISTINCT_LIMIT of them (a label map), else None (a scan: counting stopped early).
     distinct: int | None = None
+    # Those distinct values (after scaling), sorted, under the same condition.
+    values: tuple[float, ...] | None = None
 
 
 #: A whole-number image with at most this many distinct values reads as a label map, not a scan:
@@ -129,6 +132,7 @@ class _StatsAccumulator:
     def result(self) -> VoxelStats:
         limit = float(np.finfo(np.float32).max)
         within = self.finite and max(abs(self.minimum), abs(self.maximum)) <= limit
+        known = self.distinct is not None and self.integer_valued
         return VoxelStats(
             within,
             self.minimum,
@@ -136,7 +140,9 @@ class _StatsAccumulator:
             self.integer_valued,
             self.non_integer_example,
             self.nonzero,
-            len(self.distinct) if self.distinct is not None and self.integer_valued else None,
+            len(self.distinct) if known else None,
+            # The set holds stored values (scaled ones for scaled floats): scale them once here.
+            tuple(sorted({self._scale(float(v)) for v in self.distinct})) if known else None,
         )
 
 
@@ -164,8 +170,13 @@ def voxel_stats(
     return acc.result()
 
 
-def role_problem(stats: VoxelStats | None, role: str) -> str | None:
-    """What is wrong with these voxels for this role (None when fine or data were not read)."""
+def role_problem(
+    stats: VoxelStats | None, role: str, tumor_labels: TumourLabels | None = None
+) -> str | None:
+    """What is wrong with these voxels for this role (None when fine or data were not read).
+
+    ``tumor_labels``: the labels a tumour mask may hold besides 1 (None: the BraTS default).
+    """
     if stats is None:
         return None
     if not stats.finite:
@@ -190,19 +201,35 @@ def role_problem(stats: VoxelStats | None, role: str) -> str | None:
         if stats.nonzero == 0:
             return "label map is empty (every voxel is 0)"
         return None
-    # Masks: 0 outside, 1 inside. Anything else (0/255, a BraTS 1/2/4 label map, a probability
-    # map) is ambiguous about what counts as inside, so it is rejected rather than guessed.
-    what = "tumour mask" if role == "tumor_mask" else "brain mask"
+    if role == "tumor_mask":
+        return _tumour_mask_problem(stats, tumor_labels)
+    # Brain masks: 0 outside, 1 inside. Anything else (0/255, a probability map) is ambiguous about
+    # what counts as inside, so it is rejected rather than guessed.
     if not stats.integer_valued:
         return (
-            f"{what} is not binary: it has non-integer values (e.g. {stats.non_integer_example:g}); "
+            f"brain mask is not binary: it has non-integer values (e.g. {stats.non_integer_example:g}); "
             "a mask holds only 0 and 1"
         )
     if stats.minimum < 0 or stats.maximum > 1:
         return (
-            f"{what} is not binary: values range from {stats.minimum:g} to {stats.maximum:g}; "
+            f"brain mask is not binary: values range from {stats.minimum:g} to {stats.maximum:g}; "
             "a mask holds only 0 and 1"
         )
-    if role == "brain_mask" and stats.nonzero == 0:
+    if stats.nonzero == 0:
         return "brain mask is empty (no voxel is 1)"
-    return None  # an empty tumour mask means no visible tumour at this session
+    return None
+
+
+def _tumour_mask_problem(stats: VoxelStats, tumor_labels: TumourLabels | None) -> str | None:
+    """A tumour mask holds 0 and either 1 or the configured compartment labels (BraTS by default);
+    0/255 masks and probability maps are ambiguous about what counts as tumour: refused."""
+    labels = tumor_labels if tumor_labels is not None else TumourLabels.of(None)
+    if not stats.integer_valued:
+        return (
+            f"tumour mask has non-integer values (e.g. {stats.non_integer_example:g}); a tumour mask "
+            f"holds 0 outside the tumour and inside {labels.describe()} (longitudinal.tumor_labels); "
+            "threshold a probability map first"
+        )
+    if stats.minimum < 0:
+        return f"tumour mask has negative values (minimum {stats.minimum:g})"
+    return labels.unexpected(stats.values)  # an empty mask: no visible tumour at this session

@@ -17,6 +17,8 @@ correspondence). From that transform come the change maps on the baseline grid:
 
 Tumour volumes come from the masks themselves (voxel count x voxel volume of the mask's own grid), so
 they are exact to the mask; growth rate, doubling time and a volumetric response category follow.
+Any non-zero label of a mask is tumour; multi-label masks also give a volume per compartment
+(:mod:`atlasflow.longitudinal.compartments`), and the response is then judged on the enhancing one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ from scipy import ndimage
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, save_image
+from atlasflow.longitudinal.compartments import (
+    WHOLE,
+    MaskVolumes,
+    TumourLabels,
+    jacobian_mask_check,
+    mask_volumes,
+    response_compartment,
+    voxel_volume_mm3,
+)
 from atlasflow.registration.api import Measured, ncc, register, register_and_measure
 from atlasflow.registration.options import RegistrationOptions
 from atlasflow.transforms import (
@@ -50,9 +61,9 @@ PARTIAL_RESPONSE_PCT = -65.0
 
 
 def mask_volume_mm3(path: str | Path) -> float:
-    """Tumour volume from a mask file: voxels > 0.5 times the voxel volume of its own grid."""
+    """Tumour volume from a mask file: voxels > 0.5 (any label) times the voxel volume of its grid."""
     mask = load_image(path)
-    voxel = float(abs(np.linalg.det(mask.affine[:3, :3])))
+    voxel = voxel_volume_mm3(mask.affine)
     return float((mask.data > 0.5).sum()) * voxel
 
 
@@ -75,14 +86,25 @@ def _pct(new: float, old: float) -> float | None:
     return 100.0 * (new - old) / old if old > 0 else None
 
 
-def tumour_table(sessions: list[dict]) -> pd.DataFrame:
+def tumour_table(sessions: list[dict], labels: TumourLabels | None = None) -> pd.DataFrame:
     """One row per session (ordered, first = baseline) with volumes, changes, growth and response.
 
     Each input dict has ``session``, ``acq_date`` (ISO string or ""), ``tumor_mask`` (path or "").
+    Volumes are the whole tumour's (any non-zero label). When the subject's masks are multi-label,
+    every compartment of ``labels`` (None: the BraTS default) gets ``<name>_volume_ml`` and its
+    change from the baseline (ml, %); the response category is judged on ``response_compartment``
+    (:func:`~atlasflow.longitudinal.compartments.response_compartment`), whose change from the
+    baseline is ``response_change_pct``.
     """
+    labels = labels if labels is not None else TumourLabels.of(None)
     rows = []
     dates = [pd.to_datetime(s["acq_date"]) if s.get("acq_date") else None for s in sessions]
-    volumes = [mask_volume_mm3(s["tumor_mask"]) if s.get("tumor_mask") else None for s in sessions]
+    measured = [
+        mask_volumes(s["tumor_mask"], labels) if s.get("tumor_mask") else None for s in sessions
+    ]
+    volumes = [m.whole_mm3 if m is not None else None for m in measured]
+    multi_label = any(m is not None and m.multi_label for m in measured)
+    judged_on = response_compartment(measured[0], multi_label)
     base_date, base_vol = dates[0], volumes[0]
     for i, s in enumerate(sessions):
         vol, date = volumes[i], dates[i]
@@ -110,13 +132,31 @@ def tumour_table(sessions: list[dict]) -> pd.DataFrame:
                 doubling = days * math.log(2) / math.log(vol / base_vol)
         row["growth_rate_mm3_per_day"] = rate
         row["doubling_time_days"] = doubling
-        row["response"] = (
-            "baseline"
-            if i == 0
-            else response_category(row["change_from_baseline_pct"], vol, base_vol)
+        judged = _compartment_mm3(measured[i], judged_on)
+        judged_base = _compartment_mm3(measured[0], judged_on)
+        judged_pct = (
+            _pct(judged, judged_base) if judged is not None and judged_base is not None else None
         )
+        row["response"] = (
+            "baseline" if i == 0 else response_category(judged_pct, judged, judged_base)
+        )
+        row["response_compartment"] = judged_on
+        row["response_change_pct"] = judged_pct
+        for name in labels.names:
+            now = _compartment_mm3(measured[i], name) if multi_label else None
+            base = _compartment_mm3(measured[0], name) if multi_label else None
+            row[f"{name}_volume_ml"] = now / 1000.0 if now is not None else None
+            both = now is not None and base is not None
+            row[f"{name}_change_from_baseline_ml"] = (now - base) / 1000.0 if both else None
+            row[f"{name}_change_from_baseline_pct"] = _pct(now, base) if both else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _compartment_mm3(volumes: MaskVolumes | None, name: str) -> float | None:
+    if volumes is None:
+        return None
+    return volumes.whole_mm3 if name == WHOLE else volumes.compartments_mm3[name]
 
 
 @dataclass
@@ -175,8 +215,13 @@ def register_followup(
         if baseline_tumor
         else np.zeros(fixed.data.shape, bool)
     )
-    # The follow-up tumour stays on its own grid (and affine) until it is carried onto the baseline.
-    tumour_moving_image = load_image(followup_tumor) if followup_tumor else None
+    # The follow-up tumour stays on its own grid (and affine) until it is carried onto the baseline;
+    # as 0/1 (any label is tumour), so that linear interpolation then > 0.5 is a fair edge for
+    # multi-label masks too (a label 4 next to 0 would otherwise spread the tumour).
+    tumour_moving_image = None
+    if followup_tumor:
+        raw_tumour = load_image(followup_tumor)
+        tumour_moving_image = raw_tumour.with_data((raw_tumour.data > 0.5).astype(np.float32))
     tumour_moving = tumour_moving_image.data > 0.5 if tumour_moving_image is not None else None
     excluded = None  # voxels left out of the image similarity
     if baseline_tumor or followup_tumor:
@@ -291,17 +336,40 @@ PAIR_COLUMNS = (
 
 
 def write_tumour_table(
-    sessions: list[dict], out_tsv: str | Path, pair_metrics: dict[str, str] | None = None
+    sessions: list[dict],
+    out_tsv: str | Path,
+    pair_metrics: dict[str, str] | None = None,
+    labels: TumourLabels | None = None,
 ) -> pd.DataFrame:
-    """The subject's tumour TSV; follow-up rows also get the registration's mass-effect numbers."""
-    table = tumour_table(sessions)
+    """The subject's tumour TSV (:func:`tumour_table`); follow-up rows also get the registration's
+    numbers (``pair_metrics``: session -> its follow-up -> baseline QC JSON) and the check of its
+    volume change against the masks' (:func:`~atlasflow.longitudinal.compartments.jacobian_mask_check`):
+    ``jacobian_volume_change_pct`` (the change of the baseline tumour's volume by the deformation,
+    relative to that tumour on the baseline's working grid), ``jacobian_mask_agreement`` (its ratio
+    to the whole mask's ``change_from_baseline_pct``) and ``jacobian_mask_flag``."""
+    table = tumour_table(sessions, labels)
     for key in PAIR_COLUMNS:
         table[key] = None
+    jacobian_pct: dict[str, float] = {}
     for session, path in (pair_metrics or {}).items():
         values = json.loads(Path(path).read_text())
         for key in PAIR_COLUMNS:
             if key in values:
                 table.loc[table["session"] == session, key] = values[key]
+        base = values.get("baseline_tumor_mm3_on_grid")
+        if base and values.get("jacobian_volume_change_mm3") is not None:
+            jacobian_pct[session] = 100.0 * values["jacobian_volume_change_mm3"] / base
+    checks = [
+        jacobian_mask_check(jacobian_pct.get(session), None if pd.isna(mask_pct) else mask_pct)
+        if i > 0
+        else (None, "")
+        for i, (session, mask_pct) in enumerate(
+            zip(table["session"], table["change_from_baseline_pct"], strict=True)
+        )
+    ]
+    table["jacobian_volume_change_pct"] = [jacobian_pct.get(s) for s in table["session"]]
+    table["jacobian_mask_agreement"] = [ratio for ratio, _ in checks]
+    table["jacobian_mask_flag"] = [flag for _, flag in checks]
     atomic_write_text(out_tsv, table.to_csv(sep="\t", index=False, na_rep=""))
     return table
 

@@ -107,6 +107,10 @@ def as_number(value: object) -> float | None:
 # ------------------------------------------------------------------------------- tables
 
 
+#: Columns of the tumour table that hold text; the others are numbers.
+TEXT_COLUMNS = ("session", "acq_date", "response", "response_compartment", "jacobian_mask_flag")
+
+
 def read_tumor_table(path: Path) -> list[dict]:
     """Rows of ``sub-S_tumor.tsv`` (numbers as floats, 'n/a' and blanks as None)."""
     try:
@@ -120,7 +124,7 @@ def read_tumor_table(path: Path) -> list[dict]:
     for row in rows:
         clean = {}
         for key, value in row.items():
-            if key in ("session", "acq_date", "response"):
+            if key in TEXT_COLUMNS:
                 clean[key] = (
                     strip_prefix(value or "", "ses-") if key == "session" else (value or "")
                 )

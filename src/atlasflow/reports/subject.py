@@ -21,12 +21,19 @@ from atlasflow.reports.qc import SubjectQC, subject_qc
 def response_rule() -> str:
     """The volumetric response rule of :mod:`atlasflow.longitudinal.change`, in words."""
     from atlasflow.longitudinal.change import PARTIAL_RESPONSE_PCT, PROGRESSION_PCT
+    from atlasflow.longitudinal.compartments import AGREEMENT_MIN_CHANGE_PCT, AGREEMENT_RATIO
+
+    low, high = AGREEMENT_RATIO
 
     return (
         "Response category (volumetric, after RANO/mRANO, relative to the baseline volume): "
         f"progression at {PROGRESSION_PCT:+g} % or more, partial response at {PARTIAL_RESPONSE_PCT:+g} % "
         "or less, complete response when no tumour is left, stable in between; not evaluable "
-        "without masks."
+        "without masks. Judged on the enhancing compartment where the masks are multi-label and "
+        "the baseline has enhancing tumour (RANO 2.0), on the whole mask otherwise. Jacobian / "
+        "mask: the registration's volume change of the baseline tumour against the masks' change; "
+        f"flagged when their ratio is outside {low:g}-{high:g} (opposite signs included), unless "
+        f"both changes are under {AGREEMENT_MIN_CHANGE_PCT:g} %."
     )
 
 
@@ -122,6 +129,10 @@ def qc_table(qc: SubjectQC) -> str:
     )
 
 
+#: Badge of each verdict of the Jacobian-vs-mask volume check.
+_CHECK_BADGE = {"agree": "pass", "disagree": "flag"}
+
+
 def _tumor_table_html(rows: list[dict]) -> str:
     columns = [
         ("session", "session"),
@@ -132,7 +143,17 @@ def _tumor_table_html(rows: list[dict]) -> str:
         ("change_from_previous_pct", "vs previous (%)"),
         ("growth_rate_mm3_per_day", "growth (mm\u00b3/day)"),
         ("doubling_time_days", "doubling time (days)"),
+    ]
+    # Compartments of multi-label masks (columns <name>_volume_ml), where the table has values.
+    columns += [
+        (key, f"{key[: -len('_volume_ml')]} (ml)")
+        for key in (rows[0] if rows else {})
+        if key.endswith("_volume_ml") and any(r.get(key) is not None for r in rows)
+    ]
+    columns += [
         ("response", "response"),
+        ("jacobian_volume_change_pct", "Jacobian vs baseline (%)"),
+        ("jacobian_mask_flag", "Jacobian / mask"),
     ]
     head = "".join(f"<th>{esc(t)}</th>" for _, t in columns)
     body = []
@@ -141,7 +162,19 @@ def _tumor_table_html(rows: list[dict]) -> str:
         for key, _ in columns:
             value = r.get(key)
             if key == "response":
-                cells.append(f"<td>{badge(value, value.replace('_', ' ')) if value else ''}</td>")
+                on = r.get("response_compartment")
+                shown = (value or "").replace("_", " ") + (
+                    f" ({on})" if value and on not in (None, "", "whole") else ""
+                )
+                cells.append(f"<td>{badge(value, shown) if value else ''}</td>")
+            elif key == "jacobian_mask_flag":
+                ratio = r.get("jacobian_mask_agreement")
+                shown = (value or "").replace("_", " ") + (
+                    f" (\u00d7{ratio:.2g})" if ratio is not None else ""
+                )
+                cells.append(
+                    f"<td>{badge(_CHECK_BADGE.get(value, 'info'), shown) if value else ''}</td>"
+                )
             elif isinstance(value, float):
                 shown = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
                 cells.append(f'<td class="num">{esc(shown)}</td>')
