@@ -133,8 +133,10 @@ class _Volumes:
             self.marks.setdefault(key, {})["min-jacobian"] = _world(image, at)
         return image
 
-    def embed_all(self, budget: int = VOLUME_BUDGET) -> tuple[dict[str, Embedded], int]:
-        """Every volume embedded at the smallest downsampling factor that fits ``budget``."""
+    def embed_all(self, budget: int | None = None) -> tuple[dict[str, Embedded], int]:
+        """Every volume embedded at the smallest downsampling factor that fits ``budget`` bytes of
+        base64 (default :data:`VOLUME_BUDGET`), :data:`MAX_FACTOR` at most."""
+        budget = VOLUME_BUDGET if budget is None else budget
         images: dict[str, Image] = {}
         for key in list(self.sources):
             try:
@@ -265,10 +267,13 @@ def niivue_gzip_base64() -> str:
     return base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii")
 
 
-def viewer_data(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], dict[str, Embedded], int]:
-    """Scenes with the volumes they draw embedded; layers whose volume failed to load are dropped."""
+def viewer_data(
+    outdir: Path, qc: SubjectQC, budget: int | None = None
+) -> tuple[list[Scene], dict[str, Embedded], int]:
+    """Scenes with the volumes they draw embedded (and the downsampling factor that fitted
+    ``budget``); layers whose volume failed to load are dropped, with the reason in the notes."""
     scenes, volumes = subject_scenes(outdir, qc)
-    embedded, factor = volumes.embed_all()
+    embedded, factor = volumes.embed_all(budget)
     kept = []
     for scene in scenes:
         planned = scene.layers[0].key if scene.layers else None

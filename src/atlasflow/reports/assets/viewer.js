@@ -280,6 +280,8 @@
         backColor: [0, 0, 0, 1],
         isColorbar: true,
         show3Dcrosshair: false,
+        crosshairWidth: 0.25,
+        crosshairColor: [1, 0.25, 0.25, 0.8],
         multiplanarShowRender: 0,
         logLevel: 'warn'
       });
