@@ -44,7 +44,8 @@ LOG_JACOBIAN_FLOOR = float(np.log(1e-2))  # folded voxels (det J <= 0) are shown
 
 @dataclass
 class Layer:
-    """One volume drawn in a scene: colour map, opacity, shown or not when the scene opens."""
+    """One volume drawn in a scene: colour map (NiiVue's name; for a mask its colour: red, cyan,
+    yellow or blue; "labels" for a label map), opacity, shown or not when the scene opens."""
 
     key: str
     name: str
@@ -247,8 +248,8 @@ def _registration_scene(
     if stage == "baseline":
         base = Scan(scan.outdir, scan.subject, qc.baseline)
         for path, name, colour in (
-            (base.tumor_mask, f"tumour ses-{qc.baseline}", "winter"),
-            (scan.tumor_in_baseline, f"tumour ses-{session}", "warm"),
+            (base.tumor_mask, f"tumour ses-{qc.baseline}", "cyan"),
+            (scan.tumor_in_baseline, f"tumour ses-{session}", "yellow"),
         ):
             key = volumes.add(path, name, "mask", [], mark="tumour")
             if key:

@@ -118,6 +118,7 @@ class Embedded:
     spacing: tuple[float, float, float]
     display: tuple[float, float]  # value window for the colour map
     step: float  # one code step in the volume's units
+    low: float = 0.0  # the smallest value stored
 
     @property
     def base64(self) -> str:
@@ -133,6 +134,7 @@ class Embedded:
             "spacing": [round(s, 4) for s in self.spacing],
             "display": [_round(v) for v in self.display],
             "step": _round(self.step),
+            "min": _round(self.low),
             "bytes": len(self.nifti_gz),
         }
 
@@ -188,4 +190,5 @@ def embed(image: Image, key: str, name: str, kind: str, factor: int = 1) -> Embe
         spacing=spacing,
         display=shown,
         step=q.step,
+        low=float(q.codes.min(initial=0)) * q.slope + q.inter,
     )

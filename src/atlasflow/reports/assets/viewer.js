@@ -74,6 +74,14 @@
     return cm;
   }
 
+  // masks are drawn through a two-entry table: 0 transparent black, 1 the layer's colour
+  var MASK_COLOURS = {red: [230, 40, 40], cyan: [0, 220, 230], yellow: [255, 220, 0], blue: [40, 110, 255]};
+
+  function maskColours(name) {
+    var rgb = MASK_COLOURS[name] || MASK_COLOURS.red;
+    return {R: [0, rgb[0]], G: [0, rgb[1]], B: [0, rgb[2]], A: [0, 255], I: [0, 1], labels: ['0', '1']};
+  }
+
   function layerState(scene, layer) {
     state[scene.id] = state[scene.id] || {};
     if (!state[scene.id][layer.key]) {
@@ -95,7 +103,7 @@
     var options = {
       base64: document.getElementById('viewer-vol-' + layer.key).textContent.trim(),
       name: meta.name + '.nii.gz',
-      colormap: layer.colormap === 'labels' ? 'gray' : layer.colormap,
+      colormap: meta.kind === 'labels' || meta.kind === 'mask' ? 'gray' : layer.colormap,
       opacity: effectiveOpacity(scene, layer, index),
       cal_min: d[0],
       cal_max: d[1],
@@ -106,12 +114,13 @@
       options.colormapNegative = 'winter';
     } else if (meta.kind === 'magnitude') {
       options.cal_min = 0.1 * d[1];
-    } else if (meta.kind === 'mask') {
-      options.cal_min = 0;
-      options.cal_max = 1;
+    } else if (meta.kind === 'image') {
+      // an overlay is transparent below cal_min: keep every voxel of a scan above it
+      options.cal_min = Math.min(d[0], meta.min - meta.step);
     }
     images[id] = lib.NVImage.loadFromBase64(options).then(function (image) {
-      if (layer.colormap === 'labels') { image.setColormapLabel(labelColours(Math.round(d[1]))); }
+      if (meta.kind === 'labels') { image.setColormapLabel(labelColours(Math.round(d[1]))); }
+      if (meta.kind === 'mask') { image.setColormapLabel(maskColours(layer.colormap)); }
       return image;
     });
     return images[id];
@@ -119,7 +128,12 @@
 
   function applyOpacities() {
     current.layers.forEach(function (layer, i) {
-      if (i < nv.volumes.length) { nv.setOpacity(i, effectiveOpacity(current, layer, i)); }
+      if (i >= nv.volumes.length) { return; }
+      var kind = config.volumes[layer.key].kind;
+      var opacity = effectiveOpacity(current, layer, i);
+      // a colour bar for each map that is shown
+      nv.volumes[i].colorbarVisible = opacity > 0 && (kind === 'signed' || kind === 'magnitude');
+      nv.setOpacity(i, opacity);
     });
   }
 
@@ -232,7 +246,7 @@
   }
 
   function describe(mm, what) {
-    var where = mm.slice(0, 3).map(function (v) { return v.toFixed(1); }).join(', ');
+    var where = Array.from(mm).slice(0, 3).map(function (v) { return v.toFixed(1); }).join(', ');
     return what + ' (' + where + ') mm RAS: ' + valuesAt(mm);
   }
 
