@@ -141,8 +141,8 @@ def outputs(tmp_path_factory):
 def test_scenes_of_a_longitudinal_subject(outputs):
     outdir, _ = outputs
     qc = subject_qc(outdir, "03", REPORT_SESSIONS["03"], thresholds=REPORT_THRESHOLDS)
-    scenes, embedded, factor = viewer_data(outdir, qc)
-    assert factor == 1
+    scenes, embedded, factors = viewer_data(outdir, qc)
+    assert factors == (1, 1)
     ids = [s.id for s in scenes]
     assert ids == [
         "1/native",
@@ -203,8 +203,16 @@ def test_volumes_are_downsampled_to_fit_the_page_budget(outputs):
     qc = subject_qc(outdir, "03", REPORT_SESSIONS["03"], thresholds=REPORT_THRESHOLDS)
     full = viewer_data(outdir, qc)[1]
     total = sum(len(e.base64) for e in full.values())
-    _, small, factor = viewer_data(outdir, qc, budget=total // 3)
-    assert factor >= 2
+    maps = sum(len(e.base64) for e in full.values() if e.kind in ("signed", "magnitude"))
+    # maps give way first: a budget they break alone is met by downsampling only them
+    _, fewer, factors = viewer_data(outdir, qc, budget=total - maps // 2)
+    assert factors == (1, 2)
+    assert all(
+        (e.shape[0] <= full[k].shape[0] // 2) == (e.kind in ("signed", "magnitude"))
+        for k, e in fewer.items()
+    )
+    _, small, factors = viewer_data(outdir, qc, budget=total // 3)
+    assert factors[0] >= 2
     assert sum(len(e.base64) for e in small.values()) <= total // 3
     assert all(e.shape[0] <= full[k].shape[0] // 2 for k, e in small.items())
 

@@ -38,7 +38,11 @@ from atlasflow.reports.qc import SubjectQC
 from atlasflow.reports.volumes import Embedded, embed
 
 VOLUME_BUDGET = 7_000_000  # bytes of base64 volume data per page before downsampling further
-MAX_FACTOR = 4
+MAP_KINDS = ("signed", "magnitude")
+# Downsampling factors (anatomy, maps) tried in turn until the volumes fit the budget: the maps
+# (log-Jacobian, differences, displacement: smooth, noisy outside the head, so the largest
+# to store) give way first, the scans and labels later.
+FACTORS = ((1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 4), (4, 4))
 LOG_JACOBIAN_FLOOR = float(np.log(1e-2))  # folded voxels (det J <= 0) are shown at this value
 
 
@@ -134,9 +138,9 @@ class _Volumes:
             self.marks.setdefault(key, {})["min-jacobian"] = _world(image, at)
         return image
 
-    def embed_all(self, budget: int | None = None) -> tuple[dict[str, Embedded], int]:
-        """Every volume embedded at the smallest downsampling factor that fits ``budget`` bytes of
-        base64 (default :data:`VOLUME_BUDGET`), :data:`MAX_FACTOR` at most."""
+    def embed_all(self, budget: int | None = None) -> tuple[dict[str, Embedded], tuple[int, int]]:
+        """Every volume embedded at the first downsampling factors of :data:`FACTORS` (anatomy,
+        maps) that fit ``budget`` bytes of base64 (default :data:`VOLUME_BUDGET`)."""
         budget = VOLUME_BUDGET if budget is None else budget
         images: dict[str, Image] = {}
         for key in list(self.sources):
@@ -144,16 +148,21 @@ class _Volumes:
                 images[key] = self.read(key)
             except (AtlasflowError, OSError, ValueError) as exc:
                 self.failed[key] = f"{self.sources[key].name}: {exc}"
-        factor, out = 1, {}
-        while True:
-            out = {
-                key: embed(image, key, self.sources[key].name, self.sources[key].kind, factor)
-                for key, image in images.items()
-            }
+        done: dict[tuple[str, int], Embedded] = {}
+
+        def at(key: str, factors: tuple[int, int]) -> Embedded:
+            source = self.sources[key]
+            factor = factors[1] if source.kind in MAP_KINDS else factors[0]
+            if (key, factor) not in done:
+                done[key, factor] = embed(images[key], key, source.name, source.kind, factor)
+            return done[key, factor]
+
+        for factors in FACTORS:
+            out = {key: at(key, factors) for key in images}
             size = sum(4 * ((len(e.nifti_gz) + 2) // 3) for e in out.values())
-            if size <= budget or factor >= MAX_FACTOR:
-                return out, factor
-            factor += 1
+            if size <= budget:
+                break
+        return out, factors
 
 
 def log_jacobian(warp: Path) -> Image:
@@ -270,11 +279,11 @@ def niivue_gzip_base64() -> str:
 
 def viewer_data(
     outdir: Path, qc: SubjectQC, budget: int | None = None
-) -> tuple[list[Scene], dict[str, Embedded], int]:
-    """Scenes with the volumes they draw embedded (and the downsampling factor that fitted
-    ``budget``); layers whose volume failed to load are dropped, with the reason in the notes."""
+) -> tuple[list[Scene], dict[str, Embedded], tuple[int, int]]:
+    """Scenes with the volumes they draw embedded (and the downsampling factors, anatomy and maps,
+    that fitted ``budget``); layers whose volume failed to load are dropped, the reason noted."""
     scenes, volumes = subject_scenes(outdir, qc)
-    embedded, factor = volumes.embed_all(budget)
+    embedded, factors = volumes.embed_all(budget)
     kept = []
     for scene in scenes:
         planned = scene.layers[0].key if scene.layers else None
@@ -287,19 +296,19 @@ def viewer_data(
             scene.marks.update(volumes.marks.get(layer.key, {}))
         if scene.layers and scene.layers[0].key == planned:
             kept.append(scene)
-    return kept, embedded, factor
+    return kept, embedded, factors
 
 
 def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
     """The viewer section of a subject page (empty when no volume could be read)."""
-    scenes, embedded, factor = viewer_data(outdir, qc)
+    scenes, embedded, factors = viewer_data(outdir, qc)
     if not scenes:
         return ""
     config = {
         "scenes": [scene.to_json() for scene in scenes],
         "volumes": {key: e.meta() for key, e in embedded.items()},
         "initial": initial or scenes[0].id,
-        "factor": factor,
+        "factors": list(factors),
     }
     options = "".join(f'<option value="{esc(sc.id)}">{esc(sc.title)}</option>' for sc in scenes)
     data = "".join(
@@ -307,10 +316,13 @@ def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
         f"{e.base64}</script>\n"
         for key, e in embedded.items()
     )
+    shrunk = [
+        f"{what} {f}\u00d7"
+        for what, f in (("maps", factors[1]), ("scans and labels", factors[0]))
+        if f > 1
+    ]
     coarser = (
-        f" Volumes are shown {factor}\u00d7 coarser than computed, to keep this page small."
-        if factor > 1
-        else ""
+        f" To keep this page small, {' and '.join(shrunk)} coarser than computed." if shrunk else ""
     )
     return (
         '<h2 id="viewer">Viewer</h2>\n'
