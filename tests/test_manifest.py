@@ -247,11 +247,16 @@ def test_bids_and_manifest_give_the_same_table(tmp_path: Path):
     pd.testing.assert_frame_equal(from_bids.drop(columns="origin"), from_csv.drop(columns="origin"))
 
 
-def test_bids_two_t1w_in_one_session_is_ambiguous(tmp_path: Path):
+def test_bids_two_t1w_in_one_session_are_chosen_from(tmp_path: Path):
+    """Two T1w scans in one session: the highest run is taken by default; bids.choose error
+    refuses (tests/test_bids_wild.py covers the rule)."""
+    from atlasflow.cohort.selection import BidsOptions
+
     root = make_bids(tmp_path / "bids")
     write(root / "sub-02" / "anat" / "sub-02_run-2_T1w.nii.gz", head(9))
-    with pytest.raises(AtlasflowError, match=r"sub-02/anat: 2 T1w files .*manifest CSV"):
-        load_cohort(root)
+    assert load_cohort(root).loc[2, "t1w"].endswith("sub-02_run-2_T1w.nii.gz")
+    with pytest.raises(AtlasflowError, match=r"sub-02/anat: 2 T1w files .*bids.choose is error"):
+        load_cohort(root, options=BidsOptions(choose="error"))
 
 
 def test_bids_unparsable_acq_time_names_the_tsv_row(tmp_path: Path):
@@ -585,7 +590,12 @@ def test_text_renamed_as_nifti(cohort: Path):
     (cohort.parent / "data" / "s01_b.nii.gz").write_text("subject,session\n01,1\n")
     fails(cohort, "row 3 (subject 01, session 2): t1w", "not a readable NIfTI image")
     (cohort.parent / "data" / "s02.nii").write_text("hello, I am not an image" * 40)
-    fails(cohort, "row 2", "not a readable NIfTI image")
+    with pytest.raises(AtlasflowError) as info:  # both broken files named in one run
+        check(cohort)
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("manifest.csv: 2 problems")
+    assert "row 2" in lines[1] and "row 3" in lines[2]
+    assert all("not a readable NIfTI image" in line for line in lines[1:])
 
 
 def test_truncated_gzip(cohort: Path):

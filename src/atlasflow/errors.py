@@ -37,6 +37,40 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: Problems of a :class:`CohortProblems` listed one per line; the rest are counted.
+MAX_PROBLEM_LINES = 20
+
+
+class CohortProblems(AtlasflowError):
+    """Several problems found in one pass over a cohort (one line each), raised together so that
+    a user fixes them all before the next run. Its message is a heading line, then the problems
+    (at most :data:`MAX_PROBLEM_LINES`, then "... and N more"), one per line."""
+
+    def __init__(self, where: str, problems: Sequence[str]) -> None:
+        self.problems = [one_line(p) for p in problems]
+        shown = self.problems[:MAX_PROBLEM_LINES]
+        more = len(self.problems) - len(shown)
+        self.lines = [f"{where}: {len(self.problems)} problems", *shown]
+        if more:
+            self.lines.append(f"... and {more} more")
+        super().__init__("\n".join(self.lines))
+
+
+def problems_error(where: str, problems: Sequence[str]) -> AtlasflowError:
+    """One error for ``problems`` (non-empty): the problem itself when there is one, as always;
+    else a :class:`CohortProblems` listing them."""
+    if len(problems) == 1:
+        return AtlasflowError(problems[0])
+    return CohortProblems(where, problems)
+
+
+def error_lines(exc: AtlasflowError) -> list[str]:
+    """The lines the command line prints for ``exc``: one, or a heading and one per problem."""
+    if isinstance(exc, CohortProblems):
+        return list(exc.lines)
+    return [one_line(str(exc))]
+
+
 MARKER_KEY = "atlasflow_failed_scan"
 _HEAD = ('{"' + MARKER_KEY + '"').encode()
 ON_ERROR_ENV = "ATLASFLOW_ON_SCAN_ERROR"
@@ -74,7 +108,9 @@ def describe(record: dict) -> str:
     return f"{record.get('step', '?')} failed: {record.get('reason', 'no reason recorded')}"
 
 
-def write_failure(outputs: Iterable[str | os.PathLike], step: str, reason: str, source: str = "") -> list[Path]:
+def write_failure(
+    outputs: Iterable[str | os.PathLike], step: str, reason: str, source: str = ""
+) -> list[Path]:
     """Write the failure record (atomically) at every output path; returns the paths written."""
     record = {MARKER_KEY: True, "step": step, "reason": reason}
     if source:

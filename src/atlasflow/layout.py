@@ -102,6 +102,16 @@ def provenance(outdir: str | Path) -> str:
     return f"{outdir}/provenance/provenance.json"
 
 
+def skipped_inputs(outdir: str | Path) -> str:
+    """The cohort's inputs that were skipped or passed over, with the reason (TSV)."""
+    return f"{outdir}/provenance/skipped_inputs.tsv"
+
+
+def dataset_description(outdir: str | Path) -> str:
+    """The BIDS-derivatives description of the output folder."""
+    return f"{outdir}/dataset_description.json"
+
+
 def logs_dir(outdir: str | Path) -> str:
     """Every job's log, as ``logs/<step>/<scan id>.log`` (the reports read the errors there)."""
     return f"{outdir}/logs"

@@ -15,6 +15,7 @@ Planning imports this module every time Snakemake parses the workflow: no torch,
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ from atlasflow.cohort.planning import (
     resolve_cohort,
     session_order,
 )
+from atlasflow.cohort.selection import CohortNotes
 from atlasflow.registration.options import workflow_flags
 from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
 
@@ -100,6 +102,8 @@ class WorkflowPlan:
     ) -> None:
         self.config = config
         self.cohort = cohort
+        # What reading a BIDS cohort skipped or chose (set by from_config; printed at planning).
+        self.notes = CohortNotes()
         self.workdir = workdir
         self.out = config["outdir"]
         self.scans = list(zip(cohort["subject"], cohort["session"], strict=True))
@@ -125,9 +129,18 @@ class WorkflowPlan:
     ) -> WorkflowPlan:
         """Validate the cohort of ``config`` (:class:`~atlasflow.errors.AtlasflowError` naming the
         row or file) and choose the atlas members."""
-        cohort = resolve_cohort(config, workdir=workdir, check_data=check_data)
+        notes = CohortNotes()
+        cohort = resolve_cohort(config, workdir=workdir, check_data=check_data, notes=notes)
         members = atlas_members(cohort, config["atlas"]["min_subjects"])
-        return cls(config, cohort, members, workdir)
+        plan = cls(config, cohort, members, workdir)
+        plan.notes = notes
+        return plan
+
+    def skipped_digest(self) -> str:
+        """SHA-256 of the inputs skipped or passed over when the cohort was read (the
+        ``skipped_inputs`` rule's param: it reruns when the list changes)."""
+        text = "\n".join("\t".join(row) for row in self.notes.skipped_rows())
+        return hashlib.sha256(text.encode()).hexdigest()
 
     # --- one scan
 
@@ -187,6 +200,8 @@ class WorkflowPlan:
             layout.atlas_t1w(out),
             layout.atlas_metrics(out),
             layout.provenance(out),
+            layout.dataset_description(out),
+            layout.skipped_inputs(out),
             *self.longitudinal_targets(),
         ]
         if any(has(s, t, "labels") for s, t in self.members):

@@ -11,7 +11,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from atlasflow import layout
-from atlasflow.errors import AtlasflowError, set_policy
+from atlasflow.errors import AtlasflowError, error_lines, set_policy
 from atlasflow.runtime.provenance import git_commit, package_versions
 from atlasflow.workflow_plan import WorkflowPlan, atlasflow_command, shell_prefix
 
@@ -26,9 +26,20 @@ try:
         config, Path(workflow.basedir), check_data=workflow.is_main_process and config["check_voxels"]
     )
 except AtlasflowError as exc:
-    # One line naming the row/file and the problem, nothing written, non-zero exit.
-    print(f"atlasflow: error: {exc}", file=sys.stderr)
+    # One line naming the row/file and the problem (or one line per problem when there are
+    # several), nothing written, non-zero exit.
+    first, *rest = error_lines(exc)
+    print("\n".join([f"atlasflow: error: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
     sys.exit(1)
+
+if workflow.is_main_process and PLAN.notes.skipped_rows():
+    # Never silent: what a BIDS cohort skipped or passed over is listed in a file and the report.
+    print(
+        f"atlasflow: {len(PLAN.notes.skipped_rows())} input(s) of the cohort skipped or passed over "
+        f"for another file: listed with the reason in {layout.skipped_inputs(OUT)} and the cohort "
+        f"report (`atlasflow validate {config['cohort']}` prints them now)",
+        file=sys.stderr,
+    )
 
 # The failure policy reaches the `atlasflow` commands through the environment rather than their
 # command lines, so switching it does not make Snakemake rerun every finished job (every job

@@ -48,6 +48,7 @@ rule report_cohort:
     input:
         qc=[f"{layout.reports_dir(OUT)}/{layout.subject_qc(s)}" for s in PLAN.sessions],
         atlas=PLAN.cohort_report_inputs(),
+        skipped=layout.skipped_inputs(OUT),
     output:
         html=report(layout.cohort_page(OUT), caption="../report/cohort_report.rst", category="Cohort",
                     labels={"figure": "cohort report"}),

@@ -6,7 +6,8 @@ the command's name, ``-`` as ``_``), and is imported only when its command is us
 ``--threads`` bounds the thread pools before torch or ITK is loaded.
 
 One error wrapper (:func:`main`): user-facing problems (:class:`AtlasflowError`) become one line on
-stderr and exit code 1, never a traceback. Under ``--on-scan-error skip`` (the workflow's
+stderr (several problems of a cohort found in one pass: a heading line, then one indented line
+each) and exit code 1, never a traceback. Under ``--on-scan-error skip`` (the workflow's
 ``on_scan_error``), a per-scan command that fails writes failure records in place of its outputs
 and exits 0 instead (see :mod:`atlasflow.errors`).
 """
@@ -179,10 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return int(args.func(args) or 0)
     except AtlasflowError as exc:
-        from atlasflow.errors import one_line
+        from atlasflow.errors import error_lines
 
         prefix = f"atlasflow {args.command}" if args.command in NAMED_IN_ERRORS else "atlasflow"
-        print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)
+        first, *rest = error_lines(exc)  # one line, or a heading and one line per problem
+        print(
+            "\n".join([f"{prefix}: error: {first}", *(f"  {line}" for line in rest)]),
+            file=sys.stderr,
+        )
         return _skip(outputs, step, str(exc))
     except KeyboardInterrupt:
         print("atlasflow: interrupted", file=sys.stderr)

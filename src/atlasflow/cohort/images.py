@@ -127,6 +127,8 @@ def _image_facts(path: Path, check_data: bool) -> ImageInfo:
         raise InvalidFile(f"cannot be read ({exc.strerror or exc})") from None
     if not os.path.isfile(path):
         raise InvalidFile("is a folder, expected a NIfTI file")
+    if name.endswith(".nii") and _gzipped(path):
+        raise InvalidFile("is gzip-compressed but named .nii: rename it to .nii.gz")
     key = _cache_key(path, st)
     with _CACHE_LOCK:
         info = _CACHE.get(key)
@@ -136,6 +138,15 @@ def _image_facts(path: Path, check_data: bool) -> ImageInfo:
         info = dataclasses.replace(info, stats=_voxel_stats(path, info))
     _remember(key, info)
     return info
+
+
+def _gzipped(path: Path) -> bool:
+    """Whether the file starts with the gzip magic bytes."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
 
 
 def _voxel_stats(path: Path, info: ImageInfo) -> VoxelStats:
@@ -154,18 +165,30 @@ def _workers() -> int:
 def validate_images(
     jobs: list[tuple[str | os.PathLike, str, str]],
     check_data: bool = True,
-) -> list[ImageInfo]:
+    problems: list[str] | None = None,
+) -> list[ImageInfo | None]:
     """:func:`validate_image` for many ``(path, role, row_label)`` jobs; the first problem in job
-    order is raised, whatever order the work finished in.
+    order is raised, whatever order the work finished in. Given a ``problems`` list, every
+    problem is appended to it instead (one line each, in job order) and its job's info is None.
 
     Headers are read one after the other (nibabel, cheap); the voxel passes of distinct files run
     in a few threads, since zlib and numpy release the GIL while they work.
     """
-    infos = [validate_image(path, role, label, check_data=False) for path, role, label in jobs]
+    infos: list[ImageInfo | None] = []
+    for path, role, label in jobs:
+        try:
+            infos.append(validate_image(path, role, label, check_data=False))
+        except AtlasflowError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            infos.append(None)
     if not check_data:
         return infos
     # One voxel pass per distinct file, from the header facts just read (no nibabel in threads).
-    todo = {Path(path): info for (path, _, _), info in zip(jobs, infos, strict=True)}
+    todo = {
+        Path(path): info for (path, _, _), info in zip(jobs, infos, strict=True) if info is not None
+    }
 
     def scan(item: tuple[Path, ImageInfo]) -> ImageInfo | InvalidFile:
         path, info = item
@@ -186,13 +209,21 @@ def validate_images(
     else:
         outcome = {path: scan(item) for path, item in zip(todo, todo.items(), strict=True)}
     for i, (path, role, label) in enumerate(jobs):
+        if infos[i] is None:
+            continue
         result = outcome[Path(path)]
         prefix = f"{label}: {role} {path}" if label else f"{role} {path}"
-        if isinstance(result, InvalidFile):
-            raise AtlasflowError(f"{prefix}: {one_line(str(result))}")
-        problem = role_problem(result.stats, role)
+        problem = (
+            one_line(str(result))
+            if isinstance(result, InvalidFile)
+            else role_problem(result.stats, role)
+        )
         if problem:
-            raise AtlasflowError(f"{prefix}: {problem}")
+            if problems is None:
+                raise AtlasflowError(f"{prefix}: {problem}")
+            problems.append(f"{prefix}: {problem}")
+            infos[i] = None
+            continue
         infos[i] = result
     return infos
 

@@ -30,22 +30,37 @@ from atlasflow.cohort.columns import (
     normalise_table,
     required_columns,
 )
-from atlasflow.errors import AtlasflowError
+from atlasflow.cohort.selection import BidsOptions, CohortNotes
+from atlasflow.errors import AtlasflowError, problems_error
 
 
 def load_cohort(
-    source: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+    source: str | os.PathLike,
+    notes: CohortNotes | list[tuple[str, str]] | None = None,
+    options: BidsOptions | None = None,
 ) -> pd.DataFrame:
     """Read a manifest CSV or discover a BIDS folder; return the normalised cohort table.
 
     Structural problems (missing file, not a CSV, empty manifest, missing columns, BIDS folder
     without T1w scans) raise :class:`AtlasflowError`; value checks are :func:`validate_cohort`'s.
-    For a BIDS folder, what looks like an input but is skipped is appended to ``skipped`` as
-    (path, reason) (see :func:`atlasflow.cohort.bids.load_bids`).
+    For a BIDS folder (read under ``options``, see :mod:`atlasflow.cohort.selection`), what looks
+    like an input but is skipped, and the choices among several files, go to ``notes``; given a
+    :class:`CohortNotes`, the problems discovery finds stay in it for :func:`validate_cohort` to
+    report with its own, otherwise (None, or a plain list that collects the skipped inputs) they
+    are raised here.
     """
+    if isinstance(notes, list):
+        notes = CohortNotes(skipped=notes)
+        hand_on = False
+    else:
+        hand_on = notes is not None
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_bids(path, skipped)
+        found = notes if notes is not None else CohortNotes()
+        table = load_bids(path, found, options)
+        if found.problems and not hand_on:
+            raise problems_error(str(path), found.problems)
+        return table
     if path.is_symlink() and not path.exists():
         try:
             os.stat(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from atlasflow.cohort.columns import IMAGE_COLUMNS, known_columns, optional_columns
+from atlasflow.cohort.selection import BidsOptions, CohortNotes
 
 #: The registration weights shipped with the package: deep.DEFAULT_MODEL, spelled here so that the
 #: Snakefile can name it without importing torch (tests/test_provenance.py checks they agree).
@@ -31,14 +32,18 @@ def _normalise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def resolve_cohort(
-    config: dict, workdir: Path | None = None, check_data: bool = True
+    config: dict,
+    workdir: Path | None = None,
+    check_data: bool = True,
+    notes: CohortNotes | None = None,
 ) -> pd.DataFrame:
     """The cohort as a table with string columns subject, session, t1w and the optional ones.
 
     Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
     rule writes (relative to the working directory, as Snakemake expects for outputs).
     ``check_data`` reads the voxels too (NaN, constant, truncated files); jobs spawned by Snakemake
-    skip it since the main process already did it.
+    skip it since the main process already did it. A BIDS folder is read under the config's
+    ``bids`` section; its skipped inputs and choices go to ``notes`` when given.
     """
     cohort = config.get("cohort")
     if cohort is None:
@@ -59,7 +64,9 @@ def resolve_cohort(
     from atlasflow.cohort.validate import validate_cohort
 
     source = cohort_source(config, workdir)
-    table = validate_cohort(load_cohort(source), source, check_data=check_data)
+    notes = CohortNotes() if notes is None else notes
+    table = load_cohort(source, notes, BidsOptions.from_config(config))
+    table = validate_cohort(table, source, check_data=check_data, notes=notes)
     return _normalise(table)
 
 

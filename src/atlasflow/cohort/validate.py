@@ -3,9 +3,9 @@
 :func:`validate_cohort` checks the table from :func:`atlasflow.cohort.manifest.load_cohort`
 against the schema, then the cohort-level rules (duplicate sessions, dates) and finally every image
 (:mod:`atlasflow.cohort.images`), and returns the table sorted by subject and time. It writes
-nothing. Every problem is an :class:`AtlasflowError` whose one-line message names the row
-(``manifest.csv row 4 (subject 03, session 1)``, the header being row 1) or the file, and says what
-is wrong. :func:`add_validate_arguments` and :func:`run_validate` are the ``atlasflow validate``
+nothing. Every problem is one line naming the row (``manifest.csv row 4 (subject 03, session 1)``,
+the header being row 1) or the file, and saying what is wrong; all problems of a cohort are raised
+together in one :class:`AtlasflowError` (:func:`atlasflow.errors.problems_error`). :func:`add_validate_arguments` and :func:`run_validate` are the ``atlasflow validate``
 command (see :mod:`atlasflow.cli.main`).
 """
 
@@ -33,8 +33,9 @@ from atlasflow.cohort.columns import (
 )
 from atlasflow.cohort.images import ImageInfo, grid_mismatch, validate_images
 from atlasflow.cohort.manifest import load_cohort
+from atlasflow.cohort.selection import CHOOSE, BidsOptions, Choice, CohortNotes
 from atlasflow.cohort.voxels import SCAN_ROLES as SCAN_COLUMNS
-from atlasflow.errors import AtlasflowError, one_line
+from atlasflow.errors import AtlasflowError, one_line, problems_error
 
 
 def _natural_key(text: str) -> tuple:
@@ -65,24 +66,29 @@ def validate_cohort(
     df: pd.DataFrame,
     source: str | os.PathLike,
     check_data: bool = True,
+    notes: CohortNotes | None = None,
 ) -> pd.DataFrame:
     """Check a cohort table (from :func:`load_cohort`) before anything runs; return it sorted.
 
-    Order of checks, cheapest first so that a table-level mistake is reported without reading
-    images: columns, each row against the manifest schema, duplicate sessions and T1w files, the
-    dates of each subject, then every image (:func:`validate_image`) and that masks and labels
-    share the grid of their T1w scan. Raises :class:`AtlasflowError` at the first problem.
-    Linear in the number of rows; writes nothing.
+    Order of checks, cheapest first: columns, each row against the manifest schema, duplicate
+    sessions and files, the dates of each subject, then every image's header
+    (:func:`validate_image`), that masks and labels share the grid of their T1w scan, and every
+    image's voxels. A missing column or an empty table stops at once; every other problem is
+    collected (a row's first table-level problem is its only one: its later checks and its images
+    are skipped; images are checked file by file) and all are raised together with those discovery
+    left in ``notes``: one :class:`AtlasflowError`, one line per problem, a single problem keeping
+    its one-line message. Linear in the number of rows; writes nothing.
     """
     source = Path(source)
     name = source.name
+    where = str(source)
+    problems: list[str] = list(notes.problems) if notes is not None else []
     missing = [c for c in required_columns() if c not in df.columns]
     if missing:
-        raise AtlasflowError(
-            f"{name}: missing required column(s) {', '.join(repr(c) for c in missing)}"
-        )
+        problems.append(f"{name}: missing required column(s) {', '.join(repr(c) for c in missing)}")
+        raise problems_error(where, problems)
     if len(df) == 0:
-        raise AtlasflowError(f"{name}: the cohort has no rows")
+        raise problems_error(where, [*problems, f"{name}: the cohort has no rows"])
     base = source.resolve().parent if not source.is_dir() else source.resolve()
     table = df.copy()
     if ORIGIN_COLUMN not in table.columns:
@@ -91,57 +97,78 @@ def validate_cohort(
     records = table.to_dict("records")
     labels = [_row_label(r[ORIGIN_COLUMN], r["subject"], r["session"]) for r in records]
 
+    # Table-level checks: a row's first problem is its only one (later checks skip it, so that a
+    # duplicated row is not also reported for its file and date).
     validator = row_validator()
     required = set(required_columns())
-    for record, label in zip(records, labels, strict=True):
+    bad: set[int] = set()
+
+    def problem(i: int, text: str) -> None:
+        problems.append(text)
+        bad.add(i)
+
+    for i, (record, label) in enumerate(zip(records, labels, strict=True)):
         instance = {
             k: v for k, v in record.items() if k != ORIGIN_COLUMN and (v != "" or k in required)
         }
         errors = sorted(validator.iter_errors(instance), key=lambda e: (list(e.path), e.validator))
         if errors:
-            raise AtlasflowError(f"{label}: {_schema_problem(errors[0])}")
+            problem(i, f"{label}: {_schema_problem(errors[0])}")
 
     first_of_session: dict[tuple[str, str], str] = {}
     first_of_file: dict[str, str] = {}
-    for record, label in zip(records, labels, strict=True):
+    for i, (record, label) in enumerate(zip(records, labels, strict=True)):
         key = (record["subject"], record["session"])
+        if i in bad:
+            continue
         if key in first_of_session:
-            raise AtlasflowError(
+            problem(
+                i,
                 f"{label}: same subject and session as {first_of_session[key]}; each scan session "
-                "must appear once"
+                "must appear once",
             )
+            continue
         first_of_session[key] = record[ORIGIN_COLUMN]
         for role in SCAN_COLUMNS:
             path = record[role]
             if not path:
                 continue
             if path in first_of_file:
-                raise AtlasflowError(f"{label}: {role} {path} is also the {first_of_file[path]}")
+                problem(i, f"{label}: {role} {path} is also the {first_of_file[path]}")
+                break
             first_of_file[path] = f"{role} of {record[ORIGIN_COLUMN]}"
 
-    _check_dates(records, labels)
+    good = [i for i in range(len(records)) if i not in bad]
+    for j, text in _check_dates([records[i] for i in good], [labels[i] for i in good]):
+        if good[j] not in bad:
+            problem(good[j], text)
+    good = [i for i in good if i not in bad]
 
     # Headers first (and grids, which need only headers), then the voxels of every file.
     jobs = [
-        (r[role], role, label)
-        for r, label in zip(records, labels, strict=True)
+        (records[i][role], role, labels[i], i)
+        for i in good
         for role in IMAGE_COLUMNS
-        if r[role]
+        if records[i][role]
     ]
-    infos = validate_images(jobs, check_data=False)
-    t1w_info: ImageInfo | None = None
-    for (path, role, label), info in zip(jobs, infos, strict=True):
+    image_jobs = [job[:3] for job in jobs]
+    infos = validate_images(image_jobs, check_data=False, problems=problems)
+    t1w_info: dict[int, ImageInfo | None] = {}
+    for (path, role, label, row), info in zip(jobs, infos, strict=True):
         if role == "t1w":
-            t1w_info = info
+            t1w_info[row] = info
             continue
-        assert t1w_info is not None  # every row's t1w job precedes its other images
-        if role in CONTRAST_COLUMNS:
+        reference = t1w_info.get(row)
+        if info is None or reference is None or role in CONTRAST_COLUMNS:
             continue  # other contrasts have grids of their own: the workflow aligns them
-        problem = grid_mismatch(t1w_info, info)
+        problem = grid_mismatch(reference, info)
         if problem:
-            raise AtlasflowError(f"{label}: {role} {path} is {problem}")
+            problems.append(f"{label}: {role} {path} is {problem}")
     if check_data:
-        validate_images(jobs, check_data=True)
+        readable = [job for job, info in zip(image_jobs, infos, strict=True) if info is not None]
+        validate_images(readable, check_data=True, problems=problems)
+    if problems:
+        raise problems_error(where, problems)
 
     order = sorted(
         range(len(records)),
@@ -154,36 +181,48 @@ def validate_cohort(
     return table.iloc[order].reset_index(drop=True)
 
 
-def _check_dates(records: list[dict[str, str]], labels: list[str]) -> None:
-    """Per subject: dates for all sessions or none, no two sessions on one day, none in the future."""
+def _check_dates(records: list[dict[str, str]], labels: list[str]) -> list[tuple[int, str]]:
+    """Per subject: dates for all sessions or none, no two sessions on one day, none in the future.
+
+    Returns (record index, problem) pairs."""
+    problems: list[tuple[int, str]] = []
     today = date.today()
     by_subject: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         by_subject.setdefault(record["subject"], []).append(i)
         value = record["acq_date"]
         if value and date.fromisoformat(value) > today:
-            raise AtlasflowError(f"{labels[i]}: acq_date {value} is in the future")
+            problems.append((i, f"{labels[i]}: acq_date {value} is in the future"))
     for subject, rows in by_subject.items():
         dated = [i for i in rows if records[i]["acq_date"]]
         if dated and len(dated) < len(rows):
             undated = next(i for i in rows if not records[i]["acq_date"])
-            raise AtlasflowError(
-                f"{labels[undated]}: acq_date is empty, but other sessions of subject {subject} have "
-                f"one (e.g. {records[dated[0]][ORIGIN_COLUMN]}); without it this scan cannot be placed "
-                "in time - give a date for every session of the subject, or for none (sessions are "
-                "then ordered by their labels)"
+            problems.append(
+                (
+                    undated,
+                    f"{labels[undated]}: acq_date is empty, but other sessions of subject {subject} "
+                    f"have one (e.g. {records[dated[0]][ORIGIN_COLUMN]}); without it this scan cannot "
+                    "be placed in time - give a date for every session of the subject, or for none "
+                    "(sessions are then ordered by their labels)",
+                )
             )
         seen: dict[str, int] = {}
         for i in dated:
             day = records[i]["acq_date"]
             if day in seen:
                 j = seen[day]
-                raise AtlasflowError(
-                    f"{labels[i]}: acq_date {day} is also the date of session {records[j]['session']} "
-                    f"({records[j][ORIGIN_COLUMN]}); two scans of one subject on one day leave their "
-                    "order and the growth per day undefined - correct the date or keep one of the two"
+                problems.append(
+                    (
+                        i,
+                        f"{labels[i]}: acq_date {day} is also the date of session "
+                        f"{records[j]['session']} ({records[j][ORIGIN_COLUMN]}); two scans of one "
+                        "subject on one day leave their order and the growth per day undefined - "
+                        "correct the date or keep one of the two",
+                    )
                 )
-            seen[day] = i
+            else:
+                seen[day] = i
+    return problems
 
 
 def summarise(table: pd.DataFrame) -> str:
@@ -230,9 +269,66 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the normalised cohort table on standard output as a manifest CSV that "
         "atlasflow accepts as it is (the summary then goes to standard error)",
     )
+    bids = parser.add_argument_group(
+        "BIDS folders", "which file a session's role takes among several (config bids:)"
+    )
+    bids.add_argument(
+        "--configfile",
+        default=None,
+        help="read the bids: section of this workflow config (the flags below override it)",
+    )
+    bids.add_argument(
+        "--prefer",
+        default=None,
+        metavar="ENTITY-VALUE[,...]",
+        help="entity-value pairs preferred in this order (default: rec-norm,part-mag; '' = none)",
+    )
+    bids.add_argument(
+        "--choose",
+        choices=CHOOSE,
+        default=None,
+        help="among runs left tied: last-run (default), first-run, or error (refuse to choose)",
+    )
+    bids.add_argument(
+        "--derivatives",
+        default=None,
+        metavar="PIPELINE[,...]",
+        help="derivatives/ pipelines read for label maps and masks, in precedence order "
+        "(default: all, in name order; 'none' = none)",
+    )
+    bids.add_argument(
+        "--derivatives-first",
+        action="store_true",
+        default=None,
+        help="a derivatives/ file wins over one in raw anat/ (default: raw anat/ wins)",
+    )
 
 
-#: Skipped inputs listed one per line by ``atlasflow validate``; the rest are counted.
+def bids_options(args: argparse.Namespace) -> BidsOptions:
+    """The :class:`BidsOptions` of ``atlasflow validate``'s flags (over ``--configfile``'s)."""
+    config: dict = {}
+    if args.configfile:
+        import yaml
+
+        try:
+            with open(args.configfile, encoding="utf-8") as fh:
+                config = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise AtlasflowError(f"{args.configfile}: cannot be read as YAML ({exc})") from None
+    section = dict(config.get("bids") or {}) if isinstance(config, dict) else {}
+    if args.prefer is not None:
+        section["prefer"] = [p.strip() for p in args.prefer.split(",") if p.strip()]
+    if args.choose is not None:
+        section["choose"] = args.choose
+    if args.derivatives is not None:
+        names = [p.strip() for p in args.derivatives.split(",") if p.strip()]
+        section["derivatives"] = [] if names == ["none"] else names
+    if args.derivatives_first:
+        section["derivatives_first"] = True
+    return BidsOptions.from_config({"bids": section})
+
+
+#: Skipped inputs (and choices) listed one per line by ``atlasflow validate``; the rest are counted.
 MAX_SKIPPED_LINES = 50
 
 
@@ -249,27 +345,43 @@ def skipped_lines(skipped: list[tuple[str, str]], source: str | os.PathLike) -> 
     return lines
 
 
+def choice_lines(choices: list[Choice]) -> list[str]:
+    """The note lines of ``atlasflow validate`` for files taken among several, capped."""
+    lines = [f"atlasflow validate: note: {c.line()}" for c in choices[:MAX_SKIPPED_LINES]]
+    if len(choices) > MAX_SKIPPED_LINES:
+        lines.append(
+            f"atlasflow validate: note: ... and {len(choices) - MAX_SKIPPED_LINES} more choices"
+        )
+    return lines
+
+
 def run_validate(args: argparse.Namespace) -> int:
-    """``atlasflow validate COHORT``: print a summary (exit 0); a problem raises AtlasflowError.
+    """``atlasflow validate COHORT``: print a summary (exit 0); problems raise AtlasflowError.
 
     The summary goes to standard output, or to standard error under ``--table``, whose standard
     output is the manifest CSV alone (without the ``origin`` column, which a manifest may not
-    have). Inputs of a BIDS folder that were skipped follow as warnings on standard error.
+    have). For a BIDS folder, the files taken among several (notes) and the inputs that were
+    skipped (warnings) follow on standard error.
     """
     start = time.perf_counter()
-    skipped: list[tuple[str, str]] = []
-    table = validate_cohort(
-        load_cohort(args.cohort, skipped), args.cohort, check_data=not args.headers_only
-    )
+    notes = CohortNotes()
+    table = load_cohort(args.cohort, notes, bids_options(args))
+    table = validate_cohort(table, args.cohort, check_data=not args.headers_only, notes=notes)
     seconds = time.perf_counter() - start
     checked = "headers" if args.headers_only else "headers and voxels"
+    chosen = (
+        f"; {len(notes.choices)} file{'s' if len(notes.choices) != 1 else ''} taken among several"
+        if notes.choices
+        else ""
+    )
     print(
-        f"{args.cohort}: OK - {summarise(table)} ({checked} checked in {seconds:.2f} s)",
+        f"{args.cohort}: OK - {summarise(table)}{chosen} ({checked} checked in {seconds:.2f} s)",
         file=sys.stderr if args.table else sys.stdout,
     )
-    if skipped:
+    if notes.choices or notes.skipped:
         sys.stdout.flush()
-        print("\n".join(skipped_lines(skipped, args.cohort)), file=sys.stderr)
+        lines = choice_lines(notes.choices) + skipped_lines(notes.skipped, args.cohort)
+        print("\n".join(lines), file=sys.stderr)
     if args.table:
         table.drop(columns=[ORIGIN_COLUMN]).to_csv(sys.stdout, index=False)
     return 0

@@ -1,6 +1,7 @@
 """The cohort page: every subject's verdict in one sortable table linking the subject pages, the
-failed subjects with the error each job logged, the atlas at every iteration with its convergence,
-and the tumour-frequency map; :func:`write_cohort_report` writes it."""
+failed subjects with the error each job logged, the cohort's inputs that were skipped, the atlas at
+every iteration with its convergence, and the tumour-frequency map; :func:`write_cohort_report`
+writes it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atlasflow.io.atomic import atomic_write_text
-from atlasflow.layout import STAGES, CohortFiles, subject_page
+from atlasflow.layout import STAGES, CohortFiles, skipped_inputs, subject_page
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.checks import format_metric
 from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
-from atlasflow.reports.inputs import cohort_errors, read_metrics
+from atlasflow.reports.inputs import cohort_errors, read_metrics, read_skipped_inputs
 from atlasflow.reports.panels import Panel, cohort_panels, save_figures
 from atlasflow.reports.qc import STATUS_RANK, SubjectQC, cohort_verdicts
 
@@ -189,6 +190,34 @@ def _cohort_errors_html(outdir: Path) -> str:
     )
 
 
+#: Skipped inputs listed in the cohort report; the rest are counted (all are in the TSV).
+MAX_SKIPPED_ROWS = 200
+
+
+def _skipped_html(outdir: Path) -> str:
+    """ "Inputs skipped": what the cohort's folder held that looked like an input but was not used
+    (``provenance/skipped_inputs.tsv``); empty when nothing was."""
+    path = Path(skipped_inputs(outdir))
+    rows = read_skipped_inputs(path)
+    if not rows:
+        return ""
+    shown = "".join(
+        f"<tr><td><code>{esc(r['path'])}</code></td><td>{esc(r['status'])}</td>"
+        f"<td>{esc(r['reason'])}</td></tr>"
+        for r in rows[:MAX_SKIPPED_ROWS]
+    )
+    more = len(rows) - MAX_SKIPPED_ROWS
+    tail = (
+        f'<p class="muted">... and {more} more in <code>{esc(path)}</code>.</p>' if more > 0 else ""
+    )
+    return (
+        f'<h2 id="skipped">Inputs skipped ({len(rows)})</h2><p class="muted">Files and folders of '
+        "the cohort that look like inputs but were not used, or were passed over for another file "
+        "of the same session (README, BIDS folders).</p>"
+        "<table><tr><th>path</th><th>status</th><th>reason</th></tr>" + shown + "</table>" + tail
+    )
+
+
 def cohort_html(
     verdicts: list[SubjectQC],
     panels: list[Panel],
@@ -212,6 +241,7 @@ def cohort_html(
         + f"</tr></thead><tbody>{''.join(_subject_row(q, reports_dir) for q in ordered)}</tbody></table>",
         '<h2 id="failed">Failed subjects</h2>',
         _failed_html(ordered),
+        _skipped_html(outdir),
         '<h2 id="atlas">Atlas</h2>',
         figures_html([by_name["atlas_iterations"], by_name["atlas_convergence"]]),
         _metrics_table(files.metrics),

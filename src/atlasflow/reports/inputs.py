@@ -148,6 +148,18 @@ def read_metrics(path: Path) -> list[dict]:
     return sorted((r for r in out if r.get("iteration") is not None), key=lambda r: r["iteration"])
 
 
+def read_skipped_inputs(path: Path) -> list[dict[str, str]]:
+    """Rows (path, status, reason) of ``provenance/skipped_inputs.tsv``; [] when absent or unreadable."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    return [
+        {k: (r.get(k) or "") for k in ("path", "status", "reason")} for r in rows if r.get("path")
+    ]
+
+
 def failed_member(table: Path, member: str) -> str | None:
     """The reason a member's registration failed in an atlas iteration (None: it did not)."""
     import pandas as pd

@@ -3,7 +3,10 @@
 Owns the provenance record written by the workflow's ``provenance`` rule (``atlasflow provenance``):
 package versions, the effective configuration, SHA-256 of every cohort input (T1w, labels, tumour
 and brain masks, the manifest itself), of a template given as a file and of the registration weights
-in use, the git revision of the workflow, and the platform.
+in use, which files a BIDS cohort took among several and which it skipped, the git revision of the
+workflow, and the platform. Also the output folder's BIDS-derivatives ``dataset_description.json``
+and ``provenance/skipped_inputs.tsv`` (inputs skipped or passed over, with the reason; the
+``skipped_inputs`` rule, read by the cohort report).
 
 This module stays light at import (no numpy, no torch): the Snakefile calls :func:`package_versions`
 and :func:`git_commit` at parse time, in every Snakemake process.
@@ -25,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from atlasflow.cohort.columns import IMAGE_COLUMNS
+from atlasflow.cohort.selection import CohortNotes
 from atlasflow.errors import AtlasflowError
 
 FORMAT = "atlasflow-provenance-v1"
@@ -172,11 +176,13 @@ def build_provenance(
     model: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None = None,
     threads: int = 1,
+    notes: CohortNotes | None = None,
 ) -> dict:
     """The provenance record of a run over the cohort ``table`` with ``config``.
 
     ``model`` is the weights file in use (None: no network, e.g. the ANTs backend); ``manifest``
-    the cohort's CSV file, if it has one. Raises AtlasflowError naming a missing or unreadable file.
+    the cohort's CSV file, if it has one; ``notes`` what reading a BIDS cohort chose and skipped.
+    Raises AtlasflowError naming a missing or unreadable file.
     """
     files = cohort_files(table)
     template = [
@@ -207,6 +213,8 @@ def build_provenance(
             "manifest": {"path": manifest, **hashes[str(manifest)]} if manifest else None,
             "scans": int(len(table)),
             "files": [{**f, **hashes[f["path"]]} for f in files],
+            "choices": [c.as_dict() for c in notes.choices] if notes else [],
+            "skipped": [{"path": p, "reason": r} for p, r in notes.skipped] if notes else [],
         },
         "template": {
             "source": config.get("template", "mni152"),
@@ -216,18 +224,69 @@ def build_provenance(
     }
 
 
-def write_provenance(path: str | os.PathLike, record: dict) -> Path:
-    """Write the record atomically as sorted, indented JSON."""
+#: BIDS version whose derivatives conventions the outputs follow.
+BIDS_VERSION = "1.9.0"
+SKIPPED_COLUMNS = ("path", "status", "reason")
+
+
+def dataset_description(source: str | os.PathLike | None, version: str | None) -> dict:
+    """The BIDS-derivatives ``dataset_description.json`` of an output folder made by atlasflow
+    ``version`` from the cohort ``source`` (a BIDS folder is named as the source dataset, with
+    its DOI when its own description gives one). Holds no time: reruns write the same bytes."""
+    description: dict = {
+        "Name": "atlasflow",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": "atlasflow",
+                "Version": version or "unknown",
+                "Description": "preprocessing, deep registration, population atlas and "
+                "longitudinal change maps of brain MRI",
+            }
+        ],
+    }
+    if source is not None and Path(source).is_dir():
+        origin: dict = {"URL": Path(source).resolve().as_uri()}
+        try:
+            own = json.loads((Path(source) / "dataset_description.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            own = {}
+        if isinstance(own, dict) and isinstance(own.get("DatasetDOI"), str):
+            origin["DOI"] = own["DatasetDOI"]
+        description["SourceDatasets"] = [origin]
+    return description
+
+
+def write_skipped_inputs(path: str | os.PathLike, rows: Iterable[Sequence[str]]) -> Path:
+    """Write (path, status, reason) rows as a TSV with a header (header only when none)."""
+    from atlasflow.io.atomic import atomic_write_text
+
+    def clean(value: str) -> str:
+        return " ".join(str(value).split())  # no tab or newline inside a cell
+
+    lines = ["\t".join(SKIPPED_COLUMNS)]
+    lines += ["\t".join(clean(v) for v in row) for row in rows]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_json(path: str | os.PathLike, record: dict) -> Path:
+    """Write a JSON document atomically, sorted and indented."""
     from atlasflow.io.atomic import atomic_write_text
 
     return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def write_provenance(path: str | os.PathLike, record: dict) -> Path:
+    """Write the record atomically as sorted, indented JSON."""
+    return write_json(path, record)
+
+
 def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``atlasflow provenance``."""
     parser.description = (
-        "``atlasflow provenance --config-json JSON --workflow-dir DIR --output FILE [--model W] "
-        "[--threads N]``."
+        "``atlasflow provenance --config-json JSON --workflow-dir DIR [--output FILE] "
+        "[--description FILE] [--skipped FILE] [--model W] [--threads N]``."
     )
     parser.add_argument(
         "--config-json", required=True, help="the effective workflow config, as JSON text"
@@ -237,13 +296,20 @@ def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="folder of the Snakefile (git revision, relative cohort)",
     )
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", default=None, help="the provenance record (JSON)")
+    parser.add_argument(
+        "--description", default=None, help="write the BIDS-derivatives dataset_description.json"
+    )
+    parser.add_argument(
+        "--skipped", default=None, help="write the skipped and passed-over inputs (TSV)"
+    )
     parser.add_argument("--model", default=None, help="weights in use (default: from the config)")
     parser.add_argument("--threads", type=int, default=1, help="files hashed at once")
 
 
 def run_provenance(args: argparse.Namespace) -> int:
-    """``atlasflow provenance``: write the run's provenance record."""
+    """``atlasflow provenance``: write the run's provenance record, the output folder's
+    ``dataset_description.json`` and the skipped-inputs table (each when asked for)."""
     from atlasflow.cohort.planning import SHIPPED_MODEL, cohort_source, resolve_cohort
 
     try:
@@ -252,9 +318,20 @@ def run_provenance(args: argparse.Namespace) -> int:
         raise AtlasflowError(f"--config-json: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AtlasflowError("--config-json: expected a JSON object")
+    if not (args.output or args.description or args.skipped):
+        raise AtlasflowError("nothing to write: give --output, --description or --skipped")
     workdir = Path(args.workflow_dir)
-    table = resolve_cohort(config, workdir=workdir, check_data=False)
+    notes = CohortNotes()
+    table = resolve_cohort(config, workdir=workdir, check_data=False, notes=notes)
     source = cohort_source(config, workdir)
+    if args.skipped:
+        write_skipped_inputs(args.skipped, notes.skipped_rows())
+        print(f"{len(notes.skipped_rows())} inputs skipped or passed over -> {args.skipped}")
+    if args.description:
+        write_json(args.description, dataset_description(source, package_versions()["atlasflow"]))
+        print(f"dataset description -> {args.description}")
+    if not args.output:
+        return 0
     model = args.model or model_in_use(config, SHIPPED_MODEL)
     record = build_provenance(
         config,
@@ -263,6 +340,7 @@ def run_provenance(args: argparse.Namespace) -> int:
         model=model,
         manifest=source if source is not None and source.is_file() else None,
         threads=max(1, args.threads),
+        notes=notes,
     )
     write_provenance(args.output, record)
     print(
