@@ -4,12 +4,16 @@ Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`
 separated by NUL bytes on file descriptors 3 and 4), so no Python package beyond the standard
 library is needed. For the subject and the cohort report: every <img> decodes with a non-zero
 size, nothing is logged as an error (console, uncaught exception, failed load), the sortable table
-sorts, and a screenshot goes to ``test-artifacts/`` for a person to look at.
+sorts, and a screenshot goes to ``test-artifacts/`` for a person to look at. The subject report's
+interactive viewer (NiiVue, WebGL2; headless chromium draws it with its software renderer) is
+opened from file:// with the network switched off: its canvas shows an image, and toggling a
+layer, scrolling a slice and flickering change what it shows.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import select
@@ -19,6 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from factories import REPO, REPORT_SESSIONS, REPORT_THRESHOLDS, report_outputs
 
@@ -78,7 +83,7 @@ class Browser:
         self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
             "sessionId"
         ]
-        for domain in ("Page", "Runtime", "Log"):
+        for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable", session=True)
 
     def _read_message(self, deadline: float) -> dict:
@@ -152,6 +157,30 @@ class Browser:
             elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
                 found.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
         return found
+
+    def requests(self) -> list[str]:
+        """The URLs the page asked for since it was opened."""
+        return [
+            e["params"]["request"]["url"]
+            for e in self.events
+            if e.get("method") == "Network.requestWillBeSent"
+        ]
+
+    def pixels(self, selector: str) -> np.ndarray:
+        """What the element shows on screen, as an RGB array (a screenshot clipped to it)."""
+        from PIL import Image as PILImage
+
+        box = self.evaluate(
+            f"(function(){{var e=document.querySelector({json.dumps(selector)});e.scrollIntoView();"
+            "var r=e.getBoundingClientRect();return [r.x+window.scrollX,r.y+window.scrollY,r.width,r.height];})()"
+        )
+        clip = dict(zip(("x", "y", "width", "height"), box, strict=True), scale=1)
+        data = self.send(
+            "Page.captureScreenshot",
+            {"format": "png", "clip": clip, "captureBeyondViewport": True},
+            session=True,
+        )["data"]
+        return np.asarray(PILImage.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
     def screenshot(self, path: Path, full_page: bool) -> None:
         params: dict = {"format": "png"}
@@ -268,3 +297,147 @@ def test_missing_figure_placeholder_is_visible(browser, pages):
     })()""")
     assert "missing" in shown["text"] and "xfm.nii.gz not found" in shown["text"]
     assert shown["width"] > 200 and shown["height"] > 20
+
+
+# ----------------------------------------------------------------------------- the viewer
+
+WAIT_READY = """new Promise(function (resolve) {
+  var t0 = Date.now();
+  (function poll() {
+    var state = document.getElementById('viewer-root').dataset.state;
+    if (state === 'ready' || state === 'fallback' || Date.now() - t0 > %d) { resolve(state); }
+    else { setTimeout(poll, 100); }
+  })();
+})"""
+
+
+def wait_ready(browser, timeout_ms: int = 30000) -> str:
+    # two frames after 'ready', so the canvas has been drawn and composited
+    state = browser.evaluate(WAIT_READY % timeout_ms)
+    browser.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    return state
+
+
+def changed(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of pixels that differ visibly between two captures of one element."""
+    return float((np.abs(a.astype(int) - b.astype(int)).max(axis=-1) > 24).mean())
+
+
+@pytest.fixture()
+def offline(browser):
+    browser.send(
+        "Network.emulateNetworkConditions",
+        {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        session=True,
+    )
+    yield browser
+    browser.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        session=True,
+    )
+
+
+def test_viewer_draws_toggles_scrolls_and_flickers_offline(offline, pages):
+    browser = offline
+    browser.open(pages / "sub-03.html")
+    assert wait_ready(browser) == "ready"
+    assert browser.evaluate("document.getElementById('viewer-root').dataset.scene") == "1/native"
+    # only the page itself was loaded: library and volumes come from inside it
+    assert {u.split(":", 1)[0] for u in browser.requests()} <= {"file", "data", "blob"}
+
+    browser.evaluate(
+        "document.getElementById('viewer-scene').value = '2/baseline'; "
+        "document.getElementById('viewer-scene').dispatchEvent(new Event('change'))"
+    )
+    assert wait_ready(browser) == "ready"
+    assert browser.evaluate("document.getElementById('viewer-root').dataset.scene") == "2/baseline"
+    first = browser.pixels("#viewer-canvas")
+    assert first.shape[0] > 300 and first.shape[1] > 600
+    assert (first.max(axis=-1) > 40).mean() > 0.05, "the viewer's canvas is blank"
+    browser.screenshot(ARTIFACTS / "viewer-sub-03-baseline.png", full_page=False)
+
+    # toggling an overlay: hide the registered follow-up, the baseline shows through
+    browser.evaluate(
+        "var b = document.querySelector('#viewer-layers input[type=checkbox][data-key]:not([disabled])');"
+        "b.click();"
+    )
+    wait_ready(browser)
+    hidden = browser.pixels("#viewer-canvas")
+    assert changed(first, hidden) > 0.002
+    # the tumour layer: its checkbox turns its colour off
+    toggled = browser.evaluate("""(function () {
+        var rows = Array.from(document.querySelectorAll('#viewer-layers .viewer-layer'));
+        var row = rows.find(r => /tumour ses-2/.test(r.textContent));
+        row.querySelector('input[type=checkbox]').click();
+        return row.querySelector('input[type=checkbox]').checked;
+    })()""")
+    assert toggled is False
+    wait_ready(browser)
+    no_tumour = browser.pixels("#viewer-canvas")
+    assert changed(hidden, no_tumour) > 0.0005
+
+    # scrolling a slice with the slider, then with the mouse wheel over a view
+    browser.evaluate(
+        "var s = document.getElementById('viewer-slice'); s.value = '300'; s.dispatchEvent(new Event('input'))"
+    )
+    wait_ready(browser)
+    scrolled = browser.pixels("#viewer-canvas")
+    assert changed(no_tumour, scrolled) > 0.01
+    x, y = browser.evaluate(
+        "(function(){var r=document.getElementById('viewer-canvas').getBoundingClientRect();"
+        "return [r.x + r.width * 0.15, r.y + r.height * 0.5];})()"
+    )
+    for _ in range(3):
+        browser.send(
+            "Input.dispatchMouseEvent",
+            {"type": "mouseWheel", "x": x, "y": y, "deltaX": 0, "deltaY": 120},
+            session=True,
+        )
+    wait_ready(browser)
+    wheeled = browser.pixels("#viewer-canvas")
+    assert changed(scrolled, wheeled) > 0.005
+    # values under the cursor, in the volumes' units
+    browser.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y}, session=True)
+    status = browser.evaluate("document.getElementById('viewer-location').textContent")
+    assert (
+        status.startswith("under cursor") and "log-Jacobian" in status and "tumour ses-1" in status
+    )
+
+    # flicker: the canvas alternates between the fixed image and the registered scan; each capture
+    # is kept only when the button's label (what is shown) is the same before and after it
+    browser.evaluate("document.querySelector('#viewer-flicker button').click()")
+    label = "document.querySelector('#viewer-flicker button').textContent"
+    seen: dict[str, np.ndarray] = {}
+    for _ in range(20):
+        before = browser.evaluate(label)
+        frame = browser.pixels("#viewer-canvas")
+        if browser.evaluate(label) == before:
+            seen.setdefault(before, frame)
+        if len(seen) == 2:
+            break
+        browser.evaluate(
+            f"new Promise(r => {{ var t = setInterval(function () {{ if ({label} !== {json.dumps(before)}) {{ clearInterval(t); r(); }} }}, 20); }})"
+        )
+    assert len(seen) == 2, list(seen)
+    assert any("registered" in k for k in seen) and any("(fixed)" in k for k in seen)
+    first_frame, second_frame = seen.values()
+    assert changed(first_frame, second_frame) > 0.002
+    browser.evaluate("document.querySelector('#viewer-flicker button').click()")
+    browser.screenshot(ARTIFACTS / "viewer-sub-03-scrolled.png", full_page=False)
+    assert browser.errors() == []
+
+
+def test_viewer_opens_at_the_scene_and_mark_a_link_names(browser, pages):
+    target = (pages / "sub-02.html").resolve().as_uri() + "#view=1/atlas&mark=min-jacobian"
+    browser.events.clear()
+    browser.send("Page.navigate", {"url": target}, session=True)
+    browser.wait_for("Page.loadEventFired")
+    assert wait_ready(browser) == "ready"
+    assert browser.evaluate("document.getElementById('viewer-root').dataset.scene") == "1/atlas"
+    # sub-02 has no warp to the atlas: no Jacobian to go to, the scene still opens and says what is missing
+    notes = browser.evaluate("document.querySelector('#viewer-layers .note').textContent")
+    assert "space-atlas_T1w.nii.gz not found" in notes
+    assert (browser.pixels("#viewer-canvas").max(axis=-1) > 40).mean() > 0.05
+    browser.screenshot(ARTIFACTS / "viewer-sub-02-atlas.png", full_page=False)
+    assert browser.errors() == []

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atlasflow.io.atomic import atomic_write_text
-from atlasflow.layout import CohortFiles, skipped_inputs, subject_page
+from atlasflow.layout import STAGES, CohortFiles, skipped_inputs, subject_page
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.checks import format_metric
 from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
@@ -122,7 +122,11 @@ def _subject_row(q: SubjectQC, reports_dir: Path) -> str:
             'the verdict here is recomputed">older page</a>'
         )
     else:
-        link = f'<a href="{esc(name)}">open</a>'
+        link = (
+            f'<a href="{esc(name)}">open</a> \u00b7 '
+            f'<a href="{esc(name)}#{esc(viewer_anchor(q))}" title="open the interactive viewer'
+            f'{" at the flagged registration" if q.status == "flag" else ""}">viewer</a>'
+        )
     response = q.response
     return (
         f'<tr class="{q.status}"><td>sub-{esc(q.subject)}</td><td class="num">{len(q.sessions)}</td>'
@@ -135,6 +139,16 @@ def _subject_row(q: SubjectQC, reports_dir: Path) -> str:
         + _cell(summary, "atlas/dice_mean", "dice_mean")
         + f"<td>{badge(response, response.replace('_', ' ')) if response else ''}</td><td>{link}</td></tr>"
     )
+
+
+def viewer_anchor(q: SubjectQC) -> str:
+    """The subject page's anchor for its viewer: the first flagged registration's scene, at the
+    most compressed voxel when folding flagged it (see :mod:`atlasflow.reports.viewer`)."""
+    for c in q.checks:
+        if c.status == "flag" and c.stage in STAGES:
+            mark = "&mark=min-jacobian" if c.metric == "folding_fraction" else ""
+            return f"view={c.session}/{c.stage}{mark}"
+    return "viewer"
 
 
 def _failed_html(ordered: list[SubjectQC]) -> str:

@@ -72,6 +72,11 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="HTML page to write")
     p.add_argument("--qc-json", default=None, help="default: sub-S_qc.json next to the page")
     p.add_argument("--figures-dir", default=None, help="also write the figures here as PNGs")
+    p.add_argument(
+        "--no-viewer",
+        action="store_true",
+        help="leave out the interactive viewer (its embedded volumes): static figures only",
+    )
     add_qc_arguments(p)
     p = sub.add_parser("cohort", help="the cohort report (cohort.html)")
     p.add_argument("--outdir", required=True)
@@ -107,6 +112,7 @@ def run_report(args: argparse.Namespace) -> int:
             longitudinal=False if args.cross_sectional else None,
             figures_dir=args.figures_dir,
             qc_json=args.qc_json,
+            with_viewer=not args.no_viewer,
         )
         print(f"sub-{summary['subject']}: {summary['status']}; report {args.out}")
         return 0

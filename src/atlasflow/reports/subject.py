@@ -16,6 +16,7 @@ from atlasflow.reports.checks import STAGE_TITLES, format_metric
 from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
 from atlasflow.reports.panels import Panel, save_figures, subject_panels
 from atlasflow.reports.qc import SubjectQC, subject_qc
+from atlasflow.reports.viewer import viewer_html
 
 
 def response_rule() -> str:
@@ -207,9 +208,10 @@ def _errors_html(errors: list[dict], missing: list[dict]) -> str:
     return "".join(parts)
 
 
-def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]]) -> str:
+def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]], viewer: str = "") -> str:
+    """The page; ``viewer`` is the interactive viewer's section (:mod:`atlasflow.reports.viewer`)."""
     s = qc.subject
-    nav = "".join(
+    nav = ('<a href="#viewer">viewer</a>' if viewer else "") + "".join(
         f'<a href="#{esc(name)}">{esc("ses-" + name if name != "longitudinal" else name)}</a>'
         for name, _ in sections
     )
@@ -225,6 +227,7 @@ def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]]) -> str:
         if qc.checks
         else '<p class="muted">No QC numbers: the registrations have not produced their QC files.</p>',
         _errors_html(qc.errors, qc.missing),
+        viewer,
     ]
     for name, panels in sections:
         if name == "longitudinal":
@@ -260,12 +263,14 @@ def write_subject_report(
     longitudinal: bool | None = None,
     figures_dir: str | Path | None = None,
     qc_json: str | Path | None = None,
+    with_viewer: bool = True,
 ) -> dict:
     """Write ``sub-S.html`` and ``sub-S_qc.json`` (default: next to the page); return the QC summary.
 
     ``sessions`` in acquisition order (the first is the baseline unless ``baseline`` says otherwise);
     ``raw_inputs`` maps session -> the manifest's T1w path. With ``figures_dir`` the figures are also
-    written there as PNGs (for Snakemake's ``report()``).
+    written there as PNGs (for Snakemake's ``report()``). ``with_viewer=False`` leaves out the
+    interactive viewer (its embedded volumes and script), keeping only the static figures.
     """
     outdir, out_html = Path(outdir), Path(out_html)
     qc = subject_qc(
@@ -277,7 +282,8 @@ def write_subject_report(
         longitudinal=longitudinal,
     )
     sections = subject_panels(outdir, qc, raw_inputs)
-    atomic_write_text(out_html, subject_html(qc, sections))
+    viewer = viewer_html(outdir, qc) if with_viewer else ""
+    atomic_write_text(out_html, subject_html(qc, sections, viewer))
     summary = qc.to_json()
     summary["report"] = out_html.name
     json_path = Path(qc_json) if qc_json else out_html.with_name(subject_qc_name(qc.subject))
