@@ -10,7 +10,9 @@ noise. Longitudinal ("tumour") subjects add a lesion grown from a white-matter s
 the tissue around it are moved by the flow of a radial velocity field (:class:`TumourModel`), so
 the tumour at every timepoint is the image of the baseline tumour under a known diffeomorphism and
 the Jacobian of that map integrates to the tumour's volume change. Follow-up scans also get a
-small change of head pose.
+small change of head pose. Beside every T1w the cohort may hold other contrasts (T2w, FLAIR:
+:mod:`~atlasflow.synth.contrasts`) of the same anatomy, each on its own grid, moved by a known
+small rigid map relative to the T1w.
 
 Point-mapping conventions (the package's :class:`~atlasflow.transforms.Transform`: fixed grid points
 to moving world points, pull-back, as ITK/ANTs), all in world RAS millimetres:
@@ -25,7 +27,8 @@ to moving world points, pull-back, as ITK/ANTs), all in world RAS millimetres:
 The text ``assets/truth_README.md``, written to ``truth/README.md`` with every cohort, spells this
 out next to the files. The pieces: :mod:`~atlasflow.synth.plan` (subjects, dates, names, random
 streams), :mod:`~atlasflow.synth.source` (the nilearn material), :mod:`~atlasflow.synth.fields`
-(random fields and deformations), :mod:`~atlasflow.synth.tumour` (the lesion) and
+(random fields and deformations), :mod:`~atlasflow.synth.tumour` (the lesion),
+:mod:`~atlasflow.synth.contrasts` (the other contrasts' appearance) and
 :mod:`~atlasflow.synth.tables` (the text files); this module draws, renders and writes subjects.
 """
 
