@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "manifest.csv").exists():
         make_demo_cohort(
             root, seed=args.seed, n_cross=0, n_long=args.subjects,
-            n_timepoints=args.timepoints, spacing_mm=args.spacing,
+            n_timepoints=args.timepoints, spacing_mm=args.spacing, contrasts=(),
         )
     rows = pd.read_csv(root / "manifest.csv", dtype=str).to_dict("records")
     truth = pd.read_csv(root / "truth" / "tumor_volumes.tsv", sep="\t", dtype=str)

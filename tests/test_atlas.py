@@ -377,7 +377,7 @@ def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path
     fixed point after iteration 1 (0.9364 -> 0.9365 -> 0.9366 -> 0.9366)."""
     from atlasflow.synth.demo import make_demo_cohort
 
-    make_demo_cohort(tmp_path, seed=0, n_cross=5, n_long=0, spacing_mm=4.0)
+    make_demo_cohort(tmp_path, seed=0, n_cross=5, n_long=0, spacing_mm=4.0, contrasts=())
     truth = load_image(tmp_path / "truth" / "template_T1w.nii.gz")
     brain = load_image(tmp_path / "truth" / "template_dseg.nii.gz", dtype=None).data > 0
     reference_mask = save_image(

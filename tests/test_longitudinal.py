@@ -98,7 +98,7 @@ def test_jacobian_volume_change_matches_the_simulated_growth(tmp_path):
     registration, integrated over the baseline tumour, gives the true volume change within 10%."""
     from atlasflow.synth.demo import make_demo_cohort
 
-    make_demo_cohort(tmp_path, seed=0, n_cross=0, n_long=1, n_timepoints=2, spacing_mm=2.0)
+    make_demo_cohort(tmp_path, seed=0, n_cross=0, n_long=1, n_timepoints=2, spacing_mm=2.0, contrasts=())
     rows = manifest_rows(tmp_path / "manifest.csv")
     truth = pd.read_csv(tmp_path / "truth" / "tumor_volumes.tsv", sep="\t", dtype={"session": str})
     for row in rows:

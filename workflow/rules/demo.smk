@@ -15,6 +15,7 @@ if config["cohort"] is None:
             layout.job_benchmark(OUT, "demo_data")
         params:
             demo=config["demo"],
+            contrasts=" ".join(config["demo"]["contrasts"]),
         threads: THREADS
         resources:
             mem_mb=2000,
@@ -22,4 +23,5 @@ if config["cohort"] is None:
         shell:
             "atlasflow --threads {threads} demo-data {params.demo[dir]} --seed {params.demo[seed]} "
             "--n-cross {params.demo[n_cross]} --n-long {params.demo[n_long]} "
-            "--n-timepoints {params.demo[n_timepoints]} --spacing {params.demo[spacing_mm]} > {log} 2>&1"
+            "--n-timepoints {params.demo[n_timepoints]} --spacing {params.demo[spacing_mm]} "
+            "--contrasts {params.contrasts} > {log} 2>&1"

@@ -16,12 +16,21 @@ from atlasflow.registration.options import RegistrationOptions, add_qc_arguments
 
 
 def add_demo_data_arguments(p: argparse.ArgumentParser) -> None:
+    from atlasflow.synth.plan import DEMO_CONTRASTS, SYNTH_CONTRASTS
+
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-cross", type=int, default=8)
     p.add_argument("--n-long", type=int, default=3)
     p.add_argument("--n-timepoints", type=int, default=3)
     p.add_argument("--spacing", type=float, default=2.0)
+    p.add_argument(
+        "--contrasts",
+        nargs="*",
+        choices=SYNTH_CONTRASTS,
+        default=list(DEMO_CONTRASTS),
+        help="contrasts written beside every T1w, each on its own grid (none: T1w only)",
+    )
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
@@ -34,6 +43,7 @@ def run_demo_data(args: argparse.Namespace) -> int:
         n_long=args.n_long,
         n_timepoints=args.n_timepoints,
         spacing_mm=args.spacing,
+        contrasts=args.contrasts,
     )
     print(f"demo cohort written; manifest: {manifest}")
     return 0

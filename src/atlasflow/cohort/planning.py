@@ -48,7 +48,7 @@ def resolve_cohort(
     """
     cohort = config.get("cohort")
     if cohort is None:
-        from atlasflow.synth.plan import demo_manifest
+        from atlasflow.synth.plan import DEMO_CONTRASTS, demo_manifest
 
         demo = config["demo"]
         table = demo_manifest(
@@ -56,6 +56,7 @@ def resolve_cohort(
             n_cross=demo["n_cross"],
             n_long=demo["n_long"],
             n_timepoints=demo["n_timepoints"],
+            contrasts=demo.get("contrasts", DEMO_CONTRASTS),
         )
         table = _normalise(table)
         for column in IMAGE_COLUMNS:

@@ -10,7 +10,9 @@ noise. Longitudinal ("tumour") subjects add a lesion grown from a white-matter s
 the tissue around it are moved by the flow of a radial velocity field (:class:`TumourModel`), so
 the tumour at every timepoint is the image of the baseline tumour under a known diffeomorphism and
 the Jacobian of that map integrates to the tumour's volume change. Follow-up scans also get a
-small change of head pose.
+small change of head pose. Beside every T1w the cohort may hold other contrasts (T2w, FLAIR:
+:mod:`~atlasflow.synth.contrasts`) of the same anatomy, each on its own grid, moved by a known
+small rigid map relative to the T1w.
 
 Point-mapping conventions (the package's :class:`~atlasflow.transforms.Transform`: fixed grid points
 to moving world points, pull-back, as ITK/ANTs), all in world RAS millimetres:
@@ -25,7 +27,8 @@ to moving world points, pull-back, as ITK/ANTs), all in world RAS millimetres:
 The text ``assets/truth_README.md``, written to ``truth/README.md`` with every cohort, spells this
 out next to the files. The pieces: :mod:`~atlasflow.synth.plan` (subjects, dates, names, random
 streams), :mod:`~atlasflow.synth.source` (the nilearn material), :mod:`~atlasflow.synth.fields`
-(random fields and deformations), :mod:`~atlasflow.synth.tumour` (the lesion) and
+(random fields and deformations), :mod:`~atlasflow.synth.tumour` (the lesion),
+:mod:`~atlasflow.synth.contrasts` (the other contrasts' appearance) and
 :mod:`~atlasflow.synth.tables` (the text files); this module draws, renders and writes subjects.
 """
 
@@ -38,24 +41,36 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.io.images import Grid, Image, save_image
 from atlasflow.io.itk import save_transform
+from atlasflow.synth.contrasts import (
+    APPEARANCES,
+    contrast_template,
+    draw_alignment,
+    grid_spacing,
+    render_contrast,
+)
 from atlasflow.synth.fields import exp_velocity, random_affine, random_velocity, smooth_field
 from atlasflow.synth.plan import (
+    DEMO_CONTRASTS,
+    ORIENTATIONS,
     STREAM_ANATOMY,
     STREAM_SCAN,
     STREAM_TUMOUR,
     SubjectPlan,
     anat_path,
     check_arguments,
+    contrast_path,
+    contrast_rng,
     demo_manifest,
     plan_cohort,
     subject_rng,
     truth_prefix,
 )
-from atlasflow.synth.source import Source, load_source, resample_source
+from atlasflow.synth.source import Source, load_source, load_tissue_channels, resample_source
 from atlasflow.synth.tables import TUMOUR_LABEL, write_tables
-from atlasflow.synth.tumour import TumourModel
+from atlasflow.synth.tumour import LesionView, TumourModel
 from atlasflow.transforms import Transform, apply_transform, sample_voxels, world_coordinates
 
 # demo_manifest (from the torch-free plan) stays importable here, beside make_demo_cohort.
@@ -78,10 +93,12 @@ def oriented_grid(ras_grid: Grid, axcodes: str) -> Grid:
     return Grid(tuple(shape), affine)
 
 
-def _box_grid(lo: np.ndarray, hi: np.ndarray, spacing: float) -> Grid:
-    """RAS grid of isotropic ``spacing`` whose voxel centres cover the world box [lo, hi]."""
+def _box_grid(lo: np.ndarray, hi: np.ndarray, spacing: float | Sequence[float]) -> Grid:
+    """RAS grid of voxel size ``spacing`` (one, or one per axis) whose voxel centres cover the
+    world box [lo, hi]."""
+    spacing = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
     shape = tuple(int(n) for n in np.ceil((hi - lo) / spacing).astype(int) + 1)
-    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = lo
     return Grid(shape, affine)
 
@@ -103,16 +120,57 @@ class _Subject:
     params: dict
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
 @dataclass
 class _Session:
     t1w: Image
     dseg: Image
     tumour_mask: Image | None
     template_to_subject: Transform  # the truth: fixed = template grid, moving = this scan
+
+
+def _scan_to_template(
+    source: Source, subject: _Subject, t: int, pose: np.ndarray, grid: Grid
+) -> tuple[Transform, tuple | None]:
+    """The map from the points of ``grid`` to the template at session ``t`` of ``subject``, seen
+    by a scanner whose world is the baseline world moved by ``pose``; and the tumour's polar
+    coordinates (:meth:`TumourModel.normalised`) of the grid's points (None without a tumour)."""
+    tgrid, affine = source.template_grid, subject.affine
+    tumour = None if subject.tumour is None else (subject.tumour, subject.tumour.times[t])
+    pose_linear, affine_linear = pose[:3, :3], affine[:3, :3]
+    scan_points = world_coordinates(grid)
+    baseline_points = scan_points @ np.linalg.inv(pose)[:3, :3].T + np.linalg.inv(pose)[:3, 3]
+
+    # Scan point y -> healthy baseline point h = b + e(b), b = P^-1 y (e = 0 without a tumour).
+    polar = None
+    if tumour is not None:
+        model, tau = tumour
+        polar = model.normalised(baseline_points)
+        healthy = model.flow(baseline_points, -tau, polar)
+        first = (healthy - baseline_points) @ pose_linear.T
+    else:
+        first = np.zeros(grid.shape + (3,), np.float32)
+
+    # Scan point -> template point: x = A^-1 h + w(A^-1 h) written as (P A)^-1 (y + D(y)).
+    to_template_affine = np.linalg.inv(pose @ affine)
+    warp_at = apply_transform(
+        Image(subject.inverse_warp, tgrid.affine),
+        Transform(to_template_affine, Image(first, grid.affine)),
+        grid,
+    ).data
+    displacement = first + warp_at @ (pose_linear @ affine_linear).T
+    transform = Transform(to_template_affine, Image(displacement.astype(np.float32), grid.affine))
+    return transform, polar
+
+
+def _lesion(
+    subject: _Subject, t: int, pose: np.ndarray, grid: Grid, polar: tuple, rng: np.random.Generator
+) -> LesionView:
+    """The tumour of session ``t`` on ``grid`` (scanner world = baseline moved by ``pose``); its
+    texture is the first draw of ``rng``, in baseline world."""
+    model = subject.tumour
+    baseline_grid = Grid(grid.shape, np.linalg.inv(pose) @ grid.affine)
+    texture = smooth_field(rng, baseline_grid, 1, (6.0, 15.0), 1.0, 8)[..., 0]
+    return model.view(polar[0], model.times[t], texture)
 
 
 def _render_session(
@@ -122,36 +180,13 @@ def _render_session(
     then the scanner."""
     tgrid, scan_grid, affine = source.template_grid, subject.scan, subject.affine
     forward_warp, pose = subject.forward_warp, subject.poses[t]
-    tumour = None if subject.tumour is None else (subject.tumour, subject.tumour.times[t])
-    pose_linear, affine_linear = pose[:3, :3], affine[:3, :3]
-    scan_points = world_coordinates(scan_grid)
-    baseline_points = scan_points @ np.linalg.inv(pose)[:3, :3].T + np.linalg.inv(pose)[:3, 3]
-
-    # Scan point y -> healthy baseline point h = b + e(b), b = P^-1 y (e = 0 without a tumour).
-    if tumour is not None:
-        model, tau = tumour
-        polar = model.normalised(baseline_points)
-        healthy = model.flow(baseline_points, -tau, polar)
-        first = (healthy - baseline_points) @ pose_linear.T
-    else:
-        first = np.zeros(scan_grid.shape + (3,), np.float32)
-
-    # Scan point -> template point: x = A^-1 h + w(A^-1 h) written as (P A)^-1 (y + D(y)).
-    to_template_affine = np.linalg.inv(pose @ affine)
-    warp_at = apply_transform(
-        Image(subject.inverse_warp, tgrid.affine),
-        Transform(to_template_affine, Image(first, scan_grid.affine)),
-        scan_grid,
-    ).data
-    displacement = first + warp_at @ (pose_linear @ affine_linear).T
-    subject_to_template = Transform(
-        to_template_affine, Image(displacement.astype(np.float32), scan_grid.affine)
-    )
+    subject_to_template, polar = _scan_to_template(source, subject, t, pose, scan_grid)
 
     # Template point -> scan point: y = P (Phi(A (x + u(x)))) = P A (x + W(x)).
     template_warp = forward_warp
-    if tumour is not None:
-        model, tau = tumour
+    if subject.tumour is not None:
+        model, tau = subject.tumour, subject.tumour.times[t]
+        affine_linear = affine[:3, :3]
         subject_points = (world_coordinates(tgrid) + forward_warp) @ affine_linear.T + affine[:3, 3]
         mass = model.flow(subject_points, tau) - subject_points
         template_warp = forward_warp + mass @ np.linalg.inv(affine_linear).T
@@ -163,19 +198,12 @@ def _render_session(
     anatomy /= source.wm_level
 
     mask = None
-    if tumour is not None:
-        model, tau = tumour
-        r = polar[0]
-        boundary = model.lesion_radius(tau)
-        mask = r < boundary
-        # Partial volume over about one voxel: (boundary - r) / |grad r| is a distance in voxels.
-        grad = np.linalg.norm(np.stack(np.gradient(r), -1), axis=-1) + 1e-6
-        inside = _sigmoid((boundary - r) / grad / 0.3)
-        core = _sigmoid((model.core_boundary(tau) - r) / grad / 0.3)
-        baseline_grid = Grid(scan_grid.shape, np.linalg.inv(pose) @ scan_grid.affine)
-        texture = smooth_field(rng, baseline_grid, 1, (6.0, 15.0), 1.0, 8)[..., 0]
-        lesion = core * 0.35 * (1 + 0.15 * texture) + (1 - core) * 1.25 * (1 + 0.06 * texture)
-        anatomy = (1 - inside) * anatomy + inside * lesion
+    if subject.tumour is not None:
+        lesion = _lesion(subject, t, pose, scan_grid, polar, rng)
+        core, texture, inside = lesion.core, lesion.texture, lesion.inside
+        tumour = core * 0.35 * (1 + 0.15 * texture) + (1 - core) * 1.25 * (1 + 0.06 * texture)
+        anatomy = (1 - inside) * anatomy + inside * tumour
+        mask = lesion.mask
         dseg[mask] = TUMOUR_LABEL
 
     # Scanner: contrast, gain, smooth bias fixed to the scanner frame, Rician noise.
@@ -212,7 +240,7 @@ def _anatomy_draws(
 def _scan_grid(
     source: Source,
     maps: Sequence[np.ndarray],
-    spacing: float,
+    spacing: float | Sequence[float],
     orientation: str,
     rng: np.random.Generator,
 ) -> Grid:
@@ -302,14 +330,84 @@ def _draw_subject(
     return _Subject(plan, affine, forward_warp, inverse_warp, poses, tumour, scan, params)
 
 
-def _write_subject(out_dir: Path, source: Source, subject: _Subject, seed: int) -> list[dict]:
-    """Render and write every session of one subject with its truth; return its volume rows."""
+def _write_contrasts(
+    out_dir: Path,
+    source: Source,
+    subject: _Subject,
+    t: int,
+    seed: int,
+    spacing_mm: float,
+    contrasts: Sequence[str],
+) -> dict:
+    """Render and write session ``t``'s scans of ``contrasts`` with their truth; return their
+    parameters.
+
+    Each contrast's world is the T1w's moved by a small rigid map ``R`` (the scanner's view of a
+    head that moved between the acquisitions), so it sees the baseline through ``R P_t`` where the
+    T1w sees it through ``P_t``; everything else about the anatomy is the T1w's.
+    """
+    plan = subject.plan
+    session, pose = plan.sessions[t], subject.poses[t]
+    brain_centre = 0.5 * (source.brain_box[0] + source.brain_box[1])
+    to_t1w = pose @ subject.affine
+    head_centre = to_t1w[:3, :3] @ brain_centre + to_t1w[:3, 3]
+    channels = load_tissue_channels(float(spacing_mm))
+    prefix = str(out_dir / truth_prefix(plan.subject, session))
+    params: dict[str, dict] = {}
+    for column in contrasts:
+        rng = contrast_rng(seed, plan.index, t, column)
+        rigid, rigid_params = draw_alignment(rng, head_centre)  # T1w world -> contrast world
+        contrast_pose = rigid @ pose
+        number = CONTRAST_COLUMNS.index(column) + 1
+        orientation = ORIENTATIONS[(plan.index + number) % len(ORIENTATIONS)]
+        spacing = grid_spacing(column, spacing_mm)
+        grid = _scan_grid(source, [contrast_pose @ subject.affine], spacing, orientation, rng)
+        to_template, polar = _scan_to_template(source, subject, t, contrast_pose, grid)
+        values = apply_transform(channels, to_template, grid).data
+        lesion = None
+        if subject.tumour is not None:
+            # The T1w's lesion texture: the first draw of its session's stream, replayed from a
+            # fresh generator (the T1w's own is not touched) and evaluated on this grid.
+            texture_rng = subject_rng(seed, plan.index, STREAM_SCAN + 1 + t)
+            lesion = _lesion(subject, t, contrast_pose, grid, polar, texture_rng)
+        scan = render_contrast(column, values, grid, lesion, rng)
+        save_image(
+            scan.image, out_dir / contrast_path(plan.subject, session, column), dtype=np.uint16
+        )
+        suffix = APPEARANCES[column].suffix
+        save_image(scan.dseg, f"{prefix}_space-{suffix}_dseg.nii.gz", dtype=np.uint8)
+        save_transform(Transform(rigid), f"{prefix}_from-{suffix}_to-T1w_mode-image_xfm.mat", None)
+        params[column] = {
+            "t1w_to_contrast_world": np.round(rigid, 6).tolist(),
+            **rigid_params,
+            "spacing_mm": list(spacing),
+            "orientation": orientation,
+            **scan.params,
+        }
+    return params
+
+
+def _write_subject(
+    out_dir: Path,
+    source: Source,
+    subject: _Subject,
+    seed: int,
+    spacing_mm: float,
+    contrasts: Sequence[str],
+) -> tuple[list[dict], dict]:
+    """Render and write every session of one subject with its truth; return its volume rows and
+    the parameters of its other contrasts per session."""
     plan, tumour = subject.plan, subject.tumour
     volume_rows: list[dict] = []
+    contrast_params: dict[str, dict] = {}
     for t, session in enumerate(plan.sessions):
         rendered = _render_session(
             source, subject, t, subject_rng(seed, plan.index, STREAM_SCAN + 1 + t)
         )
+        if contrasts:
+            contrast_params[f"ses-{session}"] = _write_contrasts(
+                out_dir, source, subject, t, seed, spacing_mm, contrasts
+            )
         save_image(rendered.t1w, out_dir / anat_path(plan.subject, session, "T1w"), dtype=np.uint16)
         save_image(
             rendered.dseg, out_dir / anat_path(plan.subject, session, "dseg"), dtype=np.uint8
@@ -348,7 +446,7 @@ def _write_subject(out_dir: Path, source: Source, subject: _Subject, seed: int) 
                 "true_volume_change_mm3": round(true_volume - baseline[1], 3),
             }
         )
-    return volume_rows
+    return volume_rows, contrast_params
 
 
 def make_demo_cohort(
@@ -359,15 +457,19 @@ def make_demo_cohort(
     n_long: int = 3,
     n_timepoints: int = 3,
     spacing_mm: float = 2.0,
+    contrasts: Sequence[str] = DEMO_CONTRASTS,
 ) -> Path:
     """Write the demo cohort (BIDS-like) and its ground truth under ``out_dir``; return the manifest.
 
-    Same arguments give byte-identical files. Layout (paths in the manifest are relative to
-    ``out_dir``): ``manifest.csv``, ``dseg.tsv``, ``participants.tsv``, ``dataset_description.json``,
-    ``sub-XX/sub-XX_sessions.tsv``, ``sub-XX/ses-N/anat/sub-XX_ses-N_{T1w,dseg,label-tumor_mask}.nii.gz``
-    and ``truth/`` (described in ``truth/README.md``, the text of ``assets/truth_README.md``).
+    Same arguments give byte-identical files, and the T1w files and their truth do not depend on
+    ``contrasts`` (the other contrasts written beside every T1w, each from its own random stream).
+    Layout (paths in the manifest are relative to ``out_dir``): ``manifest.csv``, ``dseg.tsv``,
+    ``participants.tsv``, ``dataset_description.json``, ``sub-XX/sub-XX_sessions.tsv``,
+    ``sub-XX/ses-N/anat/sub-XX_ses-N_{T1w,dseg,label-tumor_mask,T2w,FLAIR}.nii.gz`` and ``truth/``
+    (described in ``truth/README.md``, the text of ``assets/truth_README.md``).
     """
-    check_arguments(seed, n_cross, n_long, n_timepoints, spacing_mm)
+    contrasts = tuple(contrasts)
+    check_arguments(seed, n_cross, n_long, n_timepoints, spacing_mm, contrasts)
     out_dir = Path(out_dir)
     source = load_source(float(spacing_mm))
     tgrid = source.template_grid
@@ -378,6 +480,16 @@ def make_demo_cohort(
     save_image(
         Image(template_dseg, tgrid.affine), out_dir / "truth/template_dseg.nii.gz", dtype=np.uint8
     )
+    if contrasts:
+        channels = apply_transform(
+            load_tissue_channels(float(spacing_mm)), Transform.identity(), tgrid
+        ).data
+        for column in contrasts:
+            save_image(
+                contrast_template(column, channels, tgrid.affine),
+                out_dir / f"truth/template_{APPEARANCES[column].suffix}.nii.gz",
+                dtype=np.float32,
+            )
 
     plans = plan_cohort(seed, n_cross, n_long, n_timepoints)
     # The controls' velocity fields are centred on their mean, so that the true template is the
@@ -392,13 +504,27 @@ def make_demo_cohort(
             affine, params, velocity, rng = draws[i]
             draws[i] = (affine, params, velocity - centre, rng)
     parameters: dict[str, dict] = {}
+    contrast_parameters: dict[str, dict] = {}
     volume_rows: list[dict] = []
     for plan in plans:
         subject = _draw_subject(source, plan, seed, spacing_mm, draws[plan.index])
         parameters[f"sub-{plan.subject}"] = subject.params
-        volume_rows += _write_subject(out_dir, source, subject, seed)
+        rows, contrast_parameters[f"sub-{plan.subject}"] = _write_subject(
+            out_dir, source, subject, seed, spacing_mm, contrasts
+        )
+        volume_rows += rows
 
     write_tables(
-        out_dir, plans, seed, n_cross, n_long, n_timepoints, spacing_mm, parameters, volume_rows
+        out_dir,
+        plans,
+        seed,
+        n_cross,
+        n_long,
+        n_timepoints,
+        spacing_mm,
+        parameters,
+        volume_rows,
+        contrasts,
+        contrast_parameters,
     )
     return out_dir / "manifest.csv"

@@ -1,8 +1,9 @@
 """The material every demo subject is made from: nilearn's MNI152 2009 brain at 1 mm.
 
 Owns reading the skull-stripped T1, its grey- and white-matter probability maps and brain mask
-(package data of nilearn, no download), preparing them once per demo spacing (:func:`load_source`)
-and resampling T1 and tissue labels through a transform (:func:`resample_source`).
+(package data of nilearn, no download), preparing them once per demo spacing (:func:`load_source`,
+and :func:`load_tissue_channels` for the other contrasts, which are made from the tissue maps) and
+resampling T1 and tissue labels through a transform (:func:`resample_source`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class Source:
     wm_level: float  # median T1 value in white matter
     tumour_seeds: np.ndarray  # world points deep in white matter, where a lesion may start
     template_grid: Grid
+
+
+def antialias_sigma_mm(spacing_mm: float) -> float:
+    """Gaussian sigma (mm) whose FWHM makes up the difference between 1 mm and the demo voxel."""
+    return math.sqrt(max(spacing_mm**2 - 1.0, 0.0)) / 2.3548
 
 
 @functools.lru_cache(maxsize=2)
@@ -72,8 +78,7 @@ def load_source(spacing_mm: float) -> Source:
     crop_affine = affine.copy()
     crop_affine[:3, 3] = affine[:3, :3] @ lo_c + affine[:3, 3]
 
-    # Anti-aliasing: Gaussian whose FWHM makes up the difference between 1 mm and the demo voxel.
-    sigma_mm = math.sqrt(max(spacing_mm**2 - 1.0, 0.0)) / 2.3548
+    sigma_mm = antialias_sigma_mm(spacing_mm)
     t1 = full.data[crop]
     if sigma_mm > 0:
         t1 = ndimage.gaussian_filter(t1, sigma_mm, mode="constant")
@@ -94,3 +99,24 @@ def resample_source(
     tissue probabilities, so they are never interpolated as numbers)."""
     values = apply_transform(source.channels, transform, grid).data
     return np.ascontiguousarray(values[..., 0]), np.argmax(values[..., 1:], -1).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=2)
+def load_tissue_channels(spacing_mm: float) -> Image:
+    """The source's tissue probabilities for the contrasts made from them (cached; read-only).
+
+    (X, Y, Z, 7) on the source's 1 mm crop: background, CSF, GM and WM as in ``Source.channels``
+    (their most probable class is the label), then CSF, GM and WM pre-smoothed as the T1 is, so that
+    an image mixed from them (:mod:`atlasflow.synth.contrasts`) has the T1's resolution.
+    """
+    source = load_source(spacing_mm)
+    tissues = source.channels.data[..., 1:]
+    sigma_mm = antialias_sigma_mm(spacing_mm)
+    smoothed = [
+        ndimage.gaussian_filter(tissues[..., k], sigma_mm, mode="constant")
+        if sigma_mm > 0
+        else tissues[..., k]
+        for k in (1, 2, 3)
+    ]
+    channels = np.concatenate([tissues, np.stack(smoothed, -1)], -1)
+    return Image(np.ascontiguousarray(channels, np.float32), source.channels.affine)

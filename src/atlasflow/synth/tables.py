@@ -3,13 +3,14 @@
 Owns the text files :func:`~atlasflow.synth.demo.make_demo_cohort` writes beside the images
 (``dseg.tsv``, ``participants.tsv``, ``sub-XX/sub-XX_sessions.tsv``,
 ``dataset_description.json``, ``truth/tumor_volumes.tsv``, ``truth/parameters.json``,
-``truth/README.md``) and, last, ``manifest.csv``. The truth README is package data
+``truth/contrast_parameters.json``, ``truth/README.md``) and, last, ``manifest.csv``. The truth README is package data
 (``assets/truth_README.md``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -47,9 +48,15 @@ def write_tables(
     spacing_mm: float,
     parameters: dict,
     volume_rows: list[dict],
+    contrasts: Sequence[str] = (),
+    contrast_parameters: dict | None = None,
 ) -> None:
-    """Write every text file of the cohort; the manifest last, so its presence means complete."""
-    manifest = demo_manifest(seed, n_cross, n_long, n_timepoints)
+    """Write every text file of the cohort; the manifest last, so its presence means complete.
+
+    Without ``contrasts`` the files are those of a T1w-only cohort (no contrast parameters, no
+    mention of contrasts in the dataset description).
+    """
+    manifest = demo_manifest(seed, n_cross, n_long, n_timepoints, contrasts)
     atomic_write_text(
         out_dir / "dseg.tsv",
         _tsv(
@@ -82,7 +89,8 @@ def write_tables(
             {
                 "Name": "atlasflow.synth.demo.make_demo_cohort",
                 "Description": f"seed={seed} n_cross={n_cross} n_long={n_long} "
-                f"n_timepoints={n_timepoints} spacing_mm={spacing_mm}",
+                f"n_timepoints={n_timepoints} spacing_mm={spacing_mm}"
+                + (f" contrasts={','.join(contrasts)}" if contrasts else ""),
             }
         ],
     }
@@ -106,6 +114,11 @@ def write_tables(
     atomic_write_text(
         out_dir / "truth/parameters.json", json.dumps(parameters, indent=1, sort_keys=True) + "\n"
     )
+    if contrasts:
+        atomic_write_text(
+            out_dir / "truth/contrast_parameters.json",
+            json.dumps(contrast_parameters, indent=1, sort_keys=True) + "\n",
+        )
     atomic_write_text(out_dir / "truth/README.md", truth_readme())
     # The manifest last: its presence means the cohort is complete.
     atomic_write_text(out_dir / "manifest.csv", manifest.to_csv(index=False, lineterminator="\n"))

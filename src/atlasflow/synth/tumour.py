@@ -1,7 +1,9 @@
 """The demo cohort's tumour: a lesion grown by the flow of a radial velocity field.
 
 Owns :class:`TumourModel`: its random shape, the exact flow (and so the mass effect and its
-inverse at any flow time), the lesion boundary and the continuous lesion volume.
+inverse at any flow time), the lesion boundary and the continuous lesion volume, and
+:class:`LesionView`, the lesion of one session seen on one scan grid (what every contrast's
+rendering of it starts from).
 """
 
 from __future__ import annotations
@@ -10,6 +12,22 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+@dataclass
+class LesionView:
+    """The lesion of one session on one scan grid: the anatomy each contrast renders differently."""
+
+    mask: np.ndarray  # voxel centres inside the lesion (the tumour mask)
+    inside: np.ndarray  # lesion weight in [0, 1], a partial-volume edge of about one voxel
+    core: np.ndarray  # weight of the core (the image of the healthy-space {r < core_radius})
+    texture: np.ndarray  # smooth texture (unit rms) in baseline world: the same on every grid
+    radius: np.ndarray  # normalised radius r of each voxel
+    boundary: float  # the lesion boundary in r
 
 
 @dataclass
@@ -131,6 +149,20 @@ class TumourModel:
 
     def core_boundary(self, tau: float) -> float:
         return float(self.radial_flow(np.array([self.core_radius]), tau)[0])
+
+    def view(self, r: np.ndarray, tau: float, texture: np.ndarray) -> LesionView:
+        """The lesion at flow time ``tau`` on a grid whose voxels have normalised radius ``r``."""
+        boundary = self.lesion_radius(tau)
+        # Partial volume over about one voxel: (boundary - r) / |grad r| is a distance in voxels.
+        grad = np.linalg.norm(np.stack(np.gradient(r), -1), axis=-1) + 1e-6
+        return LesionView(
+            mask=r < boundary,
+            inside=sigmoid((boundary - r) / grad / 0.3),
+            core=sigmoid((self.core_boundary(tau) - r) / grad / 0.3),
+            texture=texture,
+            radius=r,
+            boundary=boundary,
+        )
 
     def lesion_volume(self, tau: float, n_directions: int = 50_000) -> float:
         """Continuous lesion volume (mm^3): ``lesion_radius^3 * mean(rho^3) * 4 pi / 3``.
