@@ -87,7 +87,9 @@ for c in CONTRASTS.used:
         input:
             image=cfiles.native(c),
             session_affine=cfiles.session_affine(c),
-            baseline=CONTRASTS.baseline_preproc(c),
+            baseline=CONTRASTS.baseline_file(c, "preproc"),
+            baseline_native=CONTRASTS.baseline_file(c, "native"),
+            baseline_session_affine=CONTRASTS.baseline_file(c, "session_affine"),
             **xfm("baseline"),
         output:
             warped=cfiles.in_space(c, "baseline"),
@@ -98,12 +100,16 @@ for c in CONTRASTS.used:
             log(f"{c}_change"),
         benchmark:
             bench(f"{c}_change")
+        params:
+            deformable="--deformable" if CONTRASTS.change == "deformable" else "",
+        threads: THREADS
         resources:
-            mem_mb=1500,
-            runtime=5,
+            mem_mb=2000,
+            runtime=10,
         shell:
-            "atlasflow contrast change --input {input.image} --session-affine {input.session_affine} "
-            "--affine {input.affine} --warp {input.warp} --baseline {input.baseline} "
+            "atlasflow --threads {threads} contrast change --input {input.image} --session-affine {input.session_affine} "
+            "--baseline-native {input.baseline_native} --baseline-session-affine {input.baseline_session_affine} "
+            "--affine {input.affine} --warp {input.warp} --baseline {input.baseline} {params.deformable} "
             "--output {output.warped} --out-difference {output.difference} > {log} 2>&1"
 
     rule:

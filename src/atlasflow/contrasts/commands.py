@@ -22,6 +22,11 @@ def add_contrast_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warp", help="warp/change: the T1w's displacement field into the space")
     p.add_argument("--fixed", help="warp: an image on the space's grid")
     p.add_argument("--baseline", help="change: the baseline's contrast in baseline space")
+    p.add_argument("--baseline-native", help="change: the baseline's contrast on its own grid")
+    p.add_argument("--baseline-session-affine", help="change: the baseline contrast's from-<contrast>_to-T1w transform")
+    p.add_argument(
+        "--deformable", action="store_true", help="change: keep the T1w registration's deformation (default: affine)"
+    )
     p.add_argument("--inputs", nargs="*", default=[], help="average: the members' images in atlas space")
     p.add_argument("--out-native")
     p.add_argument("--out-affine")
@@ -51,9 +56,27 @@ def run_contrast(args: argparse.Namespace) -> int:
     elif args.step == "warp":
         spaces.run_warp(args.input, args.session_affine, args.affine, args.warp, args.fixed, args.output)
     elif args.step == "change":
-        spaces.run_change(
-            args.input, args.session_affine, args.affine, args.warp, args.baseline, args.output, args.out_difference
+        info = spaces.run_change(
+            args.input,
+            args.session_affine,
+            args.baseline_native,
+            args.baseline_session_affine,
+            args.affine,
+            args.warp,
+            args.baseline,
+            args.output,
+            args.out_difference,
+            deformable=args.deformable,
         )
+        print(info)
     else:
-        spaces.run_average(args.inputs, args.output)
+        inputs = args.inputs
+        if getattr(args, "on_scan_error", None) == "skip":
+            # members whose scan failed hold failure records: average the others (at least one)
+            from atlasflow.errors import keep_successful
+
+            (inputs,), dropped = keep_successful([inputs], 1, "contrast atlas")
+            for line in dropped:
+                print(f"atlasflow: left out {line}")
+        spaces.run_average(inputs, args.output)
     return 0

@@ -8,8 +8,9 @@ Per contrast ``c`` of a scan (``workflow/rules/contrasts.smk``, one set of rules
 - ``c_to_template`` / ``c_to_atlas``: the own-grid image in template / atlas space through the
   T1w's transform composed with the session alignment (one interpolation);
 - ``atlas_c``: the mean of the atlas members' images in atlas space;
-- ``c_change`` (follow-ups whose baseline has ``c``): the follow-up in baseline space and its
-  difference to the baseline; ``c_change_to_atlas``: that difference in atlas space.
+- ``c_change`` (follow-ups whose baseline has ``c``): the follow-up in baseline space (its T1w
+  registrations composed, then refined on the two scans of ``c``) and its difference to the
+  baseline; ``c_change_to_atlas``: that difference in atlas space.
 
 Torch-free: Snakemake imports it when it parses the workflow.
 """
@@ -89,6 +90,7 @@ class ContrastPlan:
         self.dof = settings.get("align", "rigid")
         self.min_nmi = settings.get("min_nmi", 1.03)
         self.max_shift_mm = settings.get("max_shift_mm", 20.0)
+        self.change = settings.get("change", "affine")
 
     # --- per scan
 
@@ -115,9 +117,11 @@ class ContrastPlan:
     def member_images(self, c: str) -> list[str]:
         return [self.files.in_space(c, "atlas", s, t) for s, t in self.members_with(c)]
 
-    def baseline_preproc(self, c: str) -> Any:
-        """An input function: the subject's baseline contrast on its own T1w working grid."""
-        return lambda wc: self.files.preproc(c, wc.subject, self.plan.baseline[wc.subject])
+    def baseline_file(self, c: str, kind: str) -> Any:
+        """An input function: a file of the subject's baseline contrast (``kind`` a
+        :class:`ContrastFiles` method: preproc, native, session_affine)."""
+        method = getattr(self.files, kind)
+        return lambda wc: method(c, wc.subject, self.plan.baseline[wc.subject])
 
     # --- targets
 

@@ -274,3 +274,24 @@ def alignment_nmi(fixed: PreparedImage, moving: PreparedImage, world_map: np.nda
     """Normalised mutual information (1 = independent, 2 = one image determines the other) of the
     fixed foreground and the moving scan through ``world_map``, on a ``spacing`` mm grid."""
     return _Level(fixed, moving, spacing).score(world_map)
+
+
+def refine_alignment(fixed: PreparedImage, moving: PreparedImage, start: np.ndarray, rigid: bool = False) -> np.ndarray:
+    """A known-good start (fixed world -> moving world) refined by mutual information: rigid and
+    then affine (unless ``rigid``) at 2 mm, and at the scans' own resolution down to 1 mm.
+
+    For two scans of one contrast that other transforms already bring within a millimetre or
+    two (a follow-up FLAIR onto its baseline FLAIR through their T1w registrations): on open_ms
+    patient01 the composed map was 1.08 mm from the authors', refined 0.13 mm.
+    """
+    torch.manual_seed(0)
+    centre = centre_of_mass(fixed.image.data * fixed.mask, fixed.image.affine)
+    level = _Level(fixed, moving, 2.0)
+    best = optimise_nmi(level, start, centre, 40, 0.003, rigid=True)
+    if not rigid:
+        best = optimise_nmi(level, best, centre, 30, 0.002, rigid=False)
+    native = max(FINEST_MM, min(_finest(fixed), _finest(moving)))
+    if native < 2.0 - 1e-3:
+        steps, lr = NATIVE_LEVEL
+        best = optimise_nmi(_Level(fixed, moving, native), best, centre, steps, lr, rigid=rigid)
+    return best
