@@ -194,18 +194,23 @@
     layerControls(current);
   }
 
-  function startFlicker(key, button) {
+  // base: the overlay the flickered layer alternates with (drawn under it); none: the background
+  function startFlicker(key, base, button) {
     var saved = JSON.parse(JSON.stringify(state[current.id]));
     flicker = {key: key, saved: saved, button: button, on: true};
     current.layers.forEach(function (layer, i) {
-      if (i > 0) { layerState(current, layer).visible = layer.key === key; layerState(current, layer).opacity = 1; }
+      if (i > 0) {
+        layerState(current, layer).visible = layer.key === key || (!!base && layer.key === base);
+        layerState(current, layer).opacity = 1;
+      }
     });
     button.classList.add('on');
     var names = {};
     current.layers.forEach(function (l) { names[l.key] = l.name; });
+    var other = base ? names[base] : current.layers[0].name;
     var tick = function () {
       layerState(current, {key: key}).visible = flicker.on;
-      button.textContent = 'showing: ' + (flicker.on ? names[key] : current.layers[0].name) + ' (stop)';
+      button.textContent = 'showing: ' + (flicker.on ? names[key] : other) + ' (stop)';
       flicker.on = !flicker.on;
       applyOpacities();
     };
@@ -224,7 +229,7 @@
       button.addEventListener('click', function () {
         var again = flicker && flicker.button === button;
         stopFlicker();
-        if (!again) { startFlicker(pair.key, button); }
+        if (!again) { startFlicker(pair.key, pair.base, button); }
       });
       flickerBox.appendChild(button);
     });
