@@ -162,15 +162,19 @@ def test_scenes_of_a_longitudinal_subject(outputs):
         "ses-1 (fixed)",
         "ses-2 registered",
         "ses-2 before registration",
+        "ses-1 FLAIR",
+        "ses-2 FLAIR registered",
         "log-Jacobian",
         "difference",
         "displacement (mm)",
+        "FLAIR difference",
         "tumour ses-1",
         "tumour ses-2",
     ]
-    assert [label for label, _ in baseline.flicker] == [
+    assert [label for label, _, _ in baseline.flicker] == [
         "fixed vs registered",
         "fixed vs before registration",
+        "ses-1 vs ses-2 FLAIR",
     ]
     # marks: the follow-up tumour's centre (voxels 9..14 of a 2 mm grid centred on 0) and the
     # smallest log-Jacobian of the registration to the atlas
@@ -180,6 +184,53 @@ def test_scenes_of_a_longitudinal_subject(outputs):
     assert "min-jacobian" in by_id["1/atlas"].marks
     kinds = {embedded[layer.key].kind for layer in by_id["1/atlas"].layers}
     assert kinds == {"image", "signed", "labels"}
+
+
+def test_every_contrast_is_a_layer_with_a_flicker_against_the_t1w(outputs):
+    outdir, _ = outputs
+    qc = subject_qc(outdir, "03", REPORT_SESSIONS["03"], thresholds=REPORT_THRESHOLDS)
+    scenes, embedded, _ = viewer_data(outdir, qc)
+    by_id = {s.id: s for s in scenes}
+
+    def source(scene: str, name: str) -> str:
+        layer = next(la for la in by_id[scene].layers if la.name == name)
+        return embedded[layer.key].name
+
+    # the session's scene: the FLAIR on the T1w grid, hidden, flickered against the T1w itself
+    native = by_id["2/native"]
+    assert [la.name for la in native.layers][:2] == [
+        "ses-2 preprocessed",
+        "FLAIR (on the T1w grid)",
+    ]
+    assert not native.layers[1].visible and embedded[native.layers[1].key].kind == "image"
+    assert native.flicker == [("T1w vs FLAIR", native.layers[1].key, "")]
+    # template and atlas: the FLAIR carried there, flickered against the registered T1w
+    for stage in ("template", "atlas"):
+        scene = by_id[f"1/{stage}"]
+        flair = next(la for la in scene.layers if la.name == "ses-1 FLAIR registered")
+        registered = next(la for la in scene.layers if la.name == "ses-1 registered")
+        assert ("registered T1w vs FLAIR", flair.key, registered.key) in scene.flicker
+    assert source("1/atlas", "ses-1 FLAIR registered") == "ses-1 FLAIR registered"
+    # baseline space: the follow-up's FLAIR there, over the baseline's own FLAIR (embedded once,
+    # shared with the baseline's session scene), and the FLAIR difference map
+    baseline = by_id["2/baseline"]
+    base_flair = next(la for la in baseline.layers if la.name == "ses-1 FLAIR")
+    assert base_flair.key == by_id["1/native"].layers[1].key
+    followup = next(la for la in baseline.layers if la.name == "ses-2 FLAIR registered")
+    assert baseline.flicker[-1] == ("ses-1 vs ses-2 FLAIR", followup.key, base_flair.key)
+    difference = next(la for la in baseline.layers if la.name == "FLAIR difference")
+    assert embedded[difference.key].kind == "signed" and not difference.visible
+    config = baseline.to_json()
+    assert config["flicker"][-1] == {
+        "label": "ses-1 vs ses-2 FLAIR",
+        "key": baseline.flicker[-1][1],
+        "base": base_flair.key,
+    }
+    assert "base" not in config["flicker"][0]
+    # a subject without other contrasts has no such layers
+    plain = subject_qc(outdir, "01", REPORT_SESSIONS["01"], thresholds=REPORT_THRESHOLDS)
+    names = [la.name for sc in viewer_data(outdir, plain)[0] for la in sc.layers]
+    assert not any("FLAIR" in n for n in names)
 
 
 def test_missing_outputs_are_named_and_their_layers_left_out(outputs):

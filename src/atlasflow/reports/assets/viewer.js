@@ -127,14 +127,18 @@
   }
 
   function applyOpacities() {
+    // every opacity first, then one update: NiiVue's setOpacity re-blends all volumes per call,
+    // which a scene with a dozen layers (several contrasts) felt on every flicker step
+    var changed = false;
     current.layers.forEach(function (layer, i) {
       if (i >= nv.volumes.length) { return; }
       var kind = config.volumes[layer.key].kind;
       var opacity = effectiveOpacity(current, layer, i);
       // a colour bar for each map that is shown
       nv.volumes[i].colorbarVisible = opacity > 0 && (kind === 'signed' || kind === 'magnitude');
-      nv.setOpacity(i, opacity);
+      if (nv.volumes[i].opacity !== opacity) { nv.volumes[i].opacity = opacity; changed = true; }
     });
+    if (changed) { nv.updateGLVolume(); } else { nv.drawScene(); }
   }
 
   function layerControls(scene) {
