@@ -20,7 +20,13 @@ from atlasflow.reports.cohort import viewer_anchor, write_cohort_report
 from atlasflow.reports.html import asset
 from atlasflow.reports.qc import subject_qc
 from atlasflow.reports.subject import write_subject_report
-from atlasflow.reports.viewer import viewer_data
+from atlasflow.reports.viewer import (
+    PAGE_BUDGET,
+    VOLUME_BUDGET,
+    niivue_gzip_base64,
+    viewer_data,
+    volume_budget,
+)
 from atlasflow.reports.volumes import dequantise, downsample, embed, quantise
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "atlasflow" / "reports" / "assets"
@@ -142,7 +148,7 @@ def test_scenes_of_a_longitudinal_subject(outputs):
     outdir, _ = outputs
     qc = subject_qc(outdir, "03", REPORT_SESSIONS["03"], thresholds=REPORT_THRESHOLDS)
     scenes, embedded, factors = viewer_data(outdir, qc)
-    assert factors == (1, 1)
+    assert factors == (1, 1, 1)
     ids = [s.id for s in scenes]
     assert ids == [
         "1/native",
@@ -257,11 +263,22 @@ def test_volumes_are_downsampled_to_fit_the_page_budget(outputs):
     maps = sum(len(e.base64) for e in full.values() if e.kind in ("signed", "magnitude"))
     # maps give way first: a budget they break alone is met by downsampling only them
     _, fewer, factors = viewer_data(outdir, qc, budget=total - maps // 2)
-    assert factors == (1, 2)
+    assert factors == (1, 1, 2)
     assert all(
         (e.shape[0] <= full[k].shape[0] // 2) == (e.kind in ("signed", "magnitude"))
         for k, e in fewer.items()
     )
+    # then the other contrasts carried into template, atlas and baseline space; the T1w, the
+    # fixed images and each contrast on its own session's T1w grid keep their resolution
+    carried = {k for k, e in full.items() if e.name.endswith("FLAIR registered")}
+    assert len(carried) == 5  # ses-1 and ses-2 to template and atlas, ses-2 to baseline
+    small_maps = sum(len(e.base64) for e in fewer.values() if e.kind in ("signed", "magnitude"))
+    budget = total - maps + small_maps - sum(len(full[k].base64) for k in carried) // 2
+    _, less, factors = viewer_data(outdir, qc, budget=budget)
+    assert factors == (1, 2, 2)
+    for k, e in less.items():
+        coarse = e.kind in ("signed", "magnitude") or k in carried
+        assert (e.shape[0] <= full[k].shape[0] // 2) == coarse, e.name
     _, small, factors = viewer_data(outdir, qc, budget=total // 3)
     assert factors[0] >= 2
     assert sum(len(e.base64) for e in small.values()) <= total // 3
@@ -281,6 +298,10 @@ def test_subject_page_carries_the_viewer_and_stays_small(outputs, tmp_path):
     )
     html = page.read_text()
     assert page.stat().st_size < 10_000_000
+    # the volumes get what the figures and markup leave of the page budget
+    assert volume_budget(0) == VOLUME_BUDGET
+    assert volume_budget(PAGE_BUDGET - 3_000_000) == 3_000_000 - len(niivue_gzip_base64())
+    assert volume_budget(PAGE_BUDGET) == 0
     config = json.loads(re.search(r'id="viewer-config">(.*?)</script>', html).group(1))
     assert config["initial"] == "1/native"
     for key in config["volumes"]:

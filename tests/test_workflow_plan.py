@@ -148,7 +148,7 @@ def test_reports_wait_for_every_contrast_the_workflow_makes(plan):
     """The tiny demo has a FLAIR per scan: the subject report reads (and waits for) each scan's
     FLAIR outputs, the follow-up's FLAIR change, and is told the contrasts per session."""
     assert plan.contrasts.used == ["flair"]
-    assert plan.session_contrasts("04") == {"1": ["flair"], "2": ["flair"]}
+    assert plan.contrasts.of_subject("04") == {"1": ["flair"], "2": ["flair"]}
     files = plan.contrasts.files
     inputs = plan.subject_report_files(wc(subject="04"))
     for session in ("1", "2"):
@@ -167,10 +167,10 @@ def test_reports_wait_for_every_contrast_the_workflow_makes(plan):
     targets = set(plan.all_targets())
     made = [p for p in inputs if "FLAIR" in p]
     assert all(p in targets or "space-orig" in p or "baseline_desc-warped" in p for p in made)
-    assert plan.report_contrast_flags(wc(subject="04")) == "--contrasts 1=flair 2=flair"
+    assert plan.contrasts.report_flags(wc(subject="04")) == "--contrasts 1=flair 2=flair"
     assert layout.atlas_contrast("results", "flair") in plan.cohort_report_inputs()
     # a T1w-only cohort: no contrast inputs and the report command as before
     t1w_only = WorkflowPlan.from_config(config(contrasts={"use": []}), REPO, check_data=False)
-    assert t1w_only.report_contrast_flags(wc(subject="04")) == ""
+    assert t1w_only.contrasts.report_flags(wc(subject="04")) == ""
     assert not any("FLAIR" in p for p in t1w_only.subject_report_files(wc(subject="04")))
     assert not any("FLAIR" in p for p in t1w_only.cohort_report_inputs())

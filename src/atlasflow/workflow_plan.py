@@ -548,24 +548,8 @@ class WorkflowPlan:
             baseline=self.baseline[subject],
             labels=[t for t in sessions if self.has(subject, t, "labels")],
             tumour=[t for t in sessions if self.has(subject, t, "tumor_mask")],
-            contrasts=self.session_contrasts(subject),
+            contrasts=self.contrasts.of_subject(subject),
         ) + [self.rows[(subject, t)]["t1w"] for t in sessions]
-
-    def session_contrasts(self, subject: str) -> dict[str, list[str]]:
-        """Session -> the other contrasts the workflow processes for it (sessions with none left out)."""
-        found = {
-            t: [c for c in self.contrasts.used if self.has(subject, t, c)]
-            for t in self.sessions[subject]
-        }
-        return {t: cs for t, cs in found.items() if cs}
-
-    def report_contrast_flags(self, wildcards: Any) -> str:
-        """``--contrasts SESSION=c,...`` of the subject report ('' for a T1w-only subject, so a
-        T1w-only cohort's report command is what it was)."""
-        found = self.session_contrasts(wildcards.subject)
-        if not found:
-            return ""
-        return "--contrasts " + " ".join(f"{t}={','.join(cs)}" for t, cs in found.items())
 
     def subject_sessions(self, wildcards: Any) -> str:
         return " ".join(self.sessions[wildcards.subject])

@@ -34,7 +34,7 @@ rule report_subject:
         baseline=PLAN.subject_baseline,
         raw=PLAN.raw_scans,
         qc=PLAN.qc_flags,
-        contrasts=PLAN.report_contrast_flags,
+        contrasts=PLAN.contrasts.report_flags,
     resources:
         mem_mb=1500,
         runtime=5,

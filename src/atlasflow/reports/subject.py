@@ -302,7 +302,9 @@ def write_subject_report(
         contrasts=contrasts,
     )
     sections = all_panels(outdir, qc, raw_inputs)
-    viewer = viewer_html(outdir, qc) if with_viewer else ""
+    viewer = ""
+    if with_viewer:  # the volumes get what the figures and markup leave of the page budget
+        viewer = viewer_html(outdir, qc, other_bytes=len(subject_html(qc, sections)))
     atomic_write_text(out_html, subject_html(qc, sections, viewer))
     summary = qc.to_json()
     summary["report"] = out_html.name

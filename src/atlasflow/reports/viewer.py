@@ -41,11 +41,28 @@ from atlasflow.reports.qc import SubjectQC
 from atlasflow.reports.volumes import Embedded, embed
 
 VOLUME_BUDGET = 7_000_000  # bytes of base64 volume data per page before downsampling further
+#: A whole subject page (figures, viewer library and volumes) should stay under this: the
+#: volumes get what the rest of the page leaves, at most :data:`VOLUME_BUDGET`.
+PAGE_BUDGET = 10_000_000
 MAP_KINDS = ("signed", "magnitude")
-# Downsampling factors (anatomy, maps) tried in turn until the volumes fit the budget: the maps
+#: Tiers of volumes by what gives way first: the scans, fixed images and labels (``anatomy``),
+#: the other contrasts carried into template, atlas or baseline space (``carried``: their own
+#: session's scene keeps them on the T1w grid at full resolution), the maps.
+TIERS = ("anatomy", "carried", "maps")
+# Downsampling factors per tier tried in turn until the volumes fit the budget: the maps
 # (log-Jacobian, differences, displacement: smooth, noisy outside the head, so the largest
-# to store) give way first, the scans and labels later.
-FACTORS = ((1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 4), (4, 4))
+# to store) give way first, then the carried contrasts, the scans and labels last.
+FACTORS = (
+    (1, 1, 1),
+    (1, 1, 2),
+    (1, 2, 2),
+    (2, 2, 2),
+    (2, 2, 3),
+    (2, 3, 3),
+    (3, 3, 3),
+    (3, 3, 4),
+    (4, 4, 4),
+)
 LOG_JACOBIAN_FLOOR = float(np.log(1e-2))  # folded voxels (det J <= 0) are shown at this value
 
 
@@ -94,6 +111,12 @@ class _Source:
     kind: str
     derive: str = ""  # "log-jacobian": computed from a displacement field
     mark: str = ""  # "tumour": the mask's centre; "min-jacobian": the smallest value
+    carried: bool = False  # another contrast carried into a registration's space
+
+    @property
+    def tier(self) -> int:
+        """Its place in :data:`TIERS` (the column of :data:`FACTORS` it is downsampled by)."""
+        return 2 if self.kind in MAP_KINDS else (1 if self.carried else 0)
 
 
 class _Volumes:
@@ -113,6 +136,7 @@ class _Volumes:
         notes: list[str],
         derive: str = "",
         mark: str = "",
+        carried: bool = False,
     ) -> str | None:
         """The key of the volume at ``path``, or None (reason in ``notes``) when it is absent."""
         if path is None:
@@ -124,7 +148,7 @@ class _Volumes:
         for existing, source in self.sources.items():
             if source.path == Path(path) and source.derive == derive and source.kind == kind:
                 return existing
-        self.sources[key] = _Source(Path(path), name, kind, derive, mark)
+        self.sources[key] = _Source(Path(path), name, kind, derive, mark, carried)
         return key
 
     def read(self, key: str) -> Image:
@@ -145,9 +169,12 @@ class _Volumes:
             self.marks.setdefault(key, {})["min-jacobian"] = _world(image, at)
         return image
 
-    def embed_all(self, budget: int | None = None) -> tuple[dict[str, Embedded], tuple[int, int]]:
-        """Every volume embedded at the first downsampling factors of :data:`FACTORS` (anatomy,
-        maps) that fit ``budget`` bytes of base64 (default :data:`VOLUME_BUDGET`)."""
+    def embed_all(
+        self, budget: int | None = None
+    ) -> tuple[dict[str, Embedded], tuple[int, int, int]]:
+        """Every volume embedded at the first downsampling factors of :data:`FACTORS` (one per
+        tier of :data:`TIERS`) that fit ``budget`` bytes of base64 (default
+        :data:`VOLUME_BUDGET`); the last factors when none do."""
         budget = VOLUME_BUDGET if budget is None else budget
         images: dict[str, Image] = {}
         for key in list(self.sources):
@@ -157,9 +184,9 @@ class _Volumes:
                 self.failed[key] = f"{self.sources[key].name}: {exc}"
         done: dict[tuple[str, int], Embedded] = {}
 
-        def at(key: str, factors: tuple[int, int]) -> Embedded:
+        def at(key: str, factors: tuple[int, int, int]) -> Embedded:
             source = self.sources[key]
-            factor = factors[1] if source.kind in MAP_KINDS else factors[0]
+            factor = factors[source.tier]
             if (key, factor) not in done:
                 done[key, factor] = embed(images[key], key, source.name, source.kind, factor)
             return done[key, factor]
@@ -322,7 +349,7 @@ def _contrast_layers(
         else:
             base = registered
         path = Path(cfiles.in_space(c, stage, s, session))
-        key = volumes.add(path, f"ses-{session} {name} registered", "image", notes)
+        key = volumes.add(path, f"ses-{session} {name} registered", "image", notes, carried=True)
         if not key:
             continue
         layers.append(Layer(key, f"ses-{session} {name} registered", "gray", 1.0, False))
@@ -348,9 +375,10 @@ def niivue_gzip_base64() -> str:
 
 def viewer_data(
     outdir: Path, qc: SubjectQC, budget: int | None = None
-) -> tuple[list[Scene], dict[str, Embedded], tuple[int, int]]:
-    """Scenes with the volumes they draw embedded (and the downsampling factors, anatomy and maps,
-    that fitted ``budget``); layers whose volume failed to load are dropped, the reason noted."""
+) -> tuple[list[Scene], dict[str, Embedded], tuple[int, int, int]]:
+    """Scenes with the volumes they draw embedded (and the downsampling factors per tier of
+    :data:`TIERS` that fitted ``budget``); layers whose volume failed to load are dropped, the
+    reason noted."""
     scenes, volumes = subject_scenes(outdir, qc)
     embedded, factors = volumes.embed_all(budget)
     kept = []
@@ -372,9 +400,19 @@ def viewer_data(
     return kept, embedded, factors
 
 
-def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
-    """The viewer section of a subject page (empty when no volume could be read)."""
-    scenes, embedded, factors = viewer_data(outdir, qc)
+def volume_budget(other_bytes: int) -> int:
+    """Bytes of volumes a page may embed when the rest of it (figures, markup) takes
+    ``other_bytes``: what :data:`PAGE_BUDGET` leaves beside them and the viewer library, at most
+    :data:`VOLUME_BUDGET`."""
+    return max(0, min(VOLUME_BUDGET, PAGE_BUDGET - other_bytes - len(niivue_gzip_base64())))
+
+
+def viewer_html(
+    outdir: Path, qc: SubjectQC, initial: str | None = None, other_bytes: int = 0
+) -> str:
+    """The viewer section of a subject page (empty when no volume could be read); ``other_bytes``:
+    the size of the rest of the page (see :func:`volume_budget`)."""
+    scenes, embedded, factors = viewer_data(outdir, qc, volume_budget(other_bytes))
     if not scenes:
         return ""
     config = {
@@ -391,7 +429,11 @@ def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
     )
     shrunk = [
         f"{what} {f}\u00d7"
-        for what, f in (("maps", factors[1]), ("scans and labels", factors[0]))
+        for what, f in (
+            ("maps", factors[2]),
+            ("other contrasts outside their session's scene", factors[1]),
+            ("scans and labels", factors[0]),
+        )
         if f > 1
     ]
     coarser = (
