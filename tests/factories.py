@@ -265,6 +265,54 @@ def write_scan_outputs(
     save_image(label_map(template), anat_path(outdir, s, t, "space-atlas_dseg.nii.gz"))
 
 
+#: A contrast's name in output files and in its transform to the T1w (as atlasflow.layout spells them).
+CONTRAST_SUFFIX = {"t2w": "T2w", "flair": "FLAIR", "pdw": "PDw"}
+
+
+def contrast_qc_json(nmi_after: float = 1.072, shift_mm: float = 0.4, **extra) -> str:
+    """The text of a contrast's within-session alignment QC JSON, as the workflow writes it."""
+    return json.dumps(
+        {
+            "transform": "rigid",
+            "metric": "normalised mutual information (2 mm, T1w brain)",
+            "nmi_scanner": 1.05,
+            "nmi_after": nmi_after,
+            "shift_mm": shift_mm,
+            "rotation_deg": 1.2,
+            "seconds": 3.4,
+            "qc_thresholds": {"min_nmi": 1.03, "max_shift_mm": 20.0},
+            "qc_pass": True,
+            **extra,
+        }
+    )
+
+
+def write_contrast_outputs(outdir: Path, s: str, t: str, column: str, seed: int) -> None:
+    """One scan's other contrast (T2w, FLAIR, PDw): on its own coarser grid, aligned onto the
+    T1w's grid, the transform between them and its QC, and in template and atlas space."""
+    from atlasflow.io.itk import write_itk_affine
+
+    suffix = CONTRAST_SUFFIX[column]
+    t1w = blob_image(REPORT_SHAPE, seed=seed)
+    t1w = t1w.with_data(np.roll(t1w.data, 2, axis=0))
+    # Another contrast of the same head: inverted intensities inside it (bright fluid, dark tissue).
+    inverted = t1w.with_data(np.where(t1w.data > 0.2, 1.6 - t1w.data, 0.0).astype(np.float32))
+    save_image(inverted, anat_path(outdir, s, t, f"desc-preproc_{suffix}.nii.gz"))
+    own = blob_image((16, 18, 10), spacing=3.0, seed=seed)
+    save_image(
+        own.with_data(np.where(own.data > 0.2, 1.6 - own.data, 0.0).astype(np.float32)),
+        anat_path(outdir, s, t, f"space-orig_desc-preproc_{suffix}.nii.gz"),
+    )
+    write_itk_affine(np.eye(4), anat_path(outdir, s, t, f"from-{suffix}_to-T1w_mode-image_xfm.mat"))
+    anat_path(outdir, s, t, f"from-{suffix}_to-T1w_mode-image_desc-qc_xfm.json").write_text(
+        contrast_qc_json()
+    )
+    template = blob_image(REPORT_SHAPE, seed=100)
+    warped = template.with_data(np.where(template.data > 0.2, 1.6 - template.data, 0.0))
+    save_image(warped, anat_path(outdir, s, t, f"space-template_desc-warped_{suffix}.nii.gz"))
+    save_image(warped, anat_path(outdir, s, t, f"space-atlas_{suffix}.nii.gz"))
+
+
 def report_outputs(root: Path) -> tuple[Path, dict]:
     """Fake workflow outputs of :data:`REPORT_SESSIONS` under ``root/results``; returns (outdir,
     raw input per subject)."""
@@ -281,6 +329,10 @@ def report_outputs(root: Path) -> tuple[Path, dict]:
     frequency[10:15, 12:17, 8:12] = 0.5
     frequency[11:13, 13:15, 9:11] = 1.0
     save_image(template.with_data(frequency), outdir / "atlas" / "tumor_frequency.nii.gz")
+    save_image(
+        template.with_data(np.where(template.data > 0.2, 1.6 - template.data, 0.0)),
+        outdir / "atlas" / "atlas_FLAIR.nii.gz",
+    )
     (outdir / "atlas" / "metrics.tsv").write_text(
         "iteration\tmembers\ttemplate_change_rms\tmean_velocity_norm_mean_mm\tmean_velocity_norm_max_mm\t"
         "ncc_to_template_mean\tfolding_fraction_max\tfolding_fraction_mean\n"
@@ -311,9 +363,22 @@ def report_outputs(root: Path) -> tuple[Path, dict]:
     anat_path(outdir, "02", "1", "from-T1w_to-template_mode-image_xfm.nii.gz").unlink()
     anat_path(outdir, "02", "1", "from-T1w_to-atlas_mode-image_xfm.nii.gz").unlink()
     # sub-03: longitudinal, tumour grows from baseline (ses-1) to follow-up (ses-2).
+    # Both of its sessions have a FLAIR beside the T1w.
     write_scan_outputs(outdir, "03", "1", 3, qc_template=good, qc_atlas=good, tumour_voxels=2)
     write_scan_outputs(outdir, "03", "2", 4, qc_template=good, qc_atlas=good, tumour_voxels=3)
+    write_contrast_outputs(outdir, "03", "1", "flair", 3)
+    write_contrast_outputs(outdir, "03", "2", "flair", 4)
     baseline = blob_image(shape, seed=3)
+    save_image(
+        baseline.with_data(np.where(baseline.data > 0.2, 1.5 - baseline.data, 0.0)),
+        anat_path(outdir, "03", "2", "space-baseline_desc-warped_FLAIR.nii.gz"),
+    )
+    flair_change = np.zeros(shape, np.float32)
+    flair_change[9:15, 11:17, 7:13] = 0.5  # brighter where the tumour grew (oedema)
+    save_image(
+        baseline.with_data(flair_change),
+        anat_path(outdir, "03", "2", "space-baseline_desc-difference_FLAIR.nii.gz"),
+    )
     log_jac = np.zeros(shape, np.float32)
     log_jac[9:15, 11:17, 7:13] = 0.4
     save_image(
@@ -345,9 +410,10 @@ def report_outputs(root: Path) -> tuple[Path, dict]:
     longitudinal.mkdir(parents=True)
     (longitudinal / "sub-03_tumor.tsv").write_text(
         "session\tacq_date\tdays_since_baseline\tvolume_mm3\tchange_from_baseline_mm3\tchange_from_baseline_pct\t"
-        "change_from_previous_mm3\tchange_from_previous_pct\tgrowth_rate_mm3_per_day\tdoubling_time_days\tresponse\n"
-        "1\t2024-01-10\t0\t512\tn/a\tn/a\tn/a\tn/a\tn/a\tn/a\tbaseline\n"
-        "2\t2024-03-10\t60\t1728\t1216\t237.5\t1216\t237.5\t20.27\t34.2\tprogression\n"
+        "change_from_previous_mm3\tchange_from_previous_pct\tgrowth_rate_mm3_per_day\tdoubling_time_days\tresponse\t"
+        "necrosis_volume_ml\toedema_volume_ml\tenhancing_volume_ml\n"
+        "1\t2024-01-10\t0\t512\tn/a\tn/a\tn/a\tn/a\tn/a\tn/a\tbaseline\t0.064\t0.256\t0.192\n"
+        "2\t2024-03-10\t60\t1728\t1216\t237.5\t1216\t237.5\t20.27\t34.2\tprogression\t0.216\t1.08\t0.432\n"
     )
     # sub-04: preprocessing done, registration to the template failed with a logged error.
     save_image(blob_image(shape, seed=5), anat_path(outdir, "04", "1", "desc-preproc_T1w.nii.gz"))

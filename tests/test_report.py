@@ -165,8 +165,42 @@ def test_longitudinal_page_has_change_maps_volume_plot_and_response(reports):
     from atlasflow.longitudinal.change import PROGRESSION_PCT
 
     assert f"progression at {PROGRESSION_PCT:+g} % or more" in page
-    assert len(_images(page)) == 1 + 4 + 6  # tumour plot; 4 figures at baseline; 6 at follow-up
+    # tumour plot; at baseline 4 figures and the FLAIR's alignment; at follow-up 6, the FLAIR's
+    # alignment and its change since baseline
+    assert len(_images(page)) == 1 + 5 + 8
     assert reports["summaries"]["03"]["response"] == "progression"
+    assert "FLAIR change since baseline (ses-1)" in page
+    # the compartments' volumes: columns of the table and lines of the plot
+    assert "oedema (ml)" in page and "Lines per compartment: necrosis, oedema, enhancing." in page
+
+
+def test_every_contrast_has_its_alignment_figure_and_qc_row(reports):
+    page = (reports["pages"] / "sub-03.html").read_text()
+    alt = (
+        'alt="FLAIR aligned to the T1w (NMI 1.050 \u2192 1.072, shift 0.4 mm, rotation 1.2\u00b0)"'
+    )
+    assert page.count(alt) == 2  # one figure per session
+    table = page[
+        page.index('id="contrast-alignment"') : page.index(
+            "</table>", page.index('id="contrast-alignment"')
+        )
+    ]
+    rows = re.findall(r"<tr><td>ses-(\d)</td><td>(\w+)</td>(.*?)</tr>", table)
+    assert [(t, c) for t, c, _ in rows] == [("1", "FLAIR"), ("2", "FLAIR")]
+    cells = rows[0][2]
+    assert '<td class="num info">1.050</td>' in cells  # at the scanner's alignment: information
+    assert '<td class="num pass">\u2714 1.072</td>' in cells
+    assert '<td class="num pass">\u2714 0.4 mm</td>' in cells and "1.2\u00b0" in cells
+    assert "rigid, 3.4 s" in cells and "badge pass" in cells
+    assert (
+        "\u2265 1.030 (contrasts.min_nmi)" in table
+        and "\u2264 20.0 mm (contrasts.max_shift_mm)" in table
+    )
+    qc = reports["summaries"]["03"]
+    assert qc["contrasts"] == {"1": ["flair"], "2": ["flair"]}
+    assert qc["summary"]["contrast/nmi_after"]["status"] == "pass"
+    # a subject without other contrasts has no such table
+    assert 'id="contrast-alignment"' not in (reports["pages"] / "sub-01.html").read_text()
 
 
 def test_cohort_page_lists_flags_failures_links_and_atlas(reports):
@@ -183,7 +217,10 @@ def test_cohort_page_lists_flags_failures_links_and_atlas(reports):
     # Rows ordered by severity so problems come first.
     order = re.findall(r'<tr class="(\w+)"><td>sub-(\d+)</td>', page)
     assert order == [("failed", "04"), ("flag", "02"), ("pass", "01"), ("pass", "03")]
-    assert len(_images(page)) == 3 and "data-missing" not in page
+    assert len(_images(page)) == 4 and "data-missing" not in page
+    # the FLAIR atlas beside the T1w atlas; the worst contrast alignment per subject
+    assert 'alt="Atlas of every contrast"' in page and "the FLAIR atlas" in page
+    assert "contrast NMI (min)" in page and "\u2265 1.030 (contrasts.min_nmi)" in page
 
 
 def test_cohort_recomputes_a_stale_or_absent_subject_summary(reports, tmp_path):
@@ -222,9 +259,15 @@ def test_figures_exported_for_snakemake_report(reports):
     figures = reports["pages"] / "figures"
     names = sorted(p.name for p in (figures / "sub-03").iterdir())
     assert "sub-03_tumor.png" in names and "sub-03_ses-2_change.png" in names
+    assert {
+        "sub-03_ses-1_flair.png",
+        "sub-03_ses-2_flair.png",
+        "sub-03_ses-2_flair_change.png",
+    } <= set(names)
     # A figure that could not be drawn is still written, as a 'missing' PNG (fixed output names).
     assert (figures / "sub-02" / "sub-02_ses-1_jacobian.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in (figures / "cohort").iterdir()) == [
+        "atlas_contrasts.png",
         "atlas_convergence.png",
         "atlas_iterations.png",
         "tumor_frequency.png",
@@ -352,7 +395,14 @@ def test_declared_report_inputs_are_what_the_report_reads(reports):
     from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
 
     outdir = reports["outdir"]
-    declared = subject_report_inputs(outdir, "03", ["1", "2"], labels=["1", "2"], tumour=["1", "2"])
+    declared = subject_report_inputs(
+        outdir,
+        "03",
+        ["1", "2"],
+        labels=["1", "2"],
+        tumour=["1", "2"],
+        contrasts={"1": ["flair"], "2": ["flair"]},
+    )
     assert len(declared) == len(set(declared))
     # Every declared file exists in the complete fake subject, and every output file the page read is declared.
     assert all(Path(p).exists() for p in declared)
@@ -366,6 +416,12 @@ def test_declared_report_inputs_are_what_the_report_reads(reports):
         str(outdir / "sub-03/ses-2/anat/sub-03_ses-2_space-baseline_desc-logjacobian_map.nii.gz")
         in declared
     )
+    assert any(p.endswith("ses-2_space-baseline_desc-difference_FLAIR.nii.gz") for p in declared)
+    assert any(p.endswith("ses-1_from-FLAIR_to-T1w_mode-image_desc-qc_xfm.json") for p in read)
+    # the baseline has no difference map of its own
+    assert not any(
+        p.endswith("ses-1_space-baseline_desc-difference_FLAIR.nii.gz") for p in declared
+    )
     cross = subject_report_inputs(outdir, "01", ["1"])
     assert not any("baseline" in p or "tumor" in p or "dseg" in p for p in cross)
     # A follow-up without a tumour mask has no tumour mask on the baseline grid to wait for.
@@ -374,6 +430,8 @@ def test_declared_report_inputs_are_what_the_report_reads(reports):
     assert any("ses-1_label-tumor_desc-preproc_mask" in p for p in partial)
     cohort = cohort_report_inputs(outdir, 2, tumour=True)
     assert all(Path(p).exists() for p in cohort) and len(cohort) == 5
+    cohort = cohort_report_inputs(outdir, 2, tumour=True, contrasts=["flair"])
+    assert cohort[-1] == str(outdir / "atlas" / "atlas_FLAIR.nii.gz") and len(cohort) == 6
 
 
 def test_corrupt_inputs_become_placeholders_not_crashes(tmp_path):
@@ -437,3 +495,114 @@ def test_jacobian_on_the_view_planes_equals_the_full_volume_determinant():
         np.testing.assert_allclose(planes[:, j], full[:, j], rtol=1e-6)
         np.testing.assert_allclose(planes[:, :, k], full[:, :, k], rtol=1e-6)
         assert 0 < np.isfinite(planes).sum() < planes.size  # only the three planes are computed
+
+
+def _aligned_subject(outdir: Path, contrast_qc: str | None) -> None:
+    """sub-09: a T1w whose registrations pass and a FLAIR whose alignment QC is ``contrast_qc``."""
+    image = blob_image(SHAPE, seed=7)
+    save_image(image, _anat(outdir, "09", "1", "desc-preproc_T1w.nii.gz"))
+    for stage in ("template", "atlas"):
+        _anat(outdir, "09", "1", f"from-T1w_to-{stage}_mode-image_desc-qc_xfm.json").write_text(
+            _qc(0.5, 0.8, 0.0)
+        )
+    if contrast_qc is not None:
+        _anat(outdir, "09", "1", "from-FLAIR_to-T1w_mode-image_desc-qc_xfm.json").write_text(
+            contrast_qc
+        )
+
+
+def test_a_flagged_contrast_alignment_flags_the_subject(tmp_path):
+    from factories import contrast_qc_json
+
+    from atlasflow.reports.cohort import viewer_anchor
+
+    outdir = tmp_path / "results"
+    _aligned_subject(outdir, contrast_qc_json(nmi_after=1.012, shift_mm=24.0))
+    qc = subject_qc(outdir, "09", ["1"], thresholds=THRESHOLDS)
+    assert qc.contrasts == {"1": ["flair"]}  # found from its files
+    assert qc.status == "flag"
+    assert qc.reasons == [
+        "ses-1 FLAIR to T1w: NMI after 1.012 < 1.030 (contrasts.min_nmi)",
+        "ses-1 FLAIR to T1w: shift 24.0 mm > 20.0 mm (contrasts.max_shift_mm)",
+    ]
+    assert qc.summary()["contrast/nmi_after"]["status"] == "flag"
+    # the cohort page opens the session's scene, where the T1w flickers against the FLAIR
+    assert viewer_anchor(qc) == "view=1/native"
+    # numbers within the limits, but the JSON says the alignment failed: flagged with its reason
+    _aligned_subject(outdir, contrast_qc_json(qc_pass=False, qc_flags=["another head"]))
+    qc = subject_qc(outdir, "09", ["1"], thresholds=THRESHOLDS)
+    assert qc.status == "flag" and qc.reasons == ["ses-1 FLAIR to T1w: another head"]
+    # told the session has a FLAIR, when the alignment left nothing: incomplete, then failed once
+    # its job logged an error
+    _anat(outdir, "09", "1", "from-FLAIR_to-T1w_mode-image_desc-qc_xfm.json").unlink()
+    qc = subject_qc(outdir, "09", ["1"], thresholds=THRESHOLDS, contrasts={"1": ["flair"]})
+    assert qc.status == "incomplete"
+    assert "from-FLAIR_to-T1w_mode-image_desc-qc_xfm.json not found" in qc.reasons[0]
+    log = outdir / "logs" / "align_flair" / "sub-09_ses-1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("atlasflow: error: flair.nii.gz: not aligned to the session's T1w\n")
+    qc = subject_qc(outdir, "09", ["1"], thresholds=THRESHOLDS)  # found from its log
+    assert qc.contrasts == {"1": ["flair"]} and qc.status == "failed"
+    assert qc.reasons == [
+        "ses-1 align_flair failed: flair.nii.gz: not aligned to the session's T1w"
+    ]
+
+
+def test_tumour_plot_draws_a_line_per_compartment():
+    from PIL import Image as PILImage
+
+    from atlasflow.reports.figures import COMPARTMENT_COLOURS, tumor_volume_plot
+    from atlasflow.reports.panels import tumour_compartments
+
+    rows = [
+        {
+            "session": "1",
+            "volume_mm3": 500.0,
+            "necrosis_volume_ml": 0.1,
+            "oedema_volume_ml": 0.3,
+            "enhancing_volume_ml": 0.1,
+            "other_volume_ml": None,
+        },
+        {
+            "session": "2",
+            "volume_mm3": 900.0,
+            "necrosis_volume_ml": 0.2,
+            "oedema_volume_ml": 0.5,
+            "enhancing_volume_ml": None,
+            "other_volume_ml": None,
+        },
+    ]
+    lines = tumour_compartments(rows)
+    assert list(lines) == ["necrosis", "oedema", "enhancing"]  # columns without a value left out
+    assert lines["oedema"] == [0.3, 0.5] and np.isnan(lines["enhancing"][1])
+    assert tumour_compartments([{"session": "1", "volume_mm3": 1.0}]) == {}
+
+    def colours(png: bytes) -> set[tuple[int, int, int]]:
+        import io
+
+        pixels = np.asarray(PILImage.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+        return {tuple(int(v) for v in p) for p in np.unique(pixels, axis=0)}
+
+    def rgb(hex_colour: str) -> tuple[int, int, int]:
+        return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+
+    args = ([0.0, 60.0], [500.0, 900.0], ["1", "2"], ["baseline", "progression"], "sub-x")
+    with_lines = colours(tumor_volume_plot(*args, compartments=lines))
+    whole_only = colours(tumor_volume_plot(*args))
+    for colour in COMPARTMENT_COLOURS.values():
+        assert rgb(colour) in with_lines and rgb(colour) not in whole_only
+
+
+def test_cli_takes_the_contrasts_per_session(reports, tmp_path, capsys):
+    outdir = reports["outdir"]
+    out = tmp_path / "sub-03.html"
+    base = ["report", "subject", "--outdir", str(outdir), "--subject", "03", "--out", str(out)]
+    assert cli_main([*base, "--sessions", "1", "2", "--contrasts", "1=flair", "ses-2=FLAIR"]) == 0
+    qc = json.loads((tmp_path / "sub-03_qc.json").read_text())
+    assert qc["contrasts"] == {"1": ["flair"], "2": ["flair"]} and qc["status"] == "pass"
+    # told there is none: no contrast sections, no contrast checks
+    assert cli_main([*base, "--sessions", "1", "2", "--contrasts"]) == 0
+    assert "FLAIR aligned" not in out.read_text()
+    capsys.readouterr()
+    assert cli_main([*base, "--sessions", "1", "--contrasts", "1=dwi"]) == 1
+    assert "--contrasts '1=dwi': expected SESSION=C1,C2" in capsys.readouterr().err

@@ -252,7 +252,7 @@ def browser(tmp_path_factory):
     shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.mark.parametrize("name, n_images", [("sub-03", 11), ("sub-02", 3), ("cohort", 3)])
+@pytest.mark.parametrize("name, n_images", [("sub-03", 14), ("sub-02", 3), ("cohort", 4)])
 def test_report_renders_in_chromium(browser, pages, name, n_images):
     browser.open(pages / f"{name}.html")
     images = browser.evaluate(IMAGES_JS)
@@ -404,10 +404,22 @@ def test_viewer_draws_toggles_scrolls_and_flickers_offline(offline, pages):
         status.startswith("under cursor") and "log-Jacobian" in status and "tumour ses-1" in status
     )
 
-    # flicker: the canvas alternates between the fixed image and the registered scan; each capture
-    # is kept only when the button's label (what is shown) is the same before and after it
-    browser.evaluate("document.querySelector('#viewer-flicker button').click()")
-    label = "document.querySelector('#viewer-flicker button').textContent"
+    # flicker: the canvas alternates between the fixed image and the registered scan
+    seen = flicker_frames(browser, 0)
+    assert any("registered" in k for k in seen) and any("(fixed)" in k for k in seen)
+    first_frame, second_frame = seen.values()
+    assert changed(first_frame, second_frame) > 0.002
+    browser.screenshot(ARTIFACTS / "viewer-sub-03-scrolled.png", full_page=False)
+    assert browser.errors() == []
+
+
+def flicker_frames(browser, index: int) -> dict[str, np.ndarray]:
+    """Start the scene's ``index``-th flicker and capture the canvas in both of its states (a
+    capture is kept only when the button's label, naming what is shown, is the same before and
+    after it), then stop it: label -> pixels."""
+    button = f"document.querySelectorAll('#viewer-flicker button')[{index}]"
+    browser.evaluate(f"{button}.click()")
+    label = f"{button}.textContent"
     seen: dict[str, np.ndarray] = {}
     for _ in range(20):
         before = browser.evaluate(label)
@@ -419,12 +431,57 @@ def test_viewer_draws_toggles_scrolls_and_flickers_offline(offline, pages):
         browser.evaluate(
             f"new Promise(r => {{ var t = setInterval(function () {{ if ({label} !== {json.dumps(before)}) {{ clearInterval(t); r(); }} }}, 20); }})"
         )
+    browser.evaluate(f"{button}.click()")
     assert len(seen) == 2, list(seen)
-    assert any("registered" in k for k in seen) and any("(fixed)" in k for k in seen)
-    first_frame, second_frame = seen.values()
-    assert changed(first_frame, second_frame) > 0.002
-    browser.evaluate("document.querySelector('#viewer-flicker button').click()")
-    browser.screenshot(ARTIFACTS / "viewer-sub-03-scrolled.png", full_page=False)
+    return seen
+
+
+def show_scene(browser, scene: str) -> None:
+    browser.evaluate(
+        f"document.getElementById('viewer-scene').value = {json.dumps(scene)}; "
+        "document.getElementById('viewer-scene').dispatchEvent(new Event('change'))"
+    )
+    assert wait_ready(browser) == "ready"
+    assert browser.evaluate("document.getElementById('viewer-root').dataset.scene") == scene
+
+
+def test_viewer_flickers_the_t1w_against_each_contrast(offline, pages):
+    browser = offline
+    browser.open(pages / "sub-03.html")
+    assert wait_ready(browser) == "ready"
+    # the session's scene: T1w (background) against the FLAIR on its grid
+    show_scene(browser, "2/native")
+    assert "FLAIR (on the T1w grid)" in browser.evaluate(
+        "document.getElementById('viewer-layers').textContent"
+    )
+    seen = flicker_frames(browser, 0)
+    assert set(seen) == {
+        "showing: FLAIR (on the T1w grid) (stop)",
+        "showing: ses-2 preprocessed (stop)",
+    }
+    assert changed(*seen.values()) > 0.01  # inverted contrast: most of the head changes
+    # atlas space: the registered T1w against the FLAIR carried there (two overlays alternate)
+    show_scene(browser, "2/atlas")
+    buttons = (
+        "Array.from(document.querySelectorAll('#viewer-flicker button')).map(b => b.textContent)"
+    )
+    labels = browser.evaluate(buttons)
+    seen = flicker_frames(browser, labels.index("flicker registered T1w vs FLAIR"))
+    assert set(seen) == {
+        "showing: ses-2 FLAIR registered (stop)",
+        "showing: ses-2 registered (stop)",
+    }
+    assert changed(*seen.values()) > 0.01
+    # baseline space: the baseline's FLAIR against the follow-up's, and the FLAIR difference map
+    show_scene(browser, "2/baseline")
+    labels = browser.evaluate(buttons)
+    assert "flicker ses-1 vs ses-2 FLAIR" in labels
+    seen = flicker_frames(browser, labels.index("flicker ses-1 vs ses-2 FLAIR"))
+    assert set(seen) == {"showing: ses-2 FLAIR registered (stop)", "showing: ses-1 FLAIR (stop)"}
+    assert "FLAIR difference" in browser.evaluate(
+        "document.getElementById('viewer-layers').textContent"
+    )
+    browser.screenshot(ARTIFACTS / "viewer-sub-03-flair.png", full_page=False)
     assert browser.errors() == []
 
 

@@ -20,7 +20,13 @@ from atlasflow.reports.cohort import viewer_anchor, write_cohort_report
 from atlasflow.reports.html import asset
 from atlasflow.reports.qc import subject_qc
 from atlasflow.reports.subject import write_subject_report
-from atlasflow.reports.viewer import viewer_data
+from atlasflow.reports.viewer import (
+    PAGE_BUDGET,
+    VOLUME_BUDGET,
+    niivue_gzip_base64,
+    viewer_data,
+    volume_budget,
+)
 from atlasflow.reports.volumes import dequantise, downsample, embed, quantise
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "atlasflow" / "reports" / "assets"
@@ -142,7 +148,7 @@ def test_scenes_of_a_longitudinal_subject(outputs):
     outdir, _ = outputs
     qc = subject_qc(outdir, "03", REPORT_SESSIONS["03"], thresholds=REPORT_THRESHOLDS)
     scenes, embedded, factors = viewer_data(outdir, qc)
-    assert factors == (1, 1)
+    assert factors == (1, 1, 1)
     ids = [s.id for s in scenes]
     assert ids == [
         "1/native",
@@ -162,15 +168,19 @@ def test_scenes_of_a_longitudinal_subject(outputs):
         "ses-1 (fixed)",
         "ses-2 registered",
         "ses-2 before registration",
+        "ses-1 FLAIR",
+        "ses-2 FLAIR registered",
         "log-Jacobian",
         "difference",
         "displacement (mm)",
+        "FLAIR difference",
         "tumour ses-1",
         "tumour ses-2",
     ]
-    assert [label for label, _ in baseline.flicker] == [
+    assert [label for label, _, _ in baseline.flicker] == [
         "fixed vs registered",
         "fixed vs before registration",
+        "ses-1 vs ses-2 FLAIR",
     ]
     # marks: the follow-up tumour's centre (voxels 9..14 of a 2 mm grid centred on 0) and the
     # smallest log-Jacobian of the registration to the atlas
@@ -180,6 +190,53 @@ def test_scenes_of_a_longitudinal_subject(outputs):
     assert "min-jacobian" in by_id["1/atlas"].marks
     kinds = {embedded[layer.key].kind for layer in by_id["1/atlas"].layers}
     assert kinds == {"image", "signed", "labels"}
+
+
+def test_every_contrast_is_a_layer_with_a_flicker_against_the_t1w(outputs):
+    outdir, _ = outputs
+    qc = subject_qc(outdir, "03", REPORT_SESSIONS["03"], thresholds=REPORT_THRESHOLDS)
+    scenes, embedded, _ = viewer_data(outdir, qc)
+    by_id = {s.id: s for s in scenes}
+
+    def source(scene: str, name: str) -> str:
+        layer = next(la for la in by_id[scene].layers if la.name == name)
+        return embedded[layer.key].name
+
+    # the session's scene: the FLAIR on the T1w grid, hidden, flickered against the T1w itself
+    native = by_id["2/native"]
+    assert [la.name for la in native.layers][:2] == [
+        "ses-2 preprocessed",
+        "FLAIR (on the T1w grid)",
+    ]
+    assert not native.layers[1].visible and embedded[native.layers[1].key].kind == "image"
+    assert native.flicker == [("T1w vs FLAIR", native.layers[1].key, "")]
+    # template and atlas: the FLAIR carried there, flickered against the registered T1w
+    for stage in ("template", "atlas"):
+        scene = by_id[f"1/{stage}"]
+        flair = next(la for la in scene.layers if la.name == "ses-1 FLAIR registered")
+        registered = next(la for la in scene.layers if la.name == "ses-1 registered")
+        assert ("registered T1w vs FLAIR", flair.key, registered.key) in scene.flicker
+    assert source("1/atlas", "ses-1 FLAIR registered") == "ses-1 FLAIR registered"
+    # baseline space: the follow-up's FLAIR there, over the baseline's own FLAIR (embedded once,
+    # shared with the baseline's session scene), and the FLAIR difference map
+    baseline = by_id["2/baseline"]
+    base_flair = next(la for la in baseline.layers if la.name == "ses-1 FLAIR")
+    assert base_flair.key == by_id["1/native"].layers[1].key
+    followup = next(la for la in baseline.layers if la.name == "ses-2 FLAIR registered")
+    assert baseline.flicker[-1] == ("ses-1 vs ses-2 FLAIR", followup.key, base_flair.key)
+    difference = next(la for la in baseline.layers if la.name == "FLAIR difference")
+    assert embedded[difference.key].kind == "signed" and not difference.visible
+    config = baseline.to_json()
+    assert config["flicker"][-1] == {
+        "label": "ses-1 vs ses-2 FLAIR",
+        "key": baseline.flicker[-1][1],
+        "base": base_flair.key,
+    }
+    assert "base" not in config["flicker"][0]
+    # a subject without other contrasts has no such layers
+    plain = subject_qc(outdir, "01", REPORT_SESSIONS["01"], thresholds=REPORT_THRESHOLDS)
+    names = [la.name for sc in viewer_data(outdir, plain)[0] for la in sc.layers]
+    assert not any("FLAIR" in n for n in names)
 
 
 def test_missing_outputs_are_named_and_their_layers_left_out(outputs):
@@ -206,11 +263,22 @@ def test_volumes_are_downsampled_to_fit_the_page_budget(outputs):
     maps = sum(len(e.base64) for e in full.values() if e.kind in ("signed", "magnitude"))
     # maps give way first: a budget they break alone is met by downsampling only them
     _, fewer, factors = viewer_data(outdir, qc, budget=total - maps // 2)
-    assert factors == (1, 2)
+    assert factors == (1, 1, 2)
     assert all(
         (e.shape[0] <= full[k].shape[0] // 2) == (e.kind in ("signed", "magnitude"))
         for k, e in fewer.items()
     )
+    # then the other contrasts carried into template, atlas and baseline space; the T1w, the
+    # fixed images and each contrast on its own session's T1w grid keep their resolution
+    carried = {k for k, e in full.items() if e.name.endswith("FLAIR registered")}
+    assert len(carried) == 5  # ses-1 and ses-2 to template and atlas, ses-2 to baseline
+    small_maps = sum(len(e.base64) for e in fewer.values() if e.kind in ("signed", "magnitude"))
+    budget = total - maps + small_maps - sum(len(full[k].base64) for k in carried) // 2
+    _, less, factors = viewer_data(outdir, qc, budget=budget)
+    assert factors == (1, 2, 2)
+    for k, e in less.items():
+        coarse = e.kind in ("signed", "magnitude") or k in carried
+        assert (e.shape[0] <= full[k].shape[0] // 2) == coarse, e.name
     _, small, factors = viewer_data(outdir, qc, budget=total // 3)
     assert factors[0] >= 2
     assert sum(len(e.base64) for e in small.values()) <= total // 3
@@ -230,6 +298,10 @@ def test_subject_page_carries_the_viewer_and_stays_small(outputs, tmp_path):
     )
     html = page.read_text()
     assert page.stat().st_size < 10_000_000
+    # the volumes get what the figures and markup leave of the page budget
+    assert volume_budget(0) == VOLUME_BUDGET
+    assert volume_budget(PAGE_BUDGET - 3_000_000) == 3_000_000 - len(niivue_gzip_base64())
+    assert volume_budget(PAGE_BUDGET) == 0
     config = json.loads(re.search(r'id="viewer-config">(.*?)</script>', html).group(1))
     assert config["initial"] == "1/native"
     for key in config["volumes"]:

@@ -142,3 +142,35 @@ def test_the_shell_prefix_runs_the_package_of_the_interpreter_without_path():
     assert out.stdout.startswith("usage: atlasflow ")
     # under --sdm conda the rule's activated environment provides `atlasflow`
     assert shell_prefix(sys.executable, conda=True) == "set -euo pipefail; "
+
+
+def test_reports_wait_for_every_contrast_the_workflow_makes(plan):
+    """The tiny demo has a FLAIR per scan: the subject report reads (and waits for) each scan's
+    FLAIR outputs, the follow-up's FLAIR change, and is told the contrasts per session."""
+    assert plan.contrasts.used == ["flair"]
+    assert plan.contrasts.of_subject("04") == {"1": ["flair"], "2": ["flair"]}
+    files = plan.contrasts.files
+    inputs = plan.subject_report_files(wc(subject="04"))
+    for session in ("1", "2"):
+        for path in (
+            files.native("flair", "04", session),
+            files.preproc("flair", "04", session),
+            files.session_qc("flair", "04", session),
+            files.in_space("flair", "template", "04", session),
+            files.in_space("flair", "atlas", "04", session),
+        ):
+            assert path in inputs
+    assert files.difference("flair", "baseline", "04", "2") in inputs
+    assert files.in_space("flair", "baseline", "04", "2") in inputs
+    assert files.difference("flair", "baseline", "04", "1") not in inputs
+    # every contrast file the report waits for is one the workflow targets or its align rule writes
+    targets = set(plan.all_targets())
+    made = [p for p in inputs if "FLAIR" in p]
+    assert all(p in targets or "space-orig" in p or "baseline_desc-warped" in p for p in made)
+    assert plan.contrasts.report_flags(wc(subject="04")) == "--contrasts 1=flair 2=flair"
+    assert layout.atlas_contrast("results", "flair") in plan.cohort_report_inputs()
+    # a T1w-only cohort: no contrast inputs and the report command as before
+    t1w_only = WorkflowPlan.from_config(config(contrasts={"use": []}), REPO, check_data=False)
+    assert t1w_only.contrasts.report_flags(wc(subject="04")) == ""
+    assert not any("FLAIR" in p for p in t1w_only.subject_report_files(wc(subject="04")))
+    assert not any("FLAIR" in p for p in t1w_only.cohort_report_inputs())

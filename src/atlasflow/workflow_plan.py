@@ -548,6 +548,7 @@ class WorkflowPlan:
             baseline=self.baseline[subject],
             labels=[t for t in sessions if self.has(subject, t, "labels")],
             tumour=[t for t in sessions if self.has(subject, t, "tumor_mask")],
+            contrasts=self.contrasts.of_subject(subject),
         ) + [self.rows[(subject, t)]["t1w"] for t in sessions]
 
     def subject_sessions(self, wildcards: Any) -> str:
@@ -563,5 +564,8 @@ class WorkflowPlan:
 
     def cohort_report_inputs(self) -> list[str]:
         return cohort_report_inputs(
-            self.out, self.n_iter, tumour=bool(self.tumor_frequency_inputs())
+            self.out,
+            self.n_iter,
+            tumour=bool(self.tumor_frequency_inputs()),
+            contrasts=[c for c in self.contrasts.used if self.contrasts.members_with(c)],
         )

@@ -34,13 +34,14 @@ rule report_subject:
         baseline=PLAN.subject_baseline,
         raw=PLAN.raw_scans,
         qc=PLAN.qc_flags,
+        contrasts=PLAN.contrasts.report_flags,
     resources:
         mem_mb=1500,
         runtime=5,
     shell:
         "atlasflow report subject --outdir {params.outdir} --subject {wildcards.subject} --sessions {params.sessions} "
         "--baseline {params.baseline} --raw {params.raw} --out {output.html} --qc-json {output.qc} "
-        "--figures-dir {output.figures} {params.qc} > {log} 2>&1"
+        "--figures-dir {output.figures} {params.qc} {params.contrasts} > {log} 2>&1"
 
 
 rule report_cohort:

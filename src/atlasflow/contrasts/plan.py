@@ -123,6 +123,24 @@ class ContrastPlan:
         method = getattr(self.files, kind)
         return lambda wc: method(c, wc.subject, self.plan.baseline[wc.subject])
 
+    # --- reports
+
+    def of_subject(self, subject: str) -> dict[str, list[str]]:
+        """Session -> the contrasts processed for it (sessions with none left out)."""
+        plan = self.plan
+        found = {
+            t: [c for c in self.used if plan.has(subject, t, c)] for t in plan.sessions[subject]
+        }
+        return {t: cs for t, cs in found.items() if cs}
+
+    def report_flags(self, wildcards: Any) -> str:
+        """``--contrasts SESSION=c,...`` of the subject report ('' for a T1w-only subject, so a
+        T1w-only cohort's report command is what it was)."""
+        found = self.of_subject(wildcards.subject)
+        if not found:
+            return ""
+        return "--contrasts " + " ".join(f"{t}={','.join(cs)}" for t, cs in found.items())
+
     # --- targets
 
     def targets(self) -> list[str]:

@@ -8,6 +8,10 @@
 - :mod:`~atlasflow.reports.panels`: which files feed which figure, and a visible placeholder
   naming the file and the reason when one cannot be drawn;
 - :mod:`~atlasflow.reports.figures` and :mod:`~atlasflow.reports.montage`: drawing them;
+- :mod:`~atlasflow.reports.contrasts`: a session's other contrasts (alignment figures and table,
+  change figures of follow-ups) and the per-contrast atlases of the cohort page;
+- :mod:`~atlasflow.reports.viewer` and :mod:`~atlasflow.reports.volumes`: the interactive viewer
+  and the volumes it embeds;
 - :mod:`~atlasflow.reports.html`, :mod:`~atlasflow.reports.subject`,
   :mod:`~atlasflow.reports.cohort`: the self-contained pages and the functions that write them;
 - :mod:`~atlasflow.reports.report`: the ``atlasflow report`` command.

@@ -1,5 +1,7 @@
 """The QC checks of one registration: its numbers, each judged by the one rule of
-:mod:`atlasflow.registration.qc`, with the threshold and config key that decided it."""
+:mod:`atlasflow.registration.qc`, with the threshold and config key that decided it; and the
+checks of a contrast's alignment to its session's T1w (stage ``align-<column>``), judged against
+the thresholds its QC JSON records (config ``contrasts``)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from atlasflow.contrasts.plan import TRANSFORM_LABELS, ContrastFiles
 from atlasflow.errors import AtlasflowError, describe, failure_record
 from atlasflow.io.images import load_image
 from atlasflow.layout import Scan
-from atlasflow.registration.qc import LIMITS, QCThresholds, dice_per_label
+from atlasflow.registration.qc import LIMITS, QCThresholds, dice_per_label, judge
 from atlasflow.reports.inputs import as_number
 
 STAGE_TITLES = {"template": "to template", "atlas": "to atlas", "baseline": "to baseline"}
@@ -23,7 +26,36 @@ METRIC_LABELS = {
     "ncc_change": "NCC change",
     "folding_fraction": "folding fraction",
     "dice_mean": "mean Dice",
+    "nmi_scanner": "NMI at scanner alignment",
+    "nmi_after": "NMI after",
+    "shift_mm": "shift",
+    "rotation_deg": "rotation",
+    "qc_pass": "alignment QC",
 }
+#: The stage of a contrast's alignment to its session's T1w: ``align-<column>``.
+ALIGN_PREFIX = "align-"
+
+
+def align_stage(column: str) -> str:
+    return f"{ALIGN_PREFIX}{column}"
+
+
+def contrast_of(stage: str) -> str | None:
+    """The contrast column of an alignment stage (None for a registration stage)."""
+    return stage[len(ALIGN_PREFIX) :] if stage.startswith(ALIGN_PREFIX) else None
+
+
+def contrast_label(column: str) -> str:
+    """A contrast's name on the pages: ``FLAIR``, ``T2w``, ``ceT1w``, ``PDw``."""
+    return TRANSFORM_LABELS.get(column, column)
+
+
+def stage_title(stage: str) -> str:
+    """``to atlas``, or ``FLAIR to T1w`` for a contrast's alignment."""
+    column = contrast_of(stage)
+    if column is not None:
+        return f"{contrast_label(column)} to T1w"
+    return STAGE_TITLES.get(stage, stage)
 
 
 def format_metric(metric: str, value: float | None) -> str:
@@ -36,6 +68,10 @@ def format_metric(metric: str, value: float | None) -> str:
         return f"{100 * value:.3g} %"
     if metric == "ncc_change":
         return f"{value:+.3f}"
+    if metric == "shift_mm":
+        return f"{value:.1f} mm"
+    if metric == "rotation_deg":
+        return f"{value:.1f}\u00b0"
     return f"{value:.3f}"
 
 
@@ -59,7 +95,9 @@ class Check:
 
     def reason(self) -> str:
         """Why this check flagged, e.g. 'ses-2 to atlas: NCC after 0.412 < 0.500 (qc.min_ncc_after)'."""
-        where = f"ses-{self.session} {STAGE_TITLES.get(self.stage, self.stage)}"
+        where = f"ses-{self.session} {stage_title(self.stage)}"
+        if self.metric == "qc_pass":
+            return f"{where}: {self.note or 'the alignment failed its QC'}"
         if self.value is None or not math.isfinite(self.value):
             return f"{where}: {self.label} is not a number"
         bad = "<" if self.rule == ">=" else ">"
@@ -139,4 +177,44 @@ def stage_checks(
             checks.append(Check(t, stage, "dice_mean", None, status="missing", note=str(exc)))
     if dice is not None:
         checks.append(judged(t, stage, "dice_mean", dice, thresholds, note))
+    return checks, qc, None
+
+
+def contrast_checks(scan: Scan, column: str) -> tuple[list[Check], dict | None, str | None]:
+    """Checks of one contrast's alignment to its session's T1w from its QC JSON (written by
+    :func:`atlasflow.contrasts.session.run_align`); (checks, raw JSON, problem when unreadable).
+
+    NMI after alignment and the shift from the scanner's alignment are judged against the
+    ``qc_thresholds`` the JSON records; a JSON saying ``qc_pass: false`` flags even when the
+    numbers pass (it was judged by a rule the report does not know).
+    """
+    path = Path(ContrastFiles(str(scan.outdir)).session_qc(column, scan.subject, scan.session))
+    if not path.exists():
+        return [], None, f"{path.name} not found"
+    record = failure_record(path)
+    if record is not None:
+        return [], None, f"{path.name}: scan skipped, {describe(record)}"
+    try:
+        qc = json.loads(path.read_text())
+        if not isinstance(qc, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return [], None, f"{path.name} is not readable JSON ({exc})"
+    t, stage = scan.session, align_stage(column)
+    limits = qc.get("qc_thresholds") if isinstance(qc.get("qc_thresholds"), dict) else {}
+    checks = [Check(t, stage, "nmi_scanner", as_number(qc.get("nmi_scanner")))]
+    for metric, bound, rule in (("nmi_after", "min_nmi", ">="), ("shift_mm", "max_shift_mm", "<=")):
+        value, threshold = as_number(qc.get(metric)), as_number(limits.get(bound))
+        if threshold is None:
+            checks.append(Check(t, stage, metric, value))
+        else:
+            status = judge(value, threshold, rule)
+            checks.append(
+                Check(t, stage, metric, value, threshold, rule, f"contrasts.{bound}", status)
+            )
+    checks.append(Check(t, stage, "rotation_deg", as_number(qc.get("rotation_deg"))))
+    if qc.get("qc_pass") is False and not any(c.status == "flag" for c in checks):
+        flags = qc.get("qc_flags")
+        note = "; ".join(map(str, flags)) if isinstance(flags, list) and flags else ""
+        checks.append(Check(t, stage, "qc_pass", 0.0, status="flag", note=note))
     return checks, qc, None

@@ -1,6 +1,7 @@
 """The cohort page: every subject's verdict in one sortable table linking the subject pages, the
 failed subjects with the error each job logged, the cohort's inputs that were skipped, the atlas at
-every iteration with its convergence, and the tumour-frequency map; :func:`write_cohort_report`
+every iteration with its convergence and the atlas of every other contrast, and the
+tumour-frequency map; :func:`write_cohort_report`
 writes it."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.layout import STAGES, CohortFiles, skipped_inputs, subject_page
 from atlasflow.registration.qc import QCThresholds
-from atlasflow.reports.checks import format_metric
+from atlasflow.reports.checks import contrast_of, format_metric
+from atlasflow.reports.contrasts import atlas_contrast_panel
 from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
 from atlasflow.reports.inputs import cohort_errors, read_metrics, read_skipped_inputs
 from atlasflow.reports.panels import Panel, cohort_panels, save_figures
@@ -100,6 +102,7 @@ SUBJECT_COLUMNS = [
     "NCC to baseline",
     "folding (max)",
     "Dice to atlas",
+    "contrast NMI (min)",
     "tumour response",
     "report",
 ]
@@ -137,6 +140,7 @@ def _subject_row(q: SubjectQC, reports_dir: Path) -> str:
         + _cell(summary, "baseline/ncc_after", "ncc_after")
         + _cell({"f": fold_item} if fold_item else {}, "f", "folding_fraction")
         + _cell(summary, "atlas/dice_mean", "dice_mean")
+        + _cell(summary, "contrast/nmi_after", "nmi_after")
         + f"<td>{badge(response, response.replace('_', ' ')) if response else ''}</td><td>{link}</td></tr>"
     )
 
@@ -148,6 +152,9 @@ def viewer_anchor(q: SubjectQC) -> str:
         if c.status == "flag" and c.stage in STAGES:
             mark = "&mark=min-jacobian" if c.metric == "folding_fraction" else ""
             return f"view={c.session}/{c.stage}{mark}"
+    for c in q.checks:  # a contrast's alignment: the session's scene flickers T1w and contrast
+        if c.status == "flag" and contrast_of(c.stage):
+            return f"view={c.session}/native"
     return "viewer"
 
 
@@ -246,6 +253,8 @@ def cohort_html(
         figures_html([by_name["atlas_iterations"], by_name["atlas_convergence"]]),
         _metrics_table(files.metrics),
     ]
+    if "atlas_contrasts" in by_name:
+        body.append(figures_html([by_name["atlas_contrasts"]]))
     if not files.atlas.exists():
         errors = _cohort_errors_html(outdir)
         if errors:
@@ -257,7 +266,9 @@ def cohort_html(
         f"<p>A subject is flagged when any registration has folding fraction &gt; "
         f"{esc(format_metric('folding_fraction', limits.max_folding_fraction))} (qc.max_folding_fraction), "
         f"NCC after &lt; {limits.min_ncc_after:.3f} (qc.min_ncc_after) or mean Dice &lt; {limits.min_dice:.3f} "
-        "(qc.min_dice). It has failed when a required output is missing and a job logged an error; "
+        "(qc.min_dice), or when another contrast's alignment to its session's T1w reaches a "
+        "mutual information under contrasts.min_nmi or moved further than contrasts.max_shift_mm. "
+        "It has failed when a required output is missing and a job logged an error; "
         "incomplete when an output is missing without a logged error.</p>" + definitions_html(),
     ]
     return page("atlasflow: cohort report", "\n".join(body))
@@ -285,6 +296,9 @@ def write_cohort_report(
         outdir, subjects, out_html.parent, thresholds=limits, sessions=sessions
     )
     panels = cohort_panels(outdir, iterations)
+    contrasts = atlas_contrast_panel(outdir)
+    if contrasts is not None:
+        panels.append(contrasts)
     atomic_write_text(out_html, cohort_html(verdicts, panels, outdir, out_html.parent, limits))
     if figures_dir is not None:
         save_figures(panels, figures_dir)

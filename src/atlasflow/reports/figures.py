@@ -11,7 +11,7 @@ function is pure: arrays in, PNG bytes out, no timestamps, so the same input giv
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,14 +60,18 @@ RESPONSE_COLOURS = {
 ORIENTATION_MARK = {"sagittal": "A", "coronal": "R", "axial": "R"}
 
 
-def anatomy_rows(rows: Sequence[tuple[str, Volume | None, np.ndarray | None]]) -> bytes:
+def anatomy_rows(
+    rows: Sequence[tuple[str, Volume | None, np.ndarray | None]], same_slices: bool = False
+) -> bytes:
     """Rows of three orthogonal views: (label, image, optional mask drawn as an outline).
 
     Each row has its own grid and scale (a raw scan and its preprocessed version differ); a row
-    whose volume is None is drawn as panels saying 'missing'.
+    whose volume is None is drawn as panels saying 'missing'. ``same_slices``: rows on the first
+    row's grid are cut through the same voxel (images of one space, such as atlases).
     """
     grid, sizes = [], []
     reference = next((v for _, v, _ in rows if v is not None), None)
+    shared = foreground_centre(reference) if same_slices and reference is not None else None
     for label, volume, mask in rows:
         if volume is None:
             grid.append([Cell(None, label if c == 0 else "") for c in range(3)])
@@ -79,7 +83,8 @@ def anatomy_rows(rows: Sequence[tuple[str, Volume | None, np.ndarray | None]]) -
             continue
         scale = panel_scale(volume)
         lo, hi = window(volume.data)
-        centre = foreground_centre(volume)
+        same = shared is not None and volume.same_grid(reference)
+        centre = shared if same else foreground_centre(volume)
         cells = []
         for view in VIEWS:
             plane, pixel = volume.slice(view, centre)
@@ -103,14 +108,8 @@ def edge_levels(fixed: np.ndarray) -> list[float]:
     return sorted({float(v) for v in np.percentile(values, [30, 75])})
 
 
-def registration_overlay(fixed: Volume, rows: Sequence[tuple[str, Volume | None]]) -> bytes:
-    """Moving images on the fixed grid (before / after) with the fixed image's edges in red.
-
-    Every row is a volume on the fixed grid sliced at the same voxel, so alignment shows as the red
-    edges of the fixed image lying on the moving image's own boundaries.
-    """
-    scale = panel_scale(fixed)
-    centre = foreground_centre(fixed)
+def _fixed_edges(fixed: Volume, scale: float, centre: Sequence[int]) -> list[np.ndarray]:
+    """The fixed image's tissue outlines in each view, at the panel's pixel size."""
     levels = edge_levels(fixed.data)
     edges = []
     for view in VIEWS:
@@ -120,20 +119,75 @@ def registration_overlay(fixed: Volume, rows: Sequence[tuple[str, Volume | None]
         for level in levels:
             edge |= boundary(up > level)
         edges.append(edge)
-    grid = []
-    for label, moving in rows:
-        if moving is None:
-            grid.append([Cell(None, label if c == 0 else "") for c in range(3)])
-            continue
-        lo, hi = window(moving.data)
-        cells = []
-        for view, edge in zip(VIEWS, edges, strict=True):
-            plane, pixel = moving.slice(view, centre)
-            rgb = paint(grey_rgb(resample(plane, pixel, scale, True), lo, hi), edge, EDGE_COLOUR)
-            cells.append(Cell(rgb, corner=ORIENTATION_MARK[view]))
-        cells[0].label = label
-        grid.append(cells)
+    return edges
+
+
+def _edge_row(
+    label: str, moving: Volume | None, edges: list[np.ndarray], scale: float, centre: Sequence[int]
+) -> list[Cell]:
+    """One row: ``moving`` in three views with the fixed image's outlines in red."""
+    if moving is None:
+        return [Cell(None, label if c == 0 else "") for c in range(3)]
+    lo, hi = window(moving.data)
+    cells = []
+    for view, edge in zip(VIEWS, edges, strict=True):
+        plane, pixel = moving.slice(view, centre)
+        rgb = paint(grey_rgb(resample(plane, pixel, scale, True), lo, hi), edge, EDGE_COLOUR)
+        cells.append(Cell(rgb, corner=ORIENTATION_MARK[view]))
+    cells[0].label = label
+    return cells
+
+
+def registration_overlay(fixed: Volume, rows: Sequence[tuple[str, Volume | None]]) -> bytes:
+    """Moving images on the fixed grid (before / after) with the fixed image's edges in red.
+
+    Every row is a volume on the fixed grid sliced at the same voxel, so alignment shows as the red
+    edges of the fixed image lying on the moving image's own boundaries.
+    """
+    scale = panel_scale(fixed)
+    centre = foreground_centre(fixed)
+    edges = _fixed_edges(fixed, scale, centre)
+    grid = [_edge_row(label, moving, edges, scale, centre) for label, moving in rows]
     return compose(grid, sizes=[view_sizes(fixed, scale)] * len(rows))
+
+
+CHECKER_TILES = 8  # squares along the longest side of a view
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = CHECKER_TILES) -> np.ndarray:
+    """Alternating squares of two RGB images of the same size (``a`` in the top-left square)."""
+    side = max(1, max(a.shape[:2]) // tiles)
+    rows, cols = np.indices(a.shape[:2]) // side
+    return np.where(((rows + cols) % 2 == 0)[..., None], a, b)
+
+
+def contrast_alignment(
+    reference: Volume,
+    rows: Sequence[tuple[str, Volume | None]],
+    aligned: Volume | None,
+    name: str,
+) -> bytes:
+    """A contrast against its session's T1w (``reference``): each row the contrast on the T1w
+    grid with the T1w's outlines in red (at the scanner's alignment, after alignment), then a
+    checkerboard of the T1w and the aligned contrast (``name``), where a misalignment breaks
+    every boundary at the squares' edges."""
+    scale = panel_scale(reference)
+    centre = foreground_centre(reference)
+    edges = _fixed_edges(reference, scale, centre)
+    grid = [_edge_row(label, moving, edges, scale, centre) for label, moving in rows]
+    if aligned is not None:
+        lo, hi = window(reference.data)
+        clo, chi = window(aligned.data)
+        cells = []
+        for view in VIEWS:
+            plane, pixel = reference.slice(view, centre)
+            t1 = grey_rgb(resample(plane, pixel, scale, True), lo, hi)
+            plane, pixel = aligned.slice(view, centre)
+            other = grey_rgb(resample(plane, pixel, scale, True), clo, chi)
+            cells.append(Cell(checkerboard(t1, other), corner=ORIENTATION_MARK[view]))
+        cells[0].label = f"checkerboard T1w / {name}"
+        grid.append(cells)
+    return compose(grid, sizes=[view_sizes(reference, scale)] * len(grid))
 
 
 JACOBIAN_LIMIT = float(np.log(3.0))  # colour scale saturates at 3x expansion / contraction
@@ -362,14 +416,23 @@ def _figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+#: Line colours of the tumour compartments (BraTS names); others take matplotlib's cycle.
+COMPARTMENT_COLOURS = {"necrosis": "#8250df", "oedema": "#1f9e89", "enhancing": "#e36209"}
+
+
 def tumor_volume_plot(
     days: Sequence[float],
     volumes_mm3: Sequence[float],
     sessions: Sequence[str],
     responses: Sequence[str],
     title: str,
+    compartments: Mapping[str, Sequence[float]] | None = None,
 ) -> bytes:
-    """Tumour volume (mL) over days since baseline; each point coloured by its response category."""
+    """Tumour volume (mL) over days since baseline; each point coloured by its response category.
+
+    ``compartments`` (name -> volume in mL per session, NaN where unknown) adds one line per
+    compartment of multi-label masks (necrosis, oedema, enhancing) under the whole tumour's.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.6, 2.8), dpi=100)
@@ -393,22 +456,48 @@ def tumor_volume_plot(
             ax.annotate(
                 f"ses-{session}", (xi, yi), textcoords="offset points", xytext=(4, 5), fontsize=7
             )
+    lines, peaks = [], [y]
+    for name, values in (compartments or {}).items():
+        v = np.asarray(values, float)
+        peaks.append(v)
+        (line,) = ax.plot(
+            x,
+            v,
+            color=COMPARTMENT_COLOURS.get(name),
+            linewidth=1.6,
+            marker="s",
+            markersize=3.5,
+            zorder=1.5,
+            label=name,
+        )
+        lines.append(line)
     ax.set_xlabel("days since baseline", fontsize=8)
     ax.set_ylabel("tumour volume (mL)", fontsize=8)
     ax.tick_params(labelsize=7)
-    finite = y[np.isfinite(y)]
+    finite = np.concatenate(peaks)
+    finite = finite[np.isfinite(finite)]
     ax.set_ylim(0, float(finite.max()) * 1.25 if finite.size and finite.max() > 0 else 1.0)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
     fig.legend(
         list(seen.values()),
         [r.replace("_", " ") for r in seen],
-        loc="center right",
+        loc="upper right" if lines else "center right",
         fontsize=7,
         frameon=False,
-        title="response",
+        title="response (whole tumour)" if lines else "response",
         title_fontsize=7,
     )
+    if lines:
+        fig.legend(
+            lines,
+            [line.get_label() for line in lines],
+            loc="lower right",
+            fontsize=7,
+            frameon=False,
+            title="compartments",
+            title_fontsize=7,
+        )
     return _figure_png(fig)
 
 

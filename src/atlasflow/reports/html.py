@@ -36,6 +36,12 @@ DEFINITIONS = [
         "mean Dice",
         "mean over labels of the overlap of the subject's labels warped into atlas space with the atlas label map.",
     ),
+    (
+        "NMI",
+        "normalised mutual information, (H(A) + H(B)) / H(A, B), of a contrast and its session's T1w "
+        "inside the T1w's brain mask: 1 for unrelated images, higher the better the intensities of "
+        "one predict the other's whatever the contrast (a correlation would not).",
+    ),
 ]
 
 

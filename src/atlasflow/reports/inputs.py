@@ -1,8 +1,8 @@
 """What a report reads: the workflow outputs it depends on, and readers for its tables and logs.
 
 :func:`subject_report_inputs` and :func:`cohort_report_inputs` are the report rules' inputs (the
-workflow imports them when it plans, so this module stays light: standard library and
-:mod:`atlasflow.layout`). The readers never raise on a file the workflow may have left half-done,
+workflow imports them when it plans, so this module stays light: standard library,
+:mod:`atlasflow.layout` and the torch-free :mod:`atlasflow.contrasts.plan`). The readers never raise on a file the workflow may have left half-done,
 except :func:`read_tumor_table`, whose error names the file.
 """
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError
-from atlasflow.layout import CohortFiles, Scan
+from atlasflow.layout import CohortFiles, Scan, atlas_contrast
 
 ERROR_PREFIX = "atlasflow: error:"
 
@@ -30,15 +31,21 @@ def subject_report_inputs(
     longitudinal: bool | None = None,
     labels: Collection[str] = (),
     tumour: Collection[str] = (),
+    contrasts: Mapping[str, Collection[str]] | None = None,
 ) -> list[str]:
     """Every workflow output a subject's report reads: the report rule's inputs, so that a change to
     any of them (and only them) reruns the report.
 
     ``sessions`` in acquisition order; ``labels`` and ``tumour``: the sessions for which the
-    manifest gives a label map / a tumour mask. The raw inputs (manifest paths) are not included.
+    manifest gives a label map / a tumour mask; ``contrasts``: session -> the other contrasts the
+    workflow processes for it (cohort columns such as ``flair``). A follow-up's contrast in
+    baseline space and its difference map are included where the baseline has that contrast too.
+    The raw inputs (manifest paths) are not included.
     """
     outdir = Path(outdir)
     files = CohortFiles(outdir)
+    contrasts = contrasts or {}
+    cfiles = ContrastFiles(str(outdir))
     longitudinal = len(sessions) > 1 if longitudinal is None else longitudinal
     baseline = baseline or (sessions[0] if sessions else None)
     paths: list[Path] = [files.template, files.atlas]
@@ -65,15 +72,32 @@ def subject_report_inputs(
             ]
             if session in tumour:
                 paths.append(scan.tumor_in_baseline)
+        for c in contrasts.get(session, ()):
+            paths += [
+                cfiles.native(c, subject, session),
+                cfiles.preproc(c, subject, session),
+                cfiles.session_qc(c, subject, session),
+                cfiles.in_space(c, "template", subject, session),
+                cfiles.in_space(c, "atlas", subject, session),
+            ]
+            if longitudinal and session != baseline and c in contrasts.get(baseline or "", ()):
+                paths += [
+                    cfiles.in_space(c, "baseline", subject, session),
+                    cfiles.difference(c, "baseline", subject, session),
+                ]
     return [str(p) for p in paths]
 
 
-def cohort_report_inputs(outdir: str | Path, iterations: int, *, tumour: bool = False) -> list[str]:
-    """The cohort-wide outputs the cohort report reads (besides the subjects' ``sub-S_qc.json``)."""
+def cohort_report_inputs(
+    outdir: str | Path, iterations: int, *, tumour: bool = False, contrasts: Collection[str] = ()
+) -> list[str]:
+    """The cohort-wide outputs the cohort report reads (besides the subjects' ``sub-S_qc.json``);
+    ``contrasts``: the cohort columns whose per-contrast atlas (``atlas/atlas_<C>``) it shows."""
     files = CohortFiles(Path(outdir))
     paths = [files.iteration(i) for i in range(iterations + 1)] + [files.metrics]
     if tumour:
         paths.append(files.tumor_frequency)
+    paths += [Path(atlas_contrast(outdir, c)) for c in contrasts]
     return [str(p) for p in paths]
 
 

@@ -136,7 +136,12 @@ def subject_panels(
                 Panel(
                     f"sub-{s}_tumor",
                     "Tumour volume over time",
-                    "Tumour volume from the masks at every session; point colour = response category.",
+                    "Tumour volume from the masks at every session; point colour = response category."
+                    + (
+                        f" Lines per compartment: {', '.join(parts)}."
+                        if (parts := list(tumour_compartments(qc.tumor)))
+                        else ""
+                    ),
                 ),
                 lambda notes: _tumor_plot(qc, files.tumor_table(s)),
             )
@@ -356,7 +361,20 @@ def _tumor_plot(qc: SubjectQC, table: Path) -> bytes:
         [r["session"] for r in rows],
         [r.get("response", "") for r in rows],
         f"sub-{qc.subject}: {response.replace('_', ' ')}",
+        compartments=tumour_compartments(rows),
     )
+
+
+def tumour_compartments(rows: Sequence[Mapping]) -> dict[str, list[float]]:
+    """Compartment -> volume (mL) per row, from the tumour table's ``<name>_volume_ml`` columns
+    that hold a value (multi-label masks); {} for binary masks. NaN where a row has none."""
+    suffix = "_volume_ml"
+    names = [k for k in (rows[0] if rows else {}) if k.endswith(suffix)]
+    return {
+        key[: -len(suffix)]: [np.nan if r.get(key) is None else float(r[key]) for r in rows]
+        for key in names
+        if any(r.get(key) is not None for r in rows)
+    }
 
 
 # ------------------------------------------------------------------------------- cohort

@@ -1,7 +1,7 @@
 """The QC verdict of a subject (``pass`` / ``flag`` / ``failed`` / ``incomplete``) and of a cohort.
 
-A subject's verdict gathers its registrations' checks (:mod:`atlasflow.reports.checks`), the files
-it misses, the failure records of skipped scans and the ``atlasflow: error:`` line of every job
+A subject's verdict gathers its registrations' checks (:mod:`atlasflow.reports.checks`), the
+checks of its other contrasts' alignment to each session's T1w, the files it misses, the failure records of skipped scans and the ``atlasflow: error:`` line of every job
 that failed; its reasons name the file, threshold or error that decided it. The verdict is written
 as ``sub-S_qc.json`` next to the subject's page; the cohort page reuses it while no input it read
 has changed (:func:`cohort_verdicts`), and recomputes it otherwise.
@@ -15,11 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from atlasflow.cohort.columns import CONTRAST_COLUMNS
+from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError, describe, failure_record
-from atlasflow.layout import STAGES, CohortFiles, Scan, scan_id
+from atlasflow.layout import STAGES, CohortFiles, Scan, job_log, scan_id
 from atlasflow.layout import subject_qc as subject_qc_name
 from atlasflow.registration.qc import QCThresholds
-from atlasflow.reports.checks import Check, stage_checks
+from atlasflow.reports.checks import Check, align_stage, contrast_checks, contrast_of, stage_checks
 from atlasflow.reports.inputs import (
     as_number,
     failed_member,
@@ -46,6 +48,8 @@ class SubjectQC:
     errors: list[dict] = field(default_factory=list)  # {session, rule, log, message}
     tumor: list[dict] = field(default_factory=list)  # rows of the tumour table
     registration: dict = field(default_factory=dict)  # "session/stage" -> backend, seconds
+    # session -> its other contrasts (cohort columns, e.g. "flair"), aligned to its T1w
+    contrasts: dict[str, list[str]] = field(default_factory=dict)
     sources: dict[str, bool] = field(
         default_factory=dict
     )  # file read (relative to outdir) -> existed
@@ -88,6 +92,22 @@ class SubjectQC:
                     "rule": chosen.rule,
                     "key": chosen.key,
                 }
+        aligned = [
+            c
+            for c in self.checks
+            if contrast_of(c.stage) and c.metric == "nmi_after" and c.value is not None
+        ]
+        if aligned:
+            chosen = min(aligned, key=lambda c: c.value if math.isfinite(c.value) else -math.inf)
+            flagged = any(c.status == "flag" for c in self.checks if contrast_of(c.stage))
+            out["contrast/nmi_after"] = {
+                "value": chosen.value,
+                "status": "flag" if flagged else "pass",
+                "threshold": chosen.threshold,
+                "rule": chosen.rule,
+                "key": chosen.key,
+                "stage": chosen.stage,
+            }
         return out
 
     def to_json(self) -> dict:
@@ -112,12 +132,14 @@ def subject_qc(
     thresholds: Mapping[str, object] | QCThresholds | None = None,
     baseline: str | None = None,
     longitudinal: bool | None = None,
+    contrasts: Mapping[str, Sequence[str]] | None = None,
 ) -> SubjectQC:
     """QC verdict of one subject from its QC JSONs, tumour table and (when outputs are missing) logs.
 
     ``sessions`` are in acquisition order; the baseline of a longitudinal subject is ``baseline``,
     else the tumour table's baseline row, else the first session. ``longitudinal`` defaults to
-    "more than one session".
+    "more than one session". ``contrasts``: session -> its other contrasts (cohort columns); by
+    default those whose alignment left a file or a log (:func:`found_contrasts`).
     """
     outdir = Path(outdir)
     subject = strip_prefix(subject, "sub-")
@@ -126,6 +148,11 @@ def subject_qc(
     files = CohortFiles(outdir)
     longitudinal = len(sessions) > 1 if longitudinal is None else longitudinal
     qc = SubjectQC(subject, sessions, None, longitudinal, asdict(limits))
+    if contrasts is None:
+        qc.contrasts = {t: cs for t in sessions if (cs := found_contrasts(outdir, subject, t))}
+    else:
+        given = {strip_prefix(k, "ses-"): list(v) for k, v in contrasts.items()}
+        qc.contrasts = {t: given[t] for t in sessions if given.get(t)}
     found = _Found(outdir)
 
     if longitudinal:
@@ -229,6 +256,9 @@ def _check_session(
                 "backend": raw.get("backend"),
                 "seconds": as_number(raw.get("seconds")),
             }
+    if session not in found.skipped:
+        for column in qc.contrasts.get(session, []):
+            _check_contrast(qc, scan, column, found)
     # A member whose registration to an atlas iteration failed (under on_scan_error: skip)
     # was left out of that average, even if its later steps succeeded.
     for table in files.member_tables():
@@ -239,6 +269,37 @@ def _check_session(
         record = {"step": f"atlas {table.parent.name}", "reason": failed}
         found.skipped.setdefault(session, record)
         found.miss(qc, session, table, f"left out of the atlas, {describe(record)}", True)
+
+
+def found_contrasts(outdir: Path, subject: str, session: str) -> list[str]:
+    """The other contrasts of a scan whose alignment left an output or a log (cohort order)."""
+    files = ContrastFiles(str(outdir))
+    return [
+        c
+        for c in CONTRAST_COLUMNS
+        if Path(files.session_qc(c, subject, session)).exists()
+        or Path(files.preproc(c, subject, session)).exists()
+        or Path(job_log(outdir, f"align_{c}", scan_id(subject, session))).exists()
+    ]
+
+
+def _check_contrast(qc: SubjectQC, scan: Scan, column: str, found: _Found) -> None:
+    """The checks of one contrast's alignment to the session's T1w, and what it misses."""
+    path = Path(ContrastFiles(str(scan.outdir)).session_qc(column, scan.subject, scan.session))
+    found.sources.append(path)
+    checks, raw, problem = contrast_checks(scan, column)
+    qc.checks += checks
+    stage = align_stage(column)
+    if problem:
+        found.miss(qc, scan.session, path, problem, True)
+        qc.checks.append(
+            Check(scan.session, stage, "nmi_after", None, status="missing", note=problem)
+        )
+    if raw is not None:
+        qc.registration[f"{scan.session}/{stage}"] = {
+            "backend": raw.get("transform"),
+            "seconds": as_number(raw.get("seconds")),
+        }
 
 
 def _decide(qc: SubjectQC) -> None:

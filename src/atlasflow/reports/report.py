@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.errors import AtlasflowError
 from atlasflow.layout import Scan
 from atlasflow.registration.options import add_qc_arguments
@@ -65,6 +66,14 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         help="the manifest's T1w per session",
     )
     p.add_argument(
+        "--contrasts",
+        nargs="*",
+        default=None,
+        metavar="SESSION=C1,C2",
+        help=f"the other contrasts of each session ({', '.join(CONTRAST_COLUMNS)}); "
+        "default: those whose alignment left a file or a log",
+    )
+    p.add_argument(
         "--cross-sectional",
         action="store_true",
         help="no longitudinal part even with several sessions",
@@ -91,6 +100,22 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     add_qc_arguments(p)
 
 
+def parse_contrasts(items: list[str]) -> dict[str, list[str]]:
+    """``["1=t2w,flair", "2=flair"]`` -> ``{"1": ["t2w", "flair"], "2": ["flair"]}``."""
+    found: dict[str, list[str]] = {}
+    for item in items:
+        session, sep, names = item.partition("=")
+        columns = [c.strip().lower() for c in names.split(",") if c.strip()]
+        unknown = [c for c in columns if c not in CONTRAST_COLUMNS]
+        if not sep or not session or unknown:
+            raise AtlasflowError(
+                f"--contrasts {item!r}: expected SESSION=C1,C2 with contrasts among "
+                f"{', '.join(CONTRAST_COLUMNS)}"
+            )
+        found.setdefault(strip_prefix(session, "ses-"), []).extend(columns)
+    return found
+
+
 def run_report(args: argparse.Namespace) -> int:
     """``atlasflow report subject|cohort ...``: write one subject's report or the cohort report."""
     thresholds = QCThresholds.from_mapping(vars(args))
@@ -101,6 +126,7 @@ def run_report(args: argparse.Namespace) -> int:
             if not sep or not path:
                 raise AtlasflowError(f"--raw {item!r}: expected SESSION=PATH")
             raw[strip_prefix(session, "ses-")] = path
+        contrasts = None if args.contrasts is None else parse_contrasts(args.contrasts)
         summary = write_subject_report(
             args.outdir,
             args.subject,
@@ -113,6 +139,7 @@ def run_report(args: argparse.Namespace) -> int:
             figures_dir=args.figures_dir,
             qc_json=args.qc_json,
             with_viewer=not args.no_viewer,
+            contrasts=contrasts,
         )
         print(f"sub-{summary['subject']}: {summary['status']}; report {args.out}")
         return 0

@@ -1,5 +1,6 @@
-"""A subject's page: verdict banner, QC table, errors and missing outputs, figures per session
-and, for a longitudinal subject, the tumour over time; :func:`write_subject_report` writes it with
+"""A subject's page: verdict banner, QC table, the other contrasts' within-session alignment,
+errors and missing outputs, figures per session (each contrast's alignment and, for a follow-up,
+its change since baseline among them) and, for a longitudinal subject, the tumour over time; :func:`write_subject_report` writes it with
 its QC verdict (``sub-S_qc.json``) and, for Snakemake's ``report()``, its figures as PNGs."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from atlasflow.layout import COHORT_PAGE, STAGES
 from atlasflow.layout import subject_qc as subject_qc_name
 from atlasflow.registration.qc import NCC_DROP_TOLERANCE, QCThresholds
 from atlasflow.reports.checks import STAGE_TITLES, format_metric
+from atlasflow.reports.contrasts import alignment_table, contrast_panels
 from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
 from atlasflow.reports.panels import Panel, save_figures, subject_panels
 from atlasflow.reports.qc import SubjectQC, subject_qc
@@ -226,6 +228,7 @@ def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]], viewer:
         qc_table(qc)
         if qc.checks
         else '<p class="muted">No QC numbers: the registrations have not produced their QC files.</p>',
+        alignment_table(qc),
         _errors_html(qc.errors, qc.missing),
         viewer,
     ]
@@ -251,6 +254,20 @@ def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]], viewer:
     return page(f"atlasflow: sub-{s}", "\n".join(body))
 
 
+def all_panels(
+    outdir: Path, qc: SubjectQC, raw_inputs: Mapping[str, str] | None
+) -> list[tuple[str, list[Panel]]]:
+    """The T1w's figures by section, each session's contrast alignments after its input figure
+    and, for a follow-up, each contrast's change since baseline after the T1w's."""
+    sections = subject_panels(outdir, qc, raw_inputs)
+    extra = contrast_panels(outdir, qc)
+    for name, panels in sections:
+        aligned, changes = extra.get(name, ([], []))
+        panels[1:1] = aligned
+        panels += changes
+    return sections
+
+
 def write_subject_report(
     outdir: str | Path,
     subject: str,
@@ -264,6 +281,7 @@ def write_subject_report(
     figures_dir: str | Path | None = None,
     qc_json: str | Path | None = None,
     with_viewer: bool = True,
+    contrasts: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
     """Write ``sub-S.html`` and ``sub-S_qc.json`` (default: next to the page); return the QC summary.
 
@@ -271,6 +289,7 @@ def write_subject_report(
     ``raw_inputs`` maps session -> the manifest's T1w path. With ``figures_dir`` the figures are also
     written there as PNGs (for Snakemake's ``report()``). ``with_viewer=False`` leaves out the
     interactive viewer (its embedded volumes and script), keeping only the static figures.
+    ``contrasts``: session -> its other contrasts (cohort columns); by default those found.
     """
     outdir, out_html = Path(outdir), Path(out_html)
     qc = subject_qc(
@@ -280,9 +299,12 @@ def write_subject_report(
         thresholds=thresholds,
         baseline=baseline,
         longitudinal=longitudinal,
+        contrasts=contrasts,
     )
-    sections = subject_panels(outdir, qc, raw_inputs)
-    viewer = viewer_html(outdir, qc) if with_viewer else ""
+    sections = all_panels(outdir, qc, raw_inputs)
+    viewer = ""
+    if with_viewer:  # the volumes get what the figures and markup leave of the page budget
+        viewer = viewer_html(outdir, qc, other_bytes=len(subject_html(qc, sections)))
     atomic_write_text(out_html, subject_html(qc, sections, viewer))
     summary = qc.to_json()
     summary["report"] = out_html.name
@@ -299,5 +321,5 @@ def save_subject_figures(
     """Only the figures of a subject report, as PNG files (for Snakemake's ``report()``)."""
     raw_inputs = options.pop("raw_inputs", None)
     qc = subject_qc(outdir, subject, sessions, **options)
-    sections = subject_panels(Path(outdir), qc, raw_inputs)
+    sections = all_panels(Path(outdir), qc, raw_inputs)
     return save_figures([p for _, panels in sections for p in panels], figures_dir)

@@ -1,10 +1,12 @@
 """The interactive viewer of a subject report: which volumes it shows, in which scenes, and its markup.
 
 A :class:`Scene` is one space with a background image and named overlay layers (a list, so new
-contrasts or maps are one more :class:`Layer`): the scan after preprocessing, each registration
-(fixed image, the registered scan, the scan before registration, the log-Jacobian of the
-deformation, label maps) and, for a follow-up, the change maps on the baseline. Registration scenes
-name flicker pairs (fixed image against registered or unregistered scan, as nipreps reports do).
+contrasts or maps are one more :class:`Layer`): the scan after preprocessing with the session's
+other contrasts on its grid, each registration (fixed image, the registered scan, the scan before
+registration, the other contrasts carried there, the log-Jacobian of the deformation, label maps)
+and, for a follow-up, the change maps on the baseline with each contrast's difference map. Scenes
+name flicker pairs (fixed image against registered or unregistered scan, as nipreps reports do;
+the T1w against each other contrast; the baseline's contrast against the follow-up's).
 Volumes are embedded once per page (:mod:`atlasflow.reports.volumes`), downsampled further when the
 page would outgrow :data:`VOLUME_BUDGET`. The page's script (``assets/viewer.js``) draws them with
 NiiVue (``assets/niivue.umd.js``, BSD-2, see ``assets/VENDORED.md``), inlined gzipped, so the page
@@ -28,21 +30,39 @@ from pathlib import Path
 
 import numpy as np
 
+from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, load_image
 from atlasflow.layout import CohortFiles, Scan
-from atlasflow.reports.checks import STAGE_TITLES
+from atlasflow.reports.checks import STAGE_TITLES, contrast_label
 from atlasflow.reports.html import asset, esc
 from atlasflow.reports.inputs import relative
 from atlasflow.reports.qc import SubjectQC
 from atlasflow.reports.volumes import Embedded, embed
 
 VOLUME_BUDGET = 7_000_000  # bytes of base64 volume data per page before downsampling further
+#: A whole subject page (figures, viewer library and volumes) should stay under this: the
+#: volumes get what the rest of the page leaves, at most :data:`VOLUME_BUDGET`.
+PAGE_BUDGET = 10_000_000
 MAP_KINDS = ("signed", "magnitude")
-# Downsampling factors (anatomy, maps) tried in turn until the volumes fit the budget: the maps
+#: Tiers of volumes by what gives way first: the scans, fixed images and labels (``anatomy``),
+#: the other contrasts carried into template, atlas or baseline space (``carried``: their own
+#: session's scene keeps them on the T1w grid at full resolution), the maps.
+TIERS = ("anatomy", "carried", "maps")
+# Downsampling factors per tier tried in turn until the volumes fit the budget: the maps
 # (log-Jacobian, differences, displacement: smooth, noisy outside the head, so the largest
-# to store) give way first, the scans and labels later.
-FACTORS = ((1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 4), (4, 4))
+# to store) give way first, then the carried contrasts, the scans and labels last.
+FACTORS = (
+    (1, 1, 1),
+    (1, 1, 2),
+    (1, 2, 2),
+    (2, 2, 2),
+    (2, 2, 3),
+    (2, 3, 3),
+    (3, 3, 3),
+    (3, 3, 4),
+    (4, 4, 4),
+)
 LOG_JACOBIAN_FLOOR = float(np.log(1e-2))  # folded voxels (det J <= 0) are shown at this value
 
 
@@ -65,7 +85,8 @@ class Scene:
     id: str
     title: str
     layers: list[Layer]
-    flicker: list[tuple[str, str]] = field(default_factory=list)  # (label, overlay key)
+    # (label, overlay key, the layer it alternates with: "" for the background)
+    flicker: list[tuple[str, str, str]] = field(default_factory=list)
     marks: dict[str, list[float]] = field(default_factory=dict)  # name -> world mm (RAS)
     notes: list[str] = field(default_factory=list)  # inputs that were missing
 
@@ -74,7 +95,10 @@ class Scene:
             "id": self.id,
             "title": self.title,
             "layers": [vars(layer) for layer in self.layers],
-            "flicker": [{"label": label, "key": key} for label, key in self.flicker],
+            "flicker": [
+                {"label": label, "key": key, **({"base": base} if base else {})}
+                for label, key, base in self.flicker
+            ],
             "marks": self.marks,
             "notes": self.notes,
         }
@@ -87,6 +111,12 @@ class _Source:
     kind: str
     derive: str = ""  # "log-jacobian": computed from a displacement field
     mark: str = ""  # "tumour": the mask's centre; "min-jacobian": the smallest value
+    carried: bool = False  # another contrast carried into a registration's space
+
+    @property
+    def tier(self) -> int:
+        """Its place in :data:`TIERS` (the column of :data:`FACTORS` it is downsampled by)."""
+        return 2 if self.kind in MAP_KINDS else (1 if self.carried else 0)
 
 
 class _Volumes:
@@ -106,6 +136,7 @@ class _Volumes:
         notes: list[str],
         derive: str = "",
         mark: str = "",
+        carried: bool = False,
     ) -> str | None:
         """The key of the volume at ``path``, or None (reason in ``notes``) when it is absent."""
         if path is None:
@@ -117,7 +148,7 @@ class _Volumes:
         for existing, source in self.sources.items():
             if source.path == Path(path) and source.derive == derive and source.kind == kind:
                 return existing
-        self.sources[key] = _Source(Path(path), name, kind, derive, mark)
+        self.sources[key] = _Source(Path(path), name, kind, derive, mark, carried)
         return key
 
     def read(self, key: str) -> Image:
@@ -138,9 +169,12 @@ class _Volumes:
             self.marks.setdefault(key, {})["min-jacobian"] = _world(image, at)
         return image
 
-    def embed_all(self, budget: int | None = None) -> tuple[dict[str, Embedded], tuple[int, int]]:
-        """Every volume embedded at the first downsampling factors of :data:`FACTORS` (anatomy,
-        maps) that fit ``budget`` bytes of base64 (default :data:`VOLUME_BUDGET`)."""
+    def embed_all(
+        self, budget: int | None = None
+    ) -> tuple[dict[str, Embedded], tuple[int, int, int]]:
+        """Every volume embedded at the first downsampling factors of :data:`FACTORS` (one per
+        tier of :data:`TIERS`) that fit ``budget`` bytes of base64 (default
+        :data:`VOLUME_BUDGET`); the last factors when none do."""
         budget = VOLUME_BUDGET if budget is None else budget
         images: dict[str, Image] = {}
         for key in list(self.sources):
@@ -150,9 +184,9 @@ class _Volumes:
                 self.failed[key] = f"{self.sources[key].name}: {exc}"
         done: dict[tuple[str, int], Embedded] = {}
 
-        def at(key: str, factors: tuple[int, int]) -> Embedded:
+        def at(key: str, factors: tuple[int, int, int]) -> Embedded:
             source = self.sources[key]
-            factor = factors[1] if source.kind in MAP_KINDS else factors[0]
+            factor = factors[source.tier]
             if (key, factor) not in done:
                 done[key, factor] = embed(images[key], key, source.name, source.kind, factor)
             return done[key, factor]
@@ -189,6 +223,7 @@ def _world(image: Image, voxel) -> list[float]:
 def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
     """The scenes of one subject's viewer and the volumes they draw (not yet read)."""
     files = CohortFiles(outdir)
+    cfiles = ContrastFiles(str(outdir))
     volumes = _Volumes(outdir)
     s = qc.subject
     scenes: list[Scene] = []
@@ -198,13 +233,29 @@ def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
         base = volumes.add(scan.preproc, f"ses-{session} preprocessed", "image", notes)
         if base is not None:
             layers = [Layer(base, f"ses-{session} preprocessed")]
+            flicker = []
+            for c in qc.contrasts.get(session, []):
+                name = contrast_label(c)
+                path = Path(cfiles.preproc(c, s, session))
+                key = volumes.add(path, f"ses-{session} {name}", "image", notes)
+                if key:
+                    layers.append(Layer(key, f"{name} (on the T1w grid)", "gray", 1.0, False))
+                    flicker.append((f"T1w vs {name}", key, ""))
             mask = volumes.add(scan.brain_mask, "brain mask", "mask", notes)
             if mask:
                 layers.append(Layer(mask, "brain mask", "blue", 0.35, False))
             tumour = volumes.add(scan.tumor_mask, "tumour mask", "mask", [], mark="tumour")
             if tumour:
                 layers.append(Layer(tumour, "tumour mask", "red", 0.6, True))
-            scenes.append(Scene(f"{session}/native", f"ses-{session}: preprocessed", layers))
+            scenes.append(
+                Scene(
+                    f"{session}/native",
+                    f"ses-{session}: preprocessed",
+                    layers,
+                    flicker,
+                    notes=notes,
+                )
+            )
 
         followup = qc.longitudinal and session != qc.baseline
         for stage in ("template", "atlas", "baseline") if followup else ("template", "atlas"):
@@ -228,16 +279,18 @@ def _registration_scene(
     after = volumes.add(scan.warped(stage), "registered scan", "image", notes)
     if after:
         layers.append(Layer(after, f"ses-{session} registered", "gray", 1.0, True))
-        flicker.append(("fixed vs registered", after))
+        flicker.append(("fixed vs registered", after, ""))
     before = volumes.add(scan.preproc, f"ses-{session} preprocessed", "image", notes)
     if before:
         layers.append(Layer(before, f"ses-{session} before registration", "gray", 1.0, False))
-        flicker.append(("fixed vs before registration", before))
+        flicker.append(("fixed vs before registration", before, ""))
+    contrast_maps = _contrast_layers(volumes, qc, scan, stage, layers, flicker, after, notes)
     if stage == "baseline":
         maps = [
             (scan.log_jacobian, "log-Jacobian", "signed", ""),
             (scan.difference, "difference", "signed", ""),
             (scan.displacement, "displacement (mm)", "magnitude", ""),
+            *contrast_maps,
         ]
     else:
         maps = [(scan.warp(stage), "log-Jacobian", "signed", "log-jacobian")]
@@ -267,6 +320,49 @@ def _registration_scene(
     return Scene(f"{session}/{stage}", title, layers, flicker, notes=notes)
 
 
+def _contrast_layers(
+    volumes: _Volumes,
+    qc: SubjectQC,
+    scan: Scan,
+    stage: str,
+    layers: list[Layer],
+    flicker: list[tuple[str, str, str]],
+    registered: str | None,
+    notes: list[str],
+) -> list[tuple[Path, str, str, str]]:
+    """The session's other contrasts carried into a registration's space, as hidden layers with a
+    flicker against the registered T1w; in baseline space also the baseline's own contrast (a
+    flicker baseline vs follow-up) and, returned for the maps, each contrast's difference map."""
+    cfiles = ContrastFiles(str(scan.outdir))
+    s, session = scan.subject, scan.session
+    columns = qc.contrasts.get(session, [])
+    if stage == "baseline":
+        columns = [c for c in columns if c in qc.contrasts.get(qc.baseline or "", [])]
+    maps = []
+    for c in columns:
+        name = contrast_label(c)
+        if stage == "baseline":
+            path = Path(cfiles.preproc(c, s, qc.baseline))
+            base = volumes.add(path, f"ses-{qc.baseline} {name}", "image", notes)
+            if base:
+                layers.append(Layer(base, f"ses-{qc.baseline} {name}", "gray", 1.0, False))
+        else:
+            base = registered
+        path = Path(cfiles.in_space(c, stage, s, session))
+        key = volumes.add(path, f"ses-{session} {name} registered", "image", notes, carried=True)
+        if not key:
+            continue
+        layers.append(Layer(key, f"ses-{session} {name} registered", "gray", 1.0, False))
+        if stage == "baseline" and base:
+            flicker.append((f"ses-{qc.baseline} vs ses-{session} {name}", key, base))
+        elif base:
+            flicker.append((f"registered T1w vs {name}", key, base))
+        if stage == "baseline":
+            difference = Path(cfiles.difference(c, "baseline", s, session))
+            maps.append((difference, f"{name} difference", "signed", ""))
+    return maps
+
+
 # -------------------------------------------------------------------------------- markup
 
 
@@ -279,9 +375,10 @@ def niivue_gzip_base64() -> str:
 
 def viewer_data(
     outdir: Path, qc: SubjectQC, budget: int | None = None
-) -> tuple[list[Scene], dict[str, Embedded], tuple[int, int]]:
-    """Scenes with the volumes they draw embedded (and the downsampling factors, anatomy and maps,
-    that fitted ``budget``); layers whose volume failed to load are dropped, the reason noted."""
+) -> tuple[list[Scene], dict[str, Embedded], tuple[int, int, int]]:
+    """Scenes with the volumes they draw embedded (and the downsampling factors per tier of
+    :data:`TIERS` that fitted ``budget``); layers whose volume failed to load are dropped, the
+    reason noted."""
     scenes, volumes = subject_scenes(outdir, qc)
     embedded, factors = volumes.embed_all(budget)
     kept = []
@@ -291,7 +388,11 @@ def viewer_data(
             volumes.failed[layer.key] for layer in scene.layers if layer.key in volumes.failed
         ]
         scene.layers = [layer for layer in scene.layers if layer.key in embedded]
-        scene.flicker = [(label, key) for label, key in scene.flicker if key in embedded]
+        scene.flicker = [
+            (label, key, base)
+            for label, key, base in scene.flicker
+            if key in embedded and (not base or base in embedded)
+        ]
         for layer in scene.layers:
             scene.marks.update(volumes.marks.get(layer.key, {}))
         if scene.layers and scene.layers[0].key == planned:
@@ -299,9 +400,19 @@ def viewer_data(
     return kept, embedded, factors
 
 
-def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
-    """The viewer section of a subject page (empty when no volume could be read)."""
-    scenes, embedded, factors = viewer_data(outdir, qc)
+def volume_budget(other_bytes: int) -> int:
+    """Bytes of volumes a page may embed when the rest of it (figures, markup) takes
+    ``other_bytes``: what :data:`PAGE_BUDGET` leaves beside them and the viewer library, at most
+    :data:`VOLUME_BUDGET`."""
+    return max(0, min(VOLUME_BUDGET, PAGE_BUDGET - other_bytes - len(niivue_gzip_base64())))
+
+
+def viewer_html(
+    outdir: Path, qc: SubjectQC, initial: str | None = None, other_bytes: int = 0
+) -> str:
+    """The viewer section of a subject page (empty when no volume could be read); ``other_bytes``:
+    the size of the rest of the page (see :func:`volume_budget`)."""
+    scenes, embedded, factors = viewer_data(outdir, qc, volume_budget(other_bytes))
     if not scenes:
         return ""
     config = {
@@ -318,7 +429,11 @@ def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
     )
     shrunk = [
         f"{what} {f}\u00d7"
-        for what, f in (("maps", factors[1]), ("scans and labels", factors[0]))
+        for what, f in (
+            ("maps", factors[2]),
+            ("other contrasts outside their session's scene", factors[1]),
+            ("scans and labels", factors[0]),
+        )
         if f > 1
     ]
     coarser = (
@@ -339,7 +454,7 @@ def viewer_html(outdir: Path, qc: SubjectQC, initial: str | None = None) -> str:
         "cross-hair; the values of every layer at that point are shown here.</div>"
         '<p class="muted viewer-help">Scroll over a view to move through its slices; right-drag to '
         "adjust contrast. Flicker alternates the fixed image with the chosen scan, as nipreps reports "
-        "do: misalignment shows up as movement. Labels and masks keep their values; other volumes are "
+        "do, or the T1w with another contrast: misalignment shows up as movement. Labels and masks keep their values; other volumes are "
         f"stored with 8-bit precision (the step is given per layer).{coarser}</p>"
         '<p class="viewer-fallback" id="viewer-fallback" hidden>This browser cannot draw the viewer '
         "(WebGL2 is needed); the figures below show the same volumes.</p>"

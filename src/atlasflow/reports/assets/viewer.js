@@ -127,14 +127,18 @@
   }
 
   function applyOpacities() {
+    // every opacity first, then one update: NiiVue's setOpacity re-blends all volumes per call,
+    // which a scene with a dozen layers (several contrasts) felt on every flicker step
+    var changed = false;
     current.layers.forEach(function (layer, i) {
       if (i >= nv.volumes.length) { return; }
       var kind = config.volumes[layer.key].kind;
       var opacity = effectiveOpacity(current, layer, i);
       // a colour bar for each map that is shown
       nv.volumes[i].colorbarVisible = opacity > 0 && (kind === 'signed' || kind === 'magnitude');
-      nv.setOpacity(i, opacity);
+      if (nv.volumes[i].opacity !== opacity) { nv.volumes[i].opacity = opacity; changed = true; }
     });
+    if (changed) { nv.updateGLVolume(); } else { nv.drawScene(); }
   }
 
   function layerControls(scene) {
@@ -194,18 +198,23 @@
     layerControls(current);
   }
 
-  function startFlicker(key, button) {
+  // base: the overlay the flickered layer alternates with (drawn under it); none: the background
+  function startFlicker(key, base, button) {
     var saved = JSON.parse(JSON.stringify(state[current.id]));
     flicker = {key: key, saved: saved, button: button, on: true};
     current.layers.forEach(function (layer, i) {
-      if (i > 0) { layerState(current, layer).visible = layer.key === key; layerState(current, layer).opacity = 1; }
+      if (i > 0) {
+        layerState(current, layer).visible = layer.key === key || (!!base && layer.key === base);
+        layerState(current, layer).opacity = 1;
+      }
     });
     button.classList.add('on');
     var names = {};
     current.layers.forEach(function (l) { names[l.key] = l.name; });
+    var other = base ? names[base] : current.layers[0].name;
     var tick = function () {
       layerState(current, {key: key}).visible = flicker.on;
-      button.textContent = 'showing: ' + (flicker.on ? names[key] : current.layers[0].name) + ' (stop)';
+      button.textContent = 'showing: ' + (flicker.on ? names[key] : other) + ' (stop)';
       flicker.on = !flicker.on;
       applyOpacities();
     };
@@ -224,7 +233,7 @@
       button.addEventListener('click', function () {
         var again = flicker && flicker.button === button;
         stopFlicker();
-        if (!again) { startFlicker(pair.key, button); }
+        if (!again) { startFlicker(pair.key, pair.base, button); }
       });
       flickerBox.appendChild(button);
     });
