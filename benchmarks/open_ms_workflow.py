@@ -17,6 +17,7 @@ then scores what it wrote:
 
     python benchmarks/open_ms_workflow.py [--data ../shared/data/open_ms] [--work /tmp/open_ms_workflow]
         [--results DIR]   # score an existing run instead of running the workflow
+        [--bids]          # give the workflow a BIDS folder of the same files instead of a manifest
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ def write_manifest(data: Path, path: Path) -> None:
             f"{d / f'{study}_FLAIR.nii.gz'},201{session}-01-01"
         )
     path.write_text("\n".join(rows) + "\n")
+
+
+def write_bids(data: Path, root: Path) -> None:
+    """The same sessions as a BIDS folder of symbolic links (sub-p01/ses-1/anat/sub-p01_ses-1_T1w...)."""
+    for subject, session, patient, study in SESSIONS:
+        anat = root / f"sub-{subject}" / f"ses-{session}" / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        for suffix, name in (("T1w", "T1W"), ("T2w", "T2W"), ("FLAIR", "FLAIR")):
+            link = anat / f"sub-{subject}_ses-{session}_{suffix}.nii.gz"
+            if not link.exists():
+                link.symlink_to(data / patient / f"{study}_{name}.nii.gz")
+    (root / "sub-p01" / "sub-p01_sessions.tsv").write_text(
+        "session_id\tacq_time\nses-1\t2011-01-01T00:00:00\nses-2\t2012-01-01T00:00:00\n"
+    )
+    (root / "dataset_description.json").write_text('{"Name": "open_ms subset", "BIDSVersion": "1.9.0"}\n')
 
 
 def run_workflow(manifest: Path, results: Path, cores: int) -> float:
@@ -185,6 +201,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="score this existing run's outputs")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--methods", default="ants", help="comparisons beside atlasflow: ants or ''")
+    parser.add_argument("--bids", action="store_true", help="give the workflow a BIDS folder instead of a manifest")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     results = args.results
@@ -192,6 +209,9 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         manifest = args.work / "manifest.csv"
         write_manifest(args.data, manifest)
+        if args.bids:
+            manifest = args.work / "bids"
+            write_bids(args.data, manifest)
         results = args.work / "results"
         print(f"workflow: {run_workflow(manifest, results, args.cores):.0f} s wall, {args.cores} cores")
     score_alignment(args.data, results, methods)

@@ -118,3 +118,11 @@ def test_bids_contrasts_are_discovered(tmp_path: Path):
     assert first["pdw"].endswith("sub-01_PDw.nii.gz")
     assert table.iloc[1]["flair"] == ""
     assert SHAPE == head(1).shape
+
+
+def test_the_planner_and_the_cohort_name_the_same_contrasts():
+    from atlasflow.cohort.columns import CONTRAST_COLUMNS
+    from atlasflow.contrasts import plan
+
+    assert plan.CONTRAST_COLUMNS == CONTRAST_COLUMNS
+    assert set(plan.TRANSFORM_LABELS) == set(CONTRAST_COLUMNS)

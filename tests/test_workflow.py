@@ -390,13 +390,13 @@ def test_every_flair_of_the_tiny_run_is_aligned_and_carried_into_every_space(tin
         qc = json.loads(Path(files.session_qc("flair", s, t)).read_text())
         assert qc["qc_pass"] and qc["nmi_after"] >= qc["nmi_scanner"] - 1e-3
         ours = read_itk_affine(files.session_affine("flair", s, t))
-        truth = read_itk_affine(inputs / "truth" / f"sub-{s}_ses-{t}_from-FLAIR_to-T1w_mode-image_xfm.mat")
+        truth = read_itk_affine(inputs / "truth" / f"sub-{s}" / f"ses-{t}" / f"sub-{s}_ses-{t}_from-FLAIR_to-T1w_mode-image_xfm.mat")
         mask = load_image(results / f"sub-{s}" / f"ses-{t}" / "anat" / f"sub-{s}_ses-{t}_desc-brain_mask.nii.gz")
         xyz = np.argwhere(mask.data > 0) @ mask.affine[:3, :3].T + mask.affine[:3, 3]
         errors.append(np.linalg.norm((xyz @ ours[:3, :3].T + ours[:3, 3]) - (xyz @ truth[:3, :3].T + truth[:3, 3]), axis=1).mean())
-    # 4 mm voxels, 6 mm FLAIR slices; measured 2026-12-07 (see the print)
+    # 4 mm voxels, 6 mm FLAIR slices; measured 2026-12-07: 0.22-0.39 mm
     print("FLAIR -> T1w mean point error vs truth (mm):", np.round(errors, 2))
-    assert np.mean(errors) < 1.5 and max(errors) < 2.5, errors
+    assert np.mean(errors) < 0.75 and max(errors) < 1.0, errors
     for subject, rows in table[table["subject"] != "99"].groupby("subject"):
         for session in rows["session"].iloc[1:]:
             assert Path(files.difference("flair", "baseline", subject, session)).exists()
@@ -412,7 +412,8 @@ def test_every_flair_of_the_tiny_run_is_aligned_and_carried_into_every_space(tin
 
     flair, t1w = ncc(results / "atlas" / "atlas_FLAIR.nii.gz", "template_FLAIR.nii.gz"), ncc(results / "atlas" / "atlas_T1w.nii.gz", "template_T1w.nii.gz")
     print(f"atlas NCC to truth: FLAIR {flair:.3f}, T1w {t1w:.3f}")
-    assert flair > 0.8, (flair, t1w)
+    # measured 2026-12-07: FLAIR 0.856, T1w 0.872 (4 mm; the FLAIR's 6 mm slices cap it lower)
+    assert flair > 0.8 and flair > t1w - 0.05, (flair, t1w)
 
 
 # --- reruns, provenance, determinism: all on the one tiny run above
@@ -493,12 +494,14 @@ def test_removing_one_preprocessed_scan_reruns_only_its_chain(tiny_run):
 
 @pytest.mark.slow
 def test_provenance_records_the_run_and_follows_the_config(tiny_run, tmp_path):
+    from atlasflow.cohort.columns import IMAGE_COLUMNS
+
     record = json.loads((tiny_run / "results" / "provenance" / "provenance.json").read_text())
     inputs = tiny_run / "inputs"
     manifest = pd.read_csv(inputs / "manifest.csv", dtype=str).fillna("")
     expected = {
         str((inputs / value).resolve())
-        for column in ("t1w", "labels", "tumor_mask", "brain_mask")
+        for column in IMAGE_COLUMNS
         if column in manifest
         for value in manifest[column]
         if value
@@ -528,14 +531,16 @@ def test_a_changed_setting_reruns_the_rules_it_feeds_and_no_others(tiny_run, tmp
     rules = {rule for rule, _ in dry_run(tiny_run, str(longitudinal))}
     assert "longitudinal_register" in rules
     assert rules <= {"longitudinal_register", "longitudinal_tumor_mask", "tumor_table", "change_map_to_atlas",
-                     "tumor_frequency", "report_subject", "report_cohort", "provenance", "all"}, rules
+                     "tumor_frequency", "report_subject", "report_cohort", "provenance", "all",
+                     "flair_change", "flair_change_to_atlas"}, rules
     # registration.refine_steps feeds the registrations to the template and to the atlas; the
     # atlas itself (affines, iterations) has its own budgets and needs only the preprocessed scans.
     registration = tmp_path / "registration.yaml"
     registration.write_text("registration:\n  refine_steps: 7\n")
     rules = {rule for rule, _ in dry_run(tiny_run, str(registration))}
     assert {"register_template", "register_atlas"} <= rules
-    assert not rules & {"reorient", "bias_correct", "brain_mask", "preprocess", "template", "atlas_init", "atlas_iteration"}, rules
+    assert not rules & {"reorient", "bias_correct", "brain_mask", "preprocess", "template", "atlas_init", "atlas_iteration",
+                        "align_flair"}, rules
     atlas_steps = tmp_path / "atlas.yaml"
     atlas_steps.write_text("atlas:\n  refine_steps: 3\n")
     rules = {rule for rule, _ in dry_run(tiny_run, str(atlas_steps))}

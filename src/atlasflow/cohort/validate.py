@@ -247,6 +247,9 @@ def summarise(table: pd.DataFrame) -> str:
         ("acq_date", "dates"),
     ):
         parts.append(f"{what} {int((table[col] != '').sum())}")
+    contrasts = [(c, int((table[c] != "").sum())) for c in CONTRAST_COLUMNS if c in table]
+    if any(n for _, n in contrasts):
+        parts.append("other contrasts " + ", ".join(f"{c} {n}" for c, n in contrasts if n))
     groups = table.drop_duplicates("subject")["group"]
     groups = groups[groups != ""]
     if len(groups):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from atlasflow.contrasts.session import MAX_SESSION_SHIFT_MM, MIN_SESSION_NMI
+from atlasflow.contrasts.qc import MAX_SESSION_SHIFT_MM, MIN_SESSION_NMI
 
 
 def add_contrast_arguments(p: argparse.ArgumentParser) -> None:

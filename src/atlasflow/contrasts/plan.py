@@ -21,8 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from atlasflow import layout
-from atlasflow.cohort.columns import CONTRAST_COLUMNS
+from atlasflow.contrasts.qc import MAX_SESSION_SHIFT_MM, MIN_SESSION_NMI
 
+#: The contrasts beside the T1w, in the cohort's column order (``cohort.columns.CONTRAST_COLUMNS``,
+#: spelled from the layout here: the report inputs import this module and stay free of pandas).
+CONTRAST_COLUMNS = tuple(c for c in layout.CONTRASTS if c != "t1w")
 #: Each contrast's name in ``from-``/``to-`` transform entities (letters and digits only).
 TRANSFORM_LABELS = {"t2w": "T2w", "flair": "FLAIR", "t1ce": "ceT1w", "pdw": "PDw"}
 
@@ -88,8 +91,8 @@ class ContrastPlan:
         self.used = used_contrasts(plan.config, present)
         settings = plan.config.get("contrasts") or {}
         self.dof = settings.get("align", "rigid")
-        self.min_nmi = settings.get("min_nmi", 1.03)
-        self.max_shift_mm = settings.get("max_shift_mm", 20.0)
+        self.min_nmi = settings.get("min_nmi", MIN_SESSION_NMI)
+        self.max_shift_mm = settings.get("max_shift_mm", MAX_SESSION_SHIFT_MM)
         self.change = settings.get("change", "affine")
 
     # --- per scan

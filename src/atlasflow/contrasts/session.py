@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atlasflow.contrasts.qc import MAX_SESSION_SHIFT_MM, MIN_SESSION_NMI
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, load_mask, save_image
@@ -33,12 +34,6 @@ from atlasflow.transforms import Transform, apply_transform
 #: Percentiles inside the brain mapped to 0 and 1 (the T1w's rule, preprocess.normalise_intensity).
 #: Values above 1 are kept: a FLAIR lesion is the bright tail the difference maps must not clip.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.0
-#: Within-session QC: the alignment must reach this normalised mutual information on the 2 mm
-#: grid. Measured on open_ms: 1.072-1.079 for FLAIR/T2w onto the T1w of the same session, 1.045
-#: for another patient's FLAIR (after its best rigid alignment).
-MIN_SESSION_NMI = 1.03
-#: A within-session scan that moved further than this from the scanner's alignment is flagged.
-MAX_SESSION_SHIFT_MM = 20.0
 
 
 @dataclass(frozen=True)
