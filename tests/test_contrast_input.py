@@ -126,3 +126,18 @@ def test_the_planner_and_the_cohort_name_the_same_contrasts():
 
     assert plan.CONTRAST_COLUMNS == CONTRAST_COLUMNS
     assert set(plan.TRANSFORM_LABELS) == set(CONTRAST_COLUMNS)
+
+
+def test_a_lesion_mask_on_the_flairs_grid_is_accepted_another_grid_is_not(cohort: Path):
+    from factories import manifest_rows
+
+    flair = head(2)[:, :, :10]
+    mask = (flair > 60).astype(np.uint8)
+    write(cohort.parent / "data" / "a_lesion.nii.gz", mask, affine=_own_grid_affine())
+    rows = manifest_rows(cohort)
+    rows[0]["tumor_mask"] = "data/a_lesion.nii.gz"
+    check(write_manifest(cohort.parent, rows))
+    other = AFFINE.copy()
+    other[:3, 3] += 7.0
+    write(cohort.parent / "data" / "a_lesion.nii.gz", mask, affine=other)
+    fails(write_manifest(cohort.parent, rows), "row 2", "tumor_mask", "none of the grids of its t2w, flair")

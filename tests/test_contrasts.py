@@ -274,3 +274,31 @@ def test_open_ms_flair_onto_its_t1w_agrees_with_the_authors(tmp_path: Path):
     found = session.align_contrast(load_image(OPEN_MS / "study1_FLAIR.nii.gz"), t1.with_data(norm * head), head)
     truth = reference_map(OPEN_MS, "study1_T1W", "study1_FLAIR")
     assert _point_error(found.world, truth, head, t1.affine) < 1.0
+
+
+def test_a_mask_drawn_on_the_flair_is_carried_through_the_session_alignment(tmp_path: Path):
+    """A lesion mask on the FLAIR's grid lands on the T1w's anatomy through the FLAIR's
+    alignment; through the scanner's coordinates it would sit where the head was in the FLAIR."""
+    from atlasflow.preprocess.steps import carry_labels
+
+    reference, mask = _reference()
+    csf, gm, wm, affine = _tissues()
+    wm_t1 = Image((wm > 0.5).astype(np.uint8), affine)
+    # the white matter drawn on the FLAIR's grid (what a person would draw on the FLAIR)
+    flair = _flair_on_own_grid()
+    drawn = apply_transform(wm_t1, Transform(np.linalg.inv(_truth_map())), flair.grid, "nearest")
+    paths = {
+        "t1w": save_image(reference, tmp_path / "t1w.nii.gz"),
+        "flair": save_image(flair, tmp_path / "flair.nii.gz"),
+        "mask": save_image(drawn, tmp_path / "mask.nii.gz"),
+        "xfm": write_itk_affine(_truth_map(), tmp_path / "flair_to_t1w.mat"),
+    }
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+    carried = carry_labels(paths["mask"], paths["t1w"], tmp_path / "a.nii.gz", t1w_path=paths["t1w"],
+                           contrast_grids=[(paths["flair"], paths["xfm"])]).data > 0  # fmt: skip
+    plain = carry_labels(paths["mask"], paths["t1w"], tmp_path / "b.nii.gz").data > 0
+    truth = wm_t1.data > 0
+    assert dice(carried, truth) > 0.85 > dice(plain, truth) + 0.1, (dice(carried, truth), dice(plain, truth))

@@ -138,14 +138,27 @@ rule preprocess_labels:
         "atlasflow preprocess carry --input {input.labels} --reference {input.reference} --output {output} > {log} 2>&1"
 
 
-# The scan's tumour mask on its working grid.
-use rule preprocess_labels as preprocess_tumor_mask with:
+rule preprocess_tumor_mask:
+    """The scan's tumour or lesion mask on its working grid (nearest neighbour). A mask drawn on
+    another contrast of the session (a lesion mask on the FLAIR) is carried through that
+    contrast's alignment to the T1w."""
     input:
+        unpack(PLAN.contrasts.mask_grid_inputs),
         labels=lambda wc: PLAN.row(wc)["tumor_mask"],
         reference=anat("T1w", desc="preproc"),
     output:
         anat("mask", label="tumor", desc="preproc"),
+    conda:
+        CONDA_ENV
     log:
         log("preprocess_tumor_mask"),
     benchmark:
         bench("preprocess_tumor_mask")
+    params:
+        grids=PLAN.contrasts.mask_grid_flags,
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "atlasflow preprocess carry --input {input.labels} --reference {input.reference} {params.grids} "
+        "--output {output} > {log} 2>&1"

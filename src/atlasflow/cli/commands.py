@@ -77,6 +77,15 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-mask")
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--reference", help="carry: image whose grid the labels are resampled onto")
+    p.add_argument("--t1w", help="carry: the scan's T1w as given (a mask on another grid is on a contrast's)")
+    p.add_argument(
+        "--contrast-grid",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("IMAGE", "AFFINE"),
+        help="carry: another contrast of the session as given and its from-<contrast>_to-T1w transform",
+    )
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
@@ -109,7 +118,9 @@ def run_preprocess(args: argparse.Namespace) -> int:
     elif args.step == "finalize":
         pp.finalize(args.input, args.mask, args.output, args.out_mask, spacing=args.spacing)
     elif args.step == "carry":
-        pp.carry_labels(args.input, args.reference, args.output)
+        pp.carry_labels(
+            args.input, args.reference, args.output, t1w_path=args.t1w, contrast_grids=args.contrast_grid
+        )
     return 0
 
 

@@ -157,15 +157,21 @@ def validate_cohort(
     ]
     image_jobs = [job[:3] for job in jobs]
     infos = validate_images(image_jobs, check_data=False, problems=problems)
-    t1w_info: dict[int, ImageInfo | None] = {}
+    by_row: dict[int, dict[str, ImageInfo | None]] = {}
+    for (_, role, _, row), info in zip(jobs, infos, strict=True):
+        by_row.setdefault(row, {})[role] = info
     for (path, role, label, row), info in zip(jobs, infos, strict=True):
-        if role == "t1w":
-            t1w_info[row] = info
-            continue
-        reference = t1w_info.get(row)
-        if info is None or reference is None or role in CONTRAST_COLUMNS:
+        reference = by_row[row].get("t1w")
+        if role == "t1w" or role in CONTRAST_COLUMNS or info is None or reference is None:
             continue  # other contrasts have grids of their own: the workflow aligns them
         problem = grid_mismatch(reference, info)
+        if problem and role == "tumor_mask":
+            # a lesion or tumour mask drawn on another contrast (a FLAIR) comes with its grid
+            own = [c for c in CONTRAST_COLUMNS if by_row[row].get(c) is not None]
+            if any(grid_mismatch(by_row[row][c], info) is None for c in own):  # type: ignore[arg-type]
+                continue
+            if own:
+                problem += f", and on none of the grids of its {', '.join(own)}"
         if problem:
             problems.append(f"{label}: {role} {path} is {problem}")
     if check_data:

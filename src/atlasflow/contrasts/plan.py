@@ -161,3 +161,29 @@ class ContrastPlan:
             for s, t in self.changes_with(c):
                 out += [files.difference(c, "baseline", s, t), files.difference(c, "atlas", s, t)]
         return out
+
+    # --- masks drawn on another contrast's grid
+
+    def mask_grid_inputs(self, wildcards: Any) -> dict[str, str]:
+        """What carrying a scan's tumour/lesion mask reads beside it: the T1w as given and each
+        other contrast as given with its session alignment (the mask may be on any of their grids)."""
+        row = self.plan.row(wildcards)
+        inputs: dict[str, str] = {}
+        for c in self.used:
+            if row.get(c):
+                inputs[f"grid_{c}"] = row[c]
+                inputs[f"xfm_{c}"] = self.files.session_affine(c, wildcards.subject, wildcards.session)
+        if inputs:
+            inputs["t1w"] = row["t1w"]
+        return inputs
+
+    @staticmethod
+    def mask_grid_flags(wildcards: Any, input: Any) -> str:
+        keys = list(input.keys())
+        if "t1w" not in keys:
+            return ""
+        grids = [k[5:] for k in keys if k.startswith("grid_")]
+        return f"--t1w {input.t1w} " + " ".join(
+            f"--contrast-grid {input['grid_' + c]} {input['xfm_' + c]}" for c in grids
+        )
+

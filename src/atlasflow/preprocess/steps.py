@@ -12,6 +12,7 @@ Each step is a function from files to files so that the workflow can cache it as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Grid, Image, load_image, save_image
+from atlasflow.io.images import Grid, Image, load_header, load_image, save_image
+from atlasflow.io.itk import read_itk_affine
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -197,13 +199,41 @@ def finalize(
     return out
 
 
-def carry_labels(in_path: str | Path, reference_path: str | Path, out_path: str | Path) -> Image:
-    """Resample a label map or mask (any orientation) onto a reference grid, nearest neighbour."""
+def carry_labels(
+    in_path: str | Path,
+    reference_path: str | Path,
+    out_path: str | Path,
+    *,
+    t1w_path: str | Path | None = None,
+    contrast_grids: Sequence[tuple[str | Path, str | Path]] = (),
+) -> Image:
+    """Resample a label map or mask (any orientation) onto a reference grid, nearest neighbour.
+
+    A mask drawn on another contrast of the session (a lesion mask on the FLAIR) comes on that
+    contrast's grid: when its grid is not the T1w's (``t1w_path``) but one of ``contrast_grids``
+    (the contrast as given, its ``from-<contrast>_to-T1w`` transform), it is carried through that
+    session alignment rather than through the scanner's coordinates, which a head movement
+    between the two scans would leave off.
+    """
+    transform = Transform.identity()
+    if t1w_path is not None and not _same_grid(in_path, t1w_path):
+        for image_path, affine_path in contrast_grids:
+            if _same_grid(in_path, image_path):
+                transform = Transform(read_itk_affine(affine_path))
+                break
     labels = to_ras(load_image(in_path, dtype=None))
     reference = load_image(reference_path)
-    out = apply_transform(labels, Transform.identity(), reference.grid, "nearest")
+    out = apply_transform(labels, transform, reference.grid, "nearest")
     save_image(out, out_path, dtype=_label_dtype(out.data))
     return out
+
+
+def _same_grid(a: str | Path, b: str | Path) -> bool:
+    """Whether two files' headers describe one grid (shape and voxel-to-world map, 0.01 mm)."""
+    first, second = load_header(a), load_header(b)
+    return tuple(first.shape[:3]) == tuple(second.shape[:3]) and bool(
+        np.allclose(first.affine, second.affine, atol=1e-2)
+    )
 
 
 def _label_dtype(data: np.ndarray) -> type:
