@@ -230,3 +230,65 @@ def test_options_take_keyword_changes_and_refuse_unknown_names():
     assert (options.backend, options.refine_steps, options.seed) == ("ants", 5, 0)
     with pytest.raises(TypeError):
         RegistrationOptions.of(options, refine=5)
+
+
+# ---------------------------------------------------------------- QC across contrasts
+
+
+def _tissue_phantom(seed: int = 0):
+    """Three 'tissues' in nested shells (CSF outside, GM, WM inside) and a T1w-like and a
+    T2w-like image of them (CSF dark / bright), with a little noise."""
+    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"), -1)
+    r = np.sqrt((ijk**2).sum(-1)) + 0.08 * np.sin(5 * ijk[..., 0]) * np.cos(4 * ijk[..., 1])
+    tissue = np.select([r < 0.45, r < 0.7, r < 0.85], [3, 2, 1], 0)
+    rng = np.random.default_rng(seed)
+    t1 = np.choose(tissue, [0.0, 0.3, 0.6, 1.0]) + rng.normal(0, 0.02, tissue.shape)
+    t2 = np.choose(tissue, [0.0, 1.0, 0.7, 0.45]) + rng.normal(0, 0.02, tissue.shape)
+    return tissue > 0, t1.astype(np.float32), t2.astype(np.float32)
+
+
+def test_mutual_information_and_intensity_agreement_tell_contrasts_apart():
+    from atlasflow.registration.qc import intensity_agreement, nmi
+
+    mask, t1, t2 = _tissue_phantom()
+    rng = np.random.default_rng(1)
+    assert nmi(t1, t1 * 3 + 100, mask) > 1.5  # one image determines the other
+    _, t1_again, _ = _tissue_phantom(seed=5)  # the same anatomy, other noise
+    assert abs(nmi(t1, t2, mask) - nmi(t1, t1_again, mask)) < 0.1  # contrast does not matter to MI
+    assert nmi(t1, rng.permutation(t1.ravel()).reshape(t1.shape), mask) < 1.05  # unrelated
+    assert intensity_agreement(t1, t1 * 2 + 5, mask) > 0.95
+    assert intensity_agreement(t1, t2, mask) < 0.0  # CSF dark in one, bright in the other
+    shifted = np.roll(t2, 6, axis=0)
+    assert nmi(t1, shifted, mask) < nmi(t1, t2, mask) - 0.05  # misaligned: less information
+
+
+def test_qc_judges_a_cross_contrast_pair_by_mutual_information_not_ncc():
+    from atlasflow.registration.api import QCThresholds, qc_flags
+
+    # a good T2w -> T1w registration: NCC low (even negative), mutual information up
+    good = {"folding_fraction": 0.0, "ncc_before": -0.2, "ncc_after": -0.3, "nmi_before": 1.06,
+            "nmi_after": 1.12, "same_contrast": False}  # fmt: skip
+    assert qc_flags(good, QCThresholds()) == []
+    # the same numbers for one contrast: the NCC limits apply
+    assert len(qc_flags({**good, "same_contrast": True}, QCThresholds())) == 2
+    # a broken one: the mutual information fell
+    (flag,) = qc_flags({**good, "nmi_after": 1.03}, QCThresholds())
+    assert "mutual information" in flag and "1.060 -> 1.030" in flag
+
+
+def test_register_and_measure_records_mutual_information_and_the_contrast_verdict():
+    from atlasflow.io.images import Image
+    from atlasflow.registration.api import register_and_measure
+    from atlasflow.registration.options import RegistrationOptions
+
+    mask, t1, t2 = _tissue_phantom()
+    _, t1_again, _ = _tissue_phantom(seed=5)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    options = RegistrationOptions(backend="deep", affine_only=True)
+    # scanner-like intensities: the engine's contrast-independent path
+    fixed = Image(t1 * 900 + 40, affine)
+    cross = register_and_measure(fixed, Image(t2 * 700 + 25, affine), options).metrics
+    same = register_and_measure(fixed, Image(t1_again * 400 + 10, affine), options).metrics
+    assert cross["same_contrast"] is False and same["same_contrast"] is True
+    for metrics in (cross, same):
+        assert metrics["nmi_after"] >= metrics["nmi_before"] - 0.01

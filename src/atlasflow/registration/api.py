@@ -32,10 +32,13 @@ from atlasflow.io.itk import save_transform, write_itk_displacement
 from atlasflow.registration.ants import from_ants, register_ants, to_ants  # noqa: F401
 from atlasflow.registration.options import BACKENDS, RegistrationOptions
 from atlasflow.registration.qc import (  # noqa: F401  (qc_flags: importable from here, as before)
+    SAME_CONTRAST_AGREEMENT,
     QCThresholds,
     add_verdict,
     dice_per_label,
+    intensity_agreement,
     ncc,
+    nmi,
     qc_flags,
 )
 from atlasflow.transforms import Transform, apply_transform, folding_fraction
@@ -176,7 +179,15 @@ def register_and_measure(
     if before:
         unregistered = apply_transform(moving, Transform.identity(), fixed.grid, "linear")
         metrics["ncc_before"] = ncc(fixed.data, unregistered.data, region)
+        metrics["nmi_before"] = round(nmi(fixed.data, unregistered.data, region), 4)
     metrics["ncc_after"] = ncc(fixed.data, warped.data, region)
+    metrics["nmi_after"] = round(nmi(fixed.data, warped.data, region), 4)
+    # one contrast or two: the NCC limits hold only for one (registration.qc.qc_flags)
+    agreement = intensity_agreement(fixed.data, warped.data, region)
+    if unregistered is not None:
+        agreement = max(agreement, intensity_agreement(fixed.data, unregistered.data, region))
+    metrics["intensity_agreement"] = round(agreement, 3)
+    metrics["same_contrast"] = bool(agreement >= SAME_CONTRAST_AGREEMENT)
     return Measured(reg, warped, unregistered, metrics)
 
 

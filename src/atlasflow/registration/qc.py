@@ -17,6 +17,12 @@ from atlasflow.errors import AtlasflowError
 
 # A registration may lower the NCC (after - before) by at most this much; more flags it.
 NCC_DROP_TOLERANCE = 0.02
+# ... and the normalised mutual information by at most this much.
+NMI_DROP_TOLERANCE = 0.005
+# Two images show one contrast when the moving image's mean intensity per fixed-intensity bin
+# rises with the fixed intensity (Spearman correlation at least this): T1w on T1w does, T2w or
+# FLAIR on T1w does not (bright CSF against dark, or white matter darker than grey).
+SAME_CONTRAST_AGREEMENT = 0.7
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -27,6 +33,52 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     b = b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def _unit_range(values: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(values, [1, 99]) if values.size else (0.0, 0.0)
+    return np.clip((values - low) / (high - low), 0, 1) if high > low else np.zeros_like(values)
+
+
+def _pair_values(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    inside = (mask > 0) if mask is not None else np.ones(a.shape, bool)
+    return _unit_range(np.asarray(a, np.float64)[inside]), _unit_range(np.asarray(b, np.float64)[inside])
+
+
+def nmi(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 32) -> float:
+    """Normalised mutual information (H(A) + H(B)) / H(A, B) inside ``mask``: 1 when the images
+    say nothing about each other, 2 when one determines the other, whatever their contrasts."""
+    x, y = _pair_values(a, b, mask)
+    if x.size == 0:
+        return 1.0
+    ix = np.minimum((x * bins).astype(np.int64), bins - 1)
+    iy = np.minimum((y * bins).astype(np.int64), bins - 1)
+    joint = np.bincount(ix * bins + iy, minlength=bins * bins).astype(np.float64)
+    joint /= joint.sum()
+
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    both = entropy(joint)
+    grid = joint.reshape(bins, bins)
+    return (entropy(grid.sum(1)) + entropy(grid.sum(0))) / both if both > 0 else 1.0
+
+
+def intensity_agreement(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 16) -> float:
+    """Spearman correlation between the fixed intensity (``a``, in bins) and the moving image's
+    mean intensity in each bin: about 1 for one contrast, low or negative across contrasts."""
+    x, y = _pair_values(a, b, mask)
+    ix = np.minimum((x * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(ix, minlength=bins)
+    sums = np.bincount(ix, weights=y, minlength=bins)
+    used = counts >= max(10, x.size // 1000)  # bins with enough voxels to mean something
+    if used.sum() < 3:
+        return 0.0
+    means = sums[used] / counts[used]
+    ranks = np.argsort(np.argsort(means)).astype(np.float64)
+    order = np.arange(len(means), dtype=np.float64)
+    return float(np.corrcoef(order, ranks)[0, 1])
 
 
 def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
@@ -102,16 +154,26 @@ LIMITS = {
 
 
 def qc_flags(metrics: dict, thresholds: QCThresholds) -> list[str]:
-    """Reasons to distrust a registration; empty when it passes every check."""
+    """Reasons to distrust a registration; empty when it passes every check.
+
+    The NCC limits hold only for a pair of one contrast (``same_contrast``, default true): across
+    contrasts a good alignment can have a low or negative NCC. The mutual information, when
+    measured, must not drop whatever the contrasts.
+    """
     flags = []
     folding, after = metrics["folding_fraction"], metrics["ncc_after"]
     before = metrics["ncc_before"]
     if LIMITS["folding_fraction"].judge(folding, thresholds) == "flag":
         flags.append(f"folding fraction {folding:.5f} > {thresholds.max_folding_fraction}")
-    if LIMITS["ncc_after"].judge(after, thresholds) == "flag":
-        flags.append(f"NCC after registration {after:.3f} < {thresholds.min_ncc_after}")
-    if LIMITS["ncc_change"].judge(after - before, thresholds) == "flag":
-        flags.append(f"registration lowered the similarity ({before:.3f} -> {after:.3f})")
+    if metrics.get("same_contrast", True):
+        if LIMITS["ncc_after"].judge(after, thresholds) == "flag":
+            flags.append(f"NCC after registration {after:.3f} < {thresholds.min_ncc_after}")
+        if LIMITS["ncc_change"].judge(after - before, thresholds) == "flag":
+            flags.append(f"registration lowered the similarity ({before:.3f} -> {after:.3f})")
+    if "nmi_before" in metrics and "nmi_after" in metrics:
+        nmi_before, nmi_after = metrics["nmi_before"], metrics["nmi_after"]
+        if not nmi_after - nmi_before >= -NMI_DROP_TOLERANCE:
+            flags.append(f"registration lowered the mutual information ({nmi_before:.3f} -> {nmi_after:.3f})")
     return flags
 
 
