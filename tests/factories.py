@@ -60,6 +60,23 @@ def blob_image(shape=(24, 28, 20), spacing=2.0, seed=0) -> Image:
     return Image(data.astype(np.float32), affine)
 
 
+def pull_back(moving, transform, grid, order: int = 1) -> np.ndarray:
+    """Independent resampling: evaluate the transform's formula (``x_m = A (x + u(x))``) and
+    interpolate with scipy, to check the package's own resampling against."""
+    from scipy import ndimage
+
+    from atlasflow.transforms import world_coordinates
+
+    points = world_coordinates(grid)
+    if transform.displacement is not None:
+        points = points + transform.displacement.data
+    total = np.linalg.inv(moving.affine) @ transform.affine
+    coords = points @ total[:3, :3].T + total[:3, 3]
+    return ndimage.map_coordinates(
+        moving.data.astype(np.float64), np.moveaxis(coords, -1, 0), order=order, cval=0.0
+    )
+
+
 def ball(shape, centre, radius) -> np.ndarray:
     """A uint8 mask of the voxels within ``radius`` voxels of ``centre`` (voxel indices)."""
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
@@ -138,6 +155,29 @@ def random_nifti(path: Path, seed: int) -> Path:
     differ from file to file)."""
     data = np.random.default_rng(seed).random((10, 12, 8)).astype(np.float32)
     return write_nifti(path, data, np.eye(4))
+
+
+def validated(manifest: Path, check_data: bool = True) -> pd.DataFrame:
+    """A cohort (manifest CSV or BIDS folder) read and validated as the workflow does."""
+    from atlasflow.cohort.manifest import load_cohort
+    from atlasflow.cohort.validate import validate_cohort
+
+    return validate_cohort(load_cohort(manifest), manifest, check_data=check_data)
+
+
+def refused(manifest: Path, *fragments: str, check_data: bool = True) -> str:
+    """The one-line message :func:`validated` refuses ``manifest`` with; it holds ``fragments``."""
+    import pytest
+
+    from atlasflow.errors import AtlasflowError
+
+    with pytest.raises(AtlasflowError) as info:
+        validated(manifest, check_data=check_data)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
 
 
 def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv") -> Path:

@@ -9,12 +9,13 @@ import pytest
 from factories import SCAN_AFFINE as AFFINE
 from factories import SCAN_SHAPE as SHAPE
 from factories import brain, head, write_manifest
+from factories import refused as fails
+from factories import validated as check
 from factories import write_nifti as write
 
 from atlasflow.cohort.images import clear_image_cache
 from atlasflow.cohort.manifest import load_cohort
 from atlasflow.cohort.validate import validate_cohort
-from atlasflow.errors import AtlasflowError
 
 
 @pytest.fixture(autouse=True)
@@ -47,20 +48,6 @@ def cohort(tmp_path: Path) -> Path:
         {"subject": "b", "session": "", "t1w": "data/b_T1w.nii.gz", "flair": "", "t2w": ""},
     ]  # fmt: skip
     return write_manifest(tmp_path, rows)
-
-
-def check(manifest: Path):
-    return validate_cohort(load_cohort(manifest), manifest, check_data=True)
-
-
-def fails(manifest: Path, *fragments: str) -> str:
-    with pytest.raises(AtlasflowError) as info:
-        check(manifest)
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def _edit(manifest: Path, row: int, **values) -> Path:

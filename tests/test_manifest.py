@@ -15,6 +15,8 @@ from factories import SCAN_AFFINE as AFFINE
 from factories import SCAN_SHAPE as SHAPE
 from factories import brain, head, write_manifest
 from factories import manifest_rows as rows_of
+from factories import refused as fails
+from factories import validated as check
 from factories import write_nifti as write
 
 from atlasflow.cli.main import main as cli_main
@@ -81,20 +83,6 @@ def cohort(tmp_path: Path) -> Path:
         },
     ]
     return write_manifest(tmp_path, rows)
-
-
-def check(manifest: Path, check_data: bool = True) -> pd.DataFrame:
-    return validate_cohort(load_cohort(manifest), manifest, check_data=check_data)
-
-
-def fails(manifest: Path, *fragments: str, check_data: bool = True) -> str:
-    with pytest.raises(AtlasflowError) as info:
-        check(manifest, check_data=check_data)
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def edit(manifest: Path, row: int, **values) -> Path:

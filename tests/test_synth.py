@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from factories import file_digests, read_manifest
+from factories import file_digests, pull_back, read_manifest
 from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
@@ -52,18 +52,6 @@ def truth_transform(folder: Path, subject: str, session: str, name: str) -> Tran
         / f"sub-{subject}_ses-{session}_{name}_xfm"
     )
     return load_transform(f"{prefix}.mat", f"{prefix}.nii.gz")
-
-
-def pull_back(moving, transform: Transform, grid: Grid, order: int = 1) -> np.ndarray:
-    """Independent resampling: evaluate the transform's formula and interpolate with scipy."""
-    points = world_coordinates(grid)
-    if transform.displacement is not None:
-        points = points + transform.displacement.data
-    total = np.linalg.inv(moving.affine) @ transform.affine
-    coords = points @ total[:3, :3].T + total[:3, 3]
-    return ndimage.map_coordinates(
-        moving.data.astype(np.float64), np.moveaxis(coords, -1, 0), order=order, cval=0.0
-    )
 
 
 def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:

@@ -12,18 +12,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from factories import file_digests, read_manifest
+from factories import file_digests, pull_back, read_manifest
 from scipy import ndimage
 
 from atlasflow.cli.main import build_parser
 from atlasflow.cohort.planning import resolve_cohort
 from atlasflow.errors import AtlasflowError
-from atlasflow.io.images import Grid, load_image
+from atlasflow.io.images import load_image
 from atlasflow.io.itk import load_transform
 from atlasflow.synth.contrasts import APPEARANCES
 from atlasflow.synth.demo import make_demo_cohort
 from atlasflow.synth.plan import SYNTH_CONTRASTS, demo_manifest
-from atlasflow.transforms import Transform, apply_transform, world_coordinates
+from atlasflow.transforms import Transform, apply_transform
 
 SPACING = 5.0
 SMALL = dict(seed=2, n_cross=2, n_long=1, n_timepoints=2, spacing_mm=SPACING)
@@ -58,18 +58,6 @@ def truth_path(folder: Path, subject: str, session: str, name: str) -> Path:
 def within_session(folder: Path, subject: str, session: str, column: str) -> Transform:
     return load_transform(
         truth_path(folder, subject, session, f"from-{SUFFIX[column]}_to-T1w_mode-image_xfm.mat")
-    )
-
-
-def pull_back(moving, transform: Transform, grid: Grid, order: int = 1) -> np.ndarray:
-    """Independent resampling: evaluate the transform's formula and interpolate with scipy."""
-    points = world_coordinates(grid)
-    if transform.displacement is not None:
-        points = points + transform.displacement.data
-    total = np.linalg.inv(moving.affine) @ transform.affine
-    coords = points @ total[:3, :3].T + total[:3, 3]
-    return ndimage.map_coordinates(
-        moving.data.astype(np.float64), np.moveaxis(coords, -1, 0), order=order, cval=0.0
     )
 
 

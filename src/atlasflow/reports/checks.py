@@ -135,22 +135,31 @@ def mean_dice(labels: Path, reference: Path) -> float:
     return float(np.mean(list(per_label.values()))) if per_label else float("nan")
 
 
-def stage_checks(
-    scan: Scan, stage: str, thresholds: QCThresholds, atlas_dseg: Path | None = None
-) -> tuple[list[Check], dict | None, str | None]:
-    """Checks of one registration from its QC JSON; (checks, raw JSON, problem when unreadable)."""
-    path = scan.qc_json(stage)
+def read_qc_json(path: Path) -> tuple[dict | None, str | None]:
+    """A registration's QC JSON, or None and why it cannot be used (missing, the failure record of
+    a skipped scan, not a JSON object)."""
     if not path.exists():
-        return [], None, f"{path.name} not found"
+        return None, f"{path.name} not found"
     record = failure_record(path)
     if record is not None:
-        return [], None, f"{path.name}: scan skipped, {describe(record)}"
+        return None, f"{path.name}: scan skipped, {describe(record)}"
     try:
         qc = json.loads(path.read_text())
         if not isinstance(qc, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        return [], None, f"{path.name} is not readable JSON ({exc})"
+        return None, f"{path.name} is not readable JSON ({exc})"
+    return qc, None
+
+
+def stage_checks(
+    scan: Scan, stage: str, thresholds: QCThresholds, atlas_dseg: Path | None = None
+) -> tuple[list[Check], dict | None, str | None]:
+    """Checks of one registration from its QC JSON; (checks, raw JSON, problem when unreadable)."""
+    path = scan.qc_json(stage)
+    qc, problem = read_qc_json(path)
+    if qc is None:
+        return [], None, problem
     t = scan.session
     before, ncc = as_number(qc.get("ncc_before")), as_number(qc.get("ncc_after"))
     change = ncc - before if ncc is not None and before is not None else None
@@ -189,17 +198,9 @@ def contrast_checks(scan: Scan, column: str) -> tuple[list[Check], dict | None, 
     numbers pass (it was judged by a rule the report does not know).
     """
     path = Path(ContrastFiles(str(scan.outdir)).session_qc(column, scan.subject, scan.session))
-    if not path.exists():
-        return [], None, f"{path.name} not found"
-    record = failure_record(path)
-    if record is not None:
-        return [], None, f"{path.name}: scan skipped, {describe(record)}"
-    try:
-        qc = json.loads(path.read_text())
-        if not isinstance(qc, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        return [], None, f"{path.name} is not readable JSON ({exc})"
+    qc, problem = read_qc_json(path)
+    if qc is None:
+        return [], None, problem
     t, stage = scan.session, align_stage(column)
     limits = qc.get("qc_thresholds") if isinstance(qc.get("qc_thresholds"), dict) else {}
     checks = [Check(t, stage, "nmi_scanner", as_number(qc.get("nmi_scanner")))]
