@@ -4,13 +4,7 @@ Each iteration is its own set of targets (`iter-{iteration}`), so raising `atlas
 only the new iterations and what follows them.
 """
 
-from atlasflow.runtime.server import enable as enable_engine
-
-onstart:
-    # The atlas jobs of a local run share one warm engine (torch, weights, workers), which exits
-    # with this process; jobs on cluster nodes start their own (atlasflow.runtime.server).
-    if config["atlas"]["warm_engine"] and workflow.local_exec:
-        enable_engine()
+# (A local run's atlas jobs share one warm engine: enabled in common.smk's onstart.)
 
 
 rule atlas_init:

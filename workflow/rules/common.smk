@@ -12,7 +12,9 @@ from snakemake.settings.types import DeploymentMethod
 
 from atlasflow import layout
 from atlasflow.errors import AtlasflowError, error_lines, set_policy
+from atlasflow.runtime.client import enable as enable_commands
 from atlasflow.runtime.provenance import git_commit, package_versions
+from atlasflow.runtime.server import enable as enable_engine
 from atlasflow.workflow_plan import WorkflowPlan, atlasflow_command, shell_prefix
 
 OUT = config["outdir"]
@@ -55,6 +57,18 @@ set_policy(config["on_scan_error"])
 ATLASFLOW = atlasflow_command(sys.executable)
 _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 shell.prefix(shell_prefix(sys.executable, conda=_CONDA).replace("{", "{{").replace("}", "}}"))
+
+
+onstart:
+    # Local runs only (jobs on cluster nodes start their own processes): the atlas jobs share one
+    # warm engine (torch, weights, workers; atlasflow.runtime.server), and the other `atlasflow`
+    # commands are forked from one warm server (atlasflow.runtime.forkserver). Both exit with
+    # this process; same output bytes either way.
+    if workflow.local_exec:
+        if config["atlas"]["warm_engine"]:
+            enable_engine()
+        if config["warm_commands"]:
+            enable_commands()
 
 # Versions of the packages that compute the outputs. Snakemake's between-workflow cache key covers
 # rule code, params and input checksums but not pip-installed software, so cached rules carry the
