@@ -27,12 +27,19 @@ TINY_CONFIG = REPO / "tests" / "config_tiny.yaml"
 
 
 def workflow_rules() -> set[str]:
-    """The names of the rules in workflow/rules/*.smk (``rule x:`` and ``use rule ... as x``)."""
+    """The names of the rules in workflow/rules/*.smk (``rule x:``, ``use rule ... as x``, and the
+    rules made per contrast, ``name: f"..{c}.."`` inside ``for c in ...``, for every contrast)."""
+    from atlasflow.cohort.columns import CONTRAST_COLUMNS
+
     names: set[str] = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         text = smk.read_text()
         names |= set(re.findall(r"^\s*rule\s+(\w+)\s*:", text, flags=re.M))
         names |= set(re.findall(r"^\s*use\s+rule\s+\w+\s+as\s+(\w+)", text, flags=re.M))
+        for pattern in re.findall(r"^\s*name:\s*\n\s*f\"([\w{}]+)\"", text, flags=re.M):
+            for c in CONTRAST_COLUMNS:
+                for space in ("template", "atlas"):
+                    names.add(pattern.replace("{c}", c).replace("{space}", space))
     return names
 
 
