@@ -27,7 +27,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from atlasflow.runtime.server import WARM_COMMANDS, _alive, _stamp, command_of
+from atlasflow.runtime.server import (
+    WARM_COMMANDS,
+    _alive,
+    _connect,
+    _stamp,
+    command_of,
+    private_folder,
+)
 
 ENV = "ATLASFLOW_COMMANDS"
 START_TIMEOUT = 60.0
@@ -61,20 +68,8 @@ def owner(env: str = ENV) -> int | None:
 def address() -> Path:
     """The socket of the server for this run, this code (and interpreter) and this environment
     (short: AF_UNIX paths are limited to ~100 bytes), in a folder only this user can open."""
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"atlasflow-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
     key = repr((os.environ.get(ENV), _stamp(), [os.environ.get(k) for k in KEY_ENV])).encode()
-    return folder / f"c{hashlib.sha1(key).hexdigest()[:16]}.sock"
-
-
-def _connect(path: Path) -> socket.socket | None:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(str(path))
-    except OSError:
-        conn.close()
-        return None
-    return conn
+    return private_folder() / f"c{hashlib.sha1(key).hexdigest()[:16]}.sock"
 
 
 def _start(path: Path, run: int) -> socket.socket | None:

@@ -88,13 +88,18 @@ def _stamp() -> str:
     return hashlib.sha1(repr((sys.executable, times)).encode()).hexdigest()[:12]
 
 
+def private_folder() -> Path:
+    """Where the engines' sockets live: a folder of the temporary directory only this user opens."""
+    folder = Path(tempfile.gettempdir()) / f"atlasflow-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
 def address(owner: int, workers: int) -> Path:
     """The socket of the engine for ``owner``'s run with ``workers`` workers (short: AF_UNIX paths
     are limited to ~100 bytes)."""
-    folder = Path(tempfile.gettempdir()) / f"atlasflow-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
     key = hashlib.sha1(f"{os.environ.get(ENV)}|{_stamp()}|{workers}".encode()).hexdigest()[:16]
-    return folder / f"{key}.sock"
+    return private_folder() / f"{key}.sock"
 
 
 def _connect(path: Path) -> socket.socket | None:
