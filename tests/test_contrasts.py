@@ -302,3 +302,10 @@ def test_a_mask_drawn_on_the_flair_is_carried_through_the_session_alignment(tmp_
     plain = carry_labels(paths["mask"], paths["t1w"], tmp_path / "b.nii.gz").data > 0
     truth = wm_t1.data > 0
     assert dice(carried, truth) > 0.85 > dice(plain, truth) + 0.1, (dice(carried, truth), dice(plain, truth))
+
+
+def test_a_contrast_constant_inside_the_brain_is_refused():
+    reference, mask = _reference()
+    constant = reference.with_data(np.full(reference.data.shape, 5.0, np.float32))
+    with pytest.raises(AtlasflowError, match="is constant inside the T1w's brain mask"):
+        session.normalise_contrast(constant, np.eye(4), reference, mask)

@@ -144,7 +144,10 @@ def run_align(
     flags = found.flags(min_nmi, max_shift_mm)
     if flags:
         raise AtlasflowError(f"{contrast_path}: not aligned to the session's T1w {reference_path}: {'; '.join(flags)}")
-    native, preproc = normalise_contrast(raw, found.world, reference, mask)
+    try:
+        native, preproc = normalise_contrast(raw, found.world, reference, mask)
+    except AtlasflowError as exc:
+        raise AtlasflowError(f"{contrast_path}: {exc}") from None
     save_image(native, out_native, dtype=np.float32)
     save_image(preproc, out_preproc, dtype=np.float32)
     write_itk_affine(found.world, out_affine)
