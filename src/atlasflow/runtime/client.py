@@ -15,15 +15,12 @@ Only the standard library is imported here: this runs at the start of every job.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import socket
 import struct
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from atlasflow.runtime.server import (
     _stamp,
     command_of,
     private_folder,
+    start_server,
 )
 
 ENV = "ATLASFLOW_COMMANDS"
@@ -72,36 +70,6 @@ def address() -> Path:
     return private_folder() / f"c{hashlib.sha1(key).hexdigest()[:16]}.sock"
 
 
-def _start(path: Path, run: int) -> socket.socket | None:
-    """Start the server for ``path`` and wait until it answers; None if it does not come up."""
-    import fcntl
-
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per socket; the others wait and connect
-        conn = _connect(path)
-        if conn is not None:
-            return conn
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        with open(path.with_suffix(".log"), "a") as log:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "atlasflow.runtime.forkserver", str(path), str(run)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and server.poll() is None:
-            conn = _connect(path)
-            if conn is not None:
-                return conn
-            time.sleep(0.02)
-        if server.poll() is None:
-            server.kill()
-        return None
-
-
 def send_request(conn: socket.socket, request: dict, fds: Sequence[int]) -> None:
     """One request: its length, then its JSON; the file descriptors ride on the first bytes."""
     data = json.dumps(request).encode()
@@ -118,7 +86,9 @@ def handoff(argv: Sequence[str], env: str = ENV) -> int | None:
         return None  # the atlas steps have their own engine (atlasflow.runtime.server)
     try:
         path = address()
-        conn = _connect(path) or _start(path, run)
+        conn = _connect(path) or start_server(
+            path, "atlasflow.runtime.forkserver", str(run), poll=0.02, timeout=START_TIMEOUT
+        )
         if conn is None:
             return None
         with conn:

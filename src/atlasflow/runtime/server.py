@@ -112,12 +112,16 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
-def _start(path: Path, owner: int, workers: int) -> socket.socket | None:
-    """Start a server for ``path`` and wait until it answers; None if it does not come up."""
+def start_server(
+    path: Path, module: str, *args: str, poll: float = 0.05, timeout: float = START_TIMEOUT
+) -> socket.socket | None:
+    """Start ``python -m module path *args`` (a server listening on ``path``) unless one already
+    answers there, and wait until it does; None if it does not come up. One starter per socket
+    (a file lock): the other jobs wait and connect to the one it started."""
     import fcntl
 
     with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per socket; the others wait and connect
+        fcntl.flock(lock, fcntl.LOCK_EX)
         conn = _connect(path)
         if conn is not None:
             return conn
@@ -125,15 +129,15 @@ def _start(path: Path, owner: int, workers: int) -> socket.socket | None:
             path.unlink()
         with open(path.with_suffix(".log"), "a") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "atlasflow.runtime.server", str(path), str(owner), str(workers)],
+                [sys.executable, "-m", module, str(path), *args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and server.poll() is None:
             conn = _connect(path)
             if conn is not None:
                 return conn
-            time.sleep(0.05)
+            time.sleep(poll)
         if server.poll() is None:
             server.kill()
         return None
@@ -162,7 +166,7 @@ def submit(argv: Sequence[str], log: str | os.PathLike) -> int | None:
         return None
     try:
         path = address(owner, workers)
-        conn = _connect(path) or _start(path, owner, workers)
+        conn = _connect(path) or start_server(path, "atlasflow.runtime.server", str(owner), str(workers))
         if conn is None:
             return None
         with conn:
