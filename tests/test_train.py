@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from factories import blob_image, tiny_net_config
+from factories import blob_image, tiny_net_config, write_label_maps
 
 from atlasflow.cli.main import main as cli_main
 from atlasflow.errors import AtlasflowError
@@ -18,25 +17,6 @@ from atlasflow.training.pairs import NUM_CLASSES, PairGenerator, build_label_set
 from atlasflow.training.train import TrainSettings, train
 
 TINY = tiny_net_config()
-
-
-def write_label_maps(folder, n=2, shape=(40, 40, 40)):
-    """Tiny FreeSurfer-numbered 'brains': WM core, cortex shell, ventricles, extra-cerebral rim."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in range(n):
-        ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
-        r = np.sqrt(((ijk / np.array([0.75 + 0.05 * k, 0.8, 0.7])) ** 2).sum(-1))
-        labels = np.zeros(shape, np.int16)
-        labels[r < 0.95] = 502
-        labels[r < 0.8] = 3
-        labels[r < 0.6] = 2
-        labels[(r < 0.25) & (ijk[..., 0] > 0)] = 4
-        labels[(r < 0.25) & (ijk[..., 0] <= 0)] = 43
-        labels[(r < 0.6) & (ijk[..., 2] < -0.4)] = 16
-        nib.save(
-            nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.0, 1.0])), str(folder / f"seg_{k}.nii.gz")
-        )
-    return folder
 
 
 def test_group_table():

@@ -6,20 +6,52 @@ turns the parsed flags into a :class:`~atlasflow.training.train.TrainSettings` o
 is imported when a command runs, not when its flags are declared (the parser is built before
 ``atlasflow --threads`` bounds the thread pools); errors are turned into one line by
 :mod:`atlasflow.cli.main`.
+
+``atlasflow train --resume`` takes the settings of the training state and only the flags given on
+its command line (``train``'s flags note which were given), so both the original command with
+``--resume`` added and ``--out X --resume`` alone continue the run.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
+from pathlib import Path
+
+
+class _NoteGiven(argparse.Action):
+    """Store a flag's value and note the flag as given (in ``namespace.given``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Train the deep registration networks on synthetic pairs."
+    p.register("action", None, _NoteGiven)  # every flag below: store, and note it was given
     p.add_argument(
         "--out",
         required=True,
-        help="output weights (.safetensors); a .json sidecar is written next to it",
+        help="output weights (.safetensors); a .json sidecar is written next to it, and the "
+        "training state (for --resume) as <out>.train-state.safetensors",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="STATE",
+        help="continue a stopped run from its training state (default: the one beside --out); "
+        "flags not given keep the state's values, and only the number of steps, --time-budget, "
+        "--checkpoint-every, --log-every, --threads, --device and the label/cache folders may "
+        "change",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="train on this device (cuda: the CUDA build of torch and a GPU)",
     )
     p.add_argument(
         "--label-dir",
@@ -58,7 +90,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="largest random velocity standard deviation (voxels)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=200,
+        help="every N steps: held-out validation, then the weights and the training state",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--init", default=None, help="start from these weights")
     p.add_argument("--limit-maps", type=int, default=None)
@@ -91,7 +128,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=float,
         default=None,
-        help="stop after this many seconds (affine phase: --affine-fraction of it)",
+        help="stop after this many seconds of training, those before a --resume included "
+        "(affine phase: --affine-fraction of it)",
     )
 
 
@@ -123,14 +161,41 @@ def _settings(cls: type, args: argparse.Namespace, **changes: object):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``atlasflow train``: returns a process exit code."""
-    from atlasflow.training.train import DEFAULT_LABEL_DIR, TrainSettings, train
+    """``atlasflow train``: returns a process exit code (128 + the signal when one stopped it)."""
+    import sys
 
-    label_dir = args.label_dir
-    if label_dir is None and DEFAULT_LABEL_DIR.is_dir():
-        label_dir = str(DEFAULT_LABEL_DIR)
+    from atlasflow.training.interrupt import TrainingStopped
+    from atlasflow.training.state import read_state_meta, state_path
+    from atlasflow.training.train import (
+        DEFAULT_LABEL_DIR,
+        TrainSettings,
+        settings_from_dict,
+        train,
+    )
+
     crop = tuple(args.crop) if args.crop else None
-    train(args.out, _settings(TrainSettings, args, label_dir=label_dir, crop=crop))
+    resume = None
+    if args.resume is None:
+        label_dir = args.label_dir
+        if label_dir is None and DEFAULT_LABEL_DIR.is_dir():
+            label_dir = str(DEFAULT_LABEL_DIR)
+        settings = _settings(TrainSettings, args, label_dir=label_dir, crop=crop)
+    else:
+        resume = state_path(args.out) if args.resume is True else Path(args.resume)
+        recorded = settings_from_dict(read_state_meta(resume)["settings"])
+        given = getattr(args, "given", set()) & {f.name for f in fields(TrainSettings)}
+        settings = replace(
+            recorded, **{name: crop if name == "crop" else getattr(args, name) for name in given}
+        )
+    try:
+        train(args.out, settings, resume=resume)
+    except TrainingStopped as stopped:
+        print(
+            f"atlasflow train: {stopped}; continue with: atlasflow train --out {args.out} "
+            f"--resume {stopped.state}",
+            file=sys.stderr,
+        )
+        return stopped.exit_code
     return 0
 
 

@@ -138,6 +138,14 @@ class LabelSet:
         """Per compact index: True for brain labels (not background, not extra-cerebral)."""
         return np.array([0 < v < 500 for v in self.labels])
 
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of the maps, their labels and grid: the same data wherever it
+        was read from (a resumed training run checks it)."""
+        digest = hashlib.sha256()
+        for part in (self.maps, self.labels, np.asarray(self.grid.shape), self.grid.affine):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        return digest.hexdigest()[:16]
+
 
 def _ras_grid_around(centre_world: np.ndarray, shape: tuple[int, int, int], spacing: float) -> Grid:
     affine = np.diag([spacing, spacing, spacing, 1.0])

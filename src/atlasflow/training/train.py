@@ -9,8 +9,11 @@ maps only give validation pairs (Dice before/after, affine error), measured by
 :func:`synthetic_dice` and :func:`affine_point_error`.
 
 Pairs come from :mod:`atlasflow.training.pairs`; weights are written by
-:mod:`atlasflow.nn.model_io`. Runs are deterministic for a given seed on CPU; progress lines give
-the step, the loss terms and the elapsed seconds.
+:mod:`atlasflow.nn.model_io`, and beside them, at every checkpoint and when a run stops, the
+training state (:mod:`atlasflow.training.state`) that ``resume`` continues from; SIGINT/SIGTERM
+stop a run after the current step (:mod:`atlasflow.training.interrupt`). Runs are deterministic
+for a given seed on CPU, stopped and resumed or not; progress lines give the step, the loss terms
+and the elapsed seconds (of the whole run, across resumes).
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ from __future__ import annotations
 import os
 import random
 import sys
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -28,12 +30,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from atlasflow.errors import AtlasflowError
 from atlasflow.nn import deterministic_kernels
 from atlasflow.nn.layers import integrate_velocity, resize_displacement, warp_tensor
 from atlasflow.nn.losses import diffusion_loss, lncc_loss, soft_dice_loss
-from atlasflow.nn.model_io import load_model, save_model
+from atlasflow.nn.model_io import load_model
 from atlasflow.nn.networks import NetConfig, RegistrationModel
+from atlasflow.training.interrupt import StopOnSignal, TrainingStopped
 from atlasflow.training.pairs import TRAIN_SHAPE, LabelSet, PairGenerator, build_label_set
+from atlasflow.training.run import TrainingRun
+from atlasflow.training.state import check_data, check_resume, load_state, restore_random_state
 
 DEFAULT_LABEL_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "synthseg_label_maps"
 
@@ -64,6 +70,7 @@ class TrainSettings:
     log_every: int = 10
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"
     # loss weights
     diffusion_weight: float = 0.5
     lncc_weight: float = 1.0
@@ -76,6 +83,28 @@ class TrainSettings:
     same_probability: float = 0.4
 
 
+def settings_to_dict(settings: TrainSettings) -> dict:
+    """``settings`` as JSON values (paths as strings, tuples as lists), as a training state keeps
+    them."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, os.PathLike):
+            return str(value)
+        return list(value) if isinstance(value, tuple) else value
+
+    return {k: plain(v) for k, v in asdict(settings).items()}
+
+
+def settings_from_dict(data: dict) -> TrainSettings:
+    """The :class:`TrainSettings` of :func:`settings_to_dict` (unknown keys are ignored)."""
+    known = {f.name for f in fields(TrainSettings)}
+    values = {k: v for k, v in data.items() if k in known}
+    for key in ("train_shape", "crop"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    return TrainSettings(**values)
+
+
 # ----------------------------------------------------------------------------------- helpers
 
 
@@ -86,6 +115,25 @@ def set_determinism(seed: int, threads: int | None = None) -> None:
     torch.manual_seed(seed)
     deterministic_kernels()
     torch.set_num_threads(max(1, min(threads or os.cpu_count() or 1, os.cpu_count() or 1)))
+
+
+def training_device(name: str) -> torch.device:
+    """The device ``--device`` names; CUDA that is not there is an error, not a silent CPU run."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AtlasflowError(
+                f"--device {name}: no CUDA device is available to this torch ({torch.__version__})"
+            )
+        # cuBLAS is deterministic only with a fixed workspace, set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif name != "cpu":
+        raise AtlasflowError(f"--device {name}: not a device (cpu or cuda)")
+    return torch.device(name)
+
+
+def _on(pair: dict, device: torch.device) -> dict:
+    """A synthetic pair (made on the CPU) with its tensors on ``device``."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in pair.items()}
 
 
 def _affine_points(shape: tuple[int, int, int], radius: float = 25.0) -> torch.Tensor:
@@ -163,7 +211,8 @@ def affine_point_error(model: RegistrationModel, pairs: list[dict], points: torc
 
 
 class _Validation:
-    """Fixed held-out pairs, scored at every checkpoint; the results go into the sidecar."""
+    """Fixed held-out pairs, scored at every checkpoint; the results go into the sidecar (and the
+    training state: ``results`` is the history a resumed run continues)."""
 
     def __init__(
         self, val_set: LabelSet | None, settings: TrainSettings, points: torch.Tensor
@@ -180,8 +229,11 @@ class _Validation:
                 max_std=settings.max_std,
                 t1_probability=settings.t1_probability,
             )
-            self.flow = [gen.sample() for _ in range(settings.validation_pairs)]
-            self.affine = [gen.sample("affine") for _ in range(settings.validation_pairs)]
+            device = points.device
+            self.flow = [_on(gen.sample(), device) for _ in range(settings.validation_pairs)]
+            self.affine = [
+                _on(gen.sample("affine"), device) for _ in range(settings.validation_pairs)
+            ]
 
     def __call__(self, model: RegistrationModel, tag: str) -> None:
         if not self.flow:
@@ -190,7 +242,7 @@ class _Validation:
         model.eval()
         before, after = synthetic_dice(model, self.flow)
         err = affine_point_error(model, self.affine, points)
-        eye = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None]
+        eye = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None].to(points)
         err0 = float(
             np.mean(
                 [
@@ -247,23 +299,25 @@ def _hyper(
 
 
 def _train_affine(
-    model: RegistrationModel,
-    generator: PairGenerator,
-    points: torch.Tensor,
-    s: TrainSettings,
-    checkpoint: Callable[[str, int, int], None],
-    start: float,
-) -> int:
-    """Phase 1: the affine network, supervised by the true affine; returns the steps done."""
+    run: TrainingRun, s: TrainSettings, points: torch.Tensor, stop: StopOnSignal
+) -> None:
+    """Phase 1: the affine network, supervised by the true affine."""
+    model, progress = run.model, run.progress
+    if progress.affine_finished:
+        return
     keypoints = model.config.affine_kind == "keypoints"
-    opt = torch.optim.Adam(model.affine.parameters(), lr=s.lr)
-    affine_steps = s.affine_steps
-    for step in range(1, affine_steps + 1):
-        pair = generator.sample("affine")
+    opt = run.optimiser("affine", model.affine.parameters())
+    for step in range(progress.affine_done + 1, s.affine_steps + 1):
+        run.stop_if_asked(stop, "affine")
+        if s.time_budget and run.elapsed() > s.time_budget * s.affine_fraction:
+            log_line(f"affine phase stopped by time budget at step {step - 1}")
+            run.budget_spent = True
+            break
+        pair = _on(run.generator.sample("affine"), run.device)
         pred = model.affine(torch.cat([pair["fixed"], pair["moving"]], 1))
         err = (pred @ points - pair["affine"] @ points).pow(2).sum(1).sqrt().mean()
         loss = err
-        consistency = torch.zeros(())
+        consistency = torch.zeros((), device=run.device)
         if keypoints:
             kp, _ = model.affine.keypoints(torch.cat([pair["fixed"], pair["moving"]], 0))
             truth = pair["affine"][0]
@@ -271,32 +325,28 @@ def _train_affine(
             consistency = (kp[1] - mapped).pow(2).sum(-1).add(1e-6).sqrt().mean()
             loss = loss + consistency
         optimiser_step(opt, loss, model.affine.parameters())
+        progress.affine_done = step
         if step % s.log_every == 0 or step == 1:
             log_line(
-                f"affine step {step}/{affine_steps} point_error_vox {err.item():.3f} "
-                f"keypoint_error_vox {consistency.item():.3f} seconds {time.perf_counter() - start:.1f}"
+                f"affine step {step}/{s.affine_steps} point_error_vox {err.item():.3f} "
+                f"keypoint_error_vox {consistency.item():.3f} seconds {run.elapsed():.1f}"
             )
         if step % s.checkpoint_every == 0:
-            checkpoint(f"affine_{step}", step, 0)
-        if s.time_budget and time.perf_counter() - start > s.time_budget * s.affine_fraction:
-            log_line(f"affine phase stopped by time budget at step {step}")
-            affine_steps = step
+            run.checkpoint(f"affine_{step}")
+    progress.affine_finished = True
+
+
+def _train_flow(run: TrainingRun, s: TrainSettings, stop: StopOnSignal) -> None:
+    """Phase 2: the velocity U-Net on near-aligned pairs."""
+    model, progress, device = run.model, run.progress, run.device
+    opt = run.optimiser("flow", model.flow.parameters())
+    for step in range(progress.flow_done + 1, s.flow_steps + 1):
+        run.stop_if_asked(stop, "flow")
+        if s.time_budget and run.elapsed() > s.time_budget:
+            log_line(f"flow phase stopped by time budget at step {step - 1}")
+            run.budget_spent = True
             break
-    return affine_steps
-
-
-def _train_flow(
-    model: RegistrationModel,
-    generator: PairGenerator,
-    s: TrainSettings,
-    checkpoint: Callable[[str, int], None],
-    start: float,
-) -> int:
-    """Phase 2: the velocity U-Net on near-aligned pairs; returns the steps done."""
-    opt = torch.optim.Adam(model.flow.parameters(), lr=s.lr)
-    done = 0
-    for step in range(1, s.flow_steps + 1):
-        pair = generator.sample()
+        pair = _on(run.generator.sample(), device)
         velocity = model.flow(torch.cat([pair["fixed"], pair["moving"]], 1))
         disp_half = integrate_velocity(velocity, model.config.integration_steps)
         half_shape = tuple(disp_half.shape[2:])
@@ -306,33 +356,29 @@ def _train_flow(
         dice = soft_dice_loss(fixed_labels, warped_labels)
         reg = diffusion_loss(velocity)
         loss = s.dice_weight * dice + s.diffusion_weight * reg
-        sim = torch.zeros(())
+        sim = torch.zeros((), device=device)
         if pair["t1_like"] and s.lncc_weight > 0:
             warped = warp_tensor(
                 pair["moving"], resize_displacement(disp_half, tuple(pair["fixed"].shape[2:]))
             )
             sim = lncc_loss(pair["fixed"], warped, 7, pair["fixed_mask"])
             loss = loss + s.lncc_weight * sim
-        epe = torch.zeros(())
+        epe = torch.zeros((), device=device)
         if "target" in pair and s.flow_target_weight > 0:
             target = resize_displacement(pair["target"], half_shape)
             epe = (disp_half - target).pow(2).sum(1).add(1e-6).sqrt().mean()
             loss = loss + s.flow_target_weight * epe
         optimiser_step(opt, loss, model.flow.parameters())
-        done = step
+        progress.flow_done = step
         if step % s.log_every == 0 or step == 1:
             log_line(
                 f"flow step {step}/{s.flow_steps} loss {loss.item():.4f} dice_loss {dice.item():.4f} "
                 f"lncc_loss {sim.item():.4f} epe_half_vox {epe.item():.3f} diffusion {reg.item():.5f} "
                 f"max_velocity {velocity.detach().abs().max().item():.2f} kind {pair['kind']} "
-                f"seconds {time.perf_counter() - start:.1f}"
+                f"seconds {run.elapsed():.1f}"
             )
         if step % s.checkpoint_every == 0:
-            checkpoint(f"flow_{step}", step)
-        if s.time_budget and time.perf_counter() - start > s.time_budget:
-            log_line(f"flow phase stopped by time budget at step {step}")
-            break
-    return done
+            run.checkpoint(f"flow_{step}")
 
 
 def train(
@@ -340,6 +386,7 @@ def train(
     settings: TrainSettings | None = None,
     *,
     config: NetConfig | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> RegistrationModel:
     """Train both networks on synthetic pairs and save them to ``out_path`` (with checkpoints).
 
@@ -351,13 +398,28 @@ def train(
     pairs, where it is exact) + ``diffusion_weight`` x diffusion of the half-resolution velocity.
     The last ``holdout_maps`` label maps are never trained on; pairs drawn from them give the
     validation numbers logged at every checkpoint and stored in the sidecar. ``config`` is the
-    architecture of a new model (ignored with ``settings.init``).
+    architecture of a new model (ignored with ``settings.init``; with ``resume``, the state's
+    architecture is used and another ``config`` refused).
+
+    Every ``checkpoint_every`` steps, at the end, and when SIGINT/SIGTERM stops the run (which
+    then raises :class:`~atlasflow.training.interrupt.TrainingStopped`), the weights and the
+    training state (``state_path(out_path)``) are written. ``resume``: such a state to continue
+    from, with the weights, optimisers, random states, validation history and time an
+    uninterrupted run would have had; ``settings`` may differ from the state's only in
+    :data:`~atlasflow.training.state.OVERRIDABLE` (more steps, another device, ...).
     """
     s = settings or TrainSettings()
+    device = training_device(s.device)
     set_determinism(s.seed, s.threads)
+    state = load_state(resume, device) if resume is not None else None
+    if state is not None:
+        check_resume(resume, state, settings_to_dict(s), config.to_dict() if config else None)
     label_set = build_label_set(
         s.label_dir, s.cache_dir, shape=s.train_shape or TRAIN_SHAPE, limit=s.limit_maps
     )
+    data = label_set.fingerprint()
+    if state is not None:
+        check_data(resume, state, data, s.label_dir)
     train_set, val_set = _split_label_set(label_set, s.holdout_maps)
     generator = PairGenerator(
         train_set,
@@ -367,33 +429,49 @@ def train(
         t1_probability=s.t1_probability,
         same_probability=s.same_probability,
     )
-    if s.init is not None:
+    if state is not None:
+        model = RegistrationModel(NetConfig.from_dict(state.config))
+        model.load_state_dict(state.model)
+    elif s.init is not None:
         model, _ = load_model(s.init)
-        model.train()
     else:
         model = RegistrationModel(config)
-    points = _affine_points(tuple(label_set.maps.shape[1:]))
+    model.to(device).train()
+    points = _affine_points(tuple(label_set.maps.shape[1:])).to(device)
     validate = _Validation(val_set, s, points)
-    hyper = _hyper(s, label_set, train_set, val_set)
-
-    def save(**done: int) -> None:
-        save_model(model, out_path, {**hyper, **done, "validation": validate.results})
-
-    validate(model, "start")
-    start = time.perf_counter()
-
-    def checkpoint(tag: str, affine_done: int, flow_done: int) -> None:
-        validate(model, tag)
-        save(completed_affine_steps=affine_done, completed_flow_steps=flow_done)
-
-    affine_steps = _train_affine(model, generator, points, s, checkpoint, start)
-    done = _train_flow(model, generator, s, lambda tag, n: checkpoint(tag, affine_steps, n), start)
-    hyper.update(
-        completed_affine_steps=affine_steps,
-        completed_flow_steps=done,
-        seconds=round(time.perf_counter() - start, 1),
+    if state is None:
+        validate(model, "start")
+    else:
+        validate.results = dict(state.validation)
+        # Last: building the model and the validation pairs drew from the seeded generators.
+        restore_random_state(state.rng, generator.gen)
+    run = TrainingRun(
+        out_path,
+        model,
+        generator,
+        validate,
+        lr=s.lr,
+        hyper=_hyper(s, label_set, train_set, val_set),
+        settings=settings_to_dict(s),
+        data=data,
+        state=state,
     )
-    validate(model, "end")
-    save_model(model, out_path, {**hyper, "validation": validate.results})
-    log_line(f"saved {out_path} after {hyper['seconds']} s")
+    if state is not None:
+        p = run.progress
+        log_line(
+            f"resuming {resume}: {p.affine_done} affine steps"
+            f"{' (phase finished)' if p.affine_finished else ''}, {p.flow_done} flow steps, "
+            f"{run.before:.1f} s trained so far; on {device}"
+        )
+    # A signal during the last validation and save is only noted: they finish the run anyway.
+    with StopOnSignal() as stop:
+        try:
+            _train_affine(run, s, points, stop)
+            _train_flow(run, s, stop)
+        except TrainingStopped as stopped:
+            log_line(str(stopped))
+            raise
+        validate(model, "end")
+        run.save("time budget" if run.budget_spent else "finished")
+    log_line(f"saved {out_path} after {run.elapsed():.1f} s")
     return model.eval()
