@@ -25,7 +25,7 @@ from atlasflow.cli.main import main as cli_main
 from atlasflow.errors import AtlasflowError
 from atlasflow.nn import RegistrationModel
 from atlasflow.training import train as train_module
-from atlasflow.training.interrupt import TrainingStopped
+from atlasflow.training.interrupt import StopOnSignal, TrainingStopped
 from atlasflow.training.state import (
     load_state,
     read_state_meta,
@@ -71,14 +71,14 @@ def straight(data, tmp_path_factory) -> Path:
     return out
 
 
-def sigterm_at(monkeypatch, prefix: str) -> None:
-    """Send this process a real SIGTERM while the progress line ``prefix...`` is logged."""
+def signal_at(monkeypatch, prefix: str, signum: int = signal.SIGTERM) -> None:
+    """Send this process a real ``signum`` while the progress line ``prefix...`` is logged."""
     log_line = train_module.log_line
 
     def log_and_kill(line, stream=None):
         log_line(line, stream)
         if line.startswith(prefix):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(train_module, "log_line", log_and_kill)
 
@@ -102,7 +102,7 @@ def test_a_run_stopped_twice_and_resumed_ends_bitwise_as_one_that_never_stopped(
     data, straight, tmp_path, monkeypatch
 ):
     out = tmp_path / "model.safetensors"
-    sigterm_at(monkeypatch, "affine step 2/")
+    signal_at(monkeypatch, "affine step 2/")
     with pytest.raises(TrainingStopped) as stopped:
         train(out, tiny(data), config=TINY)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
@@ -114,9 +114,11 @@ def test_a_run_stopped_twice_and_resumed_ends_bitwise_as_one_that_never_stopped(
     }
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
 
-    sigterm_at(monkeypatch, "flow step 3/")
-    with pytest.raises(TrainingStopped, match="after flow step 3"):
+    signal_at(monkeypatch, "flow step 3/", signal.SIGINT)  # Ctrl-C
+    with pytest.raises(TrainingStopped, match="after flow step 3") as stopped:
         train(out, tiny(data), config=TINY, resume=state_path(out))
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.undo()
     train(out, tiny(data), config=TINY, resume=state_path(out))
 
@@ -133,12 +135,26 @@ def test_a_run_stopped_twice_and_resumed_ends_bitwise_as_one_that_never_stopped(
     segments = [(s["affine_steps"], s["flow_steps"], s["ended"]) for s in hyper["segments"]]
     assert segments == [
         ([0, 2], [0, 0], "stopped by SIGTERM"),
-        ([2, 3], [0, 3], "stopped by SIGTERM"),
+        ([2, 3], [0, 3], "stopped by SIGINT"),
         ([3, 3], [3, 5], "finished"),
     ]
     assert {s["device"] for s in hyper["segments"]} == {"cpu"} == set(hyper["seconds_by_device"])
     assert hyper["completed_affine_steps"] == 3 and hyper["completed_flow_steps"] == 5
     assert hyper["seconds"] == pytest.approx(sum(s["seconds"] for s in hyper["segments"]), abs=0.2)
+
+
+def test_a_second_signal_stops_at_once():
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # the first one is only noted
+        with pytest.raises(SystemExit) as exited:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exited.value.code == 128 + signal.SIGTERM
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_more_steps_continue_a_finished_run(data, straight, tmp_path):
