@@ -16,12 +16,13 @@ if config["cohort"] is None:
         params:
             demo=config["demo"],
             contrasts=" ".join(config["demo"]["contrasts"]),
-        threads: THREADS
+        # One subject per core, each rendered on one thread (the same files for any count).
+        threads: workflow.cores
         resources:
             mem_mb=2000,
             runtime=15,
         shell:
-            "atlasflow --threads {threads} demo-data {params.demo[dir]} --seed {params.demo[seed]} "
+            "atlasflow --threads 1 demo-data {params.demo[dir]} --workers {threads} --seed {params.demo[seed]} "
             "--n-cross {params.demo[n_cross]} --n-long {params.demo[n_long]} "
             "--n-timepoints {params.demo[n_timepoints]} --spacing {params.demo[spacing_mm]} "
             "--contrasts {params.contrasts} > {log} 2>&1"

@@ -31,6 +31,12 @@ def add_demo_data_arguments(p: argparse.ArgumentParser) -> None:
         default=list(DEMO_CONTRASTS),
         help="contrasts written beside every T1w, each on its own grid (none: T1w only)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="subjects rendered at once, each in its own process (same files for any number)",
+    )
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
@@ -44,6 +50,7 @@ def run_demo_data(args: argparse.Namespace) -> int:
         n_timepoints=args.n_timepoints,
         spacing_mm=args.spacing,
         contrasts=args.contrasts,
+        workers=args.workers,
     )
     print(f"demo cohort written; manifest: {manifest}")
     return 0

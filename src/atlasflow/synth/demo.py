@@ -34,7 +34,10 @@ streams), :mod:`~atlasflow.synth.source` (the nilearn material), :mod:`~atlasflo
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -449,6 +452,60 @@ def _write_subject(
     return volume_rows, contrast_params
 
 
+@dataclass(frozen=True)
+class _CohortJob:
+    """What every subject's rendering reads; forked workers inherit it instead of unpickling it."""
+
+    out_dir: Path
+    source: Source
+    plans: list[SubjectPlan]
+    draws: dict[int, tuple[np.ndarray, dict, np.ndarray, np.random.Generator]]
+    seed: int
+    spacing_mm: float
+    contrasts: tuple[str, ...]
+
+
+_JOB: _CohortJob | None = None
+
+
+def _make_subject(position: int) -> tuple[dict, list[dict], dict]:
+    """Draw and write one subject of :data:`_JOB`: its parameters, volume rows and contrast parameters."""
+    job = _JOB
+    assert job is not None
+    plan = job.plans[position]
+    subject = _draw_subject(job.source, plan, job.seed, job.spacing_mm, job.draws[plan.index])
+    rows, contrast_params = _write_subject(
+        job.out_dir, job.source, subject, job.seed, job.spacing_mm, job.contrasts
+    )
+    return subject.params, rows, contrast_params
+
+
+def _one_thread() -> None:
+    """A forked worker computes on one thread: the workers are the parallelism, and a thread
+    pool inherited across fork is not safe to use (what torch's own data-loader workers do)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def _map_subjects(job: _CohortJob, workers: int) -> list[tuple[dict, list[dict], dict]]:
+    """Every subject of ``job`` in plan order, ``workers`` at a time (forked where available)."""
+    global _JOB
+    _JOB = job
+    try:
+        positions = range(len(job.plans))
+        if workers <= 1 or len(job.plans) <= 1 or "fork" not in mp.get_all_start_methods():
+            return [_make_subject(i) for i in positions]
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(job.plans)),
+            mp_context=mp.get_context("fork"),
+            initializer=_one_thread,
+        ) as pool:
+            return list(pool.map(_make_subject, positions))
+    finally:
+        _JOB = None
+
+
 def make_demo_cohort(
     out_dir: Path,
     *,
@@ -458,8 +515,12 @@ def make_demo_cohort(
     n_timepoints: int = 3,
     spacing_mm: float = 2.0,
     contrasts: Sequence[str] = DEMO_CONTRASTS,
+    workers: int = 1,
 ) -> Path:
     """Write the demo cohort (BIDS-like) and its ground truth under ``out_dir``; return the manifest.
+
+    ``workers`` > 1 renders that many subjects at once in forked processes (every subject draws
+    from its own random streams, so the files are the same bytes for any number of workers).
 
     Same arguments give byte-identical files, and the T1w files and their truth do not depend on
     ``contrasts`` (the other contrasts written beside every T1w, each from its own random stream).
@@ -506,12 +567,10 @@ def make_demo_cohort(
     parameters: dict[str, dict] = {}
     contrast_parameters: dict[str, dict] = {}
     volume_rows: list[dict] = []
-    for plan in plans:
-        subject = _draw_subject(source, plan, seed, spacing_mm, draws[plan.index])
-        parameters[f"sub-{plan.subject}"] = subject.params
-        rows, contrast_parameters[f"sub-{plan.subject}"] = _write_subject(
-            out_dir, source, subject, seed, spacing_mm, contrasts
-        )
+    job = _CohortJob(out_dir, source, plans, draws, seed, spacing_mm, contrasts)
+    for plan, (params, rows, contrast_params) in zip(plans, _map_subjects(job, workers), strict=True):
+        parameters[f"sub-{plan.subject}"] = params
+        contrast_parameters[f"sub-{plan.subject}"] = contrast_params
         volume_rows += rows
 
     write_tables(
