@@ -130,6 +130,45 @@ def test_bad_manifest_stops_with_one_line_before_any_job(tmp_path, problem):
     assert after == before, "a rejected cohort must write nothing"
 
 
+def sessionless_cohort(folder: Path, kind: str) -> Path:
+    """A tiny cohort without sessions: a BIDS folder of ``sub-S/anat/`` (one subject with a FLAIR,
+    one with a label map) or the same scans in a manifest whose session cells are empty."""
+    from factories import brain, head, write_nifti
+
+    files = {
+        "01": {"t1w": ("T1w", head(1)), "flair": ("FLAIR", head(4))},
+        "02": {"t1w": ("T1w", head(2)), "labels": ("dseg", brain().astype(np.int16) * 3)},
+        "03": {"t1w": ("T1w", head(3))},
+    }
+    rows = []
+    for s, roles in files.items():
+        row = {"subject": s, "session": ""}
+        for role, (suffix, data) in roles.items():
+            row[role] = f"sub-{s}/anat/sub-{s}_{suffix}.nii.gz"
+            write_nifti(folder / row[role], data)
+        rows.append(row)
+    if kind == "bids":
+        return folder
+    return write_manifest(folder, rows)
+
+
+@pytest.mark.parametrize("kind", ["bids", "manifest"])
+def test_a_cohort_without_sessions_plans_outputs_without_ses(tmp_path, kind):
+    """No ses- level in the input, none in the outputs: every path the dry run lists (outputs,
+    logs, benchmarks, commands) is free of ses-, the other contrast's rules included."""
+    cohort = sessionless_cohort(tmp_path / "in", kind)
+    out = snakemake("-n", "-p", "--configfile", str(TINY), "--config", f"cohort={cohort}", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "ses-" not in text
+    for rule in ("preprocess", "register_template", "atlas_iteration", "register_atlas", "warp_labels_atlas",
+                 "align_flair", "flair_to_atlas", "atlas_flair", "report_subject", "report_cohort"):
+        assert f"rule {rule}:" in text, rule
+    assert "results/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz" in text
+    assert "results/logs/align_flair/sub-01.log" in text
+    assert "--sessions '' --baseline ''" in text and "--contrasts =flair" in text
+
+
 def user_cohort(folder: Path) -> Path:
     """The tiny demo cohort written as a user's input folder (manifest + images), plus one scan
     that passes validation but fails in a job: its brain is blank inside its given brain mask."""
