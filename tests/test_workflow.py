@@ -659,3 +659,50 @@ def test_template_is_reused_from_the_between_workflow_cache(tmp_path):
         first, second = runs["first"] / target, runs["second"] / target
         assert second.is_symlink() and second.resolve().parent == cache.resolve()
         assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_run_on_a_bids_cohort_without_sessions_writes_no_ses_level(tmp_path):
+    """The whole workflow on two tiny demo subjects given as a BIDS folder without sessions
+    (``sub-S/anat/``, a FLAIR beside each T1w, one atlas iteration; about a minute on 2 cores):
+    no file or folder under the output folder has a ses- level, the subjects' pages and the cohort
+    page exist and name no ses-, and a second run has nothing to do."""
+    import yaml
+
+    generated, bids = tmp_path / "demo", tmp_path / "bids"
+    demo = yaml.safe_load(TINY.read_text())["demo"]
+    subprocess.run(
+        [str(BIN / "atlasflow"), "--threads", "1", "demo-data", str(generated), "--seed", str(demo["seed"]),
+         "--n-cross", "2", "--n-long", "0", "--n-timepoints", "1", "--spacing", str(demo["spacing_mm"]),
+         "--contrasts", "flair"],
+        check=True, env=ENV, capture_output=True,
+    )
+    for row in pd.read_csv(generated / "manifest.csv", dtype=str, keep_default_na=False).itertuples():
+        for column, suffix in (("t1w", "T1w"), ("labels", "dseg"), ("flair", "FLAIR")):
+            target = bids / f"sub-{row.subject}" / "anat" / f"sub-{row.subject}_{suffix}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(generated / getattr(row, column), target)
+    config = tmp_path / "cohort.yaml"
+    config.write_text(yaml.safe_dump({"cohort": str(bids), "atlas": {"iterations": 1}}))
+    cfg = ("--configfile", str(TINY), str(config))
+    out = snakemake("-c", "2", *cfg, cwd=tmp_path, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = tmp_path / "results"
+    written = [str(p.relative_to(results)) for p in results.rglob("*")]
+    assert written and [p for p in written if "ses-" in p] == []
+    for s in ("01", "02"):
+        anat = results / f"sub-{s}" / "anat"
+        for name in ("desc-preproc_T1w", "space-atlas_T1w", "space-atlas_dseg", "space-atlas_FLAIR"):
+            assert (anat / f"sub-{s}_{name}.nii.gz").exists(), name
+        assert (results / "logs" / "register_atlas" / f"sub-{s}.log").exists()
+        qc = json.loads((results / "reports" / f"sub-{s}_qc.json").read_text())
+        assert qc["sessions"] == [""] and qc["status"] in ("pass", "flag"), qc["reasons"]
+        assert "ses-" not in (results / "reports" / f"sub-{s}.html").read_text()
+    assert (results / "atlas" / "atlas_FLAIR.nii.gz").exists()
+    members = pd.read_csv(results / "atlas" / "iter-1" / "members.tsv", sep="\t", dtype=str)
+    assert sorted(members["member"]) == ["sub-01", "sub-02"]
+    cohort_page = (results / "reports" / "cohort.html").read_text()
+    assert 'href="sub-01.html"' in cohort_page and "ses-" not in cohort_page
+    again = snakemake("-n", *cfg, cwd=tmp_path)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
