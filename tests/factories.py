@@ -275,7 +275,10 @@ def qc_json(ncc_before: float, ncc_after: float, folding: float, **extra) -> str
 
 
 def anat_path(outdir: Path, s: str, t: str, name: str) -> Path:
-    """``outdir/sub-s/ses-t/anat/sub-s_ses-t_name``, spelled out independently of atlasflow.layout."""
+    """``outdir/sub-s/ses-t/anat/sub-s_ses-t_name`` (``outdir/sub-s/anat/sub-s_name`` for session
+    ""), spelled out independently of atlasflow.layout."""
+    if not t:
+        return outdir / f"sub-{s}" / "anat" / f"sub-{s}_{name}"
     return outdir / f"sub-{s}" / f"ses-{t}" / "anat" / f"sub-{s}_ses-{t}_{name}"
 
 

@@ -57,6 +57,43 @@ def test_scan_paths_of_the_reports_use_the_same_names():
         assert str(path).startswith("results/sub-03/ses-1/anat/sub-03_ses-1_"), name
 
 
+def test_a_scan_without_a_session_has_no_ses_level():
+    """Session "": no ses- folder and no ses- entity, in paths, stems, logs and member names."""
+    assert layout.session_entity("2") == "ses-2" and layout.session_entity("") == ""
+    assert layout.scan_id("01", "") == "sub-01" and layout.scan_id("01", "2") == "sub-01_ses-2"
+    assert layout.scan_dir("results", "01", "") == "results/sub-01/anat"
+    assert layout.anat("results", "T1w", "01", "", desc="preproc") == (
+        "results/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz"
+    )
+    assert layout.contrast("results", "t1ce", "01", "", space="atlas") == (
+        "results/sub-01/anat/sub-01_ce-gadolinium_space-atlas_T1w.nii.gz"
+    )
+    # a wildcard subject without a session wildcard: what the rules of such a cohort are built from
+    assert layout.anat("out", "mask", "{subject}", "", desc="brain") == (
+        "out/sub-{subject}/anat/sub-{subject}_desc-brain_mask.nii.gz"
+    )
+    assert layout.member_velocity("01", "") == "velocities/sub-01_velocity.nii"
+    assert layout.member_affine("01", "") == (
+        "affines/sub-01_from-T1w_to-template_mode-image_xfm.mat"
+    )
+    assert layout.job_log("results", "preprocess", layout.scan_id("01", "")) == (
+        "results/logs/preprocess/sub-01.log"
+    )
+    scan = Scan(Path("results"), "01", "")
+    files = [scan.preproc, scan.brain_mask, scan.tumor_mask, scan.atlas_dseg, scan.difference]
+    files += [scan.warped(s) for s in layout.STAGES] + [scan.qc_json(s) for s in layout.STAGES]
+    for path in files:
+        assert str(path).startswith("results/sub-01/anat/sub-01_") and "ses-" not in str(path)
+    assert CohortFiles(Path("results")).fixed("baseline", "01", "") is None  # no baseline
+    from atlasflow.contrasts.plan import ContrastFiles
+
+    cfiles = ContrastFiles("results", session="")
+    assert cfiles.preproc("flair", "01") == "results/sub-01/anat/sub-01_desc-preproc_FLAIR.nii.gz"
+    assert cfiles.session_qc("flair", "01", "2").startswith(
+        "results/sub-01/ses-2/anat/sub-01_ses-2_"
+    )
+
+
 def test_cohort_files():
     files = CohortFiles(Path("results"))
     assert (

@@ -290,6 +290,70 @@ def test_validate_table_is_a_manifest_validate_accepts(tmp_path: Path, capsys):
     ]
 
 
+def make_sessionless_bids(root: Path) -> Path:
+    """Two subjects without sessions (``sub-S/anat/``), one with a FLAIR, one with a label map."""
+    write(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", head(1))
+    write(root / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz", head(4))
+    write(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz", head(2))
+    write(root / "sub-02" / "anat" / "sub-02_dseg.nii.gz", brain().astype(np.int16) * 3)
+    return root
+
+
+def test_a_cohort_without_sessions_keeps_them_empty_and_round_trips(tmp_path: Path, capsys):
+    """BIDS folder without ses- folders -> session "" (no invented "1"); the summary says so;
+    validate --table writes the sessions empty and reading that manifest gives the same table."""
+    root = make_sessionless_bids(tmp_path / "bids")
+    assert cli_main(["validate", "--table", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "OK - 2 scan sessions of 2 subjects; no follow-up; no sessions" in captured.err
+    assert "ses-" not in captured.out
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(captured.out)
+    written = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    assert list(written["session"]) == ["", ""] and list(written["subject"]) == ["01", "02"]
+    from_bids, from_csv = check(root), check(manifest)
+    assert list(from_bids["session"]) == ["", ""]
+    pd.testing.assert_frame_equal(from_bids.drop(columns="origin"), from_csv.drop(columns="origin"))
+    assert cli_main(["validate", "--table", str(manifest)]) == 0
+    assert capsys.readouterr().out == captured.out  # and again: an empty session stays empty
+    from atlasflow.cohort.planning import resolve_cohort  # what the workflow reads
+
+    planned = resolve_cohort({"cohort": str(manifest)}, check_data=False)
+    assert list(planned["session"]) == ["", ""]
+
+
+def test_a_cohort_mixing_scans_with_and_without_sessions_names_them_ses_1(tmp_path: Path, capsys):
+    """sub-01 in ses-1/ and ses-2/, sub-02 in anat/: the workflow names a scan's files with a
+    session or without for the whole cohort, so sub-02's scan is ses-1, and validate says so."""
+    from atlasflow.cohort.selection import CohortNotes
+
+    root = make_bids(tmp_path / "bids")
+    notes = CohortNotes()
+    table = validate_cohort(load_cohort(root, notes), root, notes=notes)
+    assert list(table["session"]) == ["1", "2", "1"]
+    assert notes.sessions_filled == ["sub-02/anat/sub-02_T1w.nii.gz"]
+    assert cli_main(["validate", str(root)]) == 0
+    assert (
+        "; 1 scan without a session named ses-1 (e.g. sub-02/anat/sub-02_T1w.nii.gz): the cohort "
+        "mixes scans with and without sessions, so every output has a ses- level"
+    ) in capsys.readouterr().out
+
+
+def test_two_rows_of_a_subject_without_sessions_are_one_session_twice(tmp_path: Path):
+    """Two scans of one subject need session labels to be told apart (and ordered)."""
+    write(tmp_path / "a.nii.gz", head(1))
+    write(tmp_path / "b.nii.gz", head(2))
+    rows = [
+        {"subject": "01", "session": "", "t1w": "a.nii.gz"},
+        {"subject": "01", "session": "", "t1w": "b.nii.gz"},
+    ]
+    fails(
+        write_manifest(tmp_path, rows),
+        "manifest.csv row 3 (subject 01, no session): same subject and session as manifest.csv "
+        "row 2 (neither has a session: give each scan of a subject its session label)",
+    )
+
+
 def test_bids_tsv_with_stray_trailing_tabs_and_spaces(tmp_path: Path):
     root = make_bids(tmp_path / "bids")
     (root / "sub-01" / "sub-01_sessions.tsv").write_text(

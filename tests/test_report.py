@@ -606,3 +606,49 @@ def test_cli_takes_the_contrasts_per_session(reports, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main([*base, "--sessions", "1", "--contrasts", "1=dwi"]) == 1
     assert "--contrasts '1=dwi': expected SESSION=C1,C2" in capsys.readouterr().err
+
+
+def test_a_cohort_without_sessions_is_reported_without_ses(tmp_path, capsys):
+    """Scans without a session (outputs in sub-S/anat/, no ses- entity), given to the commands as
+    the workflow gives them (``--sessions ''``, ``--raw =PATH``, ``--contrasts =flair``,
+    ``--scans S:``): both pages, the QC verdict and the figures name no ``ses-``; discovered
+    from the folders too (``--subjects``)."""
+    from factories import write_contrast_outputs, write_scan_outputs
+
+    outdir = tmp_path / "results"
+    template = blob_image(SHAPE, seed=100)
+    save_image(template, outdir / "template" / "template_T1w.nii.gz")
+    save_image(template, outdir / "atlas" / "atlas_T1w.nii.gz")
+    good = _qc(0.41, 0.86, 0.0)
+    write_scan_outputs(outdir, "08", "", 8, qc_template=good, qc_atlas=good)
+    write_scan_outputs(outdir, "09", "", 9, qc_template=good, qc_atlas=_qc(0.2, 0.31, 0.012))
+    write_contrast_outputs(outdir, "09", "", "flair", 9)
+    raw = tmp_path / "input" / "sub-09_T1w.nii.gz"
+    save_image(blob_image(SHAPE, seed=9), raw)
+    assert not any("ses-" in str(p) for p in outdir.rglob("*"))
+    pages = outdir / "reports"
+    for s in ("08", "09"):
+        argv = ["report", "subject", "--outdir", str(outdir), "--subject", s, "--sessions", ""]
+        argv += ["--raw", f"={raw}", "--contrasts", "=flair"] if s == "09" else []
+        argv += ["--out", str(pages / f"sub-{s}.html"), "--figures-dir", str(pages / s)]
+        assert cli_main([*argv, "--min-ncc-after", "0.5"]) == 0
+    qc = json.loads((pages / "sub-09_qc.json").read_text())
+    assert qc["sessions"] == [""] and qc["contrasts"] == {"": ["flair"]}
+    assert qc["status"] == "flag" and qc["reasons"][0].startswith("to atlas: NCC after 0.310")
+    page = (pages / "sub-09.html").read_text()
+    assert "One scan, without a session." in page and '<h2 id="scan">scan</h2>' in page
+    assert 'href="#scan"' in page and "FLAIR aligned" in page
+    cohort = ["report", "cohort", "--outdir", str(outdir), "--min-ncc-after", "0.5"]
+    assert cli_main([*cohort, "--scans", "08:", "09:", "--out", str(pages / "cohort.html")]) == 0
+    # the cohort page of a report command told only the subjects finds their scans in sub-S/anat
+    (pages / "sub-08_qc.json").unlink()
+    assert cli_main([*cohort, "--subjects", "08", "09", "--out", str(tmp_path / "c2.html")]) == 0
+    assert json.loads((pages / "sub-09_qc.json").read_text())["status"] == "flag"
+    for html in (pages / "sub-08.html", page, pages / "cohort.html", tmp_path / "c2.html"):
+        text = html if isinstance(html, str) else html.read_text()
+        assert "ses-" not in text
+    assert "sub-08" in (tmp_path / "c2.html").read_text()
+    assert "no outputs and no logs" not in (tmp_path / "c2.html").read_text()
+    figures = sorted(p.name for p in (pages / "09").iterdir())
+    assert "sub-09_template.png" in figures and not any("ses-" in f for f in figures)
+    capsys.readouterr()

@@ -130,6 +130,45 @@ def test_bad_manifest_stops_with_one_line_before_any_job(tmp_path, problem):
     assert after == before, "a rejected cohort must write nothing"
 
 
+def sessionless_cohort(folder: Path, kind: str) -> Path:
+    """A tiny cohort without sessions: a BIDS folder of ``sub-S/anat/`` (one subject with a FLAIR,
+    one with a label map) or the same scans in a manifest whose session cells are empty."""
+    from factories import brain, head, write_nifti
+
+    files = {
+        "01": {"t1w": ("T1w", head(1)), "flair": ("FLAIR", head(4))},
+        "02": {"t1w": ("T1w", head(2)), "labels": ("dseg", brain().astype(np.int16) * 3)},
+        "03": {"t1w": ("T1w", head(3))},
+    }
+    rows = []
+    for s, roles in files.items():
+        row = {"subject": s, "session": ""}
+        for role, (suffix, data) in roles.items():
+            row[role] = f"sub-{s}/anat/sub-{s}_{suffix}.nii.gz"
+            write_nifti(folder / row[role], data)
+        rows.append(row)
+    if kind == "bids":
+        return folder
+    return write_manifest(folder, rows)
+
+
+@pytest.mark.parametrize("kind", ["bids", "manifest"])
+def test_a_cohort_without_sessions_plans_outputs_without_ses(tmp_path, kind):
+    """No ses- level in the input, none in the outputs: every path the dry run lists (outputs,
+    logs, benchmarks, commands) is free of ses-, the other contrast's rules included."""
+    cohort = sessionless_cohort(tmp_path / "in", kind)
+    out = snakemake("-n", "-p", "--configfile", str(TINY), "--config", f"cohort={cohort}", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "ses-" not in text
+    for rule in ("preprocess", "register_template", "atlas_iteration", "register_atlas", "warp_labels_atlas",
+                 "align_flair", "flair_to_atlas", "atlas_flair", "report_subject", "report_cohort"):
+        assert f"rule {rule}:" in text, rule
+    assert "results/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz" in text
+    assert "results/logs/align_flair/sub-01.log" in text
+    assert "--sessions '' --baseline ''" in text and "--contrasts =flair" in text
+
+
 def user_cohort(folder: Path) -> Path:
     """The tiny demo cohort written as a user's input folder (manifest + images), plus one scan
     that passes validation but fails in a job: its brain is blank inside its given brain mask."""
@@ -620,3 +659,50 @@ def test_template_is_reused_from_the_between_workflow_cache(tmp_path):
         first, second = runs["first"] / target, runs["second"] / target
         assert second.is_symlink() and second.resolve().parent == cache.resolve()
         assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_run_on_a_bids_cohort_without_sessions_writes_no_ses_level(tmp_path):
+    """The whole workflow on two tiny demo subjects given as a BIDS folder without sessions
+    (``sub-S/anat/``, a FLAIR beside each T1w, one atlas iteration; about a minute on 2 cores):
+    no file or folder under the output folder has a ses- level, the subjects' pages and the cohort
+    page exist and name no ses-, and a second run has nothing to do."""
+    import yaml
+
+    generated, bids = tmp_path / "demo", tmp_path / "bids"
+    demo = yaml.safe_load(TINY.read_text())["demo"]
+    subprocess.run(
+        [str(BIN / "atlasflow"), "--threads", "1", "demo-data", str(generated), "--seed", str(demo["seed"]),
+         "--n-cross", "2", "--n-long", "0", "--n-timepoints", "1", "--spacing", str(demo["spacing_mm"]),
+         "--contrasts", "flair"],
+        check=True, env=ENV, capture_output=True,
+    )
+    for row in pd.read_csv(generated / "manifest.csv", dtype=str, keep_default_na=False).itertuples():
+        for column, suffix in (("t1w", "T1w"), ("labels", "dseg"), ("flair", "FLAIR")):
+            target = bids / f"sub-{row.subject}" / "anat" / f"sub-{row.subject}_{suffix}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(generated / getattr(row, column), target)
+    config = tmp_path / "cohort.yaml"
+    config.write_text(yaml.safe_dump({"cohort": str(bids), "atlas": {"iterations": 1}}))
+    cfg = ("--configfile", str(TINY), str(config))
+    out = snakemake("-c", "2", *cfg, cwd=tmp_path, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = tmp_path / "results"
+    written = [str(p.relative_to(results)) for p in results.rglob("*")]
+    assert written and [p for p in written if "ses-" in p] == []
+    for s in ("01", "02"):
+        anat = results / f"sub-{s}" / "anat"
+        for name in ("desc-preproc_T1w", "space-atlas_T1w", "space-atlas_dseg", "space-atlas_FLAIR"):
+            assert (anat / f"sub-{s}_{name}.nii.gz").exists(), name
+        assert (results / "logs" / "register_atlas" / f"sub-{s}.log").exists()
+        qc = json.loads((results / "reports" / f"sub-{s}_qc.json").read_text())
+        assert qc["sessions"] == [""] and qc["status"] in ("pass", "flag"), qc["reasons"]
+        assert "ses-" not in (results / "reports" / f"sub-{s}.html").read_text()
+    assert (results / "atlas" / "atlas_FLAIR.nii.gz").exists()
+    members = pd.read_csv(results / "atlas" / "iter-1" / "members.tsv", sep="\t", dtype=str)
+    assert sorted(members["member"]) == ["sub-01", "sub-02"]
+    cohort_page = (results / "reports" / "cohort.html").read_text()
+    assert 'href="sub-01.html"' in cohort_page and "ses-" not in cohort_page
+    again = snakemake("-n", *cfg, cwd=tmp_path)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)

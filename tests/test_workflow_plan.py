@@ -174,3 +174,66 @@ def test_reports_wait_for_every_contrast_the_workflow_makes(plan):
     assert t1w_only.contrasts.report_flags(wc(subject="04")) == ""
     assert not any("FLAIR" in p for p in t1w_only.subject_report_files(wc(subject="04")))
     assert not any("FLAIR" in p for p in t1w_only.cohort_report_inputs())
+
+
+def sessionless_plan(**overrides) -> WorkflowPlan:
+    """The plan of a cohort without sessions: three subjects, one with a FLAIR (no files needed)."""
+    import pandas as pd
+
+    from atlasflow.cohort.columns import known_columns
+
+    rows = [
+        {"subject": s, "session": "", "t1w": f"/data/sub-{s}_T1w.nii.gz"}
+        for s in ("01", "02", "03")
+    ]
+    rows[0]["flair"] = "/data/sub-01_FLAIR.nii.gz"
+    rows[1]["labels"] = "/data/sub-02_dseg.nii.gz"
+    cohort = pd.DataFrame(rows).reindex(columns=list(known_columns())).fillna("")
+    members = [("01", ""), ("02", ""), ("03", "")]
+    return WorkflowPlan(config(**overrides), cohort, members)
+
+
+def test_a_cohort_without_sessions_plans_without_a_session_wildcard():
+    plan = sessionless_plan()
+    assert plan.session_wildcard == ""
+    assert plan.anat("T1w", desc="preproc") == (
+        "results/sub-{subject}/anat/sub-{subject}_desc-preproc_T1w.nii.gz"
+    )
+    assert plan.log("preprocess") == "results/logs/preprocess/sub-{subject}.log"
+    assert plan.bench("preprocess") == "results/benchmarks/preprocess/sub-{subject}.tsv"
+    assert plan.xfm("atlas")["warp"] == (
+        "results/sub-{subject}/anat/sub-{subject}_from-T1w_to-atlas_mode-image_xfm.nii.gz"
+    )
+    assert plan.contrasts.files.native("flair") == (
+        "results/sub-{subject}/anat/sub-{subject}_space-orig_desc-preproc_FLAIR.nii.gz"
+    )
+    # the jobs' wildcards have no session: input functions read it as ""
+    job = wc(subject="01")
+    assert plan.row(job)["flair"] == "/data/sub-01_FLAIR.nii.gz"
+    assert set(plan.contrasts.mask_grid_inputs(job)) == {"grid_flair", "xfm_flair", "t1w"}
+    assert plan.contrasts.mask_grid_inputs(job)["xfm_flair"] == (
+        "results/sub-01/anat/sub-01_from-FLAIR_to-T1w_mode-image_xfm.mat"
+    )
+    targets = plan.all_targets()
+    assert "results/sub-02/anat/sub-02_space-atlas_dseg.nii.gz" in targets
+    assert "results/sub-01/anat/sub-01_space-atlas_FLAIR.nii.gz" in targets
+    assert not any("ses-" in p for p in targets)
+    assert not any("ses-" in p for p in plan.iteration_velocities(1) + plan.member_affines())
+    assert plan.longitudinal_subjects == [] and plan.longitudinal_targets() == []
+    assert not any("ses-" in p for p in plan.subject_report_files(job))
+    # the report commands' words: '' for the session, SUBJECT: and =PATH / =CONTRASTS
+    assert plan.subject_sessions(job) == "''" and plan.subject_baseline(job) == "''"
+    assert plan.scan_list == "01: 02: 03:"
+    assert plan.raw_scans(job) == "=/data/sub-01_T1w.nii.gz"
+    assert plan.contrasts.report_flags(job) == "--contrasts =flair"
+
+
+def test_a_plan_refuses_a_cohort_mixing_scans_with_and_without_sessions(plan):
+    """Validation names such scans ses-1 (atlasflow.cohort.columns.fill_mixed_sessions): a plan
+    given a mixed table directly says so rather than writing rules that cannot match."""
+    from atlasflow.errors import AtlasflowError
+
+    mixed = plan.cohort.copy()
+    mixed.loc[0, "session"] = ""
+    with pytest.raises(AtlasflowError, match="mixes scans with and without a session"):
+        WorkflowPlan(plan.config, mixed, plan.members)

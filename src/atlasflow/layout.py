@@ -3,6 +3,9 @@
 Names follow BIDS derivatives: a scan's files live in ``OUT/sub-S/ses-T/anat/`` and are called
 ``sub-S_ses-T[_space-X][_from-A_to-B_mode-image][_label-L][_desc-D]_<suffix>.<ext>``; the cohort's
 files (template, atlas iterations, tumour frequency, reports) have fixed places under ``OUT``.
+A scan without a session (session ``""``: a cohort whose input has no sessions) has neither the
+``ses-T/`` folder nor the ``ses-T`` entity: ``OUT/sub-S/anat/sub-S_desc-preproc_T1w.nii.gz``, as
+its input had them.
 
 The workflow (``workflow/rules/common.smk``) builds its targets with the string functions here, the
 reports find their inputs through :class:`Scan` and :class:`CohortFiles`, which call the same
@@ -40,9 +43,22 @@ def subject_id(subject: str) -> str:
     return f"sub-{subject}"
 
 
+def session_entity(session: str) -> str:
+    """``ses-T``: a session's folder and the entity in its scans' names; "" without a session."""
+    return f"ses-{session}" if session else ""
+
+
 def scan_id(subject: str, session: str) -> str:
-    """``sub-S_ses-T``: the stem of a scan's file names, its logs and its atlas member name."""
-    return f"sub-{subject}_ses-{session}"
+    """``sub-S_ses-T``: the stem of a scan's file names, its logs and its atlas member name
+    (``sub-S`` for a scan without a session)."""
+    return f"sub-{subject}_ses-{session}" if session else f"sub-{subject}"
+
+
+def scan_dir(outdir: str | Path, subject: str, session: str) -> str:
+    """``OUT/sub-S/ses-T/anat``: the folder of a scan's files (``OUT/sub-S/anat`` without a session)."""
+    if session:
+        return f"{outdir}/sub-{subject}/ses-{session}/anat"
+    return f"{outdir}/sub-{subject}/anat"
 
 
 def anat(
@@ -53,11 +69,14 @@ def anat(
     ext: str = "nii.gz",
     **entities: object,
 ) -> str:
-    """Path of one scan's file, e.g. ``anat("results", "T1w", "01", "1", desc="preproc")``.
+    """Path of one scan's file, e.g. ``anat("results", "T1w", "01", "1", desc="preproc")``
+    (``results/sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz``; with session ``""``,
+    ``results/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz``).
 
     Entities are written in :data:`ENTITIES` order whatever the order given; others are ignored.
     """
-    return f"{outdir}/sub-{subject}/ses-{session}/anat/{scan_id(subject, session)}_{name_tail(suffix, **entities)}.{ext}"
+    stem = scan_id(subject, session)
+    return f"{scan_dir(outdir, subject, session)}/{stem}_{name_tail(suffix, **entities)}.{ext}"
 
 
 def contrast(
@@ -270,7 +289,8 @@ def cohort_figure(outdir: str | Path, name: str) -> str:
 
 @dataclass(frozen=True)
 class Scan:
-    """The files of one scan (subject S, session T) under ``outdir/sub-S/ses-T/anat``."""
+    """The files of one scan (subject S, session T) under ``outdir/sub-S/ses-T/anat`` (session
+    ``""``: ``outdir/sub-S/anat``)."""
 
     outdir: Path
     subject: str

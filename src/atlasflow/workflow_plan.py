@@ -5,6 +5,9 @@ and the rules call its methods as input and params functions (their ``wildcards`
 ``subject``, ``session`` and ``iteration``). Every path comes from :mod:`atlasflow.layout`; every
 option string the rules pass on is rendered here, so it can be unit-tested without Snakemake.
 
+A cohort without sessions (session "" in every row; validation leaves no cohort mixed) is planned
+without a ``{session}`` wildcard: ``OUT/sub-{subject}/anat/sub-{subject}_...``.
+
 Params that a rule takes as plain values or as functions of the wildcards only are compared with
 the last run's when Snakemake plans (functions of ``input`` / ``output`` are not): a changed
 setting reruns exactly the jobs it reaches. The strings rendered here are therefore part of every
@@ -34,6 +37,7 @@ from atlasflow.cohort.planning import (
 )
 from atlasflow.cohort.selection import CohortNotes
 from atlasflow.contrasts.plan import ContrastPlan
+from atlasflow.errors import AtlasflowError
 from atlasflow.longitudinal.compartments import TumourLabels
 from atlasflow.registration.options import workflow_flags
 from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
@@ -109,6 +113,10 @@ class WorkflowPlan:
         self.workdir = workdir
         self.out = config["outdir"]
         self.scans = list(zip(cohort["subject"], cohort["session"], strict=True))
+        # The per-scan rules' session placeholder: "" (no ses- level) in a cohort without sessions.
+        if len({bool(t) for _, t in self.scans}) > 1:  # validate_cohort names such scans ses-1
+            raise AtlasflowError("the cohort mixes scans with and without a session")
+        self.session_wildcard = "{session}" if any(t for _, t in self.scans) else ""
         # Rows by (subject, session): input functions look a row up per job, so a table scan per
         # lookup would make planning quadratic in the cohort size.
         self.rows = {(r["subject"], r["session"]): r for r in cohort.to_dict("records")}
@@ -147,9 +155,14 @@ class WorkflowPlan:
 
     # --- one scan
 
+    @staticmethod
+    def session_of(wildcards: Any) -> str:
+        """A per-scan job's session: its ``{session}`` wildcard, "" in a cohort without sessions."""
+        return getattr(wildcards, "session", "")
+
     def row(self, wildcards: Any) -> dict[str, str]:
         """The manifest row of one scan (a dict: column -> string)."""
-        return self.rows[(wildcards.subject, wildcards.session)]
+        return self.rows[(wildcards.subject, self.session_of(wildcards))]
 
     def optional(self, wildcards: Any, column: str) -> list[str]:
         value = self.row(wildcards).get(column)
@@ -160,17 +173,25 @@ class WorkflowPlan:
         return isinstance(value, str) and bool(value)
 
     def anat(
-        self, suffix: str, subject: str = "{subject}", session: str = "{session}", **entities: Any
+        self, suffix: str, subject: str = "{subject}", session: str | None = None, **entities: Any
     ) -> str:
-        """A scan's file, e.g. ``anat("T1w", desc="preproc")`` (:func:`atlasflow.layout.anat`)."""
+        """A scan's file, e.g. ``anat("T1w", desc="preproc")`` (:func:`atlasflow.layout.anat`);
+        the session defaults to the rules' placeholder (:attr:`session_wildcard`)."""
+        session = self.session_wildcard if session is None else session
         return layout.anat(self.out, suffix, subject, session, **entities)
+
+    @property
+    def scan_stem(self) -> str:
+        """A per-scan job's name stem: ``sub-{subject}_ses-{session}`` (``sub-{subject}`` without
+        sessions)."""
+        return layout.scan_id("{subject}", self.session_wildcard)
 
     def log(self, step: str, ext: str = "log") -> str:
         """A per-scan job's log (the reports find a scan's failed job by this name)."""
-        return layout.job_log(self.out, step, layout.scan_id("{subject}", "{session}"), ext=ext)
+        return layout.job_log(self.out, step, self.scan_stem, ext=ext)
 
     def bench(self, step: str) -> str:
-        return layout.job_benchmark(self.out, step, layout.scan_id("{subject}", "{session}"))
+        return layout.job_benchmark(self.out, step, self.scan_stem)
 
     # --- inputs of the cohort-wide rules
 
@@ -294,7 +315,7 @@ class WorkflowPlan:
         }
 
     def xfm(
-        self, to: str, subject: str = "{subject}", session: str = "{session}"
+        self, to: str, subject: str = "{subject}", session: str | None = None
     ) -> dict[str, str]:
         """A scan's ITK affine and displacement field to space ``to`` (as named inputs or outputs)."""
         return {
@@ -314,7 +335,7 @@ class WorkflowPlan:
             "metrics": self.qc_json(to),
         }
 
-    def qc_json(self, to: str, subject: str = "{subject}", session: str = "{session}") -> str:
+    def qc_json(self, to: str, subject: str = "{subject}", session: str | None = None) -> str:
         """A registration's QC metrics (JSON)."""
         return self.anat(
             "xfm", subject, session, from_="T1w", to=to, mode="image", desc="qc", ext="json"
@@ -421,7 +442,7 @@ class WorkflowPlan:
     # --- longitudinal
 
     def longitudinal_inputs(self, wildcards: Any) -> dict[str, str]:
-        subject, session = wildcards.subject, wildcards.session
+        subject, session = wildcards.subject, self.session_of(wildcards)
         base = self.baseline[subject]
         inputs = {
             "baseline": self.anat("T1w", subject, base, desc="preproc"),
@@ -535,7 +556,8 @@ class WorkflowPlan:
 
     @property
     def scan_list(self) -> str:
-        """Every scan as ``subject:session``, subjects sorted, sessions in acquisition order."""
+        """Every scan as ``subject:session`` (``subject:`` without a session), subjects sorted,
+        sessions in acquisition order."""
         return " ".join(f"{s}:{t}" for s, sessions in self.sessions.items() for t in sessions)
 
     def subject_report_files(self, wildcards: Any) -> list[str]:
@@ -552,10 +574,11 @@ class WorkflowPlan:
         ) + [self.rows[(subject, t)]["t1w"] for t in sessions]
 
     def subject_sessions(self, wildcards: Any) -> str:
-        return " ".join(self.sessions[wildcards.subject])
+        """The subject's sessions as words of the command line (a scan without a session: ``''``)."""
+        return " ".join(shlex.quote(t) for t in self.sessions[wildcards.subject])
 
     def subject_baseline(self, wildcards: Any) -> str:
-        return self.baseline[wildcards.subject]
+        return shlex.quote(self.baseline[wildcards.subject])
 
     def raw_scans(self, wildcards: Any) -> str:
         """``session=t1w path`` of each of the subject's sessions (the report shows the raw scans)."""

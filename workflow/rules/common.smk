@@ -34,6 +34,10 @@ except AtlasflowError as exc:
     print("\n".join([f"atlasflow: error: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
     sys.exit(1)
 
+if workflow.is_main_process and PLAN.notes.sessions_filled:
+    # A cohort mixing scans with and without sessions is written with sessions throughout.
+    print(f"atlasflow: {PLAN.notes.sessions_filled_line()}", file=sys.stderr)
+
 if workflow.is_main_process and PLAN.notes.skipped_rows():
     # Never silent: what a BIDS cohort skipped or passed over is listed in a file and the report.
     print(
@@ -83,7 +87,8 @@ wildcard_constraints:
     iteration="[0-9]+",
 
 
-# The path helpers of one scan's jobs ("{subject}", "{session}" wildcards by default).
+# The path helpers of one scan's jobs ("{subject}", "{session}" wildcards by default; no
+# {session} wildcard, and no ses- level, for a cohort whose scans have no session).
 anat = PLAN.anat
 log = PLAN.log
 bench = PLAN.bench

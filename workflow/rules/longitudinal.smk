@@ -90,9 +90,9 @@ rule change_map_to_atlas:
     conda:
         CONDA_ENV
     log:
-        layout.job_log(OUT, "change_map_to_atlas", layout.scan_id("{subject}", "{session}") + "_{change}"),
+        layout.job_log(OUT, "change_map_to_atlas", PLAN.scan_stem + "_{change}"),
     benchmark:
-        layout.job_benchmark(OUT, "change_map_to_atlas", layout.scan_id("{subject}", "{session}") + "_{change}")
+        layout.job_benchmark(OUT, "change_map_to_atlas", PLAN.scan_stem + "_{change}")
     params:
         interpolation=lambda wc: "nearest" if wc.change.endswith("mask") else "linear",
     resources:

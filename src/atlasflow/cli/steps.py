@@ -45,7 +45,7 @@ def _successful(args: argparse.Namespace, columns: list[list[str]], what: str) -
 
 
 def _member(image: str, mask: str | None, affine: str | None = None, velocity: str | None = None):
-    """An atlas member named after its scan (``sub-X_ses-Y``)."""
+    """An atlas member named after its scan (``sub-X_ses-Y``; ``sub-X`` without a session)."""
     from atlasflow.atlas.build import Member
 
     return Member(

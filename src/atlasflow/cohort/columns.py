@@ -88,8 +88,14 @@ def strip_prefix(value: str, prefix: str) -> str:
     return value[len(prefix) :] if value.startswith(prefix) else value
 
 
+#: The session given to the scans without one in a cohort whose other scans have sessions
+#: (:func:`fill_mixed_sessions`).
+MIXED_COHORT_SESSION = "1"
+
+
 def normalise_table(table: pd.DataFrame, base: Path) -> pd.DataFrame:
-    """String ids without BIDS prefixes, session "1" when empty, absolute paths, "" when absent."""
+    """String ids without BIDS prefixes, absolute paths, "" when absent (a scan without a session
+    keeps session "": see :func:`fill_mixed_sessions` for a cohort that mixes the two)."""
     table = table.copy()
     for col in known_columns():
         if col not in table.columns:
@@ -100,7 +106,7 @@ def normalise_table(table: pd.DataFrame, base: Path) -> pd.DataFrame:
             for v in table[col]
         ]
     table["subject"] = [strip_prefix(v, "sub-") for v in table["subject"]]
-    table["session"] = [strip_prefix(v, "ses-") or "1" for v in table["session"]]
+    table["session"] = [strip_prefix(v, "ses-") for v in table["session"]]
     for col in IMAGE_COLUMNS:
         table[col] = [
             os.path.normpath(os.path.join(base, os.path.expanduser(v))) if v else ""
@@ -111,3 +117,20 @@ def normalise_table(table: pd.DataFrame, base: Path) -> pd.DataFrame:
     if ORIGIN_COLUMN in table.columns:
         ordered.append(ORIGIN_COLUMN)
     return table[ordered].reset_index(drop=True)
+
+
+def fill_mixed_sessions(table: pd.DataFrame) -> list[int]:
+    """Give the scans without a session :data:`MIXED_COHORT_SESSION` when other scans of the
+    cohort have one; return the positions of the rows filled (none: the cohort is all of one kind).
+
+    A cohort whose scans have no sessions keeps them so, and its outputs have no ``ses-`` level
+    (:mod:`atlasflow.layout`). One that mixes the two is written with sessions throughout: the
+    workflow's rules name a scan's files either with a session or without, for the whole cohort.
+    """
+    empty = [i for i, v in enumerate(table["session"]) if v == ""]
+    if not empty or len(empty) == len(table):
+        return []
+    column = table.columns.get_loc("session")
+    for i in empty:
+        table.iat[i, column] = MIXED_COHORT_SESSION
+    return empty

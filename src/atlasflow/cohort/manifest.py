@@ -2,7 +2,7 @@
 
 :func:`load_cohort` turns either into one table (its normal form is
 :func:`atlasflow.cohort.columns.normalise_table`'s): string columns ``subject`` (no ``sub-``),
-``session`` (no ``ses-``, "1" when not given), absolute image paths, ``acq_date`` (ISO date),
+``session`` (no ``ses-``, "" when not given), absolute image paths, ``acq_date`` (ISO date),
 ``group``, ``origin`` (where the row came from), "" when absent. A manifest CSV has the columns of
 ``workflow/schemas/manifest.schema.yaml``, with paths relative to the manifest's folder.
 

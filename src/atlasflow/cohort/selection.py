@@ -124,12 +124,28 @@ class Choice:
 @dataclass
 class CohortNotes:
     """What reading a cohort found besides its table: inputs skipped (path relative to the cohort
-    folder, reason), choices among several files, and problems (one line each) that
-    :func:`atlasflow.cohort.validate.validate_cohort` reports together with its own."""
+    folder, reason), choices among several files, problems (one line each) that
+    :func:`atlasflow.cohort.validate.validate_cohort` reports together with its own, and the rows
+    (their origin) without a session that validation gave one because other scans of the cohort
+    have sessions (:func:`atlasflow.cohort.columns.fill_mixed_sessions`)."""
 
     skipped: list[tuple[str, str]] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    sessions_filled: list[str] = field(default_factory=list)
+
+    def sessions_filled_line(self) -> str:
+        """What was done to the scans without a session of a mixed cohort ("" when nothing)."""
+        from atlasflow.cohort.columns import MIXED_COHORT_SESSION
+
+        n = len(self.sessions_filled)
+        if not n:
+            return ""
+        return (
+            f"{n} scan{'s' if n != 1 else ''} without a session named ses-{MIXED_COHORT_SESSION} "
+            f"(e.g. {self.sessions_filled[0]}): the cohort mixes scans with and without sessions, "
+            "so every output has a ses- level"
+        )
 
     def skipped_rows(self) -> list[tuple[str, str, str]]:
         """(path, status, reason) of every input not used: ``skipped`` or ``passed-over``."""

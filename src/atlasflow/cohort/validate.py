@@ -26,6 +26,7 @@ from atlasflow.cohort.columns import (
     CONTRAST_COLUMNS,
     IMAGE_COLUMNS,
     ORIGIN_COLUMN,
+    fill_mixed_sessions,
     manifest_schema,
     normalise_table,
     required_columns,
@@ -46,7 +47,9 @@ def _natural_key(text: str) -> tuple:
 
 
 def _row_label(origin: str, subject: str, session: str) -> str:
-    return f"{origin} (subject {subject or '?'}, session {session or '?'})"
+    return (
+        f"{origin} (subject {subject or '?'}, {f'session {session}' if session else 'no session'})"
+    )
 
 
 def _schema_problem(error: Any) -> str:
@@ -82,6 +85,11 @@ def validate_cohort(
     its one-line message. ``tumor_labels`` are the compartment labels a tumour mask may hold
     besides 1 (the config's ``longitudinal.tumor_labels``; None: the BraTS default). Linear in the
     number of rows; writes nothing.
+
+    Scans without a session keep session "" (their outputs have no ``ses-`` level) unless other
+    scans of the cohort have sessions: then they are given "1"
+    (:func:`atlasflow.cohort.columns.fill_mixed_sessions`), their rows listed in
+    ``notes.sessions_filled``, before the duplicate check (so "" beside "1" is a duplicate).
     """
     source = Path(source)
     name = source.name
@@ -98,6 +106,9 @@ def validate_cohort(
     if ORIGIN_COLUMN not in table.columns:
         table[ORIGIN_COLUMN] = [f"{name} row {i + 2}" for i in range(len(table))]
     table = normalise_table(table, base)
+    filled = fill_mixed_sessions(table)
+    if notes is not None:
+        notes.sessions_filled = [table[ORIGIN_COLUMN].iat[i] for i in filled]
     records = table.to_dict("records")
     labels = [_row_label(r[ORIGIN_COLUMN], r["subject"], r["session"]) for r in records]
 
@@ -126,10 +137,15 @@ def validate_cohort(
         if i in bad:
             continue
         if key in first_of_session:
+            hint = (
+                ""
+                if record["session"]
+                else " (neither has a session: give each scan of a subject its session label)"
+            )
             problem(
                 i,
-                f"{label}: same subject and session as {first_of_session[key]}; each scan session "
-                "must appear once",
+                f"{label}: same subject and session as {first_of_session[key]}{hint}; each scan "
+                "session must appear once",
             )
             continue
         first_of_session[key] = record[ORIGIN_COLUMN]
@@ -246,6 +262,8 @@ def summarise(table: pd.DataFrame) -> str:
         if longitudinal
         else "no follow-up",
     ]
+    if not (table["session"] != "").any():
+        parts.append("no sessions (outputs without a ses- level)")
     for col, what in (
         ("labels", "label maps"),
         ("tumor_mask", "tumour masks"),
@@ -400,8 +418,10 @@ def run_validate(args: argparse.Namespace) -> int:
         if notes.choices
         else ""
     )
+    filled = f"; {notes.sessions_filled_line()}" if notes.sessions_filled else ""
     print(
-        f"{args.cohort}: OK - {summarise(table)}{chosen} ({checked} checked in {seconds:.2f} s)",
+        f"{args.cohort}: OK - {summarise(table)}{filled}{chosen} ({checked} checked in "
+        f"{seconds:.2f} s)",
         file=sys.stderr if args.table else sys.stdout,
     )
     if notes.choices or notes.skipped:

@@ -37,33 +37,46 @@ def used_contrasts(config: Mapping[str, Any], present: set[str]) -> list[str]:
 
 
 class ContrastFiles:
-    """The files of the contrast rules of one output folder (wildcards pass through)."""
+    """The files of the contrast rules of one output folder (wildcards pass through). A session
+    not given is ``session`` (the rules' placeholder: ``"{session}"``, or ``""`` for a cohort
+    without sessions)."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, session: str = "{session}") -> None:
         self.out = out
+        self.session = session
 
-    def image(self, c: str, subject: str = "{subject}", session: str = "{session}", **entities: Any) -> str:
+    def image(
+        self, c: str, subject: str = "{subject}", session: str | None = None, **entities: Any
+    ) -> str:
+        session = self.session if session is None else session
         return layout.contrast(self.out, c, subject, session, **entities)
 
-    def native(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+    def native(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
         """The normalised brain on the contrast's own grid: what every space is resampled from."""
         return self.image(c, subject, session, space="orig", desc="preproc")
 
-    def preproc(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+    def preproc(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
         """The contrast on its session's T1w working grid (the baseline space of a baseline)."""
         return self.image(c, subject, session, desc="preproc")
 
-    def session_affine(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
-        return layout.anat(
-            self.out, "xfm", subject, session, from_=TRANSFORM_LABELS[c], to="T1w", mode="image", ext="mat"
-        )
-
-    def session_qc(self, c: str, subject: str = "{subject}", session: str = "{session}") -> str:
+    def session_affine(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
         return layout.anat(
             self.out,
             "xfm",
             subject,
-            session,
+            self.session if session is None else session,
+            from_=TRANSFORM_LABELS[c],
+            to="T1w",
+            mode="image",
+            ext="mat",
+        )
+
+    def session_qc(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
+        return layout.anat(
+            self.out,
+            "xfm",
+            subject,
+            self.session if session is None else session,
             from_=TRANSFORM_LABELS[c],
             to="T1w",
             mode="image",
@@ -71,13 +84,17 @@ class ContrastFiles:
             ext="json",
         )
 
-    def in_space(self, c: str, space: str, subject: str = "{subject}", session: str = "{session}") -> str:
+    def in_space(
+        self, c: str, space: str, subject: str = "{subject}", session: str | None = None
+    ) -> str:
         """The contrast in template, atlas or baseline space (atlas: named as the T1w's, no desc)."""
         if space == "atlas":
             return self.image(c, subject, session, space="atlas")
         return self.image(c, subject, session, space=space, desc="warped")
 
-    def difference(self, c: str, space: str, subject: str = "{subject}", session: str = "{session}") -> str:
+    def difference(
+        self, c: str, space: str, subject: str = "{subject}", session: str | None = None
+    ) -> str:
         return self.image(c, subject, session, space=space, desc="difference")
 
 
@@ -86,7 +103,7 @@ class ContrastPlan:
 
     def __init__(self, plan: Any) -> None:
         self.plan = plan
-        self.files = ContrastFiles(plan.out)
+        self.files = ContrastFiles(plan.out, plan.session_wildcard)
         present = {c for c in CONTRAST_COLUMNS if c in plan.cohort and any(plan.cohort[c])}
         self.used = used_contrasts(plan.config, present)
         settings = plan.config.get("contrasts") or {}
@@ -137,8 +154,8 @@ class ContrastPlan:
         return {t: cs for t, cs in found.items() if cs}
 
     def report_flags(self, wildcards: Any) -> str:
-        """``--contrasts SESSION=c,...`` of the subject report ('' for a T1w-only subject, so a
-        T1w-only cohort's report command is what it was)."""
+        """``--contrasts SESSION=c,...`` of the subject report (``=c,...`` for a scan without a
+        session; '' for a T1w-only subject, so a T1w-only cohort's report command is what it was)."""
         found = self.of_subject(wildcards.subject)
         if not found:
             return ""
@@ -172,7 +189,9 @@ class ContrastPlan:
         for c in self.used:
             if row.get(c):
                 inputs[f"grid_{c}"] = row[c]
-                inputs[f"xfm_{c}"] = self.files.session_affine(c, wildcards.subject, wildcards.session)
+                inputs[f"xfm_{c}"] = self.files.session_affine(
+                    c, wildcards.subject, self.plan.session_of(wildcards)
+                )
         if inputs:
             inputs["t1w"] = row["t1w"]
         return inputs
@@ -186,4 +205,3 @@ class ContrastPlan:
         return f"--t1w {input.t1w} " + " ".join(
             f"--contrast-grid {input['grid_' + c]} {input['xfm_' + c]}" for c in grids
         )
-

@@ -17,7 +17,7 @@ from atlasflow.errors import AtlasflowError, describe, failure_record
 from atlasflow.io.images import load_image
 from atlasflow.layout import Scan
 from atlasflow.registration.qc import LIMITS, QCThresholds, dice_per_label, judge
-from atlasflow.reports.inputs import as_number
+from atlasflow.reports.inputs import as_number, session_prefix
 
 STAGE_TITLES = {"template": "to template", "atlas": "to atlas", "baseline": "to baseline"}
 METRIC_LABELS = {
@@ -94,8 +94,9 @@ class Check:
         return METRIC_LABELS.get(self.metric, self.metric)
 
     def reason(self) -> str:
-        """Why this check flagged, e.g. 'ses-2 to atlas: NCC after 0.412 < 0.500 (qc.min_ncc_after)'."""
-        where = f"ses-{self.session} {stage_title(self.stage)}"
+        """Why this check flagged, e.g. 'ses-2 to atlas: NCC after 0.412 < 0.500 (qc.min_ncc_after)'
+        ('to atlas: ...' for a scan without a session)."""
+        where = f"{session_prefix(self.session)}{stage_title(self.stage)}"
         if self.metric == "qc_pass":
             return f"{where}: {self.note or 'the alignment failed its QC'}"
         if self.value is None or not math.isfinite(self.value):

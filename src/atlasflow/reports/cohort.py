@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atlasflow.io.atomic import atomic_write_text
-from atlasflow.layout import STAGES, CohortFiles, skipped_inputs, subject_page
+from atlasflow.layout import STAGES, CohortFiles, session_entity, skipped_inputs, subject_page
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.checks import contrast_of, format_metric
 from atlasflow.reports.contrasts import atlas_contrast_panel
@@ -168,7 +168,7 @@ def _failed_html(ordered: list[SubjectQC]) -> str:
         if q.errors:
             for e in q.errors:
                 rows.append(
-                    f"<tr><td>sub-{esc(q.subject)}</td><td>{esc(('ses-' + e['session']) if e['session'] else '')}</td>"
+                    f"<tr><td>sub-{esc(q.subject)}</td><td>{esc(session_entity(e['session']))}</td>"
                     f"<td>{esc(e['rule'])}</td><td>{esc(e['message'])}</td><td><code>{esc(e['log'])}</code></td></tr>"
                 )
         else:

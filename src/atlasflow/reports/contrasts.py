@@ -22,7 +22,7 @@ from pathlib import Path
 import atlasflow.reports.figures as fg
 from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.contrasts.plan import ContrastFiles
-from atlasflow.layout import CohortFiles, Scan, atlas_contrast, scan_id
+from atlasflow.layout import CohortFiles, Scan, atlas_contrast, scan_id, session_entity
 from atlasflow.reports.checks import align_stage, contrast_label, format_metric
 from atlasflow.reports.html import badge, esc
 from atlasflow.reports.montage import Volume
@@ -140,7 +140,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
                 _render(
                     Panel(
                         f"{stem}_{c}_change",
-                        f"{name} change since baseline (ses-{qc.baseline})",
+                        f"{name} change since baseline ({session_entity(qc.baseline or '')})",
                         f"On the baseline's {name}: the follow-up's {name} in baseline space minus the "
                         f"baseline's (red = brighter now, blue = darker), after the T1w's registration "
                         "to the baseline composed with both sessions' alignments. Outlines: baseline "
@@ -162,7 +162,7 @@ def alignment_table(qc: SubjectQC) -> str:
         for column in qc.contrasts.get(session, []):
             stage = align_stage(column)
             checks = {c.metric: c for c in qc.checks if c.session == session and c.stage == stage}
-            lead = f"<td>ses-{esc(session)}</td><td>{esc(contrast_label(column))}</td>"
+            lead = f"<td>{esc(session_entity(session))}</td><td>{esc(contrast_label(column))}</td>"
             missing = [c for c in checks.values() if c.status == "missing"]
             if missing:
                 rows.append(

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from atlasflow.layout import session_entity
 from atlasflow.reports.montage import (
     SMALL_FONT,
     VIEWS,
@@ -454,7 +455,11 @@ def tumor_volume_plot(
         seen.setdefault(response or "n/a", handle)
         if np.isfinite(yi):
             ax.annotate(
-                f"ses-{session}", (xi, yi), textcoords="offset points", xytext=(4, 5), fontsize=7
+                session_entity(session),
+                (xi, yi),
+                textcoords="offset points",
+                xytext=(4, 5),
+                fontsize=7,
             )
     lines, peaks = [], [y]
     for name, values in (compartments or {}).items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError
-from atlasflow.layout import CohortFiles, Scan, atlas_contrast
+from atlasflow.layout import CohortFiles, Scan, atlas_contrast, session_entity
 
 ERROR_PREFIX = "atlasflow: error:"
 
@@ -108,6 +108,18 @@ def strip_prefix(name: str, prefix: str) -> str:
     """A label given with or without its BIDS prefix: ``strip_prefix("sub-01", "sub-") == "01"``."""
     name = str(name).strip()
     return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def session_prefix(session: str, sep: str = " ") -> str:
+    """``ses-T`` and ``sep``, put before a label of one of a scan's files or checks ("" for a scan
+    without a session: its labels carry no ``ses-``, as its files)."""
+    return f"{session_entity(session)}{sep}" if session else ""
+
+
+def session_name(session: str) -> str:
+    """A scan's section of the subject page (heading, link, anchor): ``ses-T``, or ``scan`` for a
+    subject's one scan without a session."""
+    return session_entity(session) or "scan"
 
 
 def relative(path: Path, base: Path) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import atlasflow.reports.figures as fg
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, load_image
-from atlasflow.layout import CohortFiles, Scan, scan_id
+from atlasflow.layout import CohortFiles, Scan, scan_id, session_entity
 from atlasflow.reports.checks import STAGE_TITLES
 from atlasflow.reports.inputs import read_metrics, relative, strip_prefix
 from atlasflow.reports.montage import Volume, centre_of, foreground_centre, ras_image
@@ -34,7 +34,7 @@ class Missing(Exception):
 class Panel:
     """One rendered figure (or the reason it could not be drawn)."""
 
-    name: str  # file stem for the exported PNG, e.g. sub-01_ses-1_template
+    name: str  # file stem for the exported PNG, e.g. sub-01_ses-1_template (sub-01_template)
     title: str
     caption: str
     png: bytes | None = None
@@ -306,7 +306,7 @@ def subject_panels(
                 _render(
                     Panel(
                         f"{stem}_change",
-                        f"Change since baseline (ses-{qc.baseline})",
+                        f"Change since baseline ({session_entity(qc.baseline or '')})",
                         "On the baseline image, sliced through the tumour: log-Jacobian (red = growth, "
                         "blue = shrinkage), intensity difference after registration, displacement "
                         "magnitude (mass effect). Outlines: baseline tumour cyan, follow-up tumour yellow.",

@@ -28,6 +28,7 @@ from atlasflow.reports.inputs import (
     logged_errors,
     read_tumor_table,
     relative,
+    session_prefix,
     strip_prefix,
 )
 
@@ -313,11 +314,12 @@ def _decide(qc: SubjectQC) -> None:
     elif flags:
         qc.status = "flag"
     for error in qc.errors:
-        where = f"ses-{error['session']} " if error["session"] else ""
+        where = session_prefix(error["session"])
         qc.reasons.append(f"{where}{error['rule']} failed: {error['message']}")
     if required and not qc.errors:
         qc.reasons += [
-            f"ses-{m['session']}: {m['file'].split('/')[-1]} {m['reason']} (no error logged)"
+            f"{session_prefix(m['session'], ': ')}{m['file'].split('/')[-1]} {m['reason']} "
+            "(no error logged)"
             for m in required
         ]
     qc.reasons += [c.reason() for c in flags]
@@ -344,11 +346,17 @@ def _fresh_summary(
 
 
 def _discover_sessions(outdir: Path, subject: str) -> list[str]:
-    sessions = {p.name[4:] for p in (outdir / f"sub-{subject}").glob("ses-*") if p.is_dir()}
+    """A subject's sessions from its output folders (``ses-*``, or ``anat`` for a scan without a
+    session: "") and the names of its scans' logs."""
+    folder = outdir / f"sub-{subject}"
+    sessions = {p.name[4:] for p in folder.glob("ses-*") if p.is_dir()}
+    if (folder / "anat").is_dir():
+        sessions.add("")
     logs = CohortFiles(outdir).logs
     if logs.is_dir():
-        for log in logs.rglob(f"{scan_id(subject, '*')}.log"):
-            sessions.add(log.name[len(scan_id(subject, "")) : -4].split("_")[0])
+        stem = scan_id(subject, "*")  # sub-S_ses-*
+        for log in logs.rglob(f"{stem}.log"):
+            sessions.add(log.name[len(stem) - 1 : -4].split("_")[0])
     return sorted(sessions)
 
 

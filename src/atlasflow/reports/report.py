@@ -55,7 +55,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--outdir", required=True, help="the workflow's output folder")
     p.add_argument("--subject", required=True)
     p.add_argument(
-        "--sessions", nargs="+", required=True, help="in acquisition order (first = baseline)"
+        "--sessions",
+        nargs="+",
+        required=True,
+        help="in acquisition order (first = baseline); '' for a scan without a session",
     )
     p.add_argument("--baseline", default=None)
     p.add_argument(
@@ -63,7 +66,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=[],
         metavar="SESSION=PATH",
-        help="the manifest's T1w per session",
+        help="the manifest's T1w per session (=PATH without a session)",
     )
     p.add_argument(
         "--contrasts",
@@ -92,7 +95,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--subjects", nargs="+", help="subject labels (sessions discovered)")
     group.add_argument(
-        "--scans", nargs="+", metavar="SUBJECT:SESSION", help="every scan of the cohort"
+        "--scans",
+        nargs="+",
+        metavar="SUBJECT:SESSION",
+        help="every scan of the cohort (SUBJECT: for a scan without a session)",
     )
     p.add_argument("--iterations", type=int, default=None, help="configured atlas iterations")
     p.add_argument("--out", required=True)
@@ -101,13 +107,14 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_contrasts(items: list[str]) -> dict[str, list[str]]:
-    """``["1=t2w,flair", "2=flair"]`` -> ``{"1": ["t2w", "flair"], "2": ["flair"]}``."""
+    """``["1=t2w,flair", "2=flair"]`` -> ``{"1": ["t2w", "flair"], "2": ["flair"]}`` (``=flair``:
+    the contrasts of a scan without a session, ``{"": ["flair"]}``)."""
     found: dict[str, list[str]] = {}
     for item in items:
         session, sep, names = item.partition("=")
         columns = [c.strip().lower() for c in names.split(",") if c.strip()]
         unknown = [c for c in columns if c not in CONTRAST_COLUMNS]
-        if not sep or not session or unknown:
+        if not sep or unknown:
             raise AtlasflowError(
                 f"--contrasts {item!r}: expected SESSION=C1,C2 with contrasts among "
                 f"{', '.join(CONTRAST_COLUMNS)}"
@@ -147,7 +154,7 @@ def run_report(args: argparse.Namespace) -> int:
         sessions: dict[str, list[str]] = {}
         for item in args.scans:
             subject, sep, session = item.partition(":")
-            if not sep or not subject or not session:
+            if not sep or not subject:  # SUBJECT: is a scan without a session
                 raise AtlasflowError(f"--scans {item!r}: expected SUBJECT:SESSION")
             sessions.setdefault(strip_prefix(subject, "sub-"), []).append(
                 strip_prefix(session, "ses-")

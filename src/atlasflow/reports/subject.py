@@ -10,12 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atlasflow.io.atomic import atomic_write_text
-from atlasflow.layout import COHORT_PAGE, STAGES
+from atlasflow.layout import COHORT_PAGE, STAGES, session_entity
 from atlasflow.layout import subject_qc as subject_qc_name
 from atlasflow.registration.qc import NCC_DROP_TOLERANCE, QCThresholds
 from atlasflow.reports.checks import STAGE_TITLES, format_metric
 from atlasflow.reports.contrasts import alignment_table, contrast_panels
 from atlasflow.reports.html import badge, definitions_html, esc, figures_html, page
+from atlasflow.reports.inputs import session_name
 from atlasflow.reports.panels import Panel, save_figures, subject_panels
 from atlasflow.reports.qc import SubjectQC, subject_qc
 from atlasflow.reports.viewer import viewer_html
@@ -96,7 +97,7 @@ def qc_table(qc: SubjectQC) -> str:
                 if reg.get("seconds") is not None
                 else ""
             )
-            lead = f"<td>ses-{esc(session)}</td><td>{esc(STAGE_TITLES[stage])}</td>"
+            lead = f"<td>{esc(session_entity(session))}</td><td>{esc(STAGE_TITLES[stage])}</td>"
             missing = [
                 c for c in checks.values() if c.status == "missing" and c.metric == "ncc_after"
             ]
@@ -191,7 +192,7 @@ def _errors_html(errors: list[dict], missing: list[dict]) -> str:
     parts = []
     if errors:
         rows = "".join(
-            f"<tr><td>{esc(('ses-' + e['session']) if e['session'] else '')}</td><td>{esc(e['rule'])}</td>"
+            f"<tr><td>{esc(session_entity(e['session']))}</td><td>{esc(e['rule'])}</td>"
             f"<td>{esc(e['message'])}</td><td><code>{esc(e['log'])}</code></td></tr>"
             for e in errors
         )
@@ -200,7 +201,7 @@ def _errors_html(errors: list[dict], missing: list[dict]) -> str:
         )
     if missing:
         rows = "".join(
-            f"<tr><td>{esc(('ses-' + m['session']) if m['session'] else '')}</td><td><code>{esc(m['file'])}</code></td>"
+            f"<tr><td>{esc(session_entity(m['session']))}</td><td><code>{esc(m['file'])}</code></td>"
             f"<td>{esc(m['reason'])}</td><td>{'required' if m['required'] else 'optional'}</td></tr>"
             for m in missing
         )
@@ -210,19 +211,32 @@ def _errors_html(errors: list[dict], missing: list[dict]) -> str:
     return "".join(parts)
 
 
+def _anchor(section: str) -> str:
+    """The id of a section of the page: the session, ``scan`` for a scan without one."""
+    return section or "scan"
+
+
+def _sessions_line(qc: SubjectQC) -> str:
+    if not any(qc.sessions):
+        return '<p class="muted">One scan, without a session.</p>'
+    return (
+        f'<p class="muted">Sessions: {", ".join("ses-" + esc(t) for t in qc.sessions)}'
+        + (f"; longitudinal, baseline ses-{esc(qc.baseline)}" if qc.longitudinal else "")
+        + "</p>"
+    )
+
+
 def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]], viewer: str = "") -> str:
     """The page; ``viewer`` is the interactive viewer's section (:mod:`atlasflow.reports.viewer`)."""
     s = qc.subject
     nav = ('<a href="#viewer">viewer</a>' if viewer else "") + "".join(
-        f'<a href="#{esc(name)}">{esc("ses-" + name if name != "longitudinal" else name)}</a>'
+        f'<a href="#{esc(_anchor(name))}">{esc(session_name(name) if name != "longitudinal" else name)}</a>'
         for name, _ in sections
     )
     body = [
         f'<nav><a href="{COHORT_PAGE}">\u2190 cohort report</a> {nav}</nav>',
         f"<h1>sub-{esc(s)}</h1>",
-        f'<p class="muted">Sessions: {", ".join("ses-" + esc(t) for t in qc.sessions)}'
-        + (f"; longitudinal, baseline ses-{esc(qc.baseline)}" if qc.longitudinal else "")
-        + "</p>",
+        _sessions_line(qc),
         _banner(qc),
         "<h2>QC numbers</h2>",
         qc_table(qc)
@@ -248,7 +262,7 @@ def subject_html(qc: SubjectQC, sections: list[tuple[str, list[Panel]]], viewer:
                 if qc.longitudinal and name == qc.baseline
                 else (" (follow-up)" if qc.longitudinal else "")
             )
-            body.append(f'<h2 id="{esc(name)}">ses-{esc(name)}{role}</h2>')
+            body.append(f'<h2 id="{esc(_anchor(name))}">{esc(session_name(name))}{role}</h2>')
             body.append(figures_html(panels))
     body.append("<h2>Definitions</h2>" + definitions_html())
     return page(f"atlasflow: sub-{s}", "\n".join(body))

@@ -33,10 +33,10 @@ import numpy as np
 from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, load_image
-from atlasflow.layout import CohortFiles, Scan
+from atlasflow.layout import CohortFiles, Scan, session_entity
 from atlasflow.reports.checks import STAGE_TITLES, contrast_label
 from atlasflow.reports.html import asset, esc
-from atlasflow.reports.inputs import relative
+from atlasflow.reports.inputs import relative, session_prefix
 from atlasflow.reports.qc import SubjectQC
 from atlasflow.reports.volumes import Embedded, embed
 
@@ -230,14 +230,15 @@ def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
     for session in qc.sessions:
         scan = Scan(outdir, s, session)
         notes: list[str] = []
-        base = volumes.add(scan.preproc, f"ses-{session} preprocessed", "image", notes)
+        own = session_prefix(session)  # "ses-T " ("" without a session)
+        base = volumes.add(scan.preproc, f"{own}preprocessed", "image", notes)
         if base is not None:
-            layers = [Layer(base, f"ses-{session} preprocessed")]
+            layers = [Layer(base, f"{own}preprocessed")]
             flicker = []
             for c in qc.contrasts.get(session, []):
                 name = contrast_label(c)
                 path = Path(cfiles.preproc(c, s, session))
-                key = volumes.add(path, f"ses-{session} {name}", "image", notes)
+                key = volumes.add(path, f"{own}{name}", "image", notes)
                 if key:
                     layers.append(Layer(key, f"{name} (on the T1w grid)", "gray", 1.0, False))
                     flicker.append((f"T1w vs {name}", key, ""))
@@ -250,7 +251,7 @@ def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
             scenes.append(
                 Scene(
                     f"{session}/native",
-                    f"ses-{session}: preprocessed",
+                    f"{session_prefix(session, ': ')}preprocessed",
                     layers,
                     flicker,
                     notes=notes,
@@ -270,7 +271,10 @@ def _registration_scene(
 ) -> Scene | None:
     notes: list[str] = []
     session = scan.session
-    fixed_name = {"template": "template", "atlas": "atlas"}.get(stage, f"ses-{qc.baseline}")
+    fixed_name = {"template": "template", "atlas": "atlas"}.get(
+        stage, session_entity(qc.baseline or "") or "baseline"
+    )
+    own = session_prefix(session)  # "ses-T " ("" without a session)
     fixed = volumes.add(files.fixed(stage, qc.subject, qc.baseline), fixed_name, "image", notes)
     if fixed is None:
         return None
@@ -278,11 +282,11 @@ def _registration_scene(
     flicker = []
     after = volumes.add(scan.warped(stage), "registered scan", "image", notes)
     if after:
-        layers.append(Layer(after, f"ses-{session} registered", "gray", 1.0, True))
+        layers.append(Layer(after, f"{own}registered", "gray", 1.0, True))
         flicker.append(("fixed vs registered", after, ""))
-    before = volumes.add(scan.preproc, f"ses-{session} preprocessed", "image", notes)
+    before = volumes.add(scan.preproc, f"{own}preprocessed", "image", notes)
     if before:
-        layers.append(Layer(before, f"ses-{session} before registration", "gray", 1.0, False))
+        layers.append(Layer(before, f"{own}before registration", "gray", 1.0, False))
         flicker.append(("fixed vs before registration", before, ""))
     contrast_maps = _contrast_layers(volumes, qc, scan, stage, layers, flicker, after, notes)
     if stage == "baseline":
@@ -310,13 +314,13 @@ def _registration_scene(
     if stage == "baseline":
         base = Scan(scan.outdir, scan.subject, qc.baseline)
         for path, name, colour in (
-            (base.tumor_mask, f"tumour ses-{qc.baseline}", "cyan"),
-            (scan.tumor_in_baseline, f"tumour ses-{session}", "yellow"),
+            (base.tumor_mask, f"tumour {session_entity(qc.baseline or '')}".strip(), "cyan"),
+            (scan.tumor_in_baseline, f"tumour {session_entity(session)}".strip(), "yellow"),
         ):
             key = volumes.add(path, name, "mask", [], mark="tumour")
             if key:
                 layers.append(Layer(key, name, colour, 0.5, True))
-    title = f"ses-{session}: registration {STAGE_TITLES.get(stage, stage)}"
+    title = f"{session_prefix(session, ': ')}registration {STAGE_TITLES.get(stage, stage)}"
     return Scene(f"{session}/{stage}", title, layers, flicker, notes=notes)
 
 
@@ -343,18 +347,20 @@ def _contrast_layers(
         name = contrast_label(c)
         if stage == "baseline":
             path = Path(cfiles.preproc(c, s, qc.baseline))
-            base = volumes.add(path, f"ses-{qc.baseline} {name}", "image", notes)
+            base_name = f"{session_prefix(qc.baseline or '')}{name}"
+            base = volumes.add(path, base_name, "image", notes)
             if base:
-                layers.append(Layer(base, f"ses-{qc.baseline} {name}", "gray", 1.0, False))
+                layers.append(Layer(base, base_name, "gray", 1.0, False))
         else:
             base = registered
         path = Path(cfiles.in_space(c, stage, s, session))
-        key = volumes.add(path, f"ses-{session} {name} registered", "image", notes, carried=True)
+        own = session_prefix(session)
+        key = volumes.add(path, f"{own}{name} registered", "image", notes, carried=True)
         if not key:
             continue
-        layers.append(Layer(key, f"ses-{session} {name} registered", "gray", 1.0, False))
+        layers.append(Layer(key, f"{own}{name} registered", "gray", 1.0, False))
         if stage == "baseline" and base:
-            flicker.append((f"ses-{qc.baseline} vs ses-{session} {name}", key, base))
+            flicker.append((f"{session_prefix(qc.baseline or '')}vs {own}{name}", key, base))
         elif base:
             flicker.append((f"registered T1w vs {name}", key, base))
         if stage == "baseline":
