@@ -170,7 +170,7 @@ def test_cache_notices_a_changed_file(cohort: Path):
 def test_schema_is_the_source_of_columns():
     schema = yaml.safe_load(open(columns.schema_path()))
     assert columns.known_columns() == tuple(schema["properties"])
-    assert columns.required_columns() == ("subject", "session", "t1w")
+    assert columns.required_columns() == ("subject", "t1w")
     assert set(columns.IMAGE_COLUMNS) <= set(schema["properties"])
     assert (
         Path(columns.__file__).parents[1] / "data" / "manifest.schema.yaml"
@@ -510,10 +510,22 @@ def test_manifest_binary(tmp_path: Path):
 
 
 def test_manifest_missing_required_column(cohort: Path):
-    table = pd.read_csv(cohort, dtype=str, keep_default_na=False).drop(columns="session")
+    table = pd.read_csv(cohort, dtype=str, keep_default_na=False).drop(columns="subject")
     table.to_csv(cohort, index=False)
-    with pytest.raises(AtlasflowError, match="manifest.csv: missing required column 'session'"):
+    with pytest.raises(AtlasflowError, match="manifest.csv: missing required column 'subject'"):
         load_cohort(cohort)
+
+
+def test_manifest_without_session_column_is_sessionless(cohort: Path):
+    """A scan list with no session column (one row per subject) is a cohort without sessions;
+    two rows of one subject are then the usual duplicate, naming the row."""
+    table = pd.read_csv(cohort, dtype=str, keep_default_na=False)
+    one_each = table.drop_duplicates("subject").drop(columns=["session", "acq_date"])
+    one_each.to_csv(cohort, index=False)
+    loaded = load_cohort(cohort)
+    assert list(loaded["session"]) == ["", ""]
+    table.drop(columns=["session", "acq_date"]).to_csv(cohort, index=False)
+    fails(cohort, "(subject 01, no session): same subject and session as manifest.csv row")
 
 
 def test_manifest_with_semicolons_gets_a_hint(tmp_path: Path):
