@@ -69,8 +69,17 @@ def head_mask(image: Image) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
 
 
+#: N4 iterations per fitting level (ANTs' default is 50 at each of 4 levels, tolerance 1e-7, which
+#: real scans never reach). Half of them keep ~90 % of the default's effect on real scans and
+#: more than all of it on the demo's known bias fields, at half the cost: median coefficient of
+#: variation inside anatomical labels, 10 IXI T1w heads: none 0.201, default 0.174, 25x4 0.177;
+#: 12 demo T1w/T2w/FLAIR scans: none 0.162, default 0.143, 25x4 0.139 (the default's last
+#: iterations start to fit anatomy); CPU 3.3 -> 1.7 s per IXI scan, 10.9 -> 4.7 s per demo scan.
+N4_ITERATIONS = (25, 25, 25, 25)
+
+
 def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Path | None = None) -> Image:
-    """Step 2: N4 bias-field correction with ANTs' default schedule.
+    """Step 2: N4 bias-field correction (:data:`N4_ITERATIONS`).
 
     The bias field is smooth, so it is estimated on a grid shrunk 4x (2x on small images): at 2 mm
     this costs about 9 s of CPU instead of 68 s at shrink 2, for a 2.8% mean difference in the brain.
@@ -86,7 +95,10 @@ def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Pat
     smallest, middle = sorted(image.data.shape)[:2]
     shrink = 4 if middle >= 64 and smallest >= 16 else 2 if middle >= 24 and smallest >= 8 else 1
     corrected = ants.n4_bias_field_correction(
-        to_ants(image), mask=to_ants(image.with_data(mask.astype(np.float32))), shrink_factor=shrink
+        to_ants(image),
+        mask=to_ants(image.with_data(mask.astype(np.float32))),
+        shrink_factor=shrink,
+        convergence={"iters": list(N4_ITERATIONS), "tol": 1e-7},
     )
     out = from_ants(corrected)
     out.data[~np.isfinite(out.data)] = 0
