@@ -114,3 +114,62 @@ def test_real_psr_head_is_reoriented_and_masked(tmp_path, shared_data):
     out = pp.finalize(tmp_path / "r.nii.gz", tmp_path / "m.nii.gz", tmp_path / "p.nii.gz", tmp_path / "pm.nii.gz")
     assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
     assert 60 < out.data.shape[0] < 120
+
+
+def _mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_template_mask_finds_the_brain_in_a_moved_whole_head(tmp_path):
+    """Known truth: the template brain inside a bright scalp and a neck, turned 20 degrees and
+    moved 25 mm; the mask carried from the (skull-stripped) template must find that brain, not
+    stretch the template over the head."""
+    from scipy import ndimage
+
+    from atlasflow.transforms import Transform, apply_transform, rotation_matrix
+
+    template = prepare_template("mni152", 4.0, tmp_path / "t.nii.gz", tmp_path / "tm.nii.gz")
+    tmask = load_image(tmp_path / "tm.nii.gz").data > 0
+    # Head: brain (template intensities), a dark gap, a bright 12 mm scalp and a neck below.
+    pad = 8
+    brain = np.pad(template.data, pad)
+    inside = np.pad(tmask, pad)
+    shell = ndimage.binary_dilation(inside, iterations=5) & ~ndimage.binary_dilation(inside, iterations=2)
+    neck = np.zeros_like(inside)
+    centre = np.array(inside.shape) // 2
+    neck[centre[0] - 8 : centre[0] + 8, centre[1] - 10 : centre[1] + 6, : pad + 12] = True
+    head = np.where(inside, brain, 0.0) + 1.0 * shell + 0.6 * (neck & ~inside & ~shell)
+    affine = template.affine.copy()
+    affine[:3, 3] -= 4.0 * pad
+    head_img = Image(head.astype(np.float32), affine)
+    # The scan: that head seen through a rigid movement (a world map scan -> head).
+    move = np.eye(4)
+    move[:3, :3] = rotation_matrix(np.radians([20.0, -10.0, 5.0]))
+    move[:3, 3] = [25.0, -15.0, 10.0]
+    scan = apply_transform(head_img, Transform(move), head_img.grid)
+    truth = apply_transform(head_img.with_data(inside.astype(np.float32)), Transform(move), head_img.grid).data > 0.5
+    save_image(Image(scan.data * 300.0 + 20.0, scan.affine), tmp_path / "scan.nii.gz", dtype=np.int16)
+
+    mask = pp.brain_mask(
+        tmp_path / "scan.nii.gz", tmp_path / "m.nii.gz", template=template, template_mask=tmask
+    ).data > 0
+    assert (mask & truth).sum() / truth.sum() > 0.97
+    assert _mask_dice(mask, ndimage.binary_dilation(truth, iterations=2)) > 0.85
+
+
+def test_template_mask_on_real_whole_heads(tmp_path, shared_data):
+    """Three IXI heads (neck and scalp, PSR, no labels given): the template's mask covers their
+    labelled brains."""
+    from scipy import ndimage
+
+    template = prepare_template("mni152", 2.0, tmp_path / "t.nii.gz", tmp_path / "tm.nii.gz")
+    tmask = load_image(tmp_path / "tm.nii.gz").data > 0
+    for name in ("IXI012-HH-1211-T1_ds", "IXI013-HH-1212-T1_ds", "IXI039-HH-1261-T1_ds"):
+        ras = pp.to_ras(load_image(shared_data / f"ixi10/t1w/{name}.nii.gz"))
+        save_image(ras, tmp_path / "ras.nii.gz")
+        mask = pp.brain_mask(
+            tmp_path / "ras.nii.gz", tmp_path / "m.nii.gz", template=template, template_mask=tmask
+        ).data > 0
+        labels = pp.to_ras(load_image(shared_data / f"ixi10/labels/{name}_DLMUSE.nii.gz", dtype=None)).data > 0
+        assert (mask & labels).sum() / labels.sum() > 0.95, name
+        assert _mask_dice(mask, ndimage.binary_dilation(labels, iterations=1)) > 0.8, name
