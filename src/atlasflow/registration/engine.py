@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,8 @@ def register_deep(
 
     ``options`` (:class:`~atlasflow.registration.options.RegistrationOptions`, with ``changes``
     to its fields given as keywords) say how: the weights (``model_path``), ``refine_steps``,
-    ``affine_only``, ``affine_steps``, ``device``, ``seed``, the label term, the fields returned.
+    ``affine_only``, ``affine_steps``, ``device``, ``seed``, the label term, the fields returned,
+    ``cross_contrast`` (two contrasts: the path of raw scans, :func:`_register_prepared`).
 
     Masks live on their own image's grid (similarity only inside); ``cost_mask`` (fixed grid) marks
     voxels left out of the similarity (for example a tumour). ``init_affine`` (4x4, fixed world ->
@@ -147,7 +148,10 @@ def register_deep(
         "moving_labels": moving_labels,
     }
     _check_inputs(fixed, moving, **masks)
-    if needs_preparation(fixed, moving, fixed_mask, moving_mask):
+    if opts.cross_contrast or needs_preparation(fixed, moving, fixed_mask, moving_mask):
+        # Raw scans, or two contrasts: the contrast-independent path (the workflow's
+        # preprocessed scans pass through its preparation unchanged).
+        opts = replace(opts, cross_contrast=False)
         return _register_prepared(fixed, moving, opts, masks, init_affine, init_velocity)
     device = opts.device
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -56,6 +56,17 @@ class RegistrationOptions:
         metadata=_flag("--ants-type", "engine", help="antspyx type_of_transform (ants backend)"),
     )
     seed: int = field(default=0, metadata=_flag("--seed", "engine", type=int))
+    cross_contrast: bool = field(
+        default=False,
+        metadata=_flag(
+            "--cross-contrast",
+            "engine",
+            action="store_true",
+            help="the pair shows two contrasts (a FLAIR onto a T1w template): deep backend "
+            "starts from the contrast-independent alignment (mutual information) and keeps a "
+            "deformation only where it raises the mutual information, as for raw scans",
+        ),
+    )
     # one command each
     affine_steps: int | None = field(  # None: the engine's default (engine.AFFINE_STEPS)
         default=None,

@@ -198,7 +198,8 @@ def contrast_checks(scan: Scan, column: str) -> tuple[list[Check], dict | None, 
     ``qc_thresholds`` the JSON records; a JSON saying ``qc_pass: false`` flags even when the
     numbers pass (it was judged by a rule the report does not know).
     """
-    path = Path(ContrastFiles(str(scan.outdir)).session_qc(column, scan.subject, scan.session))
+    files = ContrastFiles(str(scan.outdir), reference=scan.reference)
+    path = Path(files.session_qc(column, scan.subject, scan.session))
     qc, problem = read_qc_json(path)
     if qc is None:
         return [], None, problem

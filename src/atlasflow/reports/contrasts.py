@@ -20,9 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import atlasflow.reports.figures as fg
-from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.contrasts.plan import ContrastFiles
-from atlasflow.layout import CohortFiles, Scan, atlas_contrast, scan_id, session_entity
+from atlasflow.layout import (
+    CONTRASTS,
+    DEFAULT_REFERENCE,
+    CohortFiles,
+    Scan,
+    atlas_contrast,
+    scan_id,
+    session_entity,
+)
 from atlasflow.reports.checks import align_stage, contrast_label, format_metric
 from atlasflow.reports.html import badge, esc
 from atlasflow.reports.montage import Volume
@@ -54,12 +61,12 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
     from atlasflow.transforms import Transform, apply_transform
 
     inputs = _Inputs(outdir)
-    files = ContrastFiles(str(outdir))
+    files = ContrastFiles(str(outdir), reference=qc.reference)
     s = qc.subject
     out: dict[str, tuple[list[Panel], list[Panel]]] = {}
     for session in qc.sessions:
         columns = qc.contrasts.get(session, [])
-        scan = Scan(outdir, s, session)
+        scan = Scan(outdir, s, session, qc.reference)
         stem = scan_id(s, session)
         aligned, changes = [], []
         for c in columns:
@@ -105,7 +112,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
             followup = qc.longitudinal and session != qc.baseline
             if not (followup and c in qc.contrasts.get(qc.baseline or "", [])):
                 continue
-            base = Scan(outdir, s, qc.baseline)
+            base = Scan(outdir, s, qc.baseline, qc.reference)
 
             def build_change(notes: list[str], c=c, name=name, scan=scan, base=base) -> bytes:
                 background = inputs.volume(
@@ -220,20 +227,22 @@ def alignment_table(qc: SubjectQC) -> str:
 # ------------------------------------------------------------------------------- cohort
 
 
-def atlas_contrast_panel(outdir: Path) -> Panel | None:
-    """The T1w atlas beside every per-contrast atlas the run made (None when it made none)."""
+def atlas_contrast_panel(outdir: Path, reference: str = DEFAULT_REFERENCE) -> Panel | None:
+    """The atlas (of the reference contrast) beside every per-contrast atlas the run made (None
+    when it made none)."""
     found = [
         (contrast_label(c), Path(atlas_contrast(outdir, c)))
-        for c in CONTRAST_COLUMNS
-        if Path(atlas_contrast(outdir, c)).exists()
+        for c in CONTRASTS
+        if c != reference and Path(atlas_contrast(outdir, c)).exists()
     ]
     if not found:
         return None
     inputs = _Inputs(outdir)
-    atlas = CohortFiles(outdir).atlas
+    atlas = CohortFiles(outdir, reference).atlas
+    name = contrast_label(reference)
 
     def build(notes: list[str]) -> bytes:
-        rows = [("T1w", inputs.maybe(atlas, "T1w atlas", notes), None)]
+        rows = [(name, inputs.maybe(atlas, f"{name} atlas", notes), None)]
         rows += [(name, inputs.maybe(path, f"{name} atlas", notes), None) for name, path in found]
         if all(volume is None for _, volume, _ in rows):
             raise Missing("; ".join(notes))
