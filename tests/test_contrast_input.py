@@ -225,3 +225,23 @@ def test_atlasflow_validate_takes_the_reference(tmp_path: Path, capsys):
     assert main(["validate", str(manifest), "--configfile", str(config)]) == 0
     assert "OK" in capsys.readouterr().out
     assert main(["validate", str(manifest)]) != 0
+
+
+def test_a_bids_folder_anchored_by_the_flair_takes_sessions_without_a_t1w(tmp_path: Path):
+    from atlasflow.cohort.selection import BidsOptions, CohortNotes
+
+    root = tmp_path / "bids"
+    write(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", head(1))
+    write(root / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz", head(2), affine=_own_grid_affine())
+    write(root / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz", head(3), affine=_own_grid_affine())
+    write(root / "sub-03" / "anat" / "sub-03_T1w.nii.gz", head(4))
+    notes = CohortNotes()
+    options = BidsOptions.from_config({"contrasts": {"reference": "flair"}})
+    table = validate_cohort(load_cohort(root, notes, options, "flair"), root, reference="flair")
+    assert list(table["subject"]) == ["01", "02"]
+    assert table.iloc[1]["t1w"] == "" and table.iloc[1]["flair"].endswith("sub-02_FLAIR.nii.gz")
+    assert ("sub-03/anat", "no FLAIR scan (contrasts.reference)") in notes.skipped
+    # anchored by the T1w (the default), sub-02 is the one left out
+    notes = CohortNotes()
+    table = validate_cohort(load_cohort(root, notes), root)
+    assert list(table["subject"]) == ["01", "03"]

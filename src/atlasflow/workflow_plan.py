@@ -175,6 +175,14 @@ class WorkflowPlan(LongitudinalPlan):
                 f"the {self.reference} scans)"
             )
 
+    def cohort_settings(self) -> dict[str, Any]:
+        """The settings the cohort table is read with (``cohort``, ``demo``, ``bids``, and the
+        reference contrast when it is not the T1w, so a T1w-anchored run's record reads as before)."""
+        settings = {k: self.config.get(k) for k in ("cohort", "demo", "bids")}
+        if self.reference != layout.DEFAULT_REFERENCE:
+            settings["contrasts"] = {"reference": self.reference}
+        return settings
+
     def skipped_digest(self) -> str:
         """SHA-256 of the inputs skipped or passed over when the cohort was read (the
         ``skipped_inputs`` rule's param: it reruns when the list changes)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import re
 import sys
 import time
@@ -436,7 +437,8 @@ def run_validate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     notes = CohortNotes()
     reference = args.reference or _config_reference(args.configfile)
-    table = load_cohort(args.cohort, notes, bids_options(args), reference)
+    options = replace(bids_options(args), reference=reference)
+    table = load_cohort(args.cohort, notes, options, reference)
     table = validate_cohort(
         table,
         args.cohort,

@@ -62,9 +62,10 @@ class RegistrationOptions:
             "--cross-contrast",
             "engine",
             action="store_true",
-            help="the pair shows two contrasts (a FLAIR onto a T1w template): deep backend "
-            "starts from the contrast-independent alignment (mutual information) and keeps a "
-            "deformation only where it raises the mutual information, as for raw scans",
+            help="the pair shows two contrasts (a FLAIR onto a T1w template): the deep backend "
+            "starts from the contrast-independent alignment (mutual information), as for raw "
+            "scans, skips the refinement (--refine: a one-contrast similarity) and keeps the "
+            "networks' deformation only where it raises the mutual information",
         ),
     )
     # one command each
