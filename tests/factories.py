@@ -29,7 +29,9 @@ TINY_CONFIG = REPO / "tests" / "config_tiny.yaml"
 def workflow_rules() -> set[str]:
     """The names of the rules in workflow/rules/*.smk (``rule x:``, ``use rule ... as x``, and the
     rules made per contrast, ``name: f"..{c}.."`` inside ``for c in ...``, for every contrast)."""
-    from atlasflow.cohort.columns import SCAN_COLUMNS as CONTRAST_COLUMNS  # the T1w too, when not the reference
+    from atlasflow.cohort.columns import (
+        SCAN_COLUMNS as CONTRAST_COLUMNS,  # the T1w too, when not the reference
+    )
 
     names: set[str] = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):

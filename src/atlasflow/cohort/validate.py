@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 import re
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any

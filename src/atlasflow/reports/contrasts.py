@@ -62,6 +62,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
 
     inputs = _Inputs(outdir)
     files = ContrastFiles(str(outdir), reference=qc.reference)
+    ref = contrast_label(qc.reference)
     s = qc.subject
     out: dict[str, tuple[list[Panel], list[Panel]]] = {}
     for session in qc.sessions:
@@ -73,7 +74,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
             name = contrast_label(c)
 
             def build_alignment(notes: list[str], c=c, name=name, scan=scan) -> bytes:
-                t1w_image = inputs.image(scan.preproc, "preprocessed T1w")
+                t1w_image = inputs.image(scan.preproc, f"preprocessed {ref}")
                 t1w = Volume.from_image(t1w_image)
                 scanner = None
                 try:
@@ -94,16 +95,16 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
                 if scanner is None and after is None:
                     raise Missing("; ".join(notes))
                 rows = [(f"{name} at scanner alignment", scanner), (f"{name} aligned", after)]
-                return fg.contrast_alignment(t1w, rows, after, name)
+                return fg.contrast_alignment(t1w, rows, after, name, ref)
 
             aligned.append(
                 _render(
                     Panel(
                         f"{stem}_{c}",
-                        f"{name} aligned to the T1w{alignment_caption(qc, session, c)}",
-                        f"Red lines: edges of the session's preprocessed T1w. Top: the {name} placed on "
-                        "the T1w grid as the scanner left it; middle: after the within-session "
-                        f"alignment (mutual information); bottom: squares of T1w and {name} "
+                        f"{name} aligned to the {ref}{alignment_caption(qc, session, c)}",
+                        f"Red lines: edges of the session's preprocessed {ref}. Top: the {name} placed on "
+                        f"the {ref} grid as the scanner left it; middle: after the within-session "
+                        f"alignment (mutual information); bottom: squares of {ref} and {name} "
                         "alternating, where misalignment breaks the boundaries at the squares' edges.",
                     ),
                     build_alignment,
@@ -149,7 +150,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
                         f"{stem}_{c}_change",
                         f"{name} change since baseline ({session_entity(qc.baseline or '')})",
                         f"On the baseline's {name}: the follow-up's {name} in baseline space minus the "
-                        f"baseline's (red = brighter now, blue = darker), after the T1w's registration "
+                        f"baseline's (red = brighter now, blue = darker), after the {ref}'s registration "
                         "to the baseline composed with both sessions' alignments. Outlines: baseline "
                         "tumour cyan, follow-up tumour yellow.",
                     ),

@@ -240,8 +240,9 @@ def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
                 path = Path(cfiles.preproc(c, s, session))
                 key = volumes.add(path, f"{own}{name}", "image", notes)
                 if key:
-                    layers.append(Layer(key, f"{name} (on the T1w grid)", "gray", 1.0, False))
-                    flicker.append((f"T1w vs {name}", key, ""))
+                    ref = contrast_label(qc.reference)
+                    layers.append(Layer(key, f"{name} (on the {ref} grid)", "gray", 1.0, False))
+                    flicker.append((f"{ref} vs {name}", key, ""))
             mask = volumes.add(scan.brain_mask, "brain mask", "mask", notes)
             if mask:
                 layers.append(Layer(mask, "brain mask", "blue", 0.35, False))
@@ -362,7 +363,7 @@ def _contrast_layers(
         if stage == "baseline" and base:
             flicker.append((f"{session_prefix(qc.baseline or '')}vs {own}{name}", key, base))
         elif base:
-            flicker.append((f"registered T1w vs {name}", key, base))
+            flicker.append((f"registered {contrast_label(qc.reference)} vs {name}", key, base))
         if stage == "baseline":
             difference = Path(cfiles.difference(c, "baseline", s, session))
             maps.append((difference, f"{name} difference", "signed", ""))
