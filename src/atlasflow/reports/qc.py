@@ -293,10 +293,12 @@ def found_contrasts(
     return [
         c
         for c in CONTRASTS
-        if c != reference
-        and Path(files.session_qc(c, subject, session)).exists()
-        or Path(files.preproc(c, subject, session)).exists()
-        or Path(job_log(outdir, f"align_{c}", scan_id(subject, session))).exists()
+        if c != reference  # the reference's desc-preproc image is the scan's own
+        and (
+            Path(files.session_qc(c, subject, session)).exists()
+            or Path(files.preproc(c, subject, session)).exists()
+            or Path(job_log(outdir, f"align_{c}", scan_id(subject, session))).exists()
+        )
     ]
 
 
