@@ -154,7 +154,7 @@ def register_deep(
         # through its preparation unchanged), without the instance refinement, whose local
         # correlation is a one-contrast similarity: across contrasts it bent the anatomy while
         # raising the mutual information (demo FLAIRs onto the MNI T1w at 4 mm: 6.4-6.8 mm from
-        # the true map with 30 steps, 3.0-3.2 mm without; their T1w, one contrast, 2.1-2.4 mm).
+        # the true map with 30 steps, 3.0-3.2 mm without; their T1w, one contrast, 2.0-2.4 mm).
         opts = replace(opts, cross_contrast=False, refine_steps=0)
         return _register_prepared(fixed, moving, opts, masks, init_affine, init_velocity)
     if needs_preparation(fixed, moving, fixed_mask, moving_mask):
