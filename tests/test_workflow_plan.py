@@ -319,3 +319,17 @@ def test_a_reference_some_scans_lack_or_an_atlas_started_from_the_t1w_template_i
         flair_reference_plan(contrasts={"reference": "t2w"})
     with pytest.raises(AtlasflowError, match="atlas.init: template starts the atlas from the T1w template"):
         flair_reference_plan(atlas={"init": "template"})
+
+
+def test_the_demo_cohort_anchored_by_its_flair_takes_label_maps_on_the_flairs_grid():
+    """The demo writes each contrast's true label map on its own grid (truth/..._space-FLAIR_dseg):
+    with contrasts.reference: flair those are the cohort's label maps (and demo_data's outputs)."""
+    plan = WorkflowPlan.from_config(config(contrasts={"reference": "flair"}), REPO, check_data=False)
+    labels = plan.rows[("04", "2")]["labels"]
+    assert labels == "demo_data/truth/sub-04/ses-2/sub-04_ses-2_space-FLAIR_dseg.nii.gz"
+    assert labels in plan.cohort_images()
+    assert plan.contrasts.used == ["t1w"]
+    from atlasflow.errors import AtlasflowError
+
+    with pytest.raises(AtlasflowError, match="contrasts.reference is t2w, but 5 scan"):
+        WorkflowPlan.from_config(config(contrasts={"reference": "t2w"}), REPO, check_data=False)

@@ -63,6 +63,7 @@ def resolve_cohort(
             n_long=demo["n_long"],
             n_timepoints=demo["n_timepoints"],
             contrasts=demo.get("contrasts", DEMO_CONTRASTS),
+            reference=(config.get("contrasts") or {}).get("reference") or DEFAULT_REFERENCE,
         )
         table = _normalise(table)
         for column in IMAGE_COLUMNS:
