@@ -223,7 +223,8 @@ def test_atlasflow_validate_takes_the_reference(tmp_path: Path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("contrasts:\n  reference: flair\n")
     assert main(["validate", str(manifest), "--configfile", str(config)]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and "reference flair; other contrasts t1w 1" in out, out
     assert main(["validate", str(manifest)]) != 0
 
 

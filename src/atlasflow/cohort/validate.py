@@ -24,7 +24,6 @@ from typing import Any
 import pandas as pd
 
 from atlasflow.cohort.columns import (
-    CONTRAST_COLUMNS,
     DEFAULT_REFERENCE,
     IMAGE_COLUMNS,
     ORIGIN_COLUMN,
@@ -261,8 +260,8 @@ def _check_dates(records: list[dict[str, str]], labels: list[str]) -> list[tuple
     return problems
 
 
-def summarise(table: pd.DataFrame) -> str:
-    """A short human summary of a validated cohort table."""
+def summarise(table: pd.DataFrame, reference: str = DEFAULT_REFERENCE) -> str:
+    """A short human summary of a validated cohort table (its sessions anchored by ``reference``)."""
     sessions = table.groupby("subject").size()
     longitudinal = int((sessions > 1).sum())
     parts = [
@@ -281,7 +280,10 @@ def summarise(table: pd.DataFrame) -> str:
         ("acq_date", "dates"),
     ):
         parts.append(f"{what} {int((table[col] != '').sum())}")
-    contrasts = [(c, int((table[c] != "").sum())) for c in CONTRAST_COLUMNS if c in table]
+    if reference != DEFAULT_REFERENCE:
+        parts.append(f"reference {reference}")
+    others = [c for c in SCAN_COLUMNS if c != reference]
+    contrasts = [(c, int((table[c] != "").sum())) for c in others if c in table]
     if any(n for _, n in contrasts):
         parts.append("other contrasts " + ", ".join(f"{c} {n}" for c, n in contrasts if n))
     groups = table.drop_duplicates("subject")["group"]
@@ -456,7 +458,7 @@ def run_validate(args: argparse.Namespace) -> int:
     )
     filled = f"; {notes.sessions_filled_line()}" if notes.sessions_filled else ""
     print(
-        f"{args.cohort}: OK - {summarise(table)}{filled}{chosen} ({checked} checked in "
+        f"{args.cohort}: OK - {summarise(table, reference)}{filled}{chosen} ({checked} checked in "
         f"{seconds:.2f} s)",
         file=sys.stderr if args.table else sys.stdout,
     )
