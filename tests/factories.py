@@ -29,7 +29,9 @@ TINY_CONFIG = REPO / "tests" / "config_tiny.yaml"
 def workflow_rules() -> set[str]:
     """The names of the rules in workflow/rules/*.smk (``rule x:``, ``use rule ... as x``, and the
     rules made per contrast, ``name: f"..{c}.."`` inside ``for c in ...``, for every contrast)."""
-    from atlasflow.cohort.columns import CONTRAST_COLUMNS
+    from atlasflow.cohort.columns import (
+        SCAN_COLUMNS as CONTRAST_COLUMNS,  # the T1w too, when not the reference
+    )
 
     names: set[str] = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
@@ -343,7 +345,7 @@ def contrast_qc_json(nmi_after: float = 1.072, shift_mm: float = 0.4, **extra) -
     return json.dumps(
         {
             "transform": "rigid",
-            "metric": "normalised mutual information (2 mm, T1w brain)",
+            "metric": "normalised mutual information (2 mm, reference brain)",
             "nmi_scanner": 1.05,
             "nmi_after": nmi_after,
             "shift_mm": shift_mm,

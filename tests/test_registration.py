@@ -292,3 +292,36 @@ def test_register_and_measure_records_mutual_information_and_the_contrast_verdic
     assert cross["same_contrast"] is False and same["same_contrast"] is True
     for metrics in (cross, same):
         assert metrics["nmi_after"] >= metrics["nmi_before"] - 0.01
+
+
+def test_a_pair_declared_cross_contrast_takes_the_contrast_independent_path_without_refinement():
+    """--cross-contrast (a FLAIR reference onto the T1w template): the QC judges the pair by its
+    mutual information even where the intensities rise together, and the one-contrast
+    refinement steps are not run (the same result with 0 or 30 of them)."""
+    from atlasflow.io.images import Image
+    from atlasflow.registration.api import register_and_measure
+    from atlasflow.registration.options import RegistrationOptions
+
+    mask, t1, _ = _tissue_phantom()
+    _, other, _ = _tissue_phantom(seed=5)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fixed, moving = Image(t1, affine), Image(np.sqrt(np.clip(other, 0, 1)), affine)  # rises with t1
+    plain = register_and_measure(fixed, moving, RegistrationOptions(refine_steps=0)).metrics
+    assert plain["same_contrast"] is True and "cross_contrast" not in plain
+    results = [
+        register_and_measure(
+            fixed, moving, RegistrationOptions(cross_contrast=True, refine_steps=steps), fixed_mask=mask
+        )
+        for steps in (0, 30)
+    ]
+    for measured in results:
+        assert measured.metrics["cross_contrast"] is True and measured.metrics["same_contrast"] is False
+        assert measured.metrics["nmi_after"] >= measured.metrics["nmi_before"] - 0.01
+    np.testing.assert_array_equal(results[0].warped.data, results[1].warped.data)
+    # the flag reaches every registering command and reads back into the options
+    from atlasflow.registration.options import RegistrationOptions as Options
+
+    parser = __import__("argparse").ArgumentParser()
+    Options.add_arguments(parser, "register")
+    assert Options.from_args(parser.parse_args(["--cross-contrast"])).cross_contrast is True
+    assert Options.from_args(parser.parse_args([])).cross_contrast is False

@@ -652,3 +652,31 @@ def test_a_cohort_without_sessions_is_reported_without_ses(tmp_path, capsys):
     figures = sorted(p.name for p in (pages / "09").iterdir())
     assert "sub-09_template.png" in figures and not any("ses-" in f for f in figures)
     capsys.readouterr()
+
+
+def test_a_cross_contrast_registration_is_judged_by_its_mutual_information(tmp_path):
+    """A FLAIR reference registered to the T1w template (QC JSON ``same_contrast: false``): its
+    NCC is shown, not judged; a drop of its mutual information flags it, named after the
+    reference's files (from-FLAIR_to-template)."""
+    from factories import qc_json
+
+    from atlasflow.layout import Scan
+    from atlasflow.registration.qc import QCThresholds
+    from atlasflow.reports.checks import stage_checks
+
+    scan = Scan(tmp_path, "01", "1", "flair")
+    path = scan.qc_json("template")
+    assert path.name == "sub-01_ses-1_from-FLAIR_to-template_mode-image_desc-qc_xfm.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(qc_json(0.29, 0.42, 0.0, nmi_before=1.012, nmi_after=1.031, same_contrast=False))
+    checks, _, _ = stage_checks(scan, "template", QCThresholds())
+    status = {c.metric: c.status for c in checks}
+    assert status["ncc_after"] == "info" and status["nmi_change"] == "pass", status
+    path.write_text(qc_json(0.29, 0.42, 0.0, nmi_before=1.03, nmi_after=1.01, same_contrast=False))
+    checks, _, _ = stage_checks(scan, "template", QCThresholds())
+    (flag,) = [c for c in checks if c.status == "flag"]
+    assert flag.reason() == "ses-1 to template: NMI change -0.020 < -0.005 (a registration must not lower the mutual information)"
+    # the same numbers for one contrast: the NCC limit decides
+    path.write_text(qc_json(0.29, 0.42, 0.0, nmi_before=1.012, nmi_after=1.031, same_contrast=True))
+    checks, _, _ = stage_checks(scan, "template", QCThresholds())
+    assert {c.metric: c.status for c in checks}["ncc_after"] == "flag"

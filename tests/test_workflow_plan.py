@@ -14,7 +14,6 @@ from factories import REPO
 
 from atlasflow import layout
 from atlasflow.workflow_plan import (
-    CHANGE_MAPS,
     WorkflowPlan,
     atlasflow_command,
     shell_prefix,
@@ -58,14 +57,14 @@ def test_targets_are_layout_names(plan):
     assert len(targets) == len(set(targets))
     for path in (
         layout.template("results"),
-        layout.atlas_t1w("results"),
+        layout.atlas_reference("results"),
         layout.tumor_table("results", "04"),
     ):
         assert path in targets
     # every change map the longitudinal stage targets is one change_map_to_atlas makes
     for path in plan.longitudinal_targets():
         if "/anat/" in path and "desc-baseline" not in path:
-            assert any(path.endswith(f"_space-atlas_{change}.nii.gz") for change in CHANGE_MAPS), (
+            assert any(path.endswith(f"_space-atlas_{change}.nii.gz") for change in plan.change_maps), (
                 path
             )
     assert plan.tumor_frequency_inputs() == [plan.atlas_tumor_mask("04", "2")]
@@ -237,3 +236,100 @@ def test_a_plan_refuses_a_cohort_mixing_scans_with_and_without_sessions(plan):
     mixed.loc[0, "session"] = ""
     with pytest.raises(AtlasflowError, match="mixes scans with and without a session"):
         WorkflowPlan(plan.config, mixed, plan.members)
+
+
+def flair_reference_plan(**overrides) -> WorkflowPlan:
+    """A cohort anchored by its FLAIRs (contrasts.reference: flair): subject 01 has a T1w beside
+    its FLAIR at both sessions, 02 only a FLAIR (no files needed)."""
+    import pandas as pd
+
+    from atlasflow.cohort.columns import known_columns
+
+    rows = [
+        {"subject": "01", "session": "1", "flair": "/d/01_1_FLAIR.nii.gz", "t1w": "/d/01_1_T1w.nii.gz"},
+        {"subject": "01", "session": "2", "flair": "/d/01_2_FLAIR.nii.gz", "t1w": "/d/01_2_T1w.nii.gz"},
+        {"subject": "02", "session": "1", "flair": "/d/02_1_FLAIR.nii.gz", "labels": "/d/02_1_dseg.nii.gz"},
+    ]  # fmt: skip
+    cohort = pd.DataFrame(rows).reindex(columns=list(known_columns())).fillna("")
+    settings = {"contrasts": {"reference": "flair"}, **overrides}
+    return WorkflowPlan(config(**settings), cohort, [("01", "1"), ("02", "1")])
+
+
+def test_a_flair_reference_anchors_every_scan_and_the_t1w_is_one_more_contrast():
+    plan = flair_reference_plan()
+    assert plan.reference == "flair" and plan.cross_contrast
+    assert plan.ref(desc="preproc") == (
+        "results/sub-{subject}/ses-{session}/anat/sub-{subject}_ses-{session}_desc-preproc_FLAIR.nii.gz"
+    )
+    targets = set(plan.all_targets())
+    for s, t in (("01", "1"), ("01", "2"), ("02", "1")):
+        stem = f"results/sub-{s}/ses-{t}/anat/sub-{s}_ses-{t}"
+        assert f"{stem}_desc-preproc_FLAIR.nii.gz" in targets
+        assert f"{stem}_space-template_desc-warped_FLAIR.nii.gz" in targets
+        assert f"{stem}_space-atlas_FLAIR.nii.gz" in targets
+        assert f"{stem}_from-FLAIR_to-template_mode-image_desc-qc_xfm.json" in targets
+    # the T1w, where there is one, is aligned to the FLAIR and carried into every space
+    assert plan.contrasts.used == ["t1w"]
+    assert plan.contrasts.scans_with("t1w") == [("01", "1"), ("01", "2")]
+    files = plan.contrasts.files
+    assert files.session_affine("t1w", "01", "1") == (
+        "results/sub-01/ses-1/anat/sub-01_ses-1_from-T1w_to-FLAIR_mode-image_xfm.mat"
+    )
+    assert files.preproc("t1w", "01", "1") in targets  # the T1w on the FLAIR's working grid
+    assert files.in_space("t1w", "atlas", "01", "2") in targets
+    assert not any(p.startswith("results/sub-02/") and p.endswith("_T1w.nii.gz") for p in targets)
+    assert {layout.atlas_contrast("results", "flair"), layout.atlas_contrast("results", "t1w")} <= targets
+    assert plan.atlas == "results/atlas/atlas_FLAIR.nii.gz"
+    assert plan.iteration_template(0) == "results/atlas/iter-0/template_FLAIR.nii.gz"
+    assert plan.member_affines()[0].endswith("sub-01_ses-1_from-FLAIR_to-template_mode-image_xfm.mat")
+    # transforms and the longitudinal change maps are named after the FLAIR
+    assert plan.xfm("atlas")["warp"].endswith("_from-FLAIR_to-atlas_mode-image_xfm.nii.gz")
+    assert "desc-difference_FLAIR" in plan.change_maps
+    followup = wc(subject="01", session="2")
+    assert plan.longitudinal_inputs(followup)["baseline"].endswith(
+        "sub-01_ses-1_desc-preproc_FLAIR.nii.gz"
+    )
+    assert "results/sub-01/ses-2/anat/sub-01_ses-2_space-atlas_desc-difference_FLAIR.nii.gz" in targets
+    # the template (a T1w) is reached by the contrast-independent path; the atlas (FLAIR) is not
+    assert plan.template_registration_options(None) == (
+        plan.registration_options(None) + " --cross-contrast"
+    )
+    assert "--cross-contrast" in plan.atlas_init_flags()
+    assert "--cross-contrast" not in plan.atlas_iteration_flags()
+    # reports: the reference's raw scans, the reference named on the command lines
+    assert plan.raw_scans(wc(subject="02")) == "1=/d/02_1_FLAIR.nii.gz"
+    assert plan.reference_flag == " --reference flair"
+    assert plan.contrasts.report_flags(wc(subject="01")) == "--contrasts 1=t1w 2=t1w"
+    # a lesion mask may be on the T1w's grid: carried through its alignment to the FLAIR
+    grids = plan.contrasts.mask_grid_inputs(wc(subject="01", session="1"))
+    assert grids["t1w"] == "/d/01_1_FLAIR.nii.gz" and grids["grid_t1w"] == "/d/01_1_T1w.nii.gz"
+
+
+def test_a_t1w_reference_plans_the_commands_of_before(plan):
+    assert plan.reference == "t1w" and not plan.cross_contrast and plan.reference_flag == ""
+    assert plan.template_registration_options(None) == plan.registration_options(None)
+    assert "--cross-contrast" not in plan.atlas_init_flags()
+    assert plan.atlas_init_settings.endswith(plan.registration_options(None, "atlas_init"))
+
+
+def test_a_reference_some_scans_lack_or_an_atlas_started_from_the_t1w_template_is_refused():
+    from atlasflow.errors import AtlasflowError
+
+    with pytest.raises(AtlasflowError, match=r"contrasts.reference is t2w, but 3 scan\(s\) have no t2w"):
+        flair_reference_plan(contrasts={"reference": "t2w"})
+    with pytest.raises(AtlasflowError, match="atlas.init: template starts the atlas from the T1w template"):
+        flair_reference_plan(atlas={"init": "template"})
+
+
+def test_the_demo_cohort_anchored_by_its_flair_takes_label_maps_on_the_flairs_grid():
+    """The demo writes each contrast's true label map on its own grid (truth/..._space-FLAIR_dseg):
+    with contrasts.reference: flair those are the cohort's label maps (and demo_data's outputs)."""
+    plan = WorkflowPlan.from_config(config(contrasts={"reference": "flair"}), REPO, check_data=False)
+    labels = plan.rows[("04", "2")]["labels"]
+    assert labels == "demo_data/truth/sub-04/ses-2/sub-04_ses-2_space-FLAIR_dseg.nii.gz"
+    assert labels in plan.cohort_images()
+    assert plan.contrasts.used == ["t1w"]
+    from atlasflow.errors import AtlasflowError
+
+    with pytest.raises(AtlasflowError, match="contrasts.reference is t2w, but 5 scan"):
+        WorkflowPlan.from_config(config(contrasts={"reference": "t2w"}), REPO, check_data=False)

@@ -3,6 +3,10 @@
 Names follow BIDS derivatives: a scan's files live in ``OUT/sub-S/ses-T/anat/`` and are called
 ``sub-S_ses-T[_space-X][_from-A_to-B_mode-image][_label-L][_desc-D]_<suffix>.<ext>``; the cohort's
 files (template, atlas iterations, tumour frequency, reports) have fixed places under ``OUT``.
+The files of a session's reference contrast (config ``contrasts.reference``, the T1w by default:
+the scan that is preprocessed, registered and built into the atlas) carry that contrast's name
+(``desc-preproc_T1w``, or ``desc-preproc_FLAIR`` and ``atlas/atlas_FLAIR.nii.gz`` when the FLAIR
+is the reference); the functions that name them take the reference column, ``t1w`` by default.
 A scan without a session (session ``""``: a cohort whose input has no sessions) has neither the
 ``ses-T/`` folder nor the ``ses-T`` entity: ``OUT/sub-S/anat/sub-S_desc-preproc_T1w.nii.gz``, as
 its input had them.
@@ -31,6 +35,10 @@ CONTRASTS: dict[str, tuple[str, dict[str, str]]] = {
     "t1ce": ("T1w", {"ce": "gadolinium"}),
     "pdw": ("PDw", {}),
 }
+#: Each contrast's name in ``from-``/``to-`` transform entities (letters and digits only).
+TRANSFORM_LABELS = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "t1ce": "ceT1w", "pdw": "PDw"}
+#: The session's reference contrast unless the config says otherwise (``contrasts.reference``).
+DEFAULT_REFERENCE = "t1w"
 # Registration stages, by the space they register into (the ``to-`` entity of their transforms).
 STAGES = ("template", "atlas", "baseline")
 
@@ -159,9 +167,10 @@ def atlas_dir(outdir: str | Path) -> str:
     return f"{outdir}/atlas"
 
 
-def atlas_t1w(outdir: str | Path) -> str:
-    """The final atlas (the last iteration's template)."""
-    return f"{atlas_dir(outdir)}/atlas_T1w.nii.gz"
+def atlas_reference(outdir: str | Path, reference: str = DEFAULT_REFERENCE) -> str:
+    """The final atlas (the last iteration's template), in the reference contrast:
+    ``atlas/atlas_T1w.nii.gz`` (``atlas_FLAIR.nii.gz`` when the FLAIR is the reference)."""
+    return atlas_contrast(outdir, reference)
 
 
 def atlas_contrast(outdir: str | Path, column: str) -> str:
@@ -206,14 +215,22 @@ def iteration_file(outdir: str | Path, iteration: int | str, name: str) -> str:
     return f"{atlas_dir(outdir)}/{iteration_name(iteration)}/{name}"
 
 
-ITERATION_TEMPLATE = "template_T1w.nii.gz"
 ITERATION_METRICS = "metrics.json"
 ITERATION_MEMBERS = "members.tsv"
 
 
-def iteration_template(outdir: str | Path, iteration: int | str) -> str:
-    """An iteration's template (iteration 0: the affine mean or the reference)."""
-    return iteration_file(outdir, iteration, ITERATION_TEMPLATE)
+def iteration_template_name(reference: str = DEFAULT_REFERENCE) -> str:
+    """File name of an iteration's template: ``template_T1w.nii.gz`` (``template_FLAIR.nii.gz``
+    when the FLAIR is the reference)."""
+    suffix, own = CONTRASTS[reference]
+    return f"template_{name_tail(suffix, **own)}.nii.gz"
+
+
+def iteration_template(
+    outdir: str | Path, iteration: int | str, reference: str = DEFAULT_REFERENCE
+) -> str:
+    """An iteration's template (iteration 0: the affine mean or the reference template)."""
+    return iteration_file(outdir, iteration, iteration_template_name(reference))
 
 
 def iteration_metrics(outdir: str | Path, iteration: int | str) -> str:
@@ -234,9 +251,10 @@ def member_velocity(subject: str, session: str) -> str:
     return f"velocities/{scan_id(subject, session)}_velocity.nii"
 
 
-def member_affine(subject: str, session: str) -> str:
+def member_affine(subject: str, session: str, reference: str = DEFAULT_REFERENCE) -> str:
     """A member's affine to the reference template, relative to iteration 0's folder."""
-    return f"affines/{scan_id(subject, session)}_from-T1w_to-template_mode-image_xfm.mat"
+    label = TRANSFORM_LABELS[reference]
+    return f"affines/{scan_id(subject, session)}_from-{label}_to-template_mode-image_xfm.mat"
 
 
 # ------------------------------------------------------------------------------- reports
@@ -290,19 +308,30 @@ def cohort_figure(outdir: str | Path, name: str) -> str:
 @dataclass(frozen=True)
 class Scan:
     """The files of one scan (subject S, session T) under ``outdir/sub-S/ses-T/anat`` (session
-    ``""``: ``outdir/sub-S/anat``)."""
+    ``""``: ``outdir/sub-S/anat``); ``reference`` is the contrast whose files are the scan's own
+    (preprocessed, registered: the T1w by default)."""
 
     outdir: Path
     subject: str
     session: str
+    reference: str = DEFAULT_REFERENCE
 
     def file(self, suffix: str, ext: str = "nii.gz", **entities: str) -> Path:
         """Path of one of this scan's files (see :func:`anat`)."""
         return Path(anat(self.outdir, suffix, self.subject, self.session, ext, **entities))
 
+    def image(self, **entities: str) -> Path:
+        """One of the reference contrast's images (see :func:`contrast`)."""
+        return Path(contrast(self.outdir, self.reference, self.subject, self.session, **entities))
+
+    @property
+    def label(self) -> str:
+        """The reference's name in transform entities (``from-T1w``)."""
+        return TRANSFORM_LABELS[self.reference]
+
     @property
     def preproc(self) -> Path:
-        return self.file("T1w", desc="preproc")
+        return self.image(desc="preproc")
 
     @property
     def brain_mask(self) -> Path:
@@ -319,14 +348,14 @@ class Scan:
     def warped(self, stage: str) -> Path:
         """The scan resampled onto the fixed grid of a registration stage."""
         if stage == "atlas":
-            return self.file("T1w", space="atlas")
-        return self.file("T1w", space=stage, desc="warped")
+            return self.image(space="atlas")
+        return self.image(space=stage, desc="warped")
 
     def warp(self, stage: str) -> Path:
-        return self.file("xfm", from_="T1w", to=stage, mode="image")
+        return self.file("xfm", from_=self.label, to=stage, mode="image")
 
     def qc_json(self, stage: str) -> Path:
-        return self.file("xfm", "json", from_="T1w", to=stage, mode="image", desc="qc")
+        return self.file("xfm", "json", from_=self.label, to=stage, mode="image", desc="qc")
 
     @property
     def log_jacobian(self) -> Path:
@@ -334,7 +363,7 @@ class Scan:
 
     @property
     def difference(self) -> Path:
-        return self.file("T1w", space="baseline", desc="difference")
+        return self.image(space="baseline", desc="difference")
 
     @property
     def displacement(self) -> Path:
@@ -347,9 +376,11 @@ class Scan:
 
 @dataclass(frozen=True)
 class CohortFiles:
-    """Cohort-wide files: template, atlas iterations, atlas metrics, tumour frequency, logs."""
+    """Cohort-wide files: template, atlas iterations, atlas metrics, tumour frequency, logs
+    (the atlas and its iterations in the ``reference`` contrast)."""
 
     outdir: Path
+    reference: str = DEFAULT_REFERENCE
 
     @property
     def template(self) -> Path:
@@ -357,7 +388,7 @@ class CohortFiles:
 
     @property
     def atlas(self) -> Path:
-        return Path(atlas_t1w(self.outdir))
+        return Path(atlas_reference(self.outdir, self.reference))
 
     @property
     def atlas_dseg(self) -> Path:
@@ -372,7 +403,7 @@ class CohortFiles:
         return Path(tumor_frequency(self.outdir))
 
     def iteration(self, i: int) -> Path:
-        return Path(iteration_template(self.outdir, i))
+        return Path(iteration_template(self.outdir, i, self.reference))
 
     def found_iterations(self) -> list[int]:
         """The atlas iterations that have a folder (``iter-{i}``), in no particular order."""
@@ -392,7 +423,11 @@ class CohortFiles:
             return self.template
         if stage == "atlas":
             return self.atlas
-        return Scan(self.outdir, subject, baseline).preproc if baseline else None
+        return Scan(self.outdir, subject, baseline, self.reference).preproc if baseline else None
+
+    def scan(self, subject: str, session: str) -> Scan:
+        """The files of one scan, with this cohort's reference contrast."""
+        return Scan(self.outdir, subject, session, self.reference)
 
     @property
     def logs(self) -> Path:

@@ -8,6 +8,13 @@ option string the rules pass on is rendered here, so it can be unit-tested witho
 A cohort without sessions (session "" in every row; validation leaves no cohort mixed) is planned
 without a ``{session}`` wildcard: ``OUT/sub-{subject}/anat/sub-{subject}_...``.
 
+Every scan is anchored by its session's reference contrast (config ``contrasts.reference``, the
+T1w by default): that image is preprocessed, registered to the template, built into the atlas and
+registered to its baseline, and its files carry its name (:meth:`WorkflowPlan.ref`:
+``desc-preproc_T1w``, or ``desc-preproc_FLAIR`` with the FLAIR as reference). The longitudinal
+part of the plan is :class:`atlasflow.longitudinal.plan.LongitudinalPlan`, the other contrasts'
+:class:`atlasflow.contrasts.plan.ContrastPlan`.
+
 Params that a rule takes as plain values or as functions of the wildcards only are compared with
 the last run's when Snakemake plans (functions of ``input`` / ``output`` are not): a changed
 setting reruns exactly the jobs it reaches. The strings rendered here are therefore part of every
@@ -36,19 +43,11 @@ from atlasflow.cohort.planning import (
     session_order,
 )
 from atlasflow.cohort.selection import CohortNotes
-from atlasflow.contrasts.plan import ContrastPlan
+from atlasflow.contrasts.plan import T1_LIKE, ContrastPlan, reference_of
 from atlasflow.errors import AtlasflowError
-from atlasflow.longitudinal.compartments import TumourLabels
+from atlasflow.longitudinal.plan import LongitudinalPlan
 from atlasflow.registration.options import workflow_flags
 from atlasflow.reports.inputs import cohort_report_inputs, subject_report_inputs
-
-#: The rules' change maps carried into atlas space (the ``{change}`` of ``change_map_to_atlas``).
-CHANGE_MAPS = (
-    layout.name_tail("map", desc="logjacobian"),
-    layout.name_tail("map", desc="displacement"),
-    layout.name_tail("T1w", desc="difference"),
-    layout.name_tail("mask", label="tumor"),
-)
 
 _MASK_FLAGS = {
     "given": "--given-mask",
@@ -94,7 +93,7 @@ def shell_prefix(python: str, conda: bool) -> str:
 # ------------------------------------------------------------------------------ the plan
 
 
-class WorkflowPlan:
+class WorkflowPlan(LongitudinalPlan):
     """The workflow's cohort (a table of string columns) and config, and what its rules derive
     from them. ``outdir`` is the config's ``outdir``, joined as given (see :mod:`atlasflow.layout`).
     """
@@ -113,6 +112,12 @@ class WorkflowPlan:
         self.workdir = workdir
         self.out = config["outdir"]
         self.scans = list(zip(cohort["subject"], cohort["session"], strict=True))
+        # The session's reference contrast: the scan every other one is aligned to.
+        self.reference = reference_of(config)
+        self.ref_label = layout.TRANSFORM_LABELS[self.reference]
+        # The template is a T1w (MNI152, or a user's T1w): another reference is registered to it
+        # by the engine's contrast-independent path.
+        self.cross_contrast = self.reference not in T1_LIKE
         # The per-scan rules' session placeholder: "" (no ses- level) in a cohort without sessions.
         if len({bool(t) for _, t in self.scans}) > 1:  # validate_cohort names such scans ses-1
             raise AtlasflowError("the cohort mixes scans with and without a session")
@@ -120,6 +125,7 @@ class WorkflowPlan:
         # Rows by (subject, session): input functions look a row up per job, so a table scan per
         # lookup would make planning quadratic in the cohort size.
         self.rows = {(r["subject"], r["session"]): r for r in cohort.to_dict("records")}
+        self._check_reference(config)
         ordered = session_order(cohort)
         self.sessions = {s: list(g["session"]) for s, g in ordered.groupby("subject", sort=True)}
         self.baseline = {s: sessions[0] for s, sessions in self.sessions.items()}
@@ -146,6 +152,36 @@ class WorkflowPlan:
         plan = cls(config, cohort, members, workdir)
         plan.notes = notes
         return plan
+
+    def _check_reference(self, config: Mapping[str, Any]) -> None:
+        """Every scan has the reference contrast (validation says so for a user's cohort, naming
+        each row; this catches the demo cohort), and the atlas does not start from a template of
+        another contrast."""
+        lacking = [
+            layout.scan_id(s, t) for s, t in self.scans if not self.has(s, t, self.reference)
+        ]
+        if lacking:
+            shown = ", ".join(lacking[:5]) + (
+                f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+            )
+            raise AtlasflowError(
+                f"contrasts.reference is {self.reference}, but {len(lacking)} scan(s) have no "
+                f"{self.reference}: {shown} (the demo cohort: add it to demo.contrasts)"
+            )
+        if self.cross_contrast and config["atlas"]["init"] == "template":
+            raise AtlasflowError(
+                f"atlas.init: template starts the atlas from the T1w template, but "
+                f"contrasts.reference is {self.reference}: use atlas.init: mean (the affine mean of "
+                f"the {self.reference} scans)"
+            )
+
+    def cohort_settings(self) -> dict[str, Any]:
+        """The settings the cohort table is read with (``cohort``, ``demo``, ``bids``, and the
+        reference contrast when it is not the T1w, so a T1w-anchored run's record reads as before)."""
+        settings = {k: self.config.get(k) for k in ("cohort", "demo", "bids")}
+        if self.reference != layout.DEFAULT_REFERENCE:
+            settings["contrasts"] = {"reference": self.reference}
+        return settings
 
     def skipped_digest(self) -> str:
         """SHA-256 of the inputs skipped or passed over when the cohort was read (the
@@ -179,6 +215,22 @@ class WorkflowPlan:
         the session defaults to the rules' placeholder (:attr:`session_wildcard`)."""
         session = self.session_wildcard if session is None else session
         return layout.anat(self.out, suffix, subject, session, **entities)
+
+    def ref(self, subject: str = "{subject}", session: str | None = None, **entities: Any) -> str:
+        """A file of the scan's reference contrast, e.g. ``ref(desc="preproc")``
+        (``..._desc-preproc_T1w.nii.gz``; ``..._desc-preproc_FLAIR.nii.gz`` with the FLAIR as
+        reference; :func:`atlasflow.layout.contrast`)."""
+        session = self.session_wildcard if session is None else session
+        return layout.contrast(self.out, self.reference, subject, session, **entities)
+
+    @property
+    def atlas(self) -> str:
+        """The final atlas, in the reference contrast (``atlas/atlas_T1w.nii.gz``)."""
+        return layout.atlas_reference(self.out, self.reference)
+
+    def iteration_template(self, iteration: int | str) -> str:
+        """An atlas iteration's template (``atlas/iter-{i}/template_T1w.nii.gz``)."""
+        return layout.iteration_template(self.out, iteration, self.reference)
 
     @property
     def scan_stem(self) -> str:
@@ -218,10 +270,10 @@ class WorkflowPlan:
 
     def all_targets(self) -> list[str]:
         """Every preprocessed scan, its registrations to the template and the atlas, and the atlas."""
-        out, has, anat = self.out, self.has, self.anat
+        out, has, anat, ref = self.out, self.has, self.anat, self.ref
         targets = [
             layout.template(out),
-            layout.atlas_t1w(out),
+            self.atlas,
             layout.atlas_metrics(out),
             layout.provenance(out),
             layout.dataset_description(out),
@@ -232,23 +284,12 @@ class WorkflowPlan:
         if any(has(s, t, "labels") for s, t in self.members):
             targets.append(layout.atlas_dseg(out))
         for subject, session in self.scans:
-            targets.append(anat("T1w", subject, session, space="atlas"))
+            targets.append(ref(subject, session, space="atlas"))
             if has(subject, session, "labels"):
                 targets.append(anat("dseg", subject, session, space="atlas"))
-            targets.append(anat("T1w", subject, session, desc="preproc"))
-            targets.append(anat("T1w", subject, session, space="template", desc="warped"))
-            targets.append(
-                anat(
-                    "xfm",
-                    subject,
-                    session,
-                    from_="T1w",
-                    to="template",
-                    mode="image",
-                    desc="qc",
-                    ext="json",
-                )
-            )
+            targets.append(ref(subject, session, desc="preproc"))
+            targets.append(ref(subject, session, space="template", desc="warped"))
+            targets.append(self.qc_json("template", subject, session))
             if has(subject, session, "labels"):
                 targets.append(anat("dseg", subject, session, space="template"))
         return targets
@@ -291,6 +332,13 @@ class WorkflowPlan:
         """
         return workflow_flags(self.config, stage)
 
+    def template_registration_options(self, wildcards: Any) -> str:
+        """Registration to the (T1w) template: the engine flags, and ``--cross-contrast`` (the
+        engine's contrast-independent start, mutual information) when the reference is not T1-like."""
+        return self.registration_options(wildcards) + (
+            " --cross-contrast" if self.cross_contrast else ""
+        )
+
     def atlas_registration_options(self, wildcards: Any) -> str:
         """Atlas iterations: the shared engine flags with the atlas stage's own step budgets."""
         return self.registration_options(wildcards, "atlas")
@@ -304,12 +352,12 @@ class WorkflowPlan:
         return f"--max-folding {qc['max_folding_fraction']} --min-ncc {qc['min_ncc_after']}"
 
     def registration_inputs(self, fixed: str) -> dict[str, Any]:
-        """What registering a scan to ``fixed`` reads: the scan's preprocessed T1w and brain mask,
-        the template's brain mask and the weights."""
+        """What registering a scan to ``fixed`` reads: the scan's preprocessed reference image and
+        brain mask, the template's brain mask and the weights."""
         return {
             "fixed": fixed,
             "fixed_mask": layout.template_mask(self.out),
-            "moving": self.anat("T1w", desc="preproc"),
+            "moving": self.ref(desc="preproc"),
             "moving_mask": self.anat("mask", desc="brain"),
             "model": self.model_input,
         }
@@ -320,9 +368,9 @@ class WorkflowPlan:
         """A scan's ITK affine and displacement field to space ``to`` (as named inputs or outputs)."""
         return {
             "affine": self.anat(
-                "xfm", subject, session, from_="T1w", to=to, mode="image", ext="mat"
+                "xfm", subject, session, from_=self.ref_label, to=to, mode="image", ext="mat"
             ),
-            "warp": self.anat("xfm", subject, session, from_="T1w", to=to, mode="image"),
+            "warp": self.anat("xfm", subject, session, from_=self.ref_label, to=to, mode="image"),
         }
 
     def registration_outputs(self, to: str, warped: str) -> dict[str, str]:
@@ -331,14 +379,21 @@ class WorkflowPlan:
         return {
             "warped": warped,
             **self.xfm(to),
-            "inverse_warp": self.anat("xfm", from_=to, to="T1w", mode="image"),
+            "inverse_warp": self.anat("xfm", from_=to, to=self.ref_label, mode="image"),
             "metrics": self.qc_json(to),
         }
 
     def qc_json(self, to: str, subject: str = "{subject}", session: str | None = None) -> str:
         """A registration's QC metrics (JSON)."""
         return self.anat(
-            "xfm", subject, session, from_="T1w", to=to, mode="image", desc="qc", ext="json"
+            "xfm",
+            subject,
+            session,
+            from_=self.ref_label,
+            to=to,
+            mode="image",
+            desc="qc",
+            ext="json",
         )
 
     # --- atlas
@@ -361,13 +416,17 @@ class WorkflowPlan:
 
     @property
     def atlas_init_settings(self) -> str:
-        return f"init {self.atl['init']} {self.registration_options(None, 'atlas_init')}"
+        cross = " cross-contrast" if self.cross_contrast else ""
+        return f"init {self.atl['init']} {self.registration_options(None, 'atlas_init')}{cross}"
 
     def atlas_init_flags(self) -> list[Any]:
+        """The members' affines to the (T1w) template: contrast-independent when the reference
+        is not T1-like, as :meth:`template_registration_options`."""
         return [
             "--init",
             self.atl["init"],
             *self.registration_options(None, "atlas_init").split(),
+            *(["--cross-contrast"] if self.cross_contrast else []),
             *self.min_members.split(),
         ]
 
@@ -397,7 +456,7 @@ class WorkflowPlan:
         ]
 
     def member_images(self) -> list[str]:
-        return [self.anat("T1w", s, t, desc="preproc") for s, t in self.members]
+        return [self.ref(s, t, desc="preproc") for s, t in self.members]
 
     def member_masks(self) -> list[str]:
         return [self.anat("mask", s, t, desc="brain") for s, t in self.members]
@@ -405,7 +464,8 @@ class WorkflowPlan:
     def member_affines(self) -> list[str]:
         """Each member's affine to the reference template, found by atlas_init; every iteration starts from it."""
         return [
-            layout.iteration_file(self.out, 0, layout.member_affine(s, t)) for s, t in self.members
+            layout.iteration_file(self.out, 0, layout.member_affine(s, t, self.reference))
+            for s, t in self.members
         ]
 
     def iteration_velocities(self, iteration: int | str) -> list[str]:
@@ -429,7 +489,7 @@ class WorkflowPlan:
         }
 
     def previous_template(self, wildcards: Any) -> str:
-        return layout.iteration_template(self.out, int(wildcards.iteration) - 1)
+        return self.iteration_template(int(wildcards.iteration) - 1)
 
     def member_labels(self) -> list[str]:
         """The members' label maps in atlas space (the atlas label vote's inputs)."""
@@ -438,111 +498,6 @@ class WorkflowPlan:
             for s, t in self.members
             if self.has(s, t, "labels")
         ]
-
-    # --- longitudinal
-
-    def longitudinal_inputs(self, wildcards: Any) -> dict[str, str]:
-        subject, session = wildcards.subject, self.session_of(wildcards)
-        base = self.baseline[subject]
-        inputs = {
-            "baseline": self.anat("T1w", subject, base, desc="preproc"),
-            "baseline_mask": self.anat("mask", subject, base, desc="brain"),
-            "followup": self.anat("T1w", subject, session, desc="preproc"),
-            "followup_mask": self.anat("mask", subject, session, desc="brain"),
-        }
-        if self.has(subject, base, "tumor_mask"):
-            inputs["baseline_tumor"] = self.anat(
-                "mask", subject, base, label="tumor", desc="preproc"
-            )
-        if self.has(subject, session, "tumor_mask"):
-            inputs["followup_tumor"] = self.anat(
-                "mask", subject, session, label="tumor", desc="preproc"
-            )
-        return inputs
-
-    @staticmethod
-    def tumor_flags(wildcards: Any, input: Any) -> str:
-        """The pair's tumour masks, excluded from the similarity where given."""
-        return " ".join(
-            f"--{k.replace('_', '-')} {input[k]}"
-            for k in ("baseline_tumor", "followup_tumor")
-            if k in input.keys()
-        )
-
-    def baseline_file(self, suffix: str, **entities: Any) -> Any:
-        """An input function: the file of the subject's baseline scan (``anat`` entities)."""
-        return lambda wc: self.anat(suffix, wc.subject, self.baseline[wc.subject], **entities)
-
-    def baseline_xfm(self, to: str) -> dict[str, Any]:
-        """The baseline scan's ITK affine and displacement field to ``to``, as input functions."""
-        return {
-            key: (lambda wc, key=key: self.xfm(to, wc.subject, self.baseline[wc.subject])[key])
-            for key in ("affine", "warp")
-        }
-
-    def tumor_masks(self, wildcards: Any) -> list[str]:
-        """The subject's tumour masks as given in the manifest, in session order."""
-        subject = wildcards.subject
-        return [
-            self.rows[(subject, t)]["tumor_mask"]
-            for t in self.sessions[subject]
-            if self.has(subject, t, "tumor_mask")
-        ]
-
-    def followup_metrics(self, wildcards: Any) -> list[str]:
-        """The QC metrics of the subject's follow-up -> baseline registrations."""
-        return [
-            self.qc_json("baseline", wildcards.subject, t)
-            for t in self.sessions[wildcards.subject][1:]
-        ]
-
-    def tumor_table_sessions(self, wildcards: Any) -> str:
-        """``--session ID DATE MASK`` per session (``-`` for what the manifest leaves empty)."""
-        subject = wildcards.subject
-        return " ".join(
-            f"--session {t} {self.rows[(subject, t)]['acq_date'] or '-'} {self.rows[(subject, t)]['tumor_mask'] or '-'}"
-            for t in self.sessions[subject]
-        )
-
-    def tumor_label_flags(self, wildcards: Any = None) -> str:
-        """``--tumor-labels name=1,...``: the compartments of ``longitudinal.tumor_labels``."""
-        return TumourLabels.of(self.config["longitudinal"].get("tumor_labels")).flags()
-
-    def followups(self, wildcards: Any) -> str:
-        return " ".join(self.sessions[wildcards.subject][1:])
-
-    def atlas_tumor_mask(self, subject: str, session: str) -> str:
-        """A session's tumour mask in atlas space (baselines directly, follow-ups through the baseline)."""
-        if session == self.baseline[subject]:
-            return self.anat(
-                "mask", subject, session, space="atlas", label="tumor", desc="baseline"
-            )
-        return self.anat("mask", subject, session, space="atlas", label="tumor")
-
-    def tumor_frequency_inputs(self, wildcards: Any = None) -> list[str]:
-        masks = []
-        for subject, sessions in self.sessions.items():
-            with_mask = [t for t in sessions if self.has(subject, t, "tumor_mask")]
-            if with_mask:
-                masks.append(self.atlas_tumor_mask(subject, with_mask[-1]))
-        return masks
-
-    def longitudinal_targets(self) -> list[str]:
-        targets = []
-        for subject in self.longitudinal_subjects:
-            targets.append(layout.tumor_table(self.out, subject))
-            for session in self.sessions[subject][1:]:
-                for suffix, desc in (
-                    ("map", "logjacobian"),
-                    ("map", "displacement"),
-                    ("T1w", "difference"),
-                ):
-                    targets.append(self.anat(suffix, subject, session, space="atlas", desc=desc))
-                if self.has(subject, session, "tumor_mask"):
-                    targets.append(self.atlas_tumor_mask(subject, session))
-        if self.tumor_frequency_inputs():
-            targets.append(layout.tumor_frequency(self.out))
-        return targets
 
     # --- reports
 
@@ -571,7 +526,8 @@ class WorkflowPlan:
             labels=[t for t in sessions if self.has(subject, t, "labels")],
             tumour=[t for t in sessions if self.has(subject, t, "tumor_mask")],
             contrasts=self.contrasts.of_subject(subject),
-        ) + [self.rows[(subject, t)]["t1w"] for t in sessions]
+            reference=self.reference,
+        ) + [self.rows[(subject, t)][self.reference] for t in sessions]
 
     def subject_sessions(self, wildcards: Any) -> str:
         """The subject's sessions as words of the command line (a scan without a session: ``''``)."""
@@ -581,9 +537,20 @@ class WorkflowPlan:
         return shlex.quote(self.baseline[wildcards.subject])
 
     def raw_scans(self, wildcards: Any) -> str:
-        """``session=t1w path`` of each of the subject's sessions (the report shows the raw scans)."""
+        """``session=path`` of each of the subject's sessions' reference scan as given (the report
+        shows the raw scans)."""
         subject = wildcards.subject
-        return " ".join(f"{t}={self.rows[(subject, t)]['t1w']}" for t in self.sessions[subject])
+        return " ".join(
+            f"{t}={self.rows[(subject, t)][self.reference]}" for t in self.sessions[subject]
+        )
+
+    @property
+    def reference_flag(self) -> str:
+        """`` --reference C`` for the report commands when the reference is not the T1w ('' when
+        it is, so the T1w-anchored commands read as before; it follows the flags it is put after)."""
+        return (
+            "" if self.reference == layout.DEFAULT_REFERENCE else f" --reference {self.reference}"
+        )
 
     def cohort_report_inputs(self) -> list[str]:
         return cohort_report_inputs(
@@ -591,4 +558,5 @@ class WorkflowPlan:
             self.n_iter,
             tumour=bool(self.tumor_frequency_inputs()),
             contrasts=[c for c in self.contrasts.used if self.contrasts.members_with(c)],
+            reference=self.reference,
         )

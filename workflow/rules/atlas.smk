@@ -18,7 +18,7 @@ rule atlas_init:
         masks=PLAN.member_masks(),
         model=PLAN.model_input,
     output:
-        template=layout.iteration_template(OUT, 0),
+        template=PLAN.iteration_template(0),
         affines=PLAN.member_affines(),
         members=layout.iteration_members(OUT, 0),
     conda:
@@ -49,7 +49,7 @@ rule atlas_finetune:
     """Optional (atlas.finetune_steps > 0): the velocity network fine-tuned, unsupervised, on the
     atlas members against iteration 0; the atlas iterations then register with it."""
     input:
-        fixed=layout.iteration_template(OUT, 0),
+        fixed=PLAN.iteration_template(0),
         fixed_mask=layout.template_mask(OUT),
         images=PLAN.member_images(),
         masks=PLAN.member_masks(),
@@ -91,7 +91,7 @@ rule atlas_iteration:
         affines=PLAN.member_affines(),
         model=PLAN.atlas_model_input,
     output:
-        template=layout.iteration_template(OUT, "{iteration}"),
+        template=PLAN.iteration_template("{iteration}"),
         metrics=layout.iteration_metrics(OUT, "{iteration}"),
         members=layout.iteration_members(OUT, "{iteration}"),
         velocities=PLAN.iteration_velocities("{iteration}") if PLAN.carry else [],
@@ -134,10 +134,10 @@ localrules:
 rule atlas_final:
     """The final atlas (last iteration's template) and the per-iteration metrics table."""
     input:
-        template=layout.iteration_template(OUT, PLAN.n_iter),
+        template=PLAN.iteration_template(PLAN.n_iter),
         metrics=[layout.iteration_metrics(OUT, i) for i in range(1, PLAN.n_iter + 1)],
     output:
-        template=layout.atlas_t1w(OUT),
+        template=PLAN.atlas,
         metrics=layout.atlas_metrics(OUT),
     conda:
         CONDA_ENV
@@ -153,9 +153,13 @@ rule atlas_final:
 # Every scan registered to the final atlas: transforms and the scan in atlas space.
 use rule register_template as register_atlas with:
     input:
-        **PLAN.registration_inputs(fixed=layout.atlas_t1w(OUT)),
+        **PLAN.registration_inputs(fixed=PLAN.atlas),
     output:
-        **PLAN.registration_outputs("atlas", warped=anat("T1w", space="atlas")),
+        **PLAN.registration_outputs("atlas", warped=ref(space="atlas")),
+    params:
+        # one contrast (the reference on its own atlas): never --cross-contrast
+        options=PLAN.registration_options,
+        qc=PLAN.qc_options,
     log:
         log("register_atlas"),
     benchmark:
@@ -165,7 +169,7 @@ use rule register_template as register_atlas with:
 use rule warp_labels as warp_labels_atlas with:
     input:
         labels=anat("dseg", desc="preproc"),
-        fixed=layout.atlas_t1w(OUT),
+        fixed=PLAN.atlas,
         **xfm("atlas"),
     output:
         anat("dseg", space="atlas"),

@@ -88,8 +88,11 @@ wildcard_constraints:
 
 
 # The path helpers of one scan's jobs ("{subject}", "{session}" wildcards by default; no
-# {session} wildcard, and no ses- level, for a cohort whose scans have no session).
+# {session} wildcard, and no ses- level, for a cohort whose scans have no session). `ref` names
+# the files of the session's reference contrast (contrasts.reference: desc-preproc_T1w by
+# default, desc-preproc_FLAIR with the FLAIR as reference); `anat` any other file of a scan.
 anat = PLAN.anat
+ref = PLAN.ref
 log = PLAN.log
 bench = PLAN.bench
 xfm = PLAN.xfm

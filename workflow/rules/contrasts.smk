@@ -1,6 +1,7 @@
-"""A session's other contrasts (T2w, FLAIR, post-contrast T1w, PDw): one set of rules per
-contrast the cohort has (atlasflow.contrasts.plan). Each contrast is aligned to its session's T1w
-once and then resampled once into every space through composed transforms."""
+"""A session's other contrasts (T2w, FLAIR, post-contrast T1w, PDw, and the T1w when another
+contrast is the reference): one set of rules per contrast the cohort has
+(atlasflow.contrasts.plan). Each contrast is aligned to its session's reference (contrasts.reference,
+the T1w by default) once and then resampled once into every space through composed transforms."""
 
 CONTRASTS = PLAN.contrasts
 cfiles = CONTRASTS.files
@@ -12,7 +13,7 @@ for c in CONTRASTS.used:
             f"align_{c}"
         input:
             contrast=lambda wc, c=c: PLAN.row(wc)[c],
-            reference=anat("T1w", desc="preproc"),
+            reference=ref(desc="preproc"),
             mask=anat("mask", desc="brain"),
         output:
             native=cfiles.native(c),
@@ -37,7 +38,7 @@ for c in CONTRASTS.used:
             "--reference-mask {input.mask} {params.options} {params.n4} --out-native {output.native} "
             "--out-preproc {output.preproc} --out-affine {output.affine} --out-metrics {output.metrics} > {log} 2>&1"
 
-    for space, fixed in (("template", layout.template(OUT)), ("atlas", layout.atlas_t1w(OUT))):
+    for space, fixed in (("template", layout.template(OUT)), ("atlas", PLAN.atlas)):
 
         rule:
             name:
@@ -117,7 +118,7 @@ for c in CONTRASTS.used:
             f"{c}_change_to_atlas"
         input:
             image=cfiles.difference(c, "baseline"),
-            atlas=layout.atlas_t1w(OUT),
+            atlas=PLAN.atlas,
             **PLAN.baseline_xfm("atlas"),
         output:
             cfiles.difference(c, "atlas"),

@@ -1,6 +1,5 @@
-"""Longitudinal tumour monitoring: every follow-up registered to its subject's baseline."""
-
-from atlasflow.workflow_plan import CHANGE_MAPS
+"""Longitudinal tumour monitoring: every follow-up registered to its subject's baseline (the
+reference contrast's images: the T1w by default)."""
 
 
 rule longitudinal_register:
@@ -9,10 +8,10 @@ rule longitudinal_register:
         unpack(PLAN.longitudinal_inputs),
         model=PLAN.model_input,
     output:
-        warped=anat("T1w", space="baseline", desc="warped"),
+        warped=ref(space="baseline", desc="warped"),
         **xfm("baseline"),
         log_jacobian=anat("map", space="baseline", desc="logjacobian"),
-        difference=anat("T1w", space="baseline", desc="difference"),
+        difference=ref(space="baseline", desc="difference"),
         displacement=anat("map", space="baseline", desc="displacement"),
         metrics=PLAN.qc_json("baseline"),
     conda:
@@ -41,7 +40,7 @@ rule longitudinal_register:
 use rule warp_labels as longitudinal_tumor_mask with:
     input:
         labels=anat("mask", label="tumor", desc="preproc"),
-        fixed=PLAN.baseline_file("T1w", desc="preproc"),
+        fixed=PLAN.baseline_file(desc="preproc"),
         **xfm("baseline"),
     output:
         anat("mask", space="baseline", label="tumor"),
@@ -81,12 +80,12 @@ rule change_map_to_atlas:
     """A follow-up's change map carried into atlas space through its baseline's atlas transform."""
     input:
         image=anat("{change}", space="baseline"),
-        atlas=layout.atlas_t1w(OUT),
+        atlas=PLAN.atlas,
         **PLAN.baseline_xfm("atlas"),
     output:
         anat("{change}", space="atlas"),
     wildcard_constraints:
-        change="|".join(CHANGE_MAPS),
+        change="|".join(PLAN.change_maps),
     conda:
         CONDA_ENV
     log:
@@ -107,7 +106,7 @@ rule change_map_to_atlas:
 use rule warp_labels as baseline_tumor_to_atlas with:
     input:
         labels=anat("mask", label="tumor", desc="preproc"),
-        fixed=layout.atlas_t1w(OUT),
+        fixed=PLAN.atlas,
         **xfm("atlas"),
     output:
         anat("mask", space="atlas", label="tumor", desc="baseline"),

@@ -1,4 +1,5 @@
-"""Preprocessing of every scan: reorient -> N4 -> brain mask -> normalise + working grid."""
+"""Preprocessing of every scan's reference image (contrasts.reference, the T1w by default):
+reorient -> N4 -> brain mask -> normalise + working grid."""
 
 
 rule template:
@@ -32,9 +33,9 @@ rule template:
 rule reorient:
     """Reorder the voxel array to RAS from the header (no resampling)."""
     input:
-        lambda wc: PLAN.row(wc)["t1w"],
+        lambda wc: PLAN.row(wc)[PLAN.reference],
     output:
-        temp(anat("T1w", desc="reoriented")),
+        temp(ref(desc="reoriented")),
     conda:
         CONDA_ENV
     log:
@@ -51,9 +52,9 @@ rule reorient:
 rule bias_correct:
     """N4 bias-field correction (ANTs)."""
     input:
-        anat("T1w", desc="reoriented"),
+        ref(desc="reoriented"),
     output:
-        temp(anat("T1w", desc="n4")),
+        temp(ref(desc="n4")),
     conda:
         CONDA_ENV
     log:
@@ -74,7 +75,7 @@ rule brain_mask:
     """Brain mask on the scan's own grid: given, from labels, or carried in from the template."""
     input:
         unpack(PLAN.mask_inputs),
-        image=anat("T1w", desc="n4"),
+        image=ref(desc="n4"),
     output:
         temp(anat("mask", space="orig", desc="brain")),
     conda:
@@ -96,10 +97,10 @@ rule brain_mask:
 rule preprocess:
     """Intensity normalisation in the brain and resampling onto the working grid."""
     input:
-        image=anat("T1w", desc="n4"),
+        image=ref(desc="n4"),
         mask=anat("mask", space="orig", desc="brain"),
     output:
-        image=anat("T1w", desc="preproc"),
+        image=ref(desc="preproc"),
         mask=anat("mask", desc="brain"),
     conda:
         CONDA_ENV
@@ -122,7 +123,7 @@ rule preprocess_labels:
     never averaged)."""
     input:
         labels=lambda wc: PLAN.row(wc)["labels"],
-        reference=anat("T1w", desc="preproc"),
+        reference=ref(desc="preproc"),
     output:
         anat("dseg", desc="preproc"),
     conda:
@@ -141,11 +142,11 @@ rule preprocess_labels:
 rule preprocess_tumor_mask:
     """The scan's tumour or lesion mask on its working grid (nearest neighbour). A mask drawn on
     another contrast of the session (a lesion mask on the FLAIR) is carried through that
-    contrast's alignment to the T1w."""
+    contrast's alignment to the session's reference."""
     input:
         unpack(PLAN.contrasts.mask_grid_inputs),
         labels=lambda wc: PLAN.row(wc)["tumor_mask"],
-        reference=anat("T1w", desc="preproc"),
+        reference=ref(desc="preproc"),
     output:
         anat("mask", label="tumor", desc="preproc"),
     conda:

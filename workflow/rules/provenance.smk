@@ -52,7 +52,7 @@ rule skipped_inputs:
         layout.job_benchmark(OUT, "skipped_inputs")
     params:
         # What the cohort table is read from, and nothing else of the config.
-        config=json.dumps({k: config.get(k) for k in ("cohort", "demo", "bids")}, sort_keys=True),
+        config=json.dumps(PLAN.cohort_settings(), sort_keys=True),
         digest=PLAN.skipped_digest(),
         workflow_dir=workflow.basedir,
     resources:

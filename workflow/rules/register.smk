@@ -1,11 +1,12 @@
-"""Registration of every preprocessed scan to the template (deep backend by default)."""
+"""Registration of every preprocessed scan to the template (deep backend by default; a reference
+contrast other than T1w goes the engine's contrast-independent way, --cross-contrast)."""
 
 rule register_template:
     """Align one preprocessed scan to the template: ITK affine + displacement field, warped image."""
     input:
         **PLAN.registration_inputs(fixed=layout.template(OUT)),
     output:
-        **PLAN.registration_outputs("template", warped=anat("T1w", space="template", desc="warped")),
+        **PLAN.registration_outputs("template", warped=ref(space="template", desc="warped")),
     conda:
         CONDA_ENV
     log:
@@ -13,7 +14,7 @@ rule register_template:
     benchmark:
         bench("register_template")
     params:
-        options=PLAN.registration_options,
+        options=PLAN.template_registration_options,
         qc=PLAN.qc_options,
     threads: THREADS
     resources:

@@ -35,13 +35,14 @@ rule report_subject:
         raw=PLAN.raw_scans,
         qc=PLAN.qc_flags,
         contrasts=PLAN.contrasts.report_flags,
+        reference=PLAN.reference_flag,
     resources:
         mem_mb=1500,
         runtime=5,
     shell:
         "atlasflow report subject --outdir {params.outdir} --subject {wildcards.subject} --sessions {params.sessions} "
         "--baseline {params.baseline} --raw {params.raw} --out {output.html} --qc-json {output.qc} "
-        "--figures-dir {output.figures} {params.qc} {params.contrasts} > {log} 2>&1"
+        "--figures-dir {output.figures} {params.qc} {params.contrasts}{params.reference} > {log} 2>&1"
 
 
 rule report_cohort:
@@ -72,12 +73,13 @@ rule report_cohort:
         scans=PLAN.scan_list,
         qc=PLAN.qc_flags,
         figures=lambda wc, output: str(Path(output.iterations).parent),
+        reference=PLAN.reference_flag,
     resources:
         mem_mb=1000,
         runtime=5,
     shell:
         "atlasflow report cohort --outdir {params.outdir} --scans {params.scans} --iterations {params.iterations} "
-        "--out {output.html} --figures-dir {params.figures} {params.qc} > {log} 2>&1"
+        "--out {output.html} --figures-dir {params.figures} {params.qc}{params.reference} > {log} 2>&1"
 
 
 onerror:
@@ -85,4 +87,4 @@ onerror:
     # lists the failures with the error each job logged.
     # It runs in Snakemake's own process and environment (no rule's conda environment): its Python.
     shell(f"{ATLASFLOW} report cohort --outdir {OUT} --scans {PLAN.scan_list} --iterations {PLAN.n_iter} "
-          f"--out {layout.cohort_page(OUT)} {PLAN.qc_flags} || true")
+          f"--out {layout.cohort_page(OUT)} {PLAN.qc_flags}{PLAN.reference_flag} || true")

@@ -84,14 +84,14 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-mask")
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--reference", help="carry: image whose grid the labels are resampled onto")
-    p.add_argument("--t1w", help="carry: the scan's T1w as given (a mask on another grid is on a contrast's)")
+    p.add_argument("--t1w", help="carry: the session's reference scan as given (its T1w unless contrasts.reference says otherwise; a mask on another grid is on a contrast's)")
     p.add_argument(
         "--contrast-grid",
         nargs=2,
         action="append",
         default=[],
         metavar=("IMAGE", "AFFINE"),
-        help="carry: another contrast of the session as given and its from-<contrast>_to-T1w transform",
+        help="carry: another contrast of the session as given and its from-<contrast>_to-<reference> transform",
     )
 
 

@@ -8,8 +8,8 @@
 datasets) and no recursion into ``sourcedata/`` or anything else outside ``sub-*`` and
 ``derivatives/``. Where a session has several files for one role, :mod:`atlasflow.cohort.selection`
 takes one and says why. The table it returns is the same as a manifest CSV's
-(:func:`atlasflow.cohort.columns.normalise_table`); ``origin`` is the T1w file (relative to the
-root). Problems (file names that disagree with their folder, a subject with both ``anat/`` and
+(:func:`atlasflow.cohort.columns.normalise_table`); ``origin`` is the reference scan's file (the
+T1w by default; relative to the root). Problems (file names that disagree with their folder, a subject with both ``anat/`` and
 session folders, an unreadable TSV) are collected and raised together, each naming the file.
 """
 
@@ -244,12 +244,16 @@ def _bids_anat(
     options: BidsOptions,
     derived: dict[str, list[Candidate]],
 ) -> dict[str, str] | None:
-    """One row from one anat/ folder (None when it holds no T1w)."""
+    """One row from one anat/ folder (None when it holds no scan of the reference contrast,
+    ``options.reference``: the T1w by default)."""
     folder = anat.relative_to(root).as_posix()
     raw, t1w_like = _scan_anat(anat, root, subject, session, notes)
     notes.skipped.extend(t1w_like)
-    if not raw.get("t1w"):
-        if not t1w_like:
+    anchor = options.reference
+    if not raw.get(anchor):
+        if anchor != "t1w":
+            notes.skipped.append((folder, f"no {_BIDS_KIND[anchor]} scan (contrasts.reference)"))
+        elif not t1w_like:
             notes.skipped.append((folder, "no sub-*_T1w.nii[.gz] file"))
         return None
     row = {"subject": subject, "session": session or ""}
@@ -257,7 +261,7 @@ def _bids_anat(
         groups = _sources(raw.get(role, []), derived.get(role, []), options)
         chosen = _pick(folder, role, groups, options, notes) if groups else None
         row[role] = str(root / chosen.path) if chosen else ""
-        if role == "t1w":
+        if role == anchor:
             if chosen is None:
                 return None
             row[ORIGIN_COLUMN] = chosen.path
@@ -337,7 +341,8 @@ def _subject_rows(
 def load_bids(
     root: Path, notes: CohortNotes | None = None, options: BidsOptions | None = None
 ) -> pd.DataFrame:
-    """The cohort table of a BIDS folder (one row per session with a T1w scan).
+    """The cohort table of a BIDS folder (one row per session with a T1w scan, or with a scan of
+    ``options.reference`` when another contrast anchors the sessions).
 
     Which file fills a role when a session has several, and which files are never inputs, is
     :mod:`atlasflow.cohort.selection`'s rule under ``options``; label maps and masks may also come
@@ -383,16 +388,21 @@ def load_bids(
         where = f"sub-{subject}" + ("" if session is None else f"/ses-{session}")
         for candidates in roles.values():
             notes.skipped += [
-                (c.path, f"no raw session {where} with a T1w scan to go with") for c in candidates
+                (c.path, f"no raw session {where} with a {_BIDS_KIND[options.reference]} scan to go with")
+                for c in candidates
             ]
     if not rows:
         hint = (
             f"; to use the manifest {csv_here[0]} in it, give that file instead" if csv_here else ""
         )
-        notes.problems.append(
-            f"{root}: no T1w scans found (looked for sub-*/anat/sub-*_T1w.nii[.gz] and "
-            f"sub-*/ses-*/anat/sub-*_T1w.nii[.gz]){hint}"
-        )
+        if options.reference != "t1w":
+            hint = f" (contrasts.reference is {options.reference}){hint}"
+            notes.problems.append(f"{root}: no {_BIDS_KIND[options.reference]} scans found{hint}")
+        else:
+            notes.problems.append(
+                f"{root}: no T1w scans found (looked for sub-*/anat/sub-*_T1w.nii[.gz] and "
+                f"sub-*/ses-*/anat/sub-*_T1w.nii[.gz]){hint}"
+            )
         raise problems_error(str(root), notes.problems)
     if own and notes.problems:
         raise problems_error(str(root), notes.problems)

@@ -22,10 +22,16 @@ from atlasflow.errors import AtlasflowError
 
 _SCHEMA_NAME = "manifest.schema.yaml"
 
-#: Scans of a session beside its T1w (the reference), each on its own grid: the workflow aligns
-#: them to the T1w. Their output names are in :data:`atlasflow.layout.CONTRASTS`.
+#: Scans of a session beside its T1w, each on its own grid: the workflow aligns them to the
+#: session's reference (the T1w by default). Their output names are in
+#: :data:`atlasflow.layout.CONTRASTS`.
 CONTRAST_COLUMNS = ("t2w", "flair", "t1ce", "pdw")
-#: Columns whose images are on the T1w's grid (label map and masks).
+#: Every scan column: one of them is the session's reference (config ``contrasts.reference``).
+SCAN_COLUMNS = ("t1w", *CONTRAST_COLUMNS)
+#: The reference unless the config says otherwise (the schema's required ``t1w`` stands for it).
+DEFAULT_REFERENCE = "t1w"
+#: Columns whose images are on the reference scan's grid (label map and masks; the T1w's by
+#: default; a tumour mask may also be on another contrast's).
 T1W_GRID_COLUMNS = ("labels", "tumor_mask", "brain_mask")
 #: Image columns and the role each plays; the checks per role are in :mod:`atlasflow.cohort.voxels`.
 IMAGE_COLUMNS = ("t1w", *T1W_GRID_COLUMNS, *CONTRAST_COLUMNS)
@@ -57,12 +63,13 @@ def manifest_schema() -> dict[str, Any]:
     return schema
 
 
-@lru_cache(maxsize=1)
-def row_validator() -> Any:
-    """A jsonschema validator of one manifest row (built once; jsonschema imported on first use)."""
+@lru_cache(maxsize=8)
+def row_validator(reference: str = DEFAULT_REFERENCE) -> Any:
+    """A jsonschema validator of one manifest row whose session is anchored by the ``reference``
+    column (:func:`required_columns`; built once per reference, jsonschema imported on first use)."""
     import jsonschema
 
-    schema = manifest_schema()
+    schema = {**manifest_schema(), "required": list(required_columns(reference))}
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
@@ -72,9 +79,16 @@ def known_columns() -> tuple[str, ...]:
     return tuple(manifest_schema()["properties"])
 
 
-def required_columns() -> tuple[str, ...]:
-    """The columns a manifest's header must have."""
-    return tuple(manifest_schema()["required"])
+def required_columns(reference: str = DEFAULT_REFERENCE) -> tuple[str, ...]:
+    """The columns a manifest's header must have when the sessions are anchored by the
+    ``reference`` column (config ``contrasts.reference``): the schema's, whose ``t1w`` (the
+    default reference) stands for the reference."""
+    if reference not in SCAN_COLUMNS:
+        raise AtlasflowError(
+            f"contrasts.reference {reference!r} is not a scan column; choose one of "
+            f"{', '.join(SCAN_COLUMNS)}"
+        )
+    return tuple(reference if c == DEFAULT_REFERENCE else c for c in manifest_schema()["required"])
 
 
 def optional_columns() -> tuple[str, ...]:

@@ -7,7 +7,7 @@ decompression, which also verifies the gzip checksum; :mod:`atlasflow.cohort.vox
 truncation, NaN/Inf, constant images, non-integer labels, non-binary or empty brain masks and
 tumour masks with values that are not tumour labels.
 :func:`validate_images` does the same for many files, the voxel passes in a few threads.
-:func:`grid_mismatch` says whether a mask or label map lies on its T1w scan's grid. Results are
+:func:`grid_mismatch` says whether a mask or label map lies on its reference scan's grid. Results are
 cached in memory by (path, size, mtime).
 """
 
@@ -323,8 +323,9 @@ def _fmt_mm(values: np.ndarray) -> str:
     return "x".join(f"{float(v):.4g}" for v in values)
 
 
-def grid_mismatch(image: ImageInfo, other: ImageInfo) -> str | None:
-    """Why ``other`` does not sample the same voxel centres as ``image`` (None when it does).
+def grid_mismatch(image: ImageInfo, other: ImageInfo, reference: str = "t1w") -> str | None:
+    """Why ``other`` does not sample the same voxel centres as ``image``, the session's
+    ``reference`` scan (a column name, for the message; None when it does).
 
     The same grid stored with axes flipped or permuted (RAS vs LPS storage) is the same grid:
     preprocessing reorients both to RAS, so no interpolation happens.
@@ -332,7 +333,7 @@ def grid_mismatch(image: ImageInfo, other: ImageInfo) -> str | None:
     try:
         to_image = np.linalg.solve(image.affine, other.affine)  # other's voxel -> image's voxel
     except np.linalg.LinAlgError:
-        return "its affine cannot be related to the t1w image's"
+        return f"its affine cannot be related to the {reference} image's"
     linear = to_image[:3, :3]
     perm = np.round(linear)
     is_signed_perm = (
@@ -353,13 +354,13 @@ def grid_mismatch(image: ImageInfo, other: ImageInfo) -> str | None:
         ):
             return None
     if sorted(image.shape) != sorted(other.shape):
-        return f"not on the grid of the t1w image: shape {other.shape} vs {image.shape}"
+        return f"not on the grid of the {reference} image: shape {other.shape} vs {image.shape}"
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in image.shape], indexing="ij")).reshape(
         3, -1
     )
     corners_h = np.vstack([corners, np.ones((1, corners.shape[1]))])
     distance = np.linalg.norm((other.affine - image.affine)[:3] @ corners_h, axis=0).max()
     return (
-        f"not on the grid of the t1w image: same shape, but the voxel-to-world affines differ "
+        f"not on the grid of the {reference} image: same shape, but the voxel-to-world affines differ "
         f"(corner voxels up to {distance:.3g} mm apart)"
     )

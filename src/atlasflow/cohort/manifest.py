@@ -25,6 +25,7 @@ import pandas as pd
 
 from atlasflow.cohort.bids import load_bids
 from atlasflow.cohort.columns import (
+    DEFAULT_REFERENCE,
     ORIGIN_COLUMN,
     known_columns,
     normalise_table,
@@ -38,8 +39,13 @@ def load_cohort(
     source: str | os.PathLike,
     notes: CohortNotes | list[tuple[str, str]] | None = None,
     options: BidsOptions | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> pd.DataFrame:
     """Read a manifest CSV or discover a BIDS folder; return the normalised cohort table.
+
+    A manifest must have the ``reference`` column (config ``contrasts.reference``; the ``t1w``
+    column is then optional unless it is the reference). A BIDS folder's rows are its sessions
+    with a T1w scan, whatever the reference.
 
     Structural problems (missing file, not a CSV, empty manifest, missing columns, BIDS folder
     without T1w scans) raise :class:`AtlasflowError`; value checks are :func:`validate_cohort`'s.
@@ -78,10 +84,10 @@ def load_cohort(
             f"{path}: expected a manifest .csv file or a BIDS folder, got a file ending in "
             f"'{''.join(path.suffixes) or path.name}'"
         )
-    return _load_csv(path)
+    return _load_csv(path, reference)
 
 
-def _load_csv(path: Path) -> pd.DataFrame:
+def _load_csv(path: Path, reference: str = DEFAULT_REFERENCE) -> pd.DataFrame:
     name = path.name
     try:
         raw = path.read_bytes()
@@ -99,7 +105,7 @@ def _load_csv(path: Path) -> pd.DataFrame:
     if not text.strip():
         raise AtlasflowError(
             f"{path}: the manifest is empty (expected a header row with columns "
-            f"{', '.join(required_columns())} and one row per scan session)"
+            f"{', '.join(required_columns(reference))} and one row per scan session)"
         )
 
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -136,7 +142,7 @@ def _load_csv(path: Path) -> pd.DataFrame:
             raise AtlasflowError(f"{name}: column {i + 1} has values but no name in the header")
     header = [header[i] for i in keep]
     rows = [[r[i] for i in keep] for r in rows]
-    _check_header(header, name)
+    _check_header(header, name, reference)
     if not rows:
         raise AtlasflowError(
             f"{name}: the manifest has a header but no rows (one row per scan session)"
@@ -147,7 +153,7 @@ def _load_csv(path: Path) -> pd.DataFrame:
     return normalise_table(table, path.resolve().parent)
 
 
-def _check_header(header: list[str], name: str) -> None:
+def _check_header(header: list[str], name: str, reference: str = DEFAULT_REFERENCE) -> None:
     """Duplicate, misspelt and missing columns, each named."""
     seen: set[str] = set()
     for col in header:
@@ -167,13 +173,15 @@ def _check_header(header: list[str], name: str) -> None:
             close = difflib.get_close_matches(col, absent, n=1, cutoff=0.75)
             if close:
                 raise AtlasflowError(f"{name}: unknown column '{col}'; did you mean '{close[0]}'?")
-    missing = [c for c in required_columns() if c not in seen]
+    missing = [c for c in required_columns(reference) if c not in seen]
     if missing:
         hint = ""
         if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
             hint = (
                 "; the file seems to use another separator, atlasflow reads comma-separated values"
             )
+        if reference in missing and reference != DEFAULT_REFERENCE:
+            hint += f"; contrasts.reference is {reference}: it anchors every session"
         raise AtlasflowError(
             f"{name}: missing required column{'s' if len(missing) > 1 else ''} "
             f"{', '.join(repr(c) for c in missing)} (header has: {', '.join(header) or 'nothing'}){hint}"

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from atlasflow.cohort.columns import IMAGE_COLUMNS, known_columns, optional_columns
+from atlasflow.cohort.columns import (
+    DEFAULT_REFERENCE,
+    IMAGE_COLUMNS,
+    known_columns,
+    optional_columns,
+)
 from atlasflow.cohort.selection import BidsOptions, CohortNotes
 
 #: The registration weights shipped with the package: deep.DEFAULT_MODEL, spelled here so that the
@@ -37,7 +42,8 @@ def resolve_cohort(
     check_data: bool = True,
     notes: CohortNotes | None = None,
 ) -> pd.DataFrame:
-    """The cohort as a table with string columns subject, session, t1w and the optional ones.
+    """The cohort as a table with string columns subject, session, the scans and the optional ones
+    (every row has the reference scan of ``contrasts.reference``, the T1w by default).
 
     Paths are absolute for a user cohort; for the demo cohort they are the files the ``demo_data``
     rule writes (relative to the working directory, as Snakemake expects for outputs).
@@ -57,6 +63,7 @@ def resolve_cohort(
             n_long=demo["n_long"],
             n_timepoints=demo["n_timepoints"],
             contrasts=demo.get("contrasts", DEMO_CONTRASTS),
+            reference=(config.get("contrasts") or {}).get("reference") or DEFAULT_REFERENCE,
         )
         table = _normalise(table)
         for column in IMAGE_COLUMNS:
@@ -69,8 +76,11 @@ def resolve_cohort(
     source = cohort_source(config, workdir)
     notes = CohortNotes() if notes is None else notes
     labels = TumourLabels.of((config.get("longitudinal") or {}).get("tumor_labels"))
-    table = load_cohort(source, notes, BidsOptions.from_config(config))
-    table = validate_cohort(table, source, check_data=check_data, notes=notes, tumor_labels=labels)
+    reference = (config.get("contrasts") or {}).get("reference") or DEFAULT_REFERENCE
+    table = load_cohort(source, notes, BidsOptions.from_config(config), reference)
+    table = validate_cohort(
+        table, source, check_data=check_data, notes=notes, tumor_labels=labels, reference=reference
+    )
     return _normalise(table)
 
 

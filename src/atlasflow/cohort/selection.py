@@ -51,12 +51,15 @@ class BidsOptions:
     ``derivatives``: pipeline folders under ``derivatives/`` whose label maps and masks are read,
     in precedence order; None reads every pipeline folder (in name order), () none.
     ``derivatives_first``: a pipeline's file wins over one in raw ``anat/`` (default: raw wins).
+    ``reference``: the role every session must have to be a row (config ``contrasts.reference``,
+    the T1w by default).
     """
 
     prefer: tuple[str, ...] = DEFAULT_PREFER
     choose: str = "last-run"
     derivatives: tuple[str, ...] | None = None
     derivatives_first: bool = False
+    reference: str = "t1w"
 
     def __post_init__(self) -> None:
         from atlasflow.errors import AtlasflowError
@@ -73,14 +76,17 @@ class BidsOptions:
 
     @classmethod
     def from_config(cls, config: Mapping | None) -> BidsOptions:
-        """The options of a workflow config (its ``bids`` section; defaults where absent)."""
+        """The options of a workflow config (its ``bids`` section and ``contrasts.reference``;
+        defaults where absent)."""
         section = dict((config or {}).get("bids") or {})
         derivatives = section.get("derivatives")
+        contrasts = (config or {}).get("contrasts") or {}
         return cls(
             prefer=tuple(section.get("prefer", DEFAULT_PREFER)),
             choose=section.get("choose", "last-run"),
             derivatives=None if derivatives is None else tuple(derivatives),
             derivatives_first=bool(section.get("derivatives_first", False)),
+            reference=contrasts.get("reference") or "t1w",
         )
 
 

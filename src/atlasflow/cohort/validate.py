@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from atlasflow.cohort.columns import (
-    CONTRAST_COLUMNS,
+    DEFAULT_REFERENCE,
     IMAGE_COLUMNS,
     ORIGIN_COLUMN,
     fill_mixed_sessions,
@@ -52,12 +53,17 @@ def _row_label(origin: str, subject: str, session: str) -> str:
     )
 
 
-def _schema_problem(error: Any) -> str:
+def _schema_problem(error: Any, reference: str = DEFAULT_REFERENCE) -> str:
     """One readable clause from a jsonschema error, using the column's description from the schema."""
     if not error.path:
         return one_line(error.message)
     field = error.path[-1]
     value = error.instance
+    if value == "" and field == reference != DEFAULT_REFERENCE:
+        return (
+            f"{field} is empty, but contrasts.reference is {reference}: every scan session needs "
+            f"its {reference} (it anchors the session)"
+        )
     if value == "":
         return f"{field} is empty"
     description = manifest_schema()["properties"].get(field, {}).get("description", "")
@@ -72,13 +78,15 @@ def validate_cohort(
     check_data: bool = True,
     notes: CohortNotes | None = None,
     tumor_labels: TumourLabels | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> pd.DataFrame:
     """Check a cohort table (from :func:`load_cohort`) before anything runs; return it sorted.
 
     Order of checks, cheapest first: columns, each row against the manifest schema, duplicate
     sessions and files, the dates of each subject, then every image's header
-    (:func:`validate_image`), that masks and labels share the grid of their T1w scan, and every
-    image's voxels. A missing column or an empty table stops at once; every other problem is
+    (:func:`validate_image`), that masks and labels share the grid of their session's reference
+    scan (``reference``, config ``contrasts.reference``: the T1w by default, and every row must
+    have it; a tumour mask may instead be on another contrast's grid), and every image's voxels. A missing column or an empty table stops at once; every other problem is
     collected (a row's first table-level problem is its only one: its later checks and its images
     are skipped; images are checked file by file) and all are raised together with those discovery
     left in ``notes``: one :class:`AtlasflowError`, one line per problem, a single problem keeping
@@ -95,7 +103,7 @@ def validate_cohort(
     name = source.name
     where = str(source)
     problems: list[str] = list(notes.problems) if notes is not None else []
-    missing = [c for c in required_columns() if c not in df.columns]
+    missing = [c for c in required_columns(reference) if c not in df.columns]
     if missing:
         problems.append(f"{name}: missing required column(s) {', '.join(repr(c) for c in missing)}")
         raise problems_error(where, problems)
@@ -114,8 +122,8 @@ def validate_cohort(
 
     # Table-level checks: a row's first problem is its only one (later checks skip it, so that a
     # duplicated row is not also reported for its file and date).
-    validator = row_validator()
-    required = set(required_columns())
+    validator = row_validator(reference)
+    required = set(required_columns(reference))
     bad: set[int] = set()
 
     def problem(i: int, text: str) -> None:
@@ -128,7 +136,7 @@ def validate_cohort(
         }
         errors = sorted(validator.iter_errors(instance), key=lambda e: (list(e.path), e.validator))
         if errors:
-            problem(i, f"{label}: {_schema_problem(errors[0])}")
+            problem(i, f"{label}: {_schema_problem(errors[0], reference)}")
 
     first_of_session: dict[tuple[str, str], str] = {}
     first_of_file: dict[str, str] = {}
@@ -177,13 +185,14 @@ def validate_cohort(
     for (_, role, _, row), info in zip(jobs, infos, strict=True):
         by_row.setdefault(row, {})[role] = info
     for (path, role, label, row), info in zip(jobs, infos, strict=True):
-        reference = by_row[row].get("t1w")
-        if role == "t1w" or role in CONTRAST_COLUMNS or info is None or reference is None:
+        anchor = by_row[row].get(reference)
+        if role in SCAN_COLUMNS or info is None or anchor is None:
             continue  # other contrasts have grids of their own: the workflow aligns them
-        problem = grid_mismatch(reference, info)
+        problem = grid_mismatch(anchor, info, reference)
         if problem and role == "tumor_mask":
             # a lesion or tumour mask drawn on another contrast (a FLAIR) comes with its grid
-            own = [c for c in CONTRAST_COLUMNS if by_row[row].get(c) is not None]
+            others = [c for c in SCAN_COLUMNS if c != reference]
+            own = [c for c in others if by_row[row].get(c) is not None]
             if any(grid_mismatch(by_row[row][c], info) is None for c in own):  # type: ignore[arg-type]
                 continue
             if own:
@@ -251,8 +260,8 @@ def _check_dates(records: list[dict[str, str]], labels: list[str]) -> list[tuple
     return problems
 
 
-def summarise(table: pd.DataFrame) -> str:
-    """A short human summary of a validated cohort table."""
+def summarise(table: pd.DataFrame, reference: str = DEFAULT_REFERENCE) -> str:
+    """A short human summary of a validated cohort table (its sessions anchored by ``reference``)."""
     sessions = table.groupby("subject").size()
     longitudinal = int((sessions > 1).sum())
     parts = [
@@ -271,7 +280,10 @@ def summarise(table: pd.DataFrame) -> str:
         ("acq_date", "dates"),
     ):
         parts.append(f"{what} {int((table[col] != '').sum())}")
-    contrasts = [(c, int((table[c] != "").sum())) for c in CONTRAST_COLUMNS if c in table]
+    if reference != DEFAULT_REFERENCE:
+        parts.append(f"reference {reference}")
+    others = [c for c in SCAN_COLUMNS if c != reference]
+    contrasts = [(c, int((table[c] != "").sum())) for c in others if c in table]
     if any(n for _, n in contrasts):
         parts.append("other contrasts " + ", ".join(f"{c} {n}" for c, n in contrasts if n))
     groups = table.drop_duplicates("subject")["group"]
@@ -300,6 +312,14 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=LABEL[,LABEL]",
         help="tumour-mask compartments as in the config's longitudinal.tumor_labels "
         "(default: necrosis=1 oedema=2 enhancing=3,4; none given: binary 0/1 masks only)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=SCAN_COLUMNS,
+        default=None,
+        help="the column that anchors every session, as the config's contrasts.reference "
+        "(default: the --configfile's, else t1w); every row must have it, label maps and brain "
+        "masks must be on its grid",
     )
     parser.add_argument(
         "--table",
@@ -366,6 +386,21 @@ def bids_options(args: argparse.Namespace) -> BidsOptions:
     return BidsOptions.from_config({"bids": section})
 
 
+def _config_reference(configfile: str | None) -> str:
+    """``contrasts.reference`` of a workflow config file (the default: t1w)."""
+    if not configfile:
+        return DEFAULT_REFERENCE
+    import yaml
+
+    try:
+        with open(configfile, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise AtlasflowError(f"{configfile}: cannot be read as YAML ({exc})") from None
+    contrasts = config.get("contrasts") if isinstance(config, dict) else None
+    return (contrasts or {}).get("reference") or DEFAULT_REFERENCE
+
+
 #: Skipped inputs (and choices) listed one per line by ``atlasflow validate``; the rest are counted.
 MAX_SKIPPED_LINES = 50
 
@@ -403,13 +438,16 @@ def run_validate(args: argparse.Namespace) -> int:
     """
     start = time.perf_counter()
     notes = CohortNotes()
-    table = load_cohort(args.cohort, notes, bids_options(args))
+    reference = args.reference or _config_reference(args.configfile)
+    options = replace(bids_options(args), reference=reference)
+    table = load_cohort(args.cohort, notes, options, reference)
     table = validate_cohort(
         table,
         args.cohort,
         check_data=not args.headers_only,
         notes=notes,
         tumor_labels=TumourLabels.parse(args.tumor_labels),
+        reference=reference,
     )
     seconds = time.perf_counter() - start
     checked = "headers" if args.headers_only else "headers and voxels"
@@ -420,7 +458,7 @@ def run_validate(args: argparse.Namespace) -> int:
     )
     filled = f"; {notes.sessions_filled_line()}" if notes.sessions_filled else ""
     print(
-        f"{args.cohort}: OK - {summarise(table)}{filled}{chosen} ({checked} checked in "
+        f"{args.cohort}: OK - {summarise(table, reference)}{filled}{chosen} ({checked} checked in "
         f"{seconds:.2f} s)",
         file=sys.stderr if args.table else sys.stdout,
     )

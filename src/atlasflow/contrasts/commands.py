@@ -11,21 +11,21 @@ from atlasflow.contrasts.qc import MAX_SESSION_SHIFT_MM, MIN_SESSION_NMI
 def add_contrast_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("step", choices=["align", "warp", "change", "average"])
     p.add_argument("--input", help="align: the contrast as given; warp/change: its normalised own-grid image")
-    p.add_argument("--reference", help="align: the session's preprocessed T1w")
-    p.add_argument("--reference-mask", help="align: the T1w's brain mask")
+    p.add_argument("--reference", help="align: the session's preprocessed reference scan (its T1w by default)")
+    p.add_argument("--reference-mask", help="align: the reference's brain mask")
     p.add_argument("--dof", choices=["rigid", "affine"], default="rigid", help="align: transform kind")
     p.add_argument("--no-n4", action="store_true", help="align: skip the bias-field correction")
     p.add_argument("--min-nmi", type=float, default=MIN_SESSION_NMI, help="align: QC floor of the mutual information")
     p.add_argument("--max-shift-mm", type=float, default=MAX_SESSION_SHIFT_MM, help="align: QC ceiling of the movement")
-    p.add_argument("--session-affine", help="warp/change: the contrast's from-<contrast>_to-T1w transform")
-    p.add_argument("--affine", help="warp/change: the T1w's ITK affine into the space")
-    p.add_argument("--warp", help="warp/change: the T1w's displacement field into the space")
+    p.add_argument("--session-affine", help="warp/change: the contrast's from-<contrast>_to-<reference> transform")
+    p.add_argument("--affine", help="warp/change: the reference's ITK affine into the space")
+    p.add_argument("--warp", help="warp/change: the reference's displacement field into the space")
     p.add_argument("--fixed", help="warp: an image on the space's grid")
     p.add_argument("--baseline", help="change: the baseline's contrast in baseline space")
     p.add_argument("--baseline-native", help="change: the baseline's contrast on its own grid")
-    p.add_argument("--baseline-session-affine", help="change: the baseline contrast's from-<contrast>_to-T1w transform")
+    p.add_argument("--baseline-session-affine", help="change: the baseline contrast's from-<contrast>_to-<reference> transform")
     p.add_argument(
-        "--deformable", action="store_true", help="change: keep the T1w registration's deformation (default: affine)"
+        "--deformable", action="store_true", help="change: keep the reference's registration deformation (default: affine)"
     )
     p.add_argument("--inputs", nargs="*", default=[], help="average: the members' images in atlas space")
     p.add_argument("--out-native")

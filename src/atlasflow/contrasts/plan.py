@@ -1,16 +1,20 @@
 """What the workflow plans for a session's other contrasts: their files, rule inputs and targets.
 
-Per contrast ``c`` of a scan (``workflow/rules/contrasts.smk``, one set of rules per contrast):
+The session's reference contrast (config ``contrasts.reference``: the T1w by default) is the
+scan the workflow preprocesses and registers; every other contrast of the session, the T1w
+included when another contrast is the reference, is aligned to it. Per contrast ``c`` of a scan
+(``workflow/rules/contrasts.smk``, one set of rules per contrast), R the reference:
 
-- ``align_c``: bias-corrected, aligned to the session's T1w, normalised: the brain on its own
-  grid (``space-orig_desc-preproc``), on the T1w's working grid (``desc-preproc``), the transform
-  ``from-<c>_to-T1w`` and its QC;
+- ``align_c``: bias-corrected, aligned to the session's reference, normalised: the brain on its
+  own grid (``space-orig_desc-preproc``), on the reference's working grid (``desc-preproc``), the
+  transform ``from-<c>_to-<R>`` and its QC;
 - ``c_to_template`` / ``c_to_atlas``: the own-grid image in template / atlas space through the
-  T1w's transform composed with the session alignment (one interpolation);
+  reference's transform composed with the session alignment (one interpolation);
 - ``atlas_c``: the mean of the atlas members' images in atlas space;
 - ``c_change`` (follow-ups whose baseline has ``c``): the follow-up in baseline space (its T1w
   registrations composed, then refined on the two scans of ``c``) and its difference to the
-  baseline; ``c_change_to_atlas``: that difference in atlas space.
+  baseline; ``c_change_to_atlas``: that difference in atlas space. (The reference's
+  registrations are composed, then refined on the two scans of ``c``.)
 
 Torch-free: Snakemake imports it when it parses the workflow.
 """
@@ -27,23 +31,37 @@ from atlasflow.contrasts.qc import MAX_SESSION_SHIFT_MM, MIN_SESSION_NMI
 #: spelled from the layout here: the report inputs import this module and stay free of pandas).
 CONTRAST_COLUMNS = tuple(c for c in layout.CONTRASTS if c != "t1w")
 #: Each contrast's name in ``from-``/``to-`` transform entities (letters and digits only).
-TRANSFORM_LABELS = {"t2w": "T2w", "flair": "FLAIR", "t1ce": "ceT1w", "pdw": "PDw"}
+TRANSFORM_LABELS = layout.TRANSFORM_LABELS
+#: References whose images look like the T1w template's (MNI152): registered to it as one
+#: contrast. Any other reference goes the engine's contrast-independent way (``--cross-contrast``).
+T1_LIKE = ("t1w", "t1ce")
 
 
-def used_contrasts(config: Mapping[str, Any], present: set[str]) -> list[str]:
-    """The contrasts the workflow processes: configured (``contrasts.use``) and in the cohort."""
-    wanted = (config.get("contrasts") or {}).get("use", list(CONTRAST_COLUMNS))
-    return [c for c in CONTRAST_COLUMNS if c in wanted and c in present]
+def reference_of(config: Mapping[str, Any]) -> str:
+    """The session's reference contrast (``contrasts.reference``; the T1w by default)."""
+    return (config.get("contrasts") or {}).get("reference") or layout.DEFAULT_REFERENCE
+
+
+def used_contrasts(
+    config: Mapping[str, Any], present: set[str], reference: str = layout.DEFAULT_REFERENCE
+) -> list[str]:
+    """The contrasts the workflow aligns to the reference: configured (``contrasts.use``), in the
+    cohort and not the reference itself, in the cohort's column order."""
+    wanted = (config.get("contrasts") or {}).get("use", list(layout.CONTRASTS))
+    return [c for c in layout.CONTRASTS if c != reference and c in wanted and c in present]
 
 
 class ContrastFiles:
     """The files of the contrast rules of one output folder (wildcards pass through). A session
     not given is ``session`` (the rules' placeholder: ``"{session}"``, or ``""`` for a cohort
-    without sessions)."""
+    without sessions); ``reference`` is the contrast every other one is aligned to."""
 
-    def __init__(self, out: str, session: str = "{session}") -> None:
+    def __init__(
+        self, out: str, session: str = "{session}", reference: str = layout.DEFAULT_REFERENCE
+    ) -> None:
         self.out = out
         self.session = session
+        self.reference = reference
 
     def image(
         self, c: str, subject: str = "{subject}", session: str | None = None, **entities: Any
@@ -56,7 +74,7 @@ class ContrastFiles:
         return self.image(c, subject, session, space="orig", desc="preproc")
 
     def preproc(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
-        """The contrast on its session's T1w working grid (the baseline space of a baseline)."""
+        """The contrast on its session's reference working grid (the baseline space of a baseline)."""
         return self.image(c, subject, session, desc="preproc")
 
     def session_affine(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
@@ -66,7 +84,7 @@ class ContrastFiles:
             subject,
             self.session if session is None else session,
             from_=TRANSFORM_LABELS[c],
-            to="T1w",
+            to=TRANSFORM_LABELS[self.reference],
             mode="image",
             ext="mat",
         )
@@ -78,7 +96,7 @@ class ContrastFiles:
             subject,
             self.session if session is None else session,
             from_=TRANSFORM_LABELS[c],
-            to="T1w",
+            to=TRANSFORM_LABELS[self.reference],
             mode="image",
             desc="qc",
             ext="json",
@@ -87,7 +105,7 @@ class ContrastFiles:
     def in_space(
         self, c: str, space: str, subject: str = "{subject}", session: str | None = None
     ) -> str:
-        """The contrast in template, atlas or baseline space (atlas: named as the T1w's, no desc)."""
+        """The contrast in template, atlas or baseline space (atlas: named as the reference's, no desc)."""
         if space == "atlas":
             return self.image(c, subject, session, space="atlas")
         return self.image(c, subject, session, space=space, desc="warped")
@@ -103,9 +121,10 @@ class ContrastPlan:
 
     def __init__(self, plan: Any) -> None:
         self.plan = plan
-        self.files = ContrastFiles(plan.out, plan.session_wildcard)
-        present = {c for c in CONTRAST_COLUMNS if c in plan.cohort and any(plan.cohort[c])}
-        self.used = used_contrasts(plan.config, present)
+        self.reference = plan.reference
+        self.files = ContrastFiles(plan.out, plan.session_wildcard, plan.reference)
+        present = {c for c in layout.CONTRASTS if c in plan.cohort and any(plan.cohort[c])}
+        self.used = used_contrasts(plan.config, present, plan.reference)
         settings = plan.config.get("contrasts") or {}
         self.dof = settings.get("align", "rigid")
         self.min_nmi = settings.get("min_nmi", MIN_SESSION_NMI)
@@ -182,8 +201,10 @@ class ContrastPlan:
     # --- masks drawn on another contrast's grid
 
     def mask_grid_inputs(self, wildcards: Any) -> dict[str, str]:
-        """What carrying a scan's tumour/lesion mask reads beside it: the T1w as given and each
-        other contrast as given with its session alignment (the mask may be on any of their grids)."""
+        """What carrying a scan's tumour/lesion mask reads beside it: the reference scan as given
+        (input ``t1w``, flag ``--t1w``: the names of the T1w-anchored workflow, kept so its
+        commands do not change) and each other contrast as given with its session alignment (the
+        mask may be on any of their grids)."""
         row = self.plan.row(wildcards)
         inputs: dict[str, str] = {}
         for c in self.used:
@@ -193,7 +214,7 @@ class ContrastPlan:
                     c, wildcards.subject, self.plan.session_of(wildcards)
                 )
         if inputs:
-            inputs["t1w"] = row["t1w"]
+            inputs["t1w"] = row[self.reference]
         return inputs
 
     @staticmethod

@@ -1,9 +1,11 @@
-"""A session's other contrasts (T2w, FLAIR, post-contrast T1w, PDw) brought to its T1w.
+"""A session's other contrasts (T2w, FLAIR, post-contrast T1w, PDw) brought to its reference.
 
-Each contrast is bias-corrected on its own grid, aligned to the session's preprocessed T1w by
-normalised mutual information (:func:`atlasflow.registration.initial.session_alignment`: rigid by
-default, the contrast-independent path of the engine), and normalised in the T1w's brain mask
-with the same percentile rule as the T1w. What is kept on the contrast's own grid, brain only,
+The session's reference is its T1w unless config ``contrasts.reference`` names another contrast
+(the T1w is then one of the others); "T1w" below stands for it. Each contrast is bias-corrected
+on its own grid, aligned to the session's preprocessed T1w by normalised mutual information
+(:func:`atlasflow.registration.initial.session_alignment`: rigid by default, the
+contrast-independent path of the engine), and normalised in the T1w's brain mask with the same
+percentile rule as the T1w. What is kept on the contrast's own grid, brain only,
 is the one image every output space is resampled from (:mod:`atlasflow.contrasts.spaces`), so a
 contrast is interpolated once per space, never twice.
 
@@ -143,7 +145,7 @@ def run_align(
     found = align_contrast(raw, reference, mask, rigid=rigid)
     flags = found.flags(min_nmi, max_shift_mm)
     if flags:
-        raise AtlasflowError(f"{contrast_path}: not aligned to the session's T1w {reference_path}: {'; '.join(flags)}")
+        raise AtlasflowError(f"{contrast_path}: not aligned to the session's reference {reference_path}: {'; '.join(flags)}")
     try:
         native, preproc = normalise_contrast(raw, found.world, reference, mask)
     except AtlasflowError as exc:
@@ -153,7 +155,7 @@ def run_align(
     write_itk_affine(found.world, out_affine)
     metrics = {
         "transform": "rigid" if rigid else "affine",
-        "metric": "normalised mutual information (2 mm, T1w brain)",
+        "metric": "normalised mutual information (2 mm, reference brain)",
         "nmi_scanner": round(found.nmi_scanner, 4),
         "nmi_after": round(found.nmi_after, 4),
         "shift_mm": round(found.shift_mm, 3),

@@ -188,6 +188,11 @@ def register_and_measure(
         agreement = max(agreement, intensity_agreement(fixed.data, unregistered.data, region))
     metrics["intensity_agreement"] = round(agreement, 3)
     metrics["same_contrast"] = bool(agreement >= SAME_CONTRAST_AGREEMENT)
+    if RegistrationOptions.of(options).cross_contrast:
+        # the caller knows the pair shows two contrasts (a FLAIR onto a T1w template), whatever
+        # the intensities say (the demo's FLAIR rises with the T1w's): judged by NMI
+        metrics["cross_contrast"] = True
+        metrics["same_contrast"] = False
     return Measured(reg, warped, unregistered, metrics)
 
 

@@ -56,6 +56,18 @@ class RegistrationOptions:
         metadata=_flag("--ants-type", "engine", help="antspyx type_of_transform (ants backend)"),
     )
     seed: int = field(default=0, metadata=_flag("--seed", "engine", type=int))
+    cross_contrast: bool = field(
+        default=False,
+        metadata=_flag(
+            "--cross-contrast",
+            "engine",
+            action="store_true",
+            help="the pair shows two contrasts (a FLAIR onto a T1w template): the deep backend "
+            "starts from the contrast-independent alignment (mutual information), as for raw "
+            "scans, skips the refinement (--refine: a one-contrast similarity) and keeps the "
+            "networks' deformation only where it raises the mutual information",
+        ),
+    )
     # one command each
     affine_steps: int | None = field(  # None: the engine's default (engine.AFFINE_STEPS)
         default=None,

@@ -133,10 +133,11 @@ class Limit:
     metric: str
     rule: str  # ">=" or "<="
     key: str  # where the bound comes from: the config key, or why it is fixed
-    field: str | None = None  # the QCThresholds field holding the bound; None: -NCC_DROP_TOLERANCE
+    field: str | None = None  # the QCThresholds field holding the bound; None: ``fixed``
+    fixed: float = -NCC_DROP_TOLERANCE
 
     def bound(self, thresholds: QCThresholds) -> float:
-        return getattr(thresholds, self.field) if self.field else -NCC_DROP_TOLERANCE
+        return getattr(thresholds, self.field) if self.field else self.fixed
 
     def judge(self, value: float | None, thresholds: QCThresholds) -> str:
         return judge(value, self.bound(thresholds), self.rule)
@@ -150,6 +151,11 @@ LIMITS = {
         "folding_fraction", "<=", "qc.max_folding_fraction", "max_folding_fraction"
     ),
     "dice_mean": Limit("dice_mean", ">=", "qc.min_dice", "min_dice"),
+    # nmi_change = nmi_after - nmi_before: how a pair of two contrasts is judged (qc_flags)
+    "nmi_change": Limit(
+        "nmi_change", ">=", "a registration must not lower the mutual information", None,
+        -NMI_DROP_TOLERANCE,
+    ),
 }
 
 

@@ -24,6 +24,7 @@ METRIC_LABELS = {
     "ncc_before": "NCC before",
     "ncc_after": "NCC after",
     "ncc_change": "NCC change",
+    "nmi_change": "NMI change",
     "folding_fraction": "folding fraction",
     "dice_mean": "mean Dice",
     "nmi_scanner": "NMI at scanner alignment",
@@ -50,11 +51,12 @@ def contrast_label(column: str) -> str:
     return TRANSFORM_LABELS.get(column, column)
 
 
-def stage_title(stage: str) -> str:
-    """``to atlas``, or ``FLAIR to T1w`` for a contrast's alignment."""
+def stage_title(stage: str, reference: str = "t1w") -> str:
+    """``to atlas``, or ``FLAIR to T1w`` for a contrast's alignment to the session's
+    ``reference`` (``T1w to FLAIR`` when the FLAIR is the reference)."""
     column = contrast_of(stage)
     if column is not None:
-        return f"{contrast_label(column)} to T1w"
+        return f"{contrast_label(column)} to {contrast_label(reference)}"
     return STAGE_TITLES.get(stage, stage)
 
 
@@ -66,7 +68,7 @@ def format_metric(metric: str, value: float | None) -> str:
         return str(value)
     if metric == "folding_fraction":
         return f"{100 * value:.3g} %"
-    if metric == "ncc_change":
+    if metric in ("ncc_change", "nmi_change"):
         return f"{value:+.3f}"
     if metric == "shift_mm":
         return f"{value:.1f} mm"
@@ -88,6 +90,7 @@ class Check:
     key: str = ""  # the config key of the threshold
     status: str = "info"  # pass | flag | info | missing
     note: str = ""
+    reference: str = "t1w"  # what a contrast's alignment is to (the session's reference)
 
     @property
     def label(self) -> str:
@@ -96,7 +99,7 @@ class Check:
     def reason(self) -> str:
         """Why this check flagged, e.g. 'ses-2 to atlas: NCC after 0.412 < 0.500 (qc.min_ncc_after)'
         ('to atlas: ...' for a scan without a session)."""
-        where = f"{session_prefix(self.session)}{stage_title(self.stage)}"
+        where = f"{session_prefix(self.session)}{stage_title(self.stage, self.reference)}"
         if self.metric == "qc_pass":
             return f"{where}: {self.note or 'the alignment failed its QC'}"
         if self.value is None or not math.isfinite(self.value):
@@ -164,12 +167,25 @@ def stage_checks(
     t = scan.session
     before, ncc = as_number(qc.get("ncc_before")), as_number(qc.get("ncc_after"))
     change = ncc - before if ncc is not None and before is not None else None
-    checks = [
-        Check(t, stage, "ncc_before", before),
-        judged(t, stage, "ncc_after", ncc, thresholds),
-        judged(t, stage, "ncc_change", change, thresholds),
-        judged(t, stage, "folding_fraction", as_number(qc.get("folding_fraction")), thresholds),
-    ]
+    checks = [Check(t, stage, "ncc_before", before)]
+    if qc.get("same_contrast") is False:
+        # two contrasts (registration.qc.qc_flags): the NCC informs, the mutual information judges
+        note = "two contrasts: judged by the mutual information"
+        checks += [
+            Check(t, stage, "ncc_after", ncc, note=note),
+            Check(t, stage, "ncc_change", change, note=note),
+        ]
+        nmi_before, nmi_after = as_number(qc.get("nmi_before")), as_number(qc.get("nmi_after"))
+        if nmi_before is not None and nmi_after is not None:
+            checks.append(judged(t, stage, "nmi_change", nmi_after - nmi_before, thresholds))
+    else:
+        checks += [
+            judged(t, stage, "ncc_after", ncc, thresholds),
+            judged(t, stage, "ncc_change", change, thresholds),
+        ]
+    checks.append(
+        judged(t, stage, "folding_fraction", as_number(qc.get("folding_fraction")), thresholds)
+    )
     dice, note = as_number(qc.get("dice_mean")), "from the registration"
     if (
         dice is None
@@ -198,7 +214,8 @@ def contrast_checks(scan: Scan, column: str) -> tuple[list[Check], dict | None, 
     ``qc_thresholds`` the JSON records; a JSON saying ``qc_pass: false`` flags even when the
     numbers pass (it was judged by a rule the report does not know).
     """
-    path = Path(ContrastFiles(str(scan.outdir)).session_qc(column, scan.subject, scan.session))
+    files = ContrastFiles(str(scan.outdir), reference=scan.reference)
+    path = Path(files.session_qc(column, scan.subject, scan.session))
     qc, problem = read_qc_json(path)
     if qc is None:
         return [], None, problem
@@ -219,4 +236,6 @@ def contrast_checks(scan: Scan, column: str) -> tuple[list[Check], dict | None, 
         flags = qc.get("qc_flags")
         note = "; ".join(map(str, flags)) if isinstance(flags, list) and flags else ""
         checks.append(Check(t, stage, "qc_pass", 0.0, status="flag", note=note))
+    for check in checks:
+        check.reference = scan.reference
     return checks, qc, None

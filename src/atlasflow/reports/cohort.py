@@ -10,7 +10,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atlasflow.io.atomic import atomic_write_text
-from atlasflow.layout import STAGES, CohortFiles, session_entity, skipped_inputs, subject_page
+from atlasflow.layout import (
+    DEFAULT_REFERENCE,
+    STAGES,
+    CohortFiles,
+    session_entity,
+    skipped_inputs,
+    subject_page,
+)
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.checks import contrast_of, format_metric
 from atlasflow.reports.contrasts import atlas_contrast_panel
@@ -283,20 +290,22 @@ def write_cohort_report(
     sessions: Mapping[str, Sequence[str]] | None = None,
     iterations: int | None = None,
     figures_dir: str | Path | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> list[SubjectQC]:
     """Write ``cohort.html``: verdict table linking the subject pages, failed list, atlas, tumour map.
 
     Subject pages and their ``sub-S_qc.json`` are looked up next to ``out_html``. ``sessions``
     (subject -> sessions) and ``iterations`` (the configured atlas iterations) let the page name
-    what is missing; without them they are discovered from the files. Returns the verdicts.
+    what is missing; without them they are discovered from the files. ``reference``: the
+    sessions' reference contrast (that of the atlas). Returns the verdicts.
     """
     outdir, out_html = Path(outdir), Path(out_html)
     limits = QCThresholds.from_mapping(thresholds)
     verdicts = cohort_verdicts(
-        outdir, subjects, out_html.parent, thresholds=limits, sessions=sessions
+        outdir, subjects, out_html.parent, thresholds=limits, sessions=sessions, reference=reference
     )
-    panels = cohort_panels(outdir, iterations)
-    contrasts = atlas_contrast_panel(outdir)
+    panels = cohort_panels(outdir, iterations, reference)
+    contrasts = atlas_contrast_panel(outdir, reference)
     if contrasts is not None:
         panels.append(contrasts)
     atomic_write_text(out_html, cohort_html(verdicts, panels, outdir, out_html.parent, limits))

@@ -20,9 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import atlasflow.reports.figures as fg
-from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.contrasts.plan import ContrastFiles
-from atlasflow.layout import CohortFiles, Scan, atlas_contrast, scan_id, session_entity
+from atlasflow.layout import (
+    CONTRASTS,
+    DEFAULT_REFERENCE,
+    CohortFiles,
+    Scan,
+    atlas_contrast,
+    scan_id,
+    session_entity,
+)
 from atlasflow.reports.checks import align_stage, contrast_label, format_metric
 from atlasflow.reports.html import badge, esc
 from atlasflow.reports.montage import Volume
@@ -54,19 +61,20 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
     from atlasflow.transforms import Transform, apply_transform
 
     inputs = _Inputs(outdir)
-    files = ContrastFiles(str(outdir))
+    files = ContrastFiles(str(outdir), reference=qc.reference)
+    ref = contrast_label(qc.reference)
     s = qc.subject
     out: dict[str, tuple[list[Panel], list[Panel]]] = {}
     for session in qc.sessions:
         columns = qc.contrasts.get(session, [])
-        scan = Scan(outdir, s, session)
+        scan = Scan(outdir, s, session, qc.reference)
         stem = scan_id(s, session)
         aligned, changes = [], []
         for c in columns:
             name = contrast_label(c)
 
             def build_alignment(notes: list[str], c=c, name=name, scan=scan) -> bytes:
-                t1w_image = inputs.image(scan.preproc, "preprocessed T1w")
+                t1w_image = inputs.image(scan.preproc, f"preprocessed {ref}")
                 t1w = Volume.from_image(t1w_image)
                 scanner = None
                 try:
@@ -87,16 +95,16 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
                 if scanner is None and after is None:
                     raise Missing("; ".join(notes))
                 rows = [(f"{name} at scanner alignment", scanner), (f"{name} aligned", after)]
-                return fg.contrast_alignment(t1w, rows, after, name)
+                return fg.contrast_alignment(t1w, rows, after, name, ref)
 
             aligned.append(
                 _render(
                     Panel(
                         f"{stem}_{c}",
-                        f"{name} aligned to the T1w{alignment_caption(qc, session, c)}",
-                        f"Red lines: edges of the session's preprocessed T1w. Top: the {name} placed on "
-                        "the T1w grid as the scanner left it; middle: after the within-session "
-                        f"alignment (mutual information); bottom: squares of T1w and {name} "
+                        f"{name} aligned to the {ref}{alignment_caption(qc, session, c)}",
+                        f"Red lines: edges of the session's preprocessed {ref}. Top: the {name} placed on "
+                        f"the {ref} grid as the scanner left it; middle: after the within-session "
+                        f"alignment (mutual information); bottom: squares of {ref} and {name} "
                         "alternating, where misalignment breaks the boundaries at the squares' edges.",
                     ),
                     build_alignment,
@@ -105,7 +113,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
             followup = qc.longitudinal and session != qc.baseline
             if not (followup and c in qc.contrasts.get(qc.baseline or "", [])):
                 continue
-            base = Scan(outdir, s, qc.baseline)
+            base = Scan(outdir, s, qc.baseline, qc.reference)
 
             def build_change(notes: list[str], c=c, name=name, scan=scan, base=base) -> bytes:
                 background = inputs.volume(
@@ -142,7 +150,7 @@ def contrast_panels(outdir: Path, qc: SubjectQC) -> dict[str, tuple[list[Panel],
                         f"{stem}_{c}_change",
                         f"{name} change since baseline ({session_entity(qc.baseline or '')})",
                         f"On the baseline's {name}: the follow-up's {name} in baseline space minus the "
-                        f"baseline's (red = brighter now, blue = darker), after the T1w's registration "
+                        f"baseline's (red = brighter now, blue = darker), after the {ref}'s registration "
                         "to the baseline composed with both sessions' alignments. Outlines: baseline "
                         "tumour cyan, follow-up tumour yellow.",
                     ),
@@ -220,20 +228,22 @@ def alignment_table(qc: SubjectQC) -> str:
 # ------------------------------------------------------------------------------- cohort
 
 
-def atlas_contrast_panel(outdir: Path) -> Panel | None:
-    """The T1w atlas beside every per-contrast atlas the run made (None when it made none)."""
+def atlas_contrast_panel(outdir: Path, reference: str = DEFAULT_REFERENCE) -> Panel | None:
+    """The atlas (of the reference contrast) beside every per-contrast atlas the run made (None
+    when it made none)."""
     found = [
         (contrast_label(c), Path(atlas_contrast(outdir, c)))
-        for c in CONTRAST_COLUMNS
-        if Path(atlas_contrast(outdir, c)).exists()
+        for c in CONTRASTS
+        if c != reference and Path(atlas_contrast(outdir, c)).exists()
     ]
     if not found:
         return None
     inputs = _Inputs(outdir)
-    atlas = CohortFiles(outdir).atlas
+    atlas = CohortFiles(outdir, reference).atlas
+    name = contrast_label(reference)
 
     def build(notes: list[str]) -> bytes:
-        rows = [("T1w", inputs.maybe(atlas, "T1w atlas", notes), None)]
+        rows = [(name, inputs.maybe(atlas, f"{name} atlas", notes), None)]
         rows += [(name, inputs.maybe(path, f"{name} atlas", notes), None) for name, path in found]
         if all(volume is None for _, volume, _ in rows):
             raise Missing("; ".join(notes))

@@ -167,8 +167,9 @@ def contrast_alignment(
     rows: Sequence[tuple[str, Volume | None]],
     aligned: Volume | None,
     name: str,
+    reference_name: str = "T1w",
 ) -> bytes:
-    """A contrast against its session's T1w (``reference``): each row the contrast on the T1w
+    """A contrast against its session's T1w (``reference``, called ``reference_name``): each row the contrast on the T1w
     grid with the T1w's outlines in red (at the scanner's alignment, after alignment), then a
     checkerboard of the T1w and the aligned contrast (``name``), where a misalignment breaks
     every boundary at the squares' edges."""
@@ -186,7 +187,7 @@ def contrast_alignment(
             plane, pixel = aligned.slice(view, centre)
             other = grey_rgb(resample(plane, pixel, scale, True), clo, chi)
             cells.append(Cell(checkerboard(t1, other), corner=ORIENTATION_MARK[view]))
-        cells[0].label = f"checkerboard T1w / {name}"
+        cells[0].label = f"checkerboard {reference_name} / {name}"
         grid.append(cells)
     return compose(grid, sizes=[view_sizes(reference, scale)] * len(grid))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError
-from atlasflow.layout import CohortFiles, Scan, atlas_contrast, session_entity
+from atlasflow.layout import DEFAULT_REFERENCE, CohortFiles, atlas_contrast, session_entity
 
 ERROR_PREFIX = "atlasflow: error:"
 
@@ -32,6 +32,7 @@ def subject_report_inputs(
     labels: Collection[str] = (),
     tumour: Collection[str] = (),
     contrasts: Mapping[str, Collection[str]] | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> list[str]:
     """Every workflow output a subject's report reads: the report rule's inputs, so that a change to
     any of them (and only them) reruns the report.
@@ -40,12 +41,13 @@ def subject_report_inputs(
     manifest gives a label map / a tumour mask; ``contrasts``: session -> the other contrasts the
     workflow processes for it (cohort columns such as ``flair``). A follow-up's contrast in
     baseline space and its difference map are included where the baseline has that contrast too.
-    The raw inputs (manifest paths) are not included.
+    The raw inputs (manifest paths) are not included. ``reference``: the session's reference
+    contrast (config ``contrasts.reference``), whose files are the scan's own.
     """
     outdir = Path(outdir)
-    files = CohortFiles(outdir)
+    files = CohortFiles(outdir, reference)
     contrasts = contrasts or {}
-    cfiles = ContrastFiles(str(outdir))
+    cfiles = ContrastFiles(str(outdir), reference=reference)
     longitudinal = len(sessions) > 1 if longitudinal is None else longitudinal
     baseline = baseline or (sessions[0] if sessions else None)
     paths: list[Path] = [files.template, files.atlas]
@@ -54,7 +56,7 @@ def subject_report_inputs(
     if longitudinal:
         paths.append(files.tumor_table(subject))
     for session in sessions:
-        scan = Scan(outdir, subject, session)
+        scan = files.scan(subject, session)
         paths += [scan.preproc, scan.brain_mask]
         for stage in ("template", "atlas"):
             paths += [scan.warped(stage), scan.warp(stage), scan.qc_json(stage)]
@@ -89,11 +91,17 @@ def subject_report_inputs(
 
 
 def cohort_report_inputs(
-    outdir: str | Path, iterations: int, *, tumour: bool = False, contrasts: Collection[str] = ()
+    outdir: str | Path,
+    iterations: int,
+    *,
+    tumour: bool = False,
+    contrasts: Collection[str] = (),
+    reference: str = DEFAULT_REFERENCE,
 ) -> list[str]:
     """The cohort-wide outputs the cohort report reads (besides the subjects' ``sub-S_qc.json``);
-    ``contrasts``: the cohort columns whose per-contrast atlas (``atlas/atlas_<C>``) it shows."""
-    files = CohortFiles(Path(outdir))
+    ``contrasts``: the cohort columns whose per-contrast atlas (``atlas/atlas_<C>``) it shows;
+    ``reference``: the contrast of the atlas iterations."""
+    files = CohortFiles(Path(outdir), reference)
     paths = [files.iteration(i) for i in range(iterations + 1)] + [files.metrics]
     if tumour:
         paths.append(files.tumor_frequency)

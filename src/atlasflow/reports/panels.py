@@ -17,7 +17,7 @@ import numpy as np
 import atlasflow.reports.figures as fg
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, load_image
-from atlasflow.layout import CohortFiles, Scan, scan_id, session_entity
+from atlasflow.layout import DEFAULT_REFERENCE, CohortFiles, scan_id, session_entity
 from atlasflow.reports.checks import STAGE_TITLES
 from atlasflow.reports.inputs import read_metrics, relative, strip_prefix
 from atlasflow.reports.montage import Volume, centre_of, foreground_centre, ras_image
@@ -125,7 +125,7 @@ def subject_panels(
     from atlasflow.transforms import Transform, apply_transform
 
     inputs = _Inputs(outdir)
-    files = CohortFiles(outdir)
+    files = CohortFiles(outdir, qc.reference)
     raw_inputs = {strip_prefix(k, "ses-"): v for k, v in (raw_inputs or {}).items()}
     s = qc.subject
     sections: list[tuple[str, list[Panel]]] = []
@@ -149,7 +149,7 @@ def subject_panels(
         sections.append(("longitudinal", panels))
 
     for session in qc.sessions:
-        scan = Scan(outdir, s, session)
+        scan = files.scan(s, session)
         stem = scan_id(s, session)
         panels = []
 
@@ -263,7 +263,7 @@ def subject_panels(
         )
 
         if followup:
-            base = Scan(outdir, s, qc.baseline)
+            base = files.scan(s, qc.baseline)
 
             def build_change(notes: list[str], scan=scan, base=base) -> bytes:
                 background = inputs.volume(base.preproc, "baseline preprocessed image")
@@ -380,9 +380,12 @@ def tumour_compartments(rows: Sequence[Mapping]) -> dict[str, list[float]]:
 # ------------------------------------------------------------------------------- cohort
 
 
-def cohort_panels(outdir: Path, iterations: int | None = None) -> list[Panel]:
-    """Atlas at every iteration, convergence curves and the tumour-frequency map."""
-    files = CohortFiles(outdir)
+def cohort_panels(
+    outdir: Path, iterations: int | None = None, reference: str = DEFAULT_REFERENCE
+) -> list[Panel]:
+    """Atlas at every iteration (in the ``reference`` contrast), convergence curves and the
+    tumour-frequency map."""
+    files = CohortFiles(outdir, reference)
     inputs = _Inputs(outdir)
     found = files.found_iterations()
     metrics = read_metrics(files.metrics)

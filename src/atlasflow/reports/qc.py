@@ -15,10 +15,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from atlasflow.cohort.columns import CONTRAST_COLUMNS
 from atlasflow.contrasts.plan import ContrastFiles
 from atlasflow.errors import AtlasflowError, describe, failure_record
-from atlasflow.layout import STAGES, CohortFiles, Scan, job_log, scan_id
+from atlasflow.layout import (
+    CONTRASTS,
+    DEFAULT_REFERENCE,
+    STAGES,
+    CohortFiles,
+    Scan,
+    job_log,
+    scan_id,
+)
 from atlasflow.layout import subject_qc as subject_qc_name
 from atlasflow.registration.qc import QCThresholds
 from atlasflow.reports.checks import Check, align_stage, contrast_checks, contrast_of, stage_checks
@@ -49,8 +56,10 @@ class SubjectQC:
     errors: list[dict] = field(default_factory=list)  # {session, rule, log, message}
     tumor: list[dict] = field(default_factory=list)  # rows of the tumour table
     registration: dict = field(default_factory=dict)  # "session/stage" -> backend, seconds
-    # session -> its other contrasts (cohort columns, e.g. "flair"), aligned to its T1w
+    # session -> its other contrasts (cohort columns, e.g. "flair"), aligned to its reference
     contrasts: dict[str, list[str]] = field(default_factory=dict)
+    # the session's reference contrast (config contrasts.reference): whose files are the scan's own
+    reference: str = DEFAULT_REFERENCE
     sources: dict[str, bool] = field(
         default_factory=dict
     )  # file read (relative to outdir) -> existed
@@ -134,23 +143,27 @@ def subject_qc(
     baseline: str | None = None,
     longitudinal: bool | None = None,
     contrasts: Mapping[str, Sequence[str]] | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> SubjectQC:
     """QC verdict of one subject from its QC JSONs, tumour table and (when outputs are missing) logs.
 
     ``sessions`` are in acquisition order; the baseline of a longitudinal subject is ``baseline``,
     else the tumour table's baseline row, else the first session. ``longitudinal`` defaults to
     "more than one session". ``contrasts``: session -> its other contrasts (cohort columns); by
-    default those whose alignment left a file or a log (:func:`found_contrasts`).
+    default those whose alignment left a file or a log (:func:`found_contrasts`). ``reference``:
+    the session's reference contrast (the scan's preprocessed and registered images are its).
     """
     outdir = Path(outdir)
     subject = strip_prefix(subject, "sub-")
     sessions = [strip_prefix(t, "ses-") for t in sessions]
     limits = QCThresholds.from_mapping(thresholds)
-    files = CohortFiles(outdir)
+    files = CohortFiles(outdir, reference)
     longitudinal = len(sessions) > 1 if longitudinal is None else longitudinal
-    qc = SubjectQC(subject, sessions, None, longitudinal, asdict(limits))
+    qc = SubjectQC(subject, sessions, None, longitudinal, asdict(limits), reference=reference)
     if contrasts is None:
-        qc.contrasts = {t: cs for t in sessions if (cs := found_contrasts(outdir, subject, t))}
+        qc.contrasts = {
+            t: cs for t in sessions if (cs := found_contrasts(outdir, subject, t, reference))
+        }
     else:
         given = {strip_prefix(k, "ses-"): list(v) for k, v in contrasts.items()}
         qc.contrasts = {t: given[t] for t in sessions if given.get(t)}
@@ -165,7 +178,7 @@ def subject_qc(
             else (from_table[0] if from_table else sessions[0] if sessions else None)
         )
     for session in sessions:
-        _check_session(qc, Scan(outdir, subject, session), limits, files, found)
+        _check_session(qc, files.scan(subject, session), limits, files, found)
     if qc.missing:  # only then can a job's error explain something
         prefixes = [scan_id(subject, t) for t in sessions] + [f"sub-{subject}"]
         for error in logged_errors(files.logs, prefixes):
@@ -272,21 +285,30 @@ def _check_session(
         found.miss(qc, session, table, f"left out of the atlas, {describe(record)}", True)
 
 
-def found_contrasts(outdir: Path, subject: str, session: str) -> list[str]:
+def found_contrasts(
+    outdir: Path, subject: str, session: str, reference: str = DEFAULT_REFERENCE
+) -> list[str]:
     """The other contrasts of a scan whose alignment left an output or a log (cohort order)."""
-    files = ContrastFiles(str(outdir))
+    files = ContrastFiles(str(outdir), reference=reference)
     return [
         c
-        for c in CONTRAST_COLUMNS
-        if Path(files.session_qc(c, subject, session)).exists()
-        or Path(files.preproc(c, subject, session)).exists()
-        or Path(job_log(outdir, f"align_{c}", scan_id(subject, session))).exists()
+        for c in CONTRASTS
+        if c != reference  # the reference's desc-preproc image is the scan's own
+        and (
+            Path(files.session_qc(c, subject, session)).exists()
+            or Path(files.preproc(c, subject, session)).exists()
+            or Path(job_log(outdir, f"align_{c}", scan_id(subject, session))).exists()
+        )
     ]
 
 
 def _check_contrast(qc: SubjectQC, scan: Scan, column: str, found: _Found) -> None:
-    """The checks of one contrast's alignment to the session's T1w, and what it misses."""
-    path = Path(ContrastFiles(str(scan.outdir)).session_qc(column, scan.subject, scan.session))
+    """The checks of one contrast's alignment to the session's reference, and what it misses."""
+    path = Path(
+        ContrastFiles(str(scan.outdir), reference=scan.reference).session_qc(
+            column, scan.subject, scan.session
+        )
+    )
     found.sources.append(path)
     checks, raw, problem = contrast_checks(scan, column)
     qc.checks += checks
@@ -367,8 +389,10 @@ def cohort_verdicts(
     *,
     thresholds: Mapping[str, object] | QCThresholds | None = None,
     sessions: Mapping[str, Sequence[str]] | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> list[SubjectQC]:
-    """Every subject's verdict: its report's QC JSON when fresh, else recomputed from the outputs."""
+    """Every subject's verdict: its report's QC JSON when fresh, else recomputed from the outputs
+    (``reference``: the sessions' reference contrast)."""
     outdir, reports_dir = Path(outdir), Path(reports_dir)
     limits = QCThresholds.from_mapping(thresholds)
     sessions = {strip_prefix(k, "sub-"): list(v) for k, v in (sessions or {}).items()}
@@ -378,7 +402,11 @@ def cohort_verdicts(
         qc = _fresh_summary(reports_dir / subject_qc_name(subject), outdir, limits, given)
         if qc is None:
             qc = subject_qc(
-                outdir, subject, given or _discover_sessions(outdir, subject), thresholds=limits
+                outdir,
+                subject,
+                given or _discover_sessions(outdir, subject),
+                thresholds=limits,
+                reference=reference,
             )
             qc.recomputed = True
             if not qc.sessions:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from atlasflow.cohort.columns import CONTRAST_COLUMNS
+from atlasflow.cohort.columns import DEFAULT_REFERENCE, SCAN_COLUMNS
 from atlasflow.errors import AtlasflowError
 from atlasflow.layout import Scan
 from atlasflow.registration.options import add_qc_arguments
@@ -66,14 +66,20 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=[],
         metavar="SESSION=PATH",
-        help="the manifest's T1w per session (=PATH without a session)",
+        help="the manifest's reference scan (the T1w by default) per session (=PATH without a session)",
+    )
+    p.add_argument(
+        "--reference",
+        choices=SCAN_COLUMNS,
+        default=DEFAULT_REFERENCE,
+        help="the sessions' reference contrast (config contrasts.reference)",
     )
     p.add_argument(
         "--contrasts",
         nargs="*",
         default=None,
         metavar="SESSION=C1,C2",
-        help=f"the other contrasts of each session ({', '.join(CONTRAST_COLUMNS)}); "
+        help=f"the other contrasts of each session ({', '.join(SCAN_COLUMNS)}); "
         "default: those whose alignment left a file or a log",
     )
     p.add_argument(
@@ -101,6 +107,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         help="every scan of the cohort (SUBJECT: for a scan without a session)",
     )
     p.add_argument("--iterations", type=int, default=None, help="configured atlas iterations")
+    p.add_argument(
+        "--reference",
+        choices=SCAN_COLUMNS,
+        default=DEFAULT_REFERENCE,
+        help="the sessions' reference contrast, that of the atlas (config contrasts.reference)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--figures-dir", default=None)
     add_qc_arguments(p)
@@ -113,11 +125,11 @@ def parse_contrasts(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         session, sep, names = item.partition("=")
         columns = [c.strip().lower() for c in names.split(",") if c.strip()]
-        unknown = [c for c in columns if c not in CONTRAST_COLUMNS]
+        unknown = [c for c in columns if c not in SCAN_COLUMNS]
         if not sep or unknown:
             raise AtlasflowError(
                 f"--contrasts {item!r}: expected SESSION=C1,C2 with contrasts among "
-                f"{', '.join(CONTRAST_COLUMNS)}"
+                f"{', '.join(SCAN_COLUMNS)}"
             )
         found.setdefault(strip_prefix(session, "ses-"), []).extend(columns)
     return found
@@ -147,6 +159,7 @@ def run_report(args: argparse.Namespace) -> int:
             qc_json=args.qc_json,
             with_viewer=not args.no_viewer,
             contrasts=contrasts,
+            reference=args.reference,
         )
         print(f"sub-{summary['subject']}: {summary['status']}; report {args.out}")
         return 0
@@ -170,6 +183,7 @@ def run_report(args: argparse.Namespace) -> int:
         sessions=sessions,
         iterations=args.iterations,
         figures_dir=args.figures_dir,
+        reference=args.reference,
     )
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUS_RANK}
     print(f"cohort report {args.out}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from atlasflow.io.atomic import atomic_write_text
-from atlasflow.layout import COHORT_PAGE, STAGES, session_entity
+from atlasflow.layout import COHORT_PAGE, DEFAULT_REFERENCE, STAGES, session_entity
 from atlasflow.layout import subject_qc as subject_qc_name
 from atlasflow.registration.qc import NCC_DROP_TOLERANCE, QCThresholds
 from atlasflow.reports.checks import STAGE_TITLES, format_metric
@@ -296,6 +296,7 @@ def write_subject_report(
     qc_json: str | Path | None = None,
     with_viewer: bool = True,
     contrasts: Mapping[str, Sequence[str]] | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> dict:
     """Write ``sub-S.html`` and ``sub-S_qc.json`` (default: next to the page); return the QC summary.
 
@@ -304,6 +305,8 @@ def write_subject_report(
     written there as PNGs (for Snakemake's ``report()``). ``with_viewer=False`` leaves out the
     interactive viewer (its embedded volumes and script), keeping only the static figures.
     ``contrasts``: session -> its other contrasts (cohort columns); by default those found.
+    ``reference``: the session's reference contrast (config ``contrasts.reference``), whose
+    images are the scan's own; ``raw_inputs`` are then that contrast's files.
     """
     outdir, out_html = Path(outdir), Path(out_html)
     qc = subject_qc(
@@ -314,6 +317,7 @@ def write_subject_report(
         baseline=baseline,
         longitudinal=longitudinal,
         contrasts=contrasts,
+        reference=reference,
     )
     sections = all_panels(outdir, qc, raw_inputs)
     viewer = ""

@@ -222,13 +222,13 @@ def _world(image: Image, voxel) -> list[float]:
 
 def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
     """The scenes of one subject's viewer and the volumes they draw (not yet read)."""
-    files = CohortFiles(outdir)
-    cfiles = ContrastFiles(str(outdir))
+    files = CohortFiles(outdir, qc.reference)
+    cfiles = ContrastFiles(str(outdir), reference=qc.reference)
     volumes = _Volumes(outdir)
     s = qc.subject
     scenes: list[Scene] = []
     for session in qc.sessions:
-        scan = Scan(outdir, s, session)
+        scan = files.scan(s, session)
         notes: list[str] = []
         own = session_prefix(session)  # "ses-T " ("" without a session)
         base = volumes.add(scan.preproc, f"{own}preprocessed", "image", notes)
@@ -240,8 +240,9 @@ def subject_scenes(outdir: Path, qc: SubjectQC) -> tuple[list[Scene], _Volumes]:
                 path = Path(cfiles.preproc(c, s, session))
                 key = volumes.add(path, f"{own}{name}", "image", notes)
                 if key:
-                    layers.append(Layer(key, f"{name} (on the T1w grid)", "gray", 1.0, False))
-                    flicker.append((f"T1w vs {name}", key, ""))
+                    ref = contrast_label(qc.reference)
+                    layers.append(Layer(key, f"{name} (on the {ref} grid)", "gray", 1.0, False))
+                    flicker.append((f"{ref} vs {name}", key, ""))
             mask = volumes.add(scan.brain_mask, "brain mask", "mask", notes)
             if mask:
                 layers.append(Layer(mask, "brain mask", "blue", 0.35, False))
@@ -312,7 +313,7 @@ def _registration_scene(
             if key:
                 layers.append(Layer(key, name, "labels", 0.4, False))
     if stage == "baseline":
-        base = Scan(scan.outdir, scan.subject, qc.baseline)
+        base = Scan(scan.outdir, scan.subject, qc.baseline, scan.reference)
         for path, name, colour in (
             (base.tumor_mask, f"tumour {session_entity(qc.baseline or '')}".strip(), "cyan"),
             (scan.tumor_in_baseline, f"tumour {session_entity(session)}".strip(), "yellow"),
@@ -337,7 +338,7 @@ def _contrast_layers(
     """The session's other contrasts carried into a registration's space, as hidden layers with a
     flicker against the registered T1w; in baseline space also the baseline's own contrast (a
     flicker baseline vs follow-up) and, returned for the maps, each contrast's difference map."""
-    cfiles = ContrastFiles(str(scan.outdir))
+    cfiles = ContrastFiles(str(scan.outdir), reference=scan.reference)
     s, session = scan.subject, scan.session
     columns = qc.contrasts.get(session, [])
     if stage == "baseline":
@@ -362,7 +363,7 @@ def _contrast_layers(
         if stage == "baseline" and base:
             flicker.append((f"{session_prefix(qc.baseline or '')}vs {own}{name}", key, base))
         elif base:
-            flicker.append((f"registered T1w vs {name}", key, base))
+            flicker.append((f"registered {contrast_label(qc.reference)} vs {name}", key, base))
         if stage == "baseline":
             difference = Path(cfiles.difference(c, "baseline", s, session))
             maps.append((difference, f"{name} difference", "signed", ""))

@@ -152,12 +152,15 @@ def demo_manifest(
     n_long: int = 3,
     n_timepoints: int = 3,
     contrasts: Sequence[str] = DEMO_CONTRASTS,
+    reference: str = "t1w",
 ) -> pd.DataFrame:
     """The manifest :func:`~atlasflow.synth.demo.make_demo_cohort` writes, computed without
     generating any image.
 
     Paths are relative to the cohort folder; cells that do not apply (and the columns of contrasts
-    not in ``contrasts``) are empty strings.
+    not in ``contrasts``) are empty strings. With another ``reference`` than the T1w (config
+    ``contrasts.reference``), the label maps are the truth's ``space-<C>_dseg`` of that contrast,
+    on its grid, as the workflow then needs them.
     """
     check_arguments(seed, n_cross, n_long, n_timepoints, 2.0, contrasts)
     rows = []
@@ -168,7 +171,10 @@ def demo_manifest(
                     "subject": plan.subject,
                     "session": session,
                     "t1w": anat_path(plan.subject, session, "T1w"),
-                    "labels": anat_path(plan.subject, session, "dseg"),
+                    "labels": anat_path(plan.subject, session, "dseg")
+                    if reference == "t1w" or reference not in contrasts
+                    else f"{truth_prefix(plan.subject, session)}_space-"
+                    f"{layout.CONTRASTS[reference][0]}_dseg.nii.gz",
                     "tumor_mask": anat_path(plan.subject, session, "label-tumor_mask")
                     if plan.longitudinal
                     else "",
