@@ -77,7 +77,8 @@ class ContrastFiles:
         """The contrast on its session's reference working grid (the baseline space of a baseline)."""
         return self.image(c, subject, session, desc="preproc")
 
-    def session_affine(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
+    def _to_reference(self, c: str, subject: str, session: str | None, **entities: str) -> str:
+        """A file of contrast ``c``'s alignment to the session's reference."""
         return layout.anat(
             self.out,
             "xfm",
@@ -86,21 +87,14 @@ class ContrastFiles:
             from_=TRANSFORM_LABELS[c],
             to=TRANSFORM_LABELS[self.reference],
             mode="image",
-            ext="mat",
+            **entities,
         )
 
+    def session_affine(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
+        return self._to_reference(c, subject, session, ext="mat")
+
     def session_qc(self, c: str, subject: str = "{subject}", session: str | None = None) -> str:
-        return layout.anat(
-            self.out,
-            "xfm",
-            subject,
-            self.session if session is None else session,
-            from_=TRANSFORM_LABELS[c],
-            to=TRANSFORM_LABELS[self.reference],
-            mode="image",
-            desc="qc",
-            ext="json",
-        )
+        return self._to_reference(c, subject, session, desc="qc", ext="json")
 
     def in_space(
         self, c: str, space: str, subject: str = "{subject}", session: str | None = None
