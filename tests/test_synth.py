@@ -148,9 +148,11 @@ def test_invalid_arguments_are_reported(tmp_path):
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    """Also: the same bytes whether subjects are rendered one after the other or by two forked
+    workers (the workflow's demo_data job uses one per core)."""
     small = dict(n_cross=1, n_long=1, n_timepoints=2, spacing_mm=SPACING)
     make_demo_cohort(tmp_path / "a", seed=3, **small)
-    make_demo_cohort(tmp_path / "b", seed=3, **small)
+    make_demo_cohort(tmp_path / "b", seed=3, workers=2, **small)
     make_demo_cohort(tmp_path / "c", seed=4, n_cross=1, n_long=0, spacing_mm=SPACING)
     first, second, other = (file_digests(tmp_path / name) for name in "abc")
     assert len(first) > 20 and first.keys() == second.keys()
