@@ -1,6 +1,6 @@
 """Raw IXI pairs with brain masks from the workflow's template path (no labels): how good are the
-masks (:func:`atlasflow.preprocess.steps.brain_mask` with nilearn's MNI152, ANTs Affine onto the raw
-head, no N4) and what the deep engine (no refinement) scores with them as mask files.
+masks (:func:`atlasflow.preprocess.steps.brain_mask` with nilearn's MNI152: the template fixed, the
+raw head moving, no N4) and what the deep engine (no refinement) scores with them as mask files.
 Companion of diag_raw_inputs.py; results in benchmarks/results/register_raw_v1.md.
 
     PYTHONPATH=src python benchmarks/diag_template_mask.py ../shared/data/ixi10
