@@ -1,4 +1,4 @@
-"""Shared helpers of the scaling benchmarks: run a command, report its wall time and peak RSS."""
+"""Shared helpers of the benchmarks: run a command, report its wall time and peak RSS, print a table."""
 
 from __future__ import annotations
 
@@ -42,3 +42,11 @@ def measure(
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def emit_table(text: str, path: str | None) -> None:
+    """Print a benchmark's Markdown result and, when ``path`` is given, also write it there."""
+    print("\n" + text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)

@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _measure import emit_table  # noqa: E402
 from ixi_template_dice import IXI, write_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command}`",
     ]
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.table:
-        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(text)
+    emit_table(text, args.table)
     return 0
 
 
