@@ -158,8 +158,8 @@ def test_template_mask_finds_the_brain_in_a_moved_whole_head(tmp_path):
 
 
 def test_template_mask_on_real_whole_heads(tmp_path, shared_data):
-    """Three IXI heads (neck and scalp, PSR, no labels given): the template's mask covers their
-    labelled brains."""
+    """Three IXI heads (neck and scalp, PSR, no labels given): the template's brain, deformed onto
+    each, covers the labelled brain and hugs it (the affine alone scores Dice 0.85-0.92 here)."""
     from scipy import ndimage
 
     template = prepare_template("mni152", 2.0, tmp_path / "t.nii.gz", tmp_path / "tm.nii.gz")
@@ -172,4 +172,22 @@ def test_template_mask_on_real_whole_heads(tmp_path, shared_data):
         ).data > 0
         labels = pp.to_ras(load_image(shared_data / f"ixi10/labels/{name}_DLMUSE.nii.gz", dtype=None)).data > 0
         assert (mask & labels).sum() / labels.sum() > 0.95, name
-        assert _mask_dice(mask, ndimage.binary_dilation(labels, iterations=1)) > 0.8, name
+        assert _mask_dice(mask, ndimage.binary_dilation(labels, iterations=1)) > 0.93, name
+
+
+def test_t1_like_tells_t1w_from_t2w_and_flair(tmp_path, shared_data):
+    """Real heads after the affine alone: T1W is deformed onto, T2W and FLAIR are not (local
+    correlation across contrasts would move the brain's edge to the wrong tissue)."""
+    from atlasflow.registration.initial import initial_alignment
+    from atlasflow.registration.inputs import prepare
+    from atlasflow.transforms import Transform, apply_transform
+
+    template = prepare_template("mni152", 2.0, tmp_path / "t.nii.gz", tmp_path / "tm.nii.gz")
+    tmask = load_image(tmp_path / "tm.nii.gz").data > 0
+    assert pp.t1_like(template, template.data, tmask)
+    assert not pp.t1_like(template, np.where(tmask, 1.2 - template.data, 0.0), tmask)
+    for contrast, expected in (("T1W", True), ("T2W", False), ("FLAIR", False)):
+        scan = pp.to_ras(load_image(shared_data / f"open_ms/patient04/study1_{contrast}.nii.gz"))
+        world = initial_alignment(prepare(template, tmask), prepare(scan))
+        seen = apply_transform(scan, Transform(world), template.grid).data
+        assert pp.t1_like(template, seen, tmask) is expected, contrast

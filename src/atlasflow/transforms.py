@@ -140,18 +140,13 @@ def apply_transform(
     return Image(data.astype(np.float32) if interpolation == "linear" else data, fixed.affine.copy())
 
 
-def transported_volume_mm3(
-    region: Image, transform: Transform, inverse_displacement: Image | None, domain: Grid
-) -> float:
-    """Volume (mm3) of the image of ``region`` (a mask on the fixed grid) under ``transform``.
+def inverse_pull(region: Image, transform: Transform, inverse_displacement: Image | None, domain: Grid) -> np.ndarray:
+    """``region`` (an image on the fixed grid) carried to the moving side, sampled on ``domain``.
 
-    By the change of variables this is the integral of the Jacobian determinant over the region,
-    computed without differentiating the field: every voxel ``y`` of ``domain`` (a grid covering
-    the moving side) is pulled back through the inverse (``affine^-1`` then
-    ``inverse_displacement``, both on the fixed grid) and the mask is read there by linear
-    interpolation. Summing finite-difference determinants over a voxelised mask instead depends on
-    where inside a voxel a sharp change of the field falls: on the demo tumours, whose growth
-    the registration concentrates at the tumour's edge, that sum came out 6-12 % low.
+    Every voxel ``y`` of ``domain`` is pulled back through the inverse of ``transform``:
+    ``affine^-1``, then ``inverse_displacement`` (on the region's grid; None for an affine), and
+    ``region`` is read there by linear interpolation. This is how something drawn on a template
+    (its brain mask) lands on a scan registered to it, without resampling any field twice.
     """
     to_fixed = np.linalg.inv(transform.affine)
     to_voxel = np.linalg.inv(region.affine)
@@ -164,7 +159,24 @@ def transported_volume_mm3(
         if not inverse_displacement.grid.same_as(region.grid):
             raise AtlasflowError("inverse displacement field is not on the region's grid")
         points = points + sample_voxels(inverse_displacement.data, voxel(points), "linear")
-    inside = sample_voxels(np.asarray(region.data, np.float32), voxel(points), "linear")
+    values = sample_voxels(np.asarray(region.data, np.float32), voxel(points), "linear")
+    return values.reshape(domain.shape)
+
+
+def transported_volume_mm3(
+    region: Image, transform: Transform, inverse_displacement: Image | None, domain: Grid
+) -> float:
+    """Volume (mm3) of the image of ``region`` (a mask on the fixed grid) under ``transform``.
+
+    By the change of variables this is the integral of the Jacobian determinant over the region,
+    computed without differentiating the field: the mask carried to the moving side by
+    :func:`inverse_pull` (every voxel of ``domain``, a grid covering the moving side, pulled back
+    through the inverse), summed. Summing finite-difference determinants over a voxelised mask
+    instead depends on where inside a voxel a sharp change of the field falls: on the demo
+    tumours, whose growth the registration concentrates at the tumour's edge, that sum came out
+    6-12 % low.
+    """
+    inside = inverse_pull(region, transform, inverse_displacement, domain)
     return float(inside.sum() * abs(np.linalg.det(domain.affine[:3, :3])))
 
 

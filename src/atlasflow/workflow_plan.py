@@ -305,9 +305,12 @@ class WorkflowPlan(LongitudinalPlan):
             return {"given": given}
         if mode in ("auto", "labels") and labels:
             return {"labels": labels}
+        # The template's brain is deformed onto the scan by the shipped networks: new weights
+        # redo the masks.
         return {
             "template": layout.template(self.out),
             "template_mask": layout.template_mask(self.out),
+            "model": [str(SHIPPED_MODEL)],
         }
 
     @staticmethod

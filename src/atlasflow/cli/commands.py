@@ -146,6 +146,13 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-labels", help="score Dice of the warped moving labels against these")
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
+    p.add_argument(
+        "--find-masks",
+        choices=["brain", "head"],
+        default="brain",
+        help="a scan without a mask file: its brain found through the MNI152 template (brain, "
+        "~4 s per scan) or the head the engine finds (head: faster, less accurate on whole heads)",
+    )
     p.add_argument("--cost-mask", help="fixed-grid mask of voxels excluded from the similarity")
     RegistrationOptions.add_arguments(p, "register")
     add_qc_arguments(p)
@@ -175,6 +182,7 @@ def run_register(args: argparse.Namespace) -> int:
         cost_mask=args.cost_mask,
         thresholds=QCThresholds.from_mapping(vars(args)),
         options=RegistrationOptions.from_args(args),
+        find_masks=args.find_masks,
     )
     flags = "; ".join(metrics["qc_flags"]) or "QC pass"
     print(

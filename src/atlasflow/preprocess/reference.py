@@ -6,6 +6,7 @@ way as subject scans, with its brain mask, so that every registration sees compa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ def load_mni152() -> tuple[Image, np.ndarray]:
     mask = datasets.load_mni152_brain_mask(resolution=1)
     image = Image(np.asarray(t1.get_fdata(), np.float32), np.asarray(t1.affine, float))
     mask_img = Image(np.asarray(mask.get_fdata(), np.float32), np.asarray(mask.affine, float))
+    if mask_img.grid.same_as(image.grid):  # nilearn's are (resampling 1 mm costs ~3 s)
+        return image, mask_img.data > 0
     mask_data = apply_transform(mask_img, Transform.identity(), image.grid, "nearest").data > 0
     return image, mask_data
 
@@ -39,10 +42,9 @@ def template_grid(image: Image, spacing: float, multiple: int = 1) -> Grid:
     return Grid(shape, affine)
 
 
-def prepare_template(
-    source: str, spacing: float, out_image: str | Path, out_mask: str | Path, mask_path: str | None = None
-) -> Image:
-    """Write the template and its brain mask on the working grid."""
+def working_template(source: str, spacing: float, mask_path: str | None = None) -> tuple[Image, np.ndarray]:
+    """The template (``mni152`` or a file) normalised in its brain on a grid of ``spacing``, and
+    that brain mask on the same grid."""
     if source == "mni152":
         image, mask = load_mni152()
     else:
@@ -56,6 +58,21 @@ def prepare_template(
     norm = image.with_data(normalise_intensity(image.data, mask))
     out = apply_transform(norm, Transform.identity(), grid, "linear")
     out_m = apply_transform(image.with_data(mask.astype(np.uint8)), Transform.identity(), grid, "nearest")
+    return out, out_m.data > 0
+
+
+@functools.lru_cache(maxsize=2)
+def mni152_working(spacing: float = 2.0) -> tuple[Image, np.ndarray]:
+    """nilearn's MNI152 brain as the workflow's template (:func:`working_template`), made once per
+    process: what ``atlasflow register`` finds a bare scan's brain with."""
+    return working_template("mni152", spacing)
+
+
+def prepare_template(
+    source: str, spacing: float, out_image: str | Path, out_mask: str | Path, mask_path: str | None = None
+) -> Image:
+    """Write the template and its brain mask on the working grid."""
+    out, mask = working_template(source, spacing, mask_path)
     save_image(out, out_image, dtype=np.float32)
-    save_image(out_m, out_mask, dtype=np.uint8)
+    save_image(out.with_data(mask.astype(np.uint8)), out_mask, dtype=np.uint8)
     return out
