@@ -1,6 +1,7 @@
 """Atlas building blocks with known answers: streaming means, shape update, label votes."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -367,6 +368,145 @@ def test_carried_velocities_continue_each_members_registration(tmp_path):
     start = fields[0].data - load_image(first / "mean.nii.gz", allow_vector=True).data
     residual = load_image(v2[0], allow_vector=True).data - start
     assert np.abs(residual).max() > 0.05
+
+
+def test_members_go_to_the_final_atlas_from_their_last_iteration(tmp_path):
+    """``atlas register``: each member registered to the final atlas from its last velocity (moved
+    by the shape update), with exactly the files and metrics `atlasflow register` writes; it ends
+    at least as close as a registration afresh. A member that failed upstream (skip mode) passes
+    its failure record on to all five outputs."""
+    import json
+
+    from atlasflow.cli import main as cli
+    from atlasflow.errors import failure_record, write_failure
+
+    _, images, masks, affines = shifted_members(tmp_path, (2.0, 4.0))
+    mask = str(tmp_path / "mask.nii.gz")
+    it = tmp_path / "iter-1"
+    it.mkdir()
+    velocities = [str(it / f"v{i}.nii.gz") for i in range(2)]
+    common = ["--refine", "0", "--affine-steps", "0"]
+    assert (
+        cli.main(
+            [
+                "atlas",
+                "iteration",
+                "--previous",
+                str(tmp_path / "prev.nii.gz"),
+                "--mask",
+                mask,
+                "--images",
+                *images,
+                "--masks",
+                *masks,
+                "--affines",
+                *affines,
+                *common,
+                "--no-sharpen",
+                "--out-velocities",
+                *velocities,
+                "--out-mean-velocity",
+                str(it / "mean.nii.gz"),
+                "--output",
+                str(it / "t.nii.gz"),
+                "--out-metrics",
+                str(it / "m.json"),
+                "--out-members",
+                str(it / "members.tsv"),
+            ]
+        )
+        == 0
+    )
+    final = str(it / "t.nii.gz")
+    bad = [
+        str(p)
+        for p in write_failure(
+            [tmp_path / "bad.nii.gz", tmp_path / "bad_m.nii.gz", tmp_path / "bad.mat"],
+            "preprocess",
+            "empty image",
+        )
+    ]
+    kinds = ("warped.nii.gz", "affine.mat", "warp.nii.gz", "inverse_warp.nii.gz", "metrics.json")
+    outs = {k: [str(tmp_path / f"m{i}_{k}") for i in range(3)] for k in kinds}
+    assert (
+        cli.main(
+            [
+                "--on-scan-error",
+                "skip",
+                "atlas",
+                "register",
+                "--previous",
+                final,
+                "--mask",
+                mask,
+                "--images",
+                images[0],
+                bad[0],
+                images[1],
+                "--masks",
+                masks[0],
+                bad[1],
+                masks[1],
+                "--affines",
+                affines[0],
+                bad[2],
+                affines[1],
+                "--velocities",
+                velocities[0],
+                velocities[0],
+                velocities[1],
+                "--mean-velocity",
+                str(it / "mean.nii.gz"),
+                "--refine",
+                "10",
+                "--min-ncc",
+                "0.5",
+                "--max-folding",
+                "0.001",
+                "--out-images",
+                *outs[kinds[0]],
+                "--out-member-affines",
+                *outs[kinds[1]],
+                "--out-warps",
+                *outs[kinds[2]],
+                "--out-inverse-warps",
+                *outs[kinds[3]],
+                "--out-metrics-files",
+                *outs[kinds[4]],
+            ]
+        )
+        == 0
+    )
+    assert all(failure_record(outs[k][1]) is not None for k in kinds)
+    # the same member through `atlasflow register`, afresh
+    fresh = tmp_path / "fresh"
+    assert (
+        cli.main(
+            [
+                "register",
+                "--fixed",
+                final,
+                "--moving",
+                images[0],
+                "--fixed-mask",
+                mask,
+                "--moving-mask",
+                masks[0],
+                "--refine",
+                "10",
+                "--out-dir",
+                str(fresh),
+            ]
+        )
+        == 0
+    )
+    batched = json.loads(Path(outs["metrics.json"][0]).read_text())
+    alone = json.loads((fresh / "metrics.json").read_text())
+    assert set(alone) - {"fixed_mask", "moving_mask", "brain_mask_seconds"} <= set(batched)
+    assert batched["qc_pass"] and batched["started_from"] == "the member's last atlas iteration"
+    assert batched["ncc_after"] >= alone["ncc_after"] - 0.002, (batched, alone)
+    assert all(Path(outs[k][0]).stat().st_size > 0 for k in kinds)
+    assert load_image(outs["inverse_warp.nii.gz"][0], allow_vector=True).data.shape[-1] == 3
 
 
 def test_demo_atlas_gets_closer_to_the_true_template_at_every_iteration(tmp_path):

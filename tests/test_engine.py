@@ -71,7 +71,7 @@ def test_without_an_engine_for_this_run_the_job_runs_the_command(tmp_path, monke
     assert engine.submit(["atlas", "gather", "--metrics", "x", "--output", "y"], tmp_path / "log") is None
     # run() then runs it here: a usage error is an exit code and a line in the log, not a traceback.
     assert engine.run(["atlas", "iteration", "--no-such-flag"], tmp_path / "log") == 2
-    assert "required: --output" in (tmp_path / "log").read_text()
+    assert "unrecognized arguments: --no-such-flag" in (tmp_path / "log").read_text()
 
 
 def test_engine_gives_the_jobs_bytes_and_ends_with_its_run(tmp_path, members, owner):

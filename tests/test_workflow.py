@@ -161,7 +161,7 @@ def test_a_cohort_without_sessions_plans_outputs_without_ses(tmp_path, kind):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "ses-" not in text
-    for rule in ("preprocess", "register_template", "atlas_iteration", "register_atlas", "warp_labels_atlas",
+    for rule in ("preprocess", "register_template", "atlas_iteration", "register_atlas_members", "warp_labels_atlas",
                  "align_flair", "flair_to_atlas", "atlas_flair", "report_subject", "report_cohort"):
         assert f"rule {rule}:" in text, rule
     assert "results/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz" in text
@@ -557,7 +557,9 @@ def test_removing_one_preprocessed_scan_reruns_only_its_chain(tiny_run):
         rules = {rule for rule, _ in jobs}
         # The scan's own chain, from the raw file (the intermediate files are temp()).
         mine = {rule for rule, wc in jobs if wc.get("subject") == subject and wc.get("session") == session}
-        assert {"reorient", "bias_correct", "brain_mask", "preprocess", "register_template", "register_atlas"} <= mine
+        assert {"reorient", "bias_correct", "brain_mask", "preprocess", "register_template"} <= mine
+        # a member reaches the final atlas in the members' job, any other scan in its own
+        assert ("register_atlas_members" in rules) if subject in members else ("register_atlas" in mine)
         for rule, wc in jobs:
             if rule in PER_SCAN:
                 assert wc["subject"] == subject, (rule, wc)
@@ -738,7 +740,7 @@ def test_a_run_on_a_bids_cohort_without_sessions_writes_no_ses_level(tmp_path):
         anat = results / f"sub-{s}" / "anat"
         for name in ("desc-preproc_T1w", "space-atlas_T1w", "space-atlas_dseg", "space-atlas_FLAIR"):
             assert (anat / f"sub-{s}_{name}.nii.gz").exists(), name
-        assert (results / "logs" / "register_atlas" / f"sub-{s}.log").exists()
+        assert (anat / f"sub-{s}_from-T1w_to-atlas_mode-image_desc-qc_xfm.json").exists()
         qc = json.loads((results / "reports" / f"sub-{s}_qc.json").read_text())
         assert qc["sessions"] == [""] and qc["status"] in ("pass", "flag"), qc["reasons"]
         assert "ses-" not in (results / "reports" / f"sub-{s}.html").read_text()

@@ -376,15 +376,35 @@ class WorkflowPlan(LongitudinalPlan):
             "warp": self.anat("xfm", subject, session, from_=self.ref_label, to=to, mode="image"),
         }
 
-    def registration_outputs(self, to: str, warped: str) -> dict[str, str]:
+    def registration_outputs(
+        self, to: str, warped: str, subject: str = "{subject}", session: str | None = None
+    ) -> dict[str, str]:
         """What registering a scan to space ``to`` writes: the scan there (``warped``), the
         transforms both ways and the QC metrics."""
         return {
             "warped": warped,
-            **self.xfm(to),
-            "inverse_warp": self.anat("xfm", from_=to, to=self.ref_label, mode="image"),
-            "metrics": self.qc_json(to),
+            **self.xfm(to, subject, session),
+            "inverse_warp": self.anat(
+                "xfm", subject, session, from_=to, to=self.ref_label, mode="image"
+            ),
+            "metrics": self.qc_json(to, subject, session),
         }
+
+    @property
+    def batch_atlas_registrations(self) -> bool:
+        """Whether the members go to the final atlas in one job (register_atlas_members), each
+        from its last atlas iteration: with carried velocities (deep backend) and an iteration."""
+        return self.carry and self.n_iter >= 1 and bool(self.members)
+
+    def member_atlas_registrations(self) -> dict[str, list[str]]:
+        """The members' registrations to the final atlas, per kind of file (register_atlas's
+        outputs), in member order."""
+        out: dict[str, list[str]] = {}
+        for s, t in self.members:
+            files = self.registration_outputs("atlas", self.ref(s, t, space="atlas"), s, t)
+            for key, path in files.items():
+                out.setdefault(key, []).append(path)
+        return out
 
     def qc_json(self, to: str, subject: str = "{subject}", session: str | None = None) -> str:
         """A registration's QC metrics (JSON)."""

@@ -150,7 +150,58 @@ rule atlas_final:
         "atlasflow atlas gather --metrics {input.metrics} --output {output.metrics}) > {log} 2>&1"
 
 
-# Every scan registered to the final atlas: transforms and the scan in atlas space.
+if PLAN.batch_atlas_registrations:
+
+    ruleorder: register_atlas_members > register_atlas
+
+    rule register_atlas_members:
+        """The atlas members registered to the final atlas in one job, each from where the last
+        iteration left it (its velocity, moved by that iteration's shape update), with the files
+        register_atlas writes for any other scan. One job pays the engine's start-up once; its
+        threads are worker processes, one member each."""
+        input:
+            atlas=PLAN.atlas,
+            mask=layout.template_mask(OUT),
+            images=PLAN.member_images(),
+            masks=PLAN.member_masks(),
+            affines=PLAN.member_affines(),
+            velocities=PLAN.iteration_velocities(PLAN.n_iter),
+            mean_velocity=PLAN.iteration_mean_velocity(PLAN.n_iter),
+            model=PLAN.model_input,
+        output:
+            **PLAN.member_atlas_registrations(),
+        conda:
+            CONDA_ENV
+        log:
+            layout.job_log(OUT, "atlas", "register_members"),
+        benchmark:
+            layout.job_benchmark(OUT, "register_atlas_members")
+        params:
+            # compared with the last run's when Snakemake plans: a changed setting reruns it
+            options=PLAN.registration_options,
+            qc=PLAN.qc_options,
+            gradient_step=PLAN.atl["gradient_step"],
+            argv=lambda wc, input, output, threads: [
+                "--threads", threads, "atlas", "register", "--previous", input.atlas, "--mask", input.mask,
+                "--images", *input.images, "--masks", *input.masks, "--affines", *input.affines,
+                "--velocities", *input.velocities, "--mean-velocity", input.mean_velocity,
+                "--gradient-step", PLAN.atl["gradient_step"],
+                *PLAN.registration_options(wc).split(), *PLAN.qc_options(wc).split(),
+                "--out-images", *output.warped, "--out-member-affines", *output.affine,
+                "--out-warps", *output.warp, "--out-inverse-warps", *output.inverse_warp,
+                "--out-metrics-files", *output.metrics,
+            ],
+        threads: config["atlas"]["threads"]
+        resources:
+            mem_mb=lambda wc, threads: 1000 + 700 * threads,
+            runtime=lambda wc, threads: 10 + 2 * len(PLAN.members) // max(threads, 1),
+            gpu=0,
+        script:
+            "../scripts/atlasflow_cli.py"
+
+
+# Every other scan (not an atlas member, or every scan without carried velocities) registered to
+# the final atlas: transforms and the scan in atlas space.
 use rule register_template as register_atlas with:
     input:
         **PLAN.registration_inputs(fixed=PLAN.atlas),

@@ -22,7 +22,7 @@ from atlasflow.errors import (
     keep_successful,
     write_failure,
 )
-from atlasflow.registration.options import RegistrationOptions
+from atlasflow.registration.options import RegistrationOptions, add_qc_arguments
 
 
 def _add_min_inputs(p: argparse.ArgumentParser) -> None:
@@ -54,8 +54,8 @@ def _member(image: str, mask: str | None, affine: str | None = None, velocity: s
 
 
 def add_atlas_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("step", choices=["init", "iteration", "vote", "gather"])
-    p.add_argument("--output", required=True)
+    p.add_argument("step", choices=["init", "iteration", "register", "vote", "gather"])
+    p.add_argument("--output", help="init/iteration: the template; vote/gather: the table or map")
     p.add_argument("--images", nargs="*", help="init/iteration: preprocessed images")
     p.add_argument("--masks", nargs="*", help="init/iteration: their brain masks")
     p.add_argument(
@@ -95,6 +95,9 @@ def add_atlas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-step", type=float, default=1.0)
     p.add_argument("--no-sharpen", action="store_true")
     p.add_argument("--labels", nargs="*", help="vote: label maps in atlas space")
+    for flag in ("--out-images", "--out-member-affines", "--out-warps", "--out-inverse-warps", "--out-metrics-files"):
+        p.add_argument(flag, nargs="*", help="register: per member, what `atlasflow register` writes")
+    add_qc_arguments(p)
     p.add_argument("--out-probseg", help="vote: 4-D probability maps")
     _add_min_inputs(p)
 
@@ -103,6 +106,8 @@ def run_atlas(args: argparse.Namespace) -> int:
     import atlasflow.atlas.build as atlas
 
     options = RegistrationOptions.from_args(args)
+    if args.step != "register" and not args.output:
+        raise AtlasflowError(f"atlas {args.step}: --output is required")
     if args.step == "init":
         images, masks, out_affines = args.images or [], args.masks or [], args.out_affines or []
         if not len(images) == len(masks) == len(out_affines):
@@ -178,6 +183,8 @@ def run_atlas(args: argparse.Namespace) -> int:
             out_velocities=kept_out if args.out_velocities else None,
             out_mean_velocity=args.out_mean_velocity,
         )
+    elif args.step == "register":
+        _register_members(args, options)
     elif args.step == "vote":
         (labels,) = _successful(args, [args.labels or []], "atlas label vote")
         from atlasflow.atlas.labels import label_vote
@@ -186,6 +193,55 @@ def run_atlas(args: argparse.Namespace) -> int:
     elif args.step == "gather":
         atlas.gather_metrics(args.metrics, args.output)
     return 0
+
+
+def _register_members(args: argparse.Namespace, options: RegistrationOptions) -> None:
+    """``atlas register``: every member to the final atlas (--previous), each from its last
+    velocity (--velocities, shifted by --mean-velocity), with what ``atlasflow register`` writes."""
+    import atlasflow.atlas.build as atlas
+    from atlasflow.registration.qc import QCThresholds
+
+    images, masks, affines = args.images or [], args.masks or [], args.affines or []
+    velocities = args.velocities or [None] * len(images)
+    outs = [
+        args.out_images or [],
+        args.out_member_affines or [],
+        args.out_warps or [],
+        args.out_inverse_warps or [],
+        args.out_metrics_files or [],
+    ]
+    if not args.previous or not all(
+        len(column) == len(images) for column in (masks, affines, velocities, *outs)
+    ):
+        raise AtlasflowError(
+            "atlas register: give --previous (the atlas) and, for the same members, --images, "
+            "--masks, --affines, --out-images, --out-member-affines, --out-warps, "
+            "--out-inverse-warps and --out-metrics-files (and --velocities, if any)"
+        )
+    members, targets = [], []
+    for image, mask, affine, velocity, *paths in zip(
+        images, masks, affines, velocities, *outs, strict=True
+    ):
+        out = atlas.MemberOutputs(*paths)
+        failed = first_failed_input([image, mask, affine])
+        if failed:  # failed upstream (skip mode): its outputs pass the record on
+            write_failure(out.paths(), "registration to the atlas", describe(failed[1]), image)
+            continue
+        carried = velocity if velocity and failure_record(velocity) is None else None
+        members.append(_member(image, mask, affine, carried))
+        targets.append(out)
+    atlas.register_to_atlas(
+        members,
+        targets,
+        args.previous,
+        args.mask,
+        options=options,
+        thresholds=QCThresholds.from_mapping(vars(args)),
+        gradient_step=args.gradient_step,
+        last_mean_velocity=args.mean_velocity,
+        workers=args.job_threads or 1,
+        skip_failed=args.on_scan_error == "skip",
+    )
 
 
 def add_longitudinal_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,12 +4,13 @@ The workflow is a sequence of phases separated by barriers (a cohort-wide step n
 per-scan job before it):
 
     plan -> template -> [per scan: preprocess + register to template (+ follow-up -> baseline)]
-         -> atlas_init -> K x atlas_iteration -> atlas_final
-         -> [per scan: register_atlas, labels; per follow-up: change maps to atlas]
+         -> atlas_init -> K x atlas_iteration -> atlas_final -> register_atlas_members
+         -> [per scan: register_atlas (non-members), labels; per follow-up: change maps to atlas]
          -> atlas_labels, tumor_frequency -> [per subject: report_subject] -> report_cohort
 
-    atlas_init (the members' affines) and atlas_iteration (one job per iteration), each on one node:
-        register every member on `workers` processes, one member at a time each -> average
+    atlas_init (the members' affines), atlas_iteration (one job per iteration) and
+    register_atlas_members (the members to the final atlas), each on one node:
+        register every member on `workers` processes, one member at a time each (-> average)
 
 A parallel phase lasts as long as its work spread over the cluster's cores (and, with --gpu, its
 registration work spread over the GPUs), and at least as long as its longest single per-scan
@@ -44,8 +45,10 @@ from atlasflow.errors import AtlasflowError
 GPU_STAGES = ("register_template", "register_atlas", "longitudinal_register")
 ATLAS_INIT = "atlas_init"
 ATLAS_ITERATION = "atlas_iteration"
+# The members to the final atlas, from their last iteration (after one iteration or more).
+ATLAS_REGISTER = "register_atlas_members"
 # Jobs whose threads are worker processes sharing the atlas members.
-WORKER_STAGES = (ATLAS_INIT, ATLAS_ITERATION)
+WORKER_STAGES = (ATLAS_INIT, ATLAS_ITERATION, ATLAS_REGISTER)
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,9 @@ class Estimate:
 # ----------------------------------------------------------------------------------- the model
 
 
-def _jobs(cohort: Cohort) -> dict[str, dict[str, int]]:
-    """Jobs per parallel phase: stage -> count (as the workflow's rules create them)."""
+def _jobs(cohort: Cohort, members_batched: bool = True) -> dict[str, dict[str, int]]:
+    """Jobs per parallel phase: stage -> count (as the workflow's rules create them; with
+    ``members_batched`` the atlas members reach the final atlas in one job of their own)."""
     c = cohort
     return {
         "per-scan preprocessing and registration to the template": {
@@ -201,7 +205,7 @@ def _jobs(cohort: Cohort) -> dict[str, dict[str, int]]:
             "tumor_table": c.longitudinal_subjects,
         },
         "per-scan registration to the atlas": {
-            "register_atlas": c.scans,
+            "register_atlas": c.scans - (c.atlas_members if members_batched else 0),
             "warp_labels_atlas": c.labelled_scans,
             # 3 change maps per follow-up, + its tumour mask
             "change_map_to_atlas": c.followups * (4 if c.tumour_scans else 3),
@@ -270,7 +274,7 @@ def estimate(cohort: Cohort, iterations: int, cluster: Cluster, table: CostTable
     """Predicted wall time (critical path through the phases) and core-hours of a full run."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise AtlasflowError(f"--iterations must be a whole number >= 0, got {iterations!r}")
-    jobs = _jobs(cohort)
+    jobs = _jobs(cohort, members_batched=iterations >= 1)
     phase_names = list(jobs)
     phases = [
         Phase("planning (snakemake)", table.planning_s + table.planning_per_scan_s * cohort.scans, 0),
@@ -282,10 +286,10 @@ def estimate(cohort: Cohort, iterations: int, cluster: Cluster, table: CostTable
         _atlas_job(ATLAS_ITERATION, f"atlas iteration {i}: {ATLAS_ITERATION}", table, cluster, cohort)
         for i in range(1, iterations + 1)
     ]
-    phases += [
-        _serial("atlas_final", table),
-        _parallel(phase_names[1], jobs[phase_names[1]], table, cluster, cohort),
-    ]
+    phases.append(_serial("atlas_final", table))
+    if iterations >= 1:
+        phases.append(_atlas_job(ATLAS_REGISTER, ATLAS_REGISTER, table, cluster, cohort))
+    phases.append(_parallel(phase_names[1], jobs[phase_names[1]], table, cluster, cohort))
     if cohort.labelled_scans:
         phases.append(_serial("atlas_labels", table, cohort.atlas_members))
     if cohort.tumour_scans:

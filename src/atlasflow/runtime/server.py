@@ -1,7 +1,7 @@
 """Warm engine: one server per local Snakemake run that keeps torch, the network weights and the
 member workers of the atlas jobs alive from one job to the next.
 
-Every atlas job (``atlas init``, then one ``atlas iteration`` per iteration) otherwise starts a
+Every atlas job (``atlas init``, one ``atlas iteration`` per iteration, ``atlas register``) otherwise starts a
 Python process, imports torch (~1.5 s), forks its workers, loads the weights into each and runs a
 first, slow network pass (~0.4 s), then tears it all down (~0.5 s): on 10 IXI members that is
 about 3 s of a 7.5 s iteration job. With the engine, the first atlas job of a run starts a server
@@ -40,7 +40,7 @@ from pathlib import Path
 
 ENV = "ATLASFLOW_ENGINE"
 # Commands that register many members and so gain from warm workers.
-WARM_COMMANDS = {("atlas", "init"), ("atlas", "iteration")}
+WARM_COMMANDS = {("atlas", "init"), ("atlas", "iteration"), ("atlas", "register")}
 IDLE_SECONDS = 60.0
 START_TIMEOUT = 120.0
 _GLOBAL_OPTIONS = {"--threads", "--on-scan-error"}
