@@ -104,6 +104,7 @@ def run_raw(method: str, fixed_path: Path, moving_path: Path, refine_steps: int,
     import torch
 
     from atlasflow.io.itk import load_transform
+    from atlasflow.preprocess.reference import find_brain
     from atlasflow.registration.api import RegisterOutputs, register_files
     from atlasflow.registration.options import RegistrationOptions
 
@@ -123,8 +124,8 @@ def run_raw(method: str, fixed_path: Path, moving_path: Path, refine_steps: int,
         outputs = RegisterOutputs.in_dir(tmp)
         # atlasflow finds each raw head's brain (its default); ANTs sees the heads as they are,
         # as antsRegistrationSyN users run it.
-        find = "head" if method.startswith("ants:") else "brain"
-        metrics = register_files(fixed_path, moving_path, outputs, options=opts, find_masks=find)
+        find = None if method.startswith("ants:") else find_brain
+        metrics = register_files(fixed_path, moving_path, outputs, options=opts, find_mask=find)
         transform = load_transform(outputs.affine, outputs.warp)
     return transform, metrics["seconds"], metrics.get("brain_mask_seconds", 0.0)
 

@@ -126,6 +126,7 @@ def run_case(folder: Path, fixed_name: str, moving_name: str, methods: list[str]
             import tempfile
 
             from atlasflow.io.itk import load_transform
+            from atlasflow.preprocess.reference import find_brain
             from atlasflow.registration.api import RegisterOutputs, register_files
 
             with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +135,7 @@ def run_case(folder: Path, fixed_name: str, moving_name: str, methods: list[str]
                     folder / f"{fixed_name}.nii.gz",
                     folder / f"{moving_name}.nii.gz",
                     out,
-                    find_masks="brain",
+                    find_mask=find_brain,
                 )
                 transform = load_transform(out.affine, out.warp)
             seconds = metrics["seconds"] + metrics.get("brain_mask_seconds", 0.0)

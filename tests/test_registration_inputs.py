@@ -73,8 +73,13 @@ def test_mutual_information_is_highest_when_aligned_even_across_contrasts():
 @pytest.fixture(scope="module")
 def mni_4mm() -> tuple[Image, np.ndarray]:
     template, mask = load_mni152()
-    grid = Grid(tuple(int(n) // 4 for n in template.data.shape), template.affine @ np.diag([4.0, 4.0, 4.0, 1.0]))
-    image = apply_transform(template.with_data(template.data * mask), Transform.identity(), grid, "linear")
+    grid = Grid(
+        tuple(int(n) // 4 for n in template.data.shape),
+        template.affine @ np.diag([4.0, 4.0, 4.0, 1.0]),
+    )
+    image = apply_transform(
+        template.with_data(template.data * mask), Transform.identity(), grid, "linear"
+    )
     return image, image.data > 0.05 * image.data.max()
 
 
@@ -100,7 +105,9 @@ def test_initial_alignment_recovers_30_degrees_and_40_mm_across_contrasts(mni_4m
     pf, pm = inputs.prepare(fixed), inputs.prepare(moving)
     found = initial.initial_alignment(pf, pm)
     points = np.argwhere(head) @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
-    error = np.linalg.norm(points @ (found[:3, :3] - truth[:3, :3]).T + found[:3, 3] - truth[:3, 3], axis=1)
+    error = np.linalg.norm(
+        points @ (found[:3, :3] - truth[:3, :3]).T + found[:3, 3] - truth[:3, 3], axis=1
+    )
     assert error.mean() < 3.0, f"mean point error {error.mean():.2f} mm"
 
 
@@ -110,7 +117,9 @@ def test_initial_alignment_recovers_30_degrees_and_40_mm_across_contrasts(mni_4m
 def _reoriented(image: Image, codes: str) -> Image:
     """The same world content stored in another voxel order (header updated)."""
     nii = nib.Nifti1Image(image.data, image.affine)
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(image.affine), nib.orientations.axcodes2ornt(codes))
+    ornt = nib.orientations.ornt_transform(
+        nib.io_orientation(image.affine), nib.orientations.axcodes2ornt(codes)
+    )
     out = nii.as_reoriented(ornt)
     return Image(np.asarray(out.dataobj, image.data.dtype), out.affine)
 
@@ -135,7 +144,9 @@ def test_a_real_pair_gives_the_same_dice_whatever_the_form_of_the_moving_scan(sh
     fixed_labels = load_image(labels[0], dtype=None)
     moving_labels = load_image(labels[1], dtype=None)
     brain = ndimage.binary_dilation(moving_labels.data > 0, iterations=2)
-    fixed = fixed.with_data(fixed.data * ndimage.binary_dilation(fixed_labels.data > 0, iterations=2))
+    fixed = fixed.with_data(
+        fixed.data * ndimage.binary_dilation(fixed_labels.data > 0, iterations=2)
+    )
     raw = np.round(moving.data * brain * (255 / moving.data.max())).astype(np.uint8)
     variants = {
         "uint8": moving.with_data(raw),
@@ -166,6 +177,7 @@ def test_the_register_command_finds_the_brains_of_raw_whole_heads(shared_data, t
     networks score as with the label maps' brains (0.61 on this pair); with the engine's head masks
     (--find-masks head) they lost 0.15 here."""
     from atlasflow.io.itk import load_transform
+    from atlasflow.preprocess.reference import find_brain
     from atlasflow.registration.api import RegisterOutputs, register_files
 
     folder = shared_data / "ixi10"
@@ -175,10 +187,16 @@ def test_the_register_command_finds_the_brains_of_raw_whole_heads(shared_data, t
     for find in ("brain", "head"):
         out = RegisterOutputs.in_dir(tmp_path / find)
         (tmp_path / find).mkdir()
-        metrics = register_files(t1[0], t1[1], out, find_masks=find)
+        metrics = register_files(
+            t1[0], t1[1], out, find_mask=find_brain if find == "brain" else None
+        )
         dice[find] = _mean_dice(load_transform(out.affine, out.warp), labels[1], labels[0])
         if find == "brain":
-            assert metrics["fixed_mask"] == metrics["moving_mask"] == "brain found through the MNI152 template"
+            assert (
+                metrics["fixed_mask"]
+                == metrics["moving_mask"]
+                == "brain found through the MNI152 template"
+            )
             assert metrics["brain_mask_seconds"] > 0
     assert dice["brain"] > 0.59, dice
     assert dice["brain"] > dice["head"] + 0.08, dice
@@ -188,12 +206,15 @@ def test_a_scan_that_is_no_brain_falls_back_to_the_head_and_says_why(tmp_path):
     """A blob is no head: what the template finds in it is refused, the engine's own foreground
     is used, and the metrics say so."""
     from atlasflow.io.images import save_image
+    from atlasflow.preprocess.reference import find_brain
     from atlasflow.registration.api import RegisterOutputs, register_files
 
     blob = blob_image()
     save_image(blob, tmp_path / "f.nii.gz")
     save_image(blob, tmp_path / "m.nii.gz")
     out = RegisterOutputs.in_dir(tmp_path)
-    metrics = register_files(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", out, find_masks="brain", affine_only=True)
+    metrics = register_files(
+        tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", out, find_mask=find_brain, affine_only=True
+    )
     assert metrics["fixed_mask"].startswith("head (no brain found: ")
     assert metrics["moving_mask"].startswith("head (no brain found: ")

@@ -159,6 +159,7 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_register(args: argparse.Namespace) -> int:
+    from atlasflow.preprocess.reference import find_brain
     from atlasflow.registration.api import QCThresholds, RegisterOutputs, register_files
 
     if args.out_dir:
@@ -182,9 +183,12 @@ def run_register(args: argparse.Namespace) -> int:
         cost_mask=args.cost_mask,
         thresholds=QCThresholds.from_mapping(vars(args)),
         options=RegistrationOptions.from_args(args),
-        find_masks=args.find_masks,
+        find_mask=find_brain if args.find_masks == "brain" else None,
     )
     flags = "; ".join(metrics["qc_flags"]) or "QC pass"
+    for side in ("fixed", "moving"):
+        if f"{side}_mask" in metrics:
+            print(f"{side} mask: {metrics[f'{side}_mask']}")
     print(
         f"registered {args.moving} -> {args.fixed} with {metrics['backend']} in {metrics['seconds']:.2f} s; "
         f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; "

@@ -198,7 +198,7 @@ def run_atlas(args: argparse.Namespace) -> int:
 def _register_members(args: argparse.Namespace, options: RegistrationOptions) -> None:
     """``atlas register``: every member to the final atlas (--previous), each from its last
     velocity (--velocities, shifted by --mean-velocity), with what ``atlasflow register`` writes."""
-    import atlasflow.atlas.build as atlas
+    import atlasflow.atlas.final as final
     from atlasflow.registration.qc import QCThresholds
 
     images, masks, affines = args.images or [], args.masks or [], args.affines or []
@@ -222,7 +222,7 @@ def _register_members(args: argparse.Namespace, options: RegistrationOptions) ->
     for image, mask, affine, velocity, *paths in zip(
         images, masks, affines, velocities, *outs, strict=True
     ):
-        out = atlas.MemberOutputs(*paths)
+        out = final.MemberOutputs(*paths)
         failed = first_failed_input([image, mask, affine])
         if failed:  # failed upstream (skip mode): its outputs pass the record on
             write_failure(out.paths(), "registration to the atlas", describe(failed[1]), image)
@@ -230,7 +230,7 @@ def _register_members(args: argparse.Namespace, options: RegistrationOptions) ->
         carried = velocity if velocity and failure_record(velocity) is None else None
         members.append(_member(image, mask, affine, carried))
         targets.append(out)
-    atlas.register_to_atlas(
+    final.register_to_atlas(
         members,
         targets,
         args.previous,

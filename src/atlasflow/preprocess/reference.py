@@ -11,8 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image, load_image, save_image
-from atlasflow.preprocess.steps import normalise_intensity, to_ras
+from atlasflow.preprocess.steps import (
+    implausible_brain,
+    normalise_intensity,
+    template_brain,
+    to_ras,
+)
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -42,7 +48,9 @@ def template_grid(image: Image, spacing: float, multiple: int = 1) -> Grid:
     return Grid(shape, affine)
 
 
-def working_template(source: str, spacing: float, mask_path: str | None = None) -> tuple[Image, np.ndarray]:
+def working_template(
+    source: str, spacing: float, mask_path: str | None = None
+) -> tuple[Image, np.ndarray]:
     """The template (``mni152`` or a file) normalised in its brain on a grid of ``spacing``, and
     that brain mask on the same grid."""
     if source == "mni152":
@@ -57,7 +65,9 @@ def working_template(source: str, spacing: float, mask_path: str | None = None) 
     grid = template_grid(image, spacing)
     norm = image.with_data(normalise_intensity(image.data, mask))
     out = apply_transform(norm, Transform.identity(), grid, "linear")
-    out_m = apply_transform(image.with_data(mask.astype(np.uint8)), Transform.identity(), grid, "nearest")
+    out_m = apply_transform(
+        image.with_data(mask.astype(np.uint8)), Transform.identity(), grid, "nearest"
+    )
     return out, out_m.data > 0
 
 
@@ -69,10 +79,29 @@ def mni152_working(spacing: float = 2.0) -> tuple[Image, np.ndarray]:
 
 
 def prepare_template(
-    source: str, spacing: float, out_image: str | Path, out_mask: str | Path, mask_path: str | None = None
+    source: str,
+    spacing: float,
+    out_image: str | Path,
+    out_mask: str | Path,
+    mask_path: str | None = None,
 ) -> Image:
     """Write the template and its brain mask on the working grid."""
     out, mask = working_template(source, spacing, mask_path)
     save_image(out, out_image, dtype=np.float32)
     save_image(out.with_data(mask.astype(np.uint8)), out_mask, dtype=np.uint8)
     return out
+
+
+def find_brain(image: Image) -> tuple[np.ndarray | None, str]:
+    """A bare scan's brain found through the MNI152 template (:func:`mni152_working`,
+    :func:`atlasflow.preprocess.steps.template_brain`), and how it was found; (None, why) when
+    what was found cannot be this scan's brain (:func:`~atlasflow.preprocess.steps.implausible_brain`):
+    the engine then uses the head it finds."""
+    try:
+        brain = template_brain(image, *mni152_working())
+    except AtlasflowError as exc:
+        return None, f"head (no brain found: {exc})"
+    reason = implausible_brain(brain, image)
+    if reason:
+        return None, f"head (no brain found: {reason})"
+    return brain, "brain found through the MNI152 template"

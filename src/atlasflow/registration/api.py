@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,22 +198,6 @@ def register_and_measure(
     return Measured(reg, warped, unregistered, metrics)
 
 
-def _brain_of(image: Image) -> tuple[np.ndarray | None, str]:
-    """A bare scan's brain found through the MNI152 template, and how it was found; (None, why)
-    when what was found cannot be a brain of this scan: the engine then finds the head."""
-    from atlasflow.preprocess.reference import mni152_working
-    from atlasflow.preprocess.steps import implausible_brain, template_brain
-
-    try:
-        brain = template_brain(image, *mni152_working())
-    except AtlasflowError as exc:
-        return None, f"head (no brain found: {exc})"
-    reason = implausible_brain(brain, image)
-    if reason:
-        return None, f"head (no brain found: {reason})"
-    return brain, "brain found through the MNI152 template"
-
-
 @dataclass
 class RegisterOutputs:
     """Where :func:`register_files` writes; ``None`` skips that file."""
@@ -250,17 +235,18 @@ def register_files(
     cost_mask: str | Path | None = None,
     thresholds: QCThresholds | None = None,
     options: RegistrationOptions | None = None,
-    find_masks: str = "head",
+    find_mask: Callable[[Image], tuple[np.ndarray | None, str]] | None = None,
     **changes: Any,
 ) -> dict:
     """Register two files and write every output named in ``outputs``; returns the metrics.
 
-    A scan without a mask file gets the head the engine finds (``find_masks="head"``) or, with
-    ``"brain"``, the MNI152 brain carried onto it (:func:`atlasflow.preprocess.steps.template_brain`:
-    deformed onto a T1-like scan, affine otherwise; ~4 s per scan, reported as
-    ``brain_mask_seconds``, apart from the registration's ``seconds``). On raw IXI heads the
-    networks alone score Dice 0.562 with head masks and 0.616 with found brains, 0.618 with the
-    brains of the label maps (benchmarks/results/register_raw_v2.md).
+    A scan without a mask file gets the head the engine finds, or, with ``find_mask`` (``atlasflow
+    register``'s default: :func:`atlasflow.preprocess.reference.find_brain`, the MNI152 brain
+    carried onto the scan), what that returns: (mask or None for the head, how it was found),
+    recorded as ``fixed_mask``/``moving_mask`` with ``brain_mask_seconds`` apart from the
+    registration's ``seconds``. On raw IXI heads the networks alone score Dice 0.562 with head
+    masks and 0.615 with found brains, 0.618 with the brains of the label maps
+    (benchmarks/results/register_raw_v2.md).
 
     ``moving_labels`` are warped (label-aware) and, with ``fixed_labels``, scored by their mean
     Dice. The metrics carry ``qc_flags`` (reasons to distrust the result, by ``thresholds``) and
@@ -271,15 +257,13 @@ def register_files(
     fmask = load_mask(fixed_mask, fixed, fixed_path)
     mmask = load_mask(moving_mask, moving, moving_path)
     found: dict[str, Any] = {}
-    if find_masks == "brain" and (fmask is None or mmask is None):
+    if find_mask is not None and (fmask is None or mmask is None):
         start = time.perf_counter()
         if fmask is None:
-            fmask, found["fixed_mask"] = _brain_of(fixed)
+            fmask, found["fixed_mask"] = find_mask(fixed)
         if mmask is None:
-            mmask, found["moving_mask"] = _brain_of(moving)
+            mmask, found["moving_mask"] = find_mask(moving)
         found["brain_mask_seconds"] = round(time.perf_counter() - start, 3)
-    elif find_masks not in ("head", "brain"):
-        raise AtlasflowError(f"find_masks must be head or brain, not {find_masks!r}")
     cmask = load_image(cost_mask).data > 0 if cost_mask else None
     measured = register_and_measure(
         fixed,
