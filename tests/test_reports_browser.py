@@ -58,7 +58,9 @@ pytestmark = pytest.mark.skipif(
 class Browser:
     """A headless chromium and one page, spoken to with DevTools-protocol commands."""
 
-    def __init__(self, profile: Path, timeout: float = 60.0):
+    def __init__(self, profile: Path, timeout: float = 120.0):
+        # generous: a page load waited 60 s in vain while the SLURM and registration tests loaded
+        # both cores of a 2-core machine
         self.timeout = timeout
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()

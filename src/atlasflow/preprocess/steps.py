@@ -179,10 +179,11 @@ def template_mask_on_scan(
     is T1-like there (:func:`t1_like`), the deep engine deforms the template's brain
     onto the scan's (networks + :data:`TEMPLATE_MASK_REFINE_STEPS` of local-correlation
     refinement, inside the template brain and one voxel around it; the scan unmasked, as it
-    comes) and the mask follows the inverse field. On the 10 whole-head IXI scans the affine mask
-    (dilated 2 voxels) scored Dice 0.85-0.94 with the dilated labels; the deformed one (dilated 1)
-    0.95-0.97, covering 96-99 % of the labelled brain; raw IXI pairs registered with these masks
-    score within 0.002 Dice of the same pairs with the label masks (benchmarks/diag_template_mask.py).
+    comes) and the mask follows the inverse field. On the 10 whole-head IXI scans, against their
+    labels dilated 1 voxel, the affine mask (dilated 2 voxels) scored Dice 0.85-0.94; the deformed
+    one (dilated 1) 0.95-0.96, covering 96-98 % of the labelled brain, in ~2.5 s more per scan.
+    Raw IXI pairs registered with such masks score 0.615 (the label maps' brains: 0.618, the
+    engine's head masks: 0.562; benchmarks/results/register_raw_v2.md).
     A scan of another contrast (FLAIR, T2w) keeps the affine mask: local correlation across
     contrasts would pull the brain's edge to the wrong tissue.
     """
