@@ -175,7 +175,7 @@ def _register_member(member: Member, target: Target) -> dict:
             fixed_mask=fixed_mask,
             moving_mask=mmask,
             init_affine=init,
-            init_velocity=_start_velocity(member, target.start_shift),
+            init_velocity=carried_start(member, target.start_shift),
             before=False,
         )
     except AtlasflowError as exc:
@@ -219,7 +219,7 @@ def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -
     return np.linalg.norm(field.data, axis=-1)[inside]
 
 
-def _start_velocity(member: Member, shift: Image | None) -> Image | None:
+def carried_start(member: Member, shift: Image | None) -> Image | None:
     """The member's velocity of the previous iteration moved by ``shift`` (None: start afresh)."""
     if member.velocity is None:
         return None
@@ -264,7 +264,7 @@ def use_pool(pool) -> None:
     _POOL = pool
 
 
-def _map_members(
+def map_members(
     function: Callable[[Any, Any], dict],
     members: Sequence[Any],
     target: Any,
@@ -357,7 +357,7 @@ def run_iteration(
     field_affine: np.ndarray | None = None
     rows, norms, kept = [], [], []
     outs = out_velocities if out_velocities is not None else [None] * len(members)
-    results = _map_members(_register_member, members, target, workers)
+    results = map_members(_register_member, members, target, workers)
     for member, out_velocity, result in zip(members, outs, results, strict=True):
         if "error" in result:
             if not skip_failed:
@@ -467,7 +467,7 @@ def run_init(
     rows: list[dict] = []
     registered = 0
     for member, out_affine, result in zip(
-        members, out_affines, _map_members(_register_member, members, target, workers), strict=True
+        members, out_affines, map_members(_register_member, members, target, workers), strict=True
     ):
         if "error" in result:
             if not skip_failed:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from atlasflow.atlas.build import Member, _map_members, _start_velocity
+from atlasflow.atlas.build import Member, carried_start, map_members
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, load_mask
@@ -66,7 +66,7 @@ def _register_to_final(task: tuple[Member, MemberOutputs], target: FinalTarget) 
             fixed_mask=target.mask,
             moving_mask=load_mask(member.mask, moving, member.image),
             init_affine=read_itk_affine(member.affine) if member.affine else None,
-            init_velocity=_start_velocity(member, target.shift),
+            init_velocity=carried_start(member, target.shift),
         )
     except AtlasflowError as exc:
         return {"name": member.name, "error": str(exc)}
@@ -134,7 +134,7 @@ def register_to_atlas(
     tasks = list(zip(members, outputs, strict=True))
     results = []
     for (member, out), result in zip(
-        tasks, _map_members(_register_to_final, tasks, target, workers), strict=True
+        tasks, map_members(_register_to_final, tasks, target, workers), strict=True
     ):
         if "error" in result:
             if not skip_failed:
