@@ -219,6 +219,15 @@ def _norms_inside(field: Image, region: np.ndarray, region_affine: np.ndarray) -
     return np.linalg.norm(field.data, axis=-1)[inside]
 
 
+def update_shift(mean_velocity: str | Path | None, gradient_step: float) -> Image | None:
+    """What a shape update moved the template by, as a velocity to add to each member's carried
+    one: minus the step times that iteration's mean velocity (None: no mean, no shift)."""
+    if mean_velocity is None:
+        return None
+    mean = load_image(mean_velocity, allow_vector=True)
+    return mean.with_data((-gradient_step * mean.data).astype(np.float32))
+
+
 def carried_start(member: Member, shift: Image | None) -> Image | None:
     """The member's velocity of the previous iteration moved by ``shift`` (None: start afresh)."""
     if member.velocity is None:
@@ -347,10 +356,7 @@ def run_iteration(
         )
     previous = load_image(previous_template)
     region = load_mask(mask, previous, previous_template)
-    shift = None
-    if previous_mean_velocity is not None:
-        mean_previous = load_image(previous_mean_velocity, allow_vector=True)
-        shift = mean_previous.with_data((-gradient_step * mean_previous.data).astype(np.float32))
+    shift = update_shift(previous_mean_velocity, gradient_step)
     target = Target(previous, region, RegistrationOptions.of(options), shift)
     total_warped = np.zeros(previous.data.shape, np.float64)
     total_field: np.ndarray | None = None  # the members' full fields (ANTs) or coarse ones (deep)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from atlasflow.atlas.build import Member, carried_start, map_members
+from atlasflow.atlas.build import Member, carried_start, map_members, update_shift
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, load_mask
@@ -119,17 +119,13 @@ def register_to_atlas(
         )
     atlas = load_image(atlas_path)
     region = load_mask(mask, atlas, atlas_path)
-    shift = None
-    if last_mean_velocity is not None:
-        mean = load_image(last_mean_velocity, allow_vector=True)
-        shift = mean.with_data((-gradient_step * mean.data).astype(np.float32))
     target = FinalTarget(
         atlas,
         region,
         str(atlas_path),
         RegistrationOptions.of(options),
         QCThresholds.from_mapping(thresholds),
-        shift,
+        update_shift(last_mean_velocity, gradient_step),
     )
     tasks = list(zip(members, outputs, strict=True))
     results = []

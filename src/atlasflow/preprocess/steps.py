@@ -167,7 +167,7 @@ def t1_like(template: Image, seen: np.ndarray, template_mask: np.ndarray) -> boo
 
 
 def template_mask_on_scan(
-    image: Image, template: Image, template_mask: np.ndarray, *, deformable: bool = True
+    image: Image, template: Image, template_mask: np.ndarray
 ) -> tuple[np.ndarray, bool]:
     """The template's brain mask carried onto ``image``'s grid (values in [0, 1]), and whether a
     deformable registration carried it (else the affine alone).
@@ -193,20 +193,19 @@ def template_mask_on_scan(
 
     world = initial_alignment(prepare(template, template_mask), prepare(image))
     region = template.with_data(np.asarray(template_mask, np.float32))
-    if deformable:
-        # ``world`` maps template points to scan points: the scan's intensities on the template.
-        seen = apply_transform(image, Transform(world), template.grid, "linear").data
-        if t1_like(template, seen, template_mask):
-            from atlasflow.registration.api import register
+    # ``world`` maps template points to scan points: the scan's intensities on the template.
+    seen = apply_transform(image, Transform(world), template.grid, "linear").data
+    if t1_like(template, seen, template_mask):
+        from atlasflow.registration.api import register
 
-            reg = register(
-                template,
-                image,
-                fixed_mask=ndimage.binary_dilation(template_mask, iterations=1),
-                init_affine=world,
-                refine_steps=TEMPLATE_MASK_REFINE_STEPS,
-            )
-            return inverse_pull(region, reg.transform, reg.inverse_displacement, image.grid), True
+        reg = register(
+            template,
+            image,
+            fixed_mask=ndimage.binary_dilation(template_mask, iterations=1),
+            init_affine=world,
+            refine_steps=TEMPLATE_MASK_REFINE_STEPS,
+        )
+        return inverse_pull(region, reg.transform, reg.inverse_displacement, image.grid), True
     return inverse_pull(region, Transform(world), None, image.grid), False
 
 
