@@ -15,6 +15,7 @@ scans (it finds the heads); ``atlasflow-cli`` is ``atlasflow register`` as typed
 each scan's brain through the template (its seconds include that).
 
     python benchmarks/open_ms_points.py [--data ../shared/data/open_ms] [--methods none,atlasflow,ants]
+        [--refine N]   # the atlasflow methods' refinement steps (``atlasflow register --refine``)
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), float(np.percentile(d, 90))
 
 
-def run_case(folder: Path, fixed_name: str, moving_name: str, methods: list[str]) -> list[dict]:
+def run_case(
+    folder: Path, fixed_name: str, moving_name: str, methods: list[str], refine: int = 0
+) -> list[dict]:
     from atlasflow.io.images import load_image
     from atlasflow.registration.api import register
 
@@ -117,7 +120,13 @@ def run_case(folder: Path, fixed_name: str, moving_name: str, methods: list[str]
             moved = world
             seconds = 0.0
         elif method in ("atlasflow", "atlasflow-affine"):
-            reg = register(fixed, moving, backend="deep", affine_only=method.endswith("affine"))
+            reg = register(
+                fixed,
+                moving,
+                backend="deep",
+                affine_only=method.endswith("affine"),
+                refine_steps=refine,
+            )
             seconds = reg.seconds
             moved = mapped_points(reg.transform, fixed, world, idx)
         elif method == "atlasflow-cli":
@@ -136,6 +145,7 @@ def run_case(folder: Path, fixed_name: str, moving_name: str, methods: list[str]
                     folder / f"{moving_name}.nii.gz",
                     out,
                     find_mask=find_brain,
+                    refine_steps=refine,
                 )
                 transform = load_transform(out.affine, out.warp)
             seconds = metrics["seconds"] + metrics.get("brain_mask_seconds", 0.0)
@@ -173,12 +183,17 @@ def main() -> None:
     parser.add_argument(
         "--cases", default="", help="comma-separated case numbers (1-based); default all"
     )
+    parser.add_argument(
+        "--refine", type=int, default=0, help="refinement steps of the atlasflow methods"
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     chosen = [CASES[int(i) - 1] for i in args.cases.split(",")] if args.cases else CASES
     rows = []
     for patient, fixed, moving in chosen:
-        rows += run_case(Path(args.data) / patient, fixed, moving, args.methods.split(","))
+        rows += run_case(
+            Path(args.data) / patient, fixed, moving, args.methods.split(","), args.refine
+        )
     lines = ["| case | method | mean mm | p90 mm | seconds |", "|---|---|---|---|---|"]
     lines += [
         f"| {r['case']} | {r['method']} | {r['mean']:.2f} | {r['p90']:.2f} | {r['seconds']:.1f} |"
