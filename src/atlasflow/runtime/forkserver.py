@@ -45,6 +45,9 @@ PRELOAD = (
     "nibabel",
     "torch",
     "pandas",
+    # antspyx (N4 of bias_correct and of each contrast's alignment): 1.3-1.5 s an import, paid by
+    # every such job until it was preloaded here; it starts no thread of its own
+    "ants",
     "atlasflow.cli.main",
     "atlasflow.cli.commands",
     "atlasflow.cli.steps",
