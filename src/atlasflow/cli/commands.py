@@ -188,11 +188,17 @@ def run_register(args: argparse.Namespace) -> int:
     flags = "; ".join(metrics["qc_flags"]) or "QC pass"
     for side in ("fixed", "moving"):
         if f"{side}_mask" in metrics:
-            print(f"{side} mask: {metrics[f'{side}_mask']}")
+            contrast = metrics.get(f"{side}_contrast")
+            read = f" ({contrast})" if contrast else ""
+            print(f"{side} mask: {metrics[f'{side}_mask']}{read}")
+    if metrics.get("cross_contrast"):
+        # the NCC of two contrasts says little: the QC judged the mutual information
+        similarity = f"NMI {metrics['nmi_before']:.3f} -> {metrics['nmi_after']:.3f} (two contrasts)"
+    else:
+        similarity = f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}"
     print(
         f"registered {args.moving} -> {args.fixed} with {metrics['backend']} in {metrics['seconds']:.2f} s; "
-        f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; "
-        f"folding {100 * metrics['folding_fraction']:.4f}%; {flags}"
+        f"{similarity}; folding {100 * metrics['folding_fraction']:.4f}%; {flags}"
     )
     return 0
 

@@ -19,6 +19,7 @@ from atlasflow.preprocess.steps import (
     template_brain,
     to_ras,
 )
+from atlasflow.registration.api import FoundMask
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -92,16 +93,18 @@ def prepare_template(
     return out
 
 
-def find_brain(image: Image) -> tuple[np.ndarray | None, str]:
+def find_brain(image: Image) -> FoundMask:
     """A bare scan's brain found through the MNI152 template (:func:`mni152_working`,
-    :func:`atlasflow.preprocess.steps.template_brain`), and how it was found; (None, why) when
-    what was found cannot be this scan's brain (:func:`~atlasflow.preprocess.steps.implausible_brain`):
-    the engine then uses the head it finds."""
+    :func:`atlasflow.preprocess.steps.template_brain`), how it was found, and the scan's contrast
+    class read on the way (:func:`~atlasflow.preprocess.steps.contrast_class`); no mask and no
+    class when what was found cannot be this scan's brain
+    (:func:`~atlasflow.preprocess.steps.implausible_brain`): the engine then uses the head it
+    finds."""
     try:
-        brain = template_brain(image, *mni152_working())
+        brain, contrast = template_brain(image, *mni152_working())
     except AtlasflowError as exc:
-        return None, f"head (no brain found: {exc})"
+        return FoundMask(None, f"head (no brain found: {exc})")
     reason = implausible_brain(brain, image)
     if reason:
-        return None, f"head (no brain found: {reason})"
-    return brain, "brain found through the MNI152 template"
+        return FoundMask(None, f"head (no brain found: {reason})")
+    return FoundMask(brain, "brain found through the MNI152 template", contrast)

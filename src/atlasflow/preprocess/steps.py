@@ -135,7 +135,7 @@ def brain_mask(
     else:
         if template is None or template_mask is None:
             raise AtlasflowError(f"{image_path}: no brain mask, no labels and no template to derive one")
-        mask = template_brain(image, template, template_mask, dilate_voxels)
+        mask, _ = template_brain(image, template, template_mask, dilate_voxels)
         source = "template"
     if mask.sum() == 0:
         raise AtlasflowError(f"{image_path}: brain mask ({source}) is empty")
@@ -148,29 +148,50 @@ def brain_mask(
 TEMPLATE_MASK_REFINE_STEPS = 10
 #: A scan is T1-like when its white matter (where the T1w template is in its brightest quarter) is
 #: brighter than its grey matter (the template's second quarter) by this ratio of medians. After
-#: the affine alone, raw and uncorrected: 10 IXI T1w 1.16-1.35, open_ms T1W 1.16-1.19, FLAIR
-#: 0.94-0.95, T2W 0.73-0.80. (A histogram rank correlation does not separate them: a FLAIR's dark
+#: the affine alone, raw and uncorrected: 10 IXI T1w 1.16-1.35, open_ms T1W 1.14-1.19, FLAIR
+#: 0.94-0.97, T2W 0.73-0.80. (A histogram rank correlation does not separate them: a FLAIR's dark
 #: CSF agrees with a T1w's.)
 T1_LIKE_WM_GM_RATIO = 1.05
+#: Of the others, a scan is T2-like when its CSF (where the template is in its darkest tenth inside
+#: the brain: ventricles and sulci) is at least this bright against its grey matter, else
+#: FLAIR-like (CSF suppressed). Measured the same way: open_ms T2W 1.05-1.14, FLAIR 0.50-0.57.
+T2_LIKE_CSF_GM_RATIO = 0.8
+CONTRAST_CLASSES = ("T1-like", "T2-like", "FLAIR-like")
+
+
+def contrast_class(template: Image, seen: np.ndarray, template_mask: np.ndarray) -> str | None:
+    """Which of :data:`CONTRAST_CLASSES` ``seen`` (a scan on the T1w template's grid) shows, read
+    from the order of its tissues: white matter against grey (:data:`T1_LIKE_WM_GM_RATIO`), then
+    CSF against grey (:data:`T2_LIKE_CSF_GM_RATIO`). None when the brain shows nothing there (a
+    failed alignment)."""
+    inside = np.asarray(template_mask, bool)
+    darkest, low, middle, high = np.percentile(template.data[inside], [10, 25, 50, 75])
+    white = inside & (template.data >= high)
+    grey = inside & (template.data >= low) & (template.data < middle)
+    csf = inside & (template.data < darkest)
+    if not white.any() or not grey.any() or not csf.any():
+        return None
+    grey_level = float(np.median(seen[grey]))
+    if not grey_level > 0:
+        return None
+    if float(np.median(seen[white])) >= T1_LIKE_WM_GM_RATIO * grey_level:
+        return "T1-like"
+    if float(np.median(seen[csf])) >= T2_LIKE_CSF_GM_RATIO * grey_level:
+        return "T2-like"
+    return "FLAIR-like"
 
 
 def t1_like(template: Image, seen: np.ndarray, template_mask: np.ndarray) -> bool:
     """Whether ``seen`` (a scan on the T1w template's grid) shows white matter brighter than grey."""
-    inside = np.asarray(template_mask, bool)
-    low, middle, high = np.percentile(template.data[inside], [25, 50, 75])
-    white = inside & (template.data >= high)
-    grey = inside & (template.data >= low) & (template.data < middle)
-    if not white.any() or not grey.any():
-        return False
-    grey_level = float(np.median(seen[grey]))
-    return grey_level > 0 and float(np.median(seen[white])) >= T1_LIKE_WM_GM_RATIO * grey_level
+    return contrast_class(template, seen, template_mask) == "T1-like"
 
 
 def template_mask_on_scan(
     image: Image, template: Image, template_mask: np.ndarray
-) -> tuple[np.ndarray, bool]:
-    """The template's brain mask carried onto ``image``'s grid (values in [0, 1]), and whether a
-    deformable registration carried it (else the affine alone).
+) -> tuple[np.ndarray, bool, str | None]:
+    """The template's brain mask carried onto ``image``'s grid (values in [0, 1]), whether a
+    deformable registration carried it (else the affine alone), and the scan's contrast class
+    read after the affine (:func:`contrast_class`).
 
     First the affine: the template (a skull-stripped brain) is the fixed image, so the similarity
     is measured inside its brain only, and the scan, whole head and neck included, moves: the
@@ -195,7 +216,8 @@ def template_mask_on_scan(
     region = template.with_data(np.asarray(template_mask, np.float32))
     # ``world`` maps template points to scan points: the scan's intensities on the template.
     seen = apply_transform(image, Transform(world), template.grid, "linear").data
-    if t1_like(template, seen, template_mask):
+    contrast = contrast_class(template, seen, template_mask)
+    if contrast == "T1-like":
         from atlasflow.registration.api import register
 
         reg = register(
@@ -205,19 +227,24 @@ def template_mask_on_scan(
             init_affine=world,
             refine_steps=TEMPLATE_MASK_REFINE_STEPS,
         )
-        return inverse_pull(region, reg.transform, reg.inverse_displacement, image.grid), True
-    return inverse_pull(region, Transform(world), None, image.grid), False
+        return (
+            inverse_pull(region, reg.transform, reg.inverse_displacement, image.grid),
+            True,
+            contrast,
+        )
+    return inverse_pull(region, Transform(world), None, image.grid), False, contrast
 
 
 def template_brain(
     image: Image, template: Image, template_mask: np.ndarray, dilate_voxels: int = 1
-) -> np.ndarray:
+) -> tuple[np.ndarray, str | None]:
     """The brain mask of a bare scan (no labels, no mask): :func:`template_mask_on_scan`, dilated
     like a label map's when deformed, by 2 voxels when only the affine carried it (coarse at the
-    brain's edge), holes filled. Boolean, on the scan's grid."""
-    carried, deformed = template_mask_on_scan(image, template, template_mask)
+    brain's edge), holes filled. Boolean, on the scan's grid; with the scan's contrast class."""
+    carried, deformed, contrast = template_mask_on_scan(image, template, template_mask)
     margin = dilate_voxels if deformed else max(dilate_voxels, 2)
-    return ndimage.binary_fill_holes(ndimage.binary_dilation(carried > 0.5, iterations=margin))
+    mask = ndimage.binary_fill_holes(ndimage.binary_dilation(carried > 0.5, iterations=margin))
+    return mask, contrast
 
 
 #: Brain volumes (mL) a found brain may have: adult brains with a margin are 1.0-2.0 L; infants

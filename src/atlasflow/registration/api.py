@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -198,6 +198,15 @@ def register_and_measure(
     return Measured(reg, warped, unregistered, metrics)
 
 
+class FoundMask(NamedTuple):
+    """What a mask finder (``find_mask`` of :func:`register_files`) found on a scan."""
+
+    mask: np.ndarray | None  # None: the engine uses the head it finds
+    how: str  # recorded in the metrics
+    # the scan's contrast class (for example "T1-like", "FLAIR-like"), when the finder read one
+    contrast: str | None = None
+
+
 @dataclass
 class RegisterOutputs:
     """Where :func:`register_files` writes; ``None`` skips that file."""
@@ -235,16 +244,20 @@ def register_files(
     cost_mask: str | Path | None = None,
     thresholds: QCThresholds | None = None,
     options: RegistrationOptions | None = None,
-    find_mask: Callable[[Image], tuple[np.ndarray | None, str]] | None = None,
+    find_mask: Callable[[Image], FoundMask] | None = None,
     **changes: Any,
 ) -> dict:
     """Register two files and write every output named in ``outputs``; returns the metrics.
 
     A scan without a mask file gets the head the engine finds, or, with ``find_mask`` (``atlasflow
     register``'s default: :func:`atlasflow.preprocess.reference.find_brain`, the MNI152 brain
-    carried onto the scan), what that returns: (mask or None for the head, how it was found),
-    recorded as ``fixed_mask``/``moving_mask`` with ``brain_mask_seconds`` apart from the
-    registration's ``seconds``. On raw IXI heads the networks alone score Dice 0.562 with head
+    carried onto the scan), what that returns (:class:`FoundMask`): how each was found is
+    recorded as ``fixed_mask``/``moving_mask``, with ``brain_mask_seconds`` apart from the
+    registration's ``seconds``. When the finder read both scans' contrast classes
+    (``fixed_contrast``/``moving_contrast`` in the metrics) and they differ, the pair is
+    registered as ``cross_contrast`` (no local-correlation refinement, judged by NMI) whatever
+    the options say: on open_ms same-session T1W/T2W -> FLAIR pairs, 30 refinement steps moved the
+    result 2.4-2.8 mm from the authors' alignment (benchmarks/results/open_ms_points_refine30.md). On raw IXI heads the networks alone score Dice 0.562 with head
     masks and 0.615 with found brains, 0.618 with the brains of the label maps
     (benchmarks/results/register_raw_v2.md).
 
@@ -257,18 +270,22 @@ def register_files(
     fmask = load_mask(fixed_mask, fixed, fixed_path)
     mmask = load_mask(moving_mask, moving, moving_path)
     found: dict[str, Any] = {}
+    opts = RegistrationOptions.of(options, **changes)
     if find_mask is not None and (fmask is None or mmask is None):
         start = time.perf_counter()
         if fmask is None:
-            fmask, found["fixed_mask"] = find_mask(fixed)
+            fmask, found["fixed_mask"], found["fixed_contrast"] = find_mask(fixed)
         if mmask is None:
-            mmask, found["moving_mask"] = find_mask(moving)
+            mmask, found["moving_mask"], found["moving_contrast"] = find_mask(moving)
         found["brain_mask_seconds"] = round(time.perf_counter() - start, 3)
+        classes = (found.get("fixed_contrast"), found.get("moving_contrast"))
+        if None not in classes and classes[0] != classes[1]:
+            opts = replace(opts, cross_contrast=True)
     cmask = load_image(cost_mask).data > 0 if cost_mask else None
     measured = register_and_measure(
         fixed,
         moving,
-        RegistrationOptions.of(options, **changes),
+        opts,
         fixed_mask=fmask,
         moving_mask=mmask,
         cost_mask=cmask,
