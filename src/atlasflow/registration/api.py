@@ -256,10 +256,11 @@ def register_files(
     registration's ``seconds``. When the finder read both scans' contrast classes
     (``fixed_contrast``/``moving_contrast`` in the metrics) and they differ, the pair is
     registered as ``cross_contrast`` (no local-correlation refinement, judged by NMI) whatever
-    the options say: on open_ms same-session T1W/T2W -> FLAIR pairs, 30 refinement steps moved the
-    result 2.4-2.8 mm from the authors' alignment (benchmarks/results/open_ms_points_refine30.md). On raw IXI heads the networks alone score Dice 0.562 with head
-    masks and 0.615 with found brains, 0.618 with the brains of the label maps
-    (benchmarks/results/register_raw_v2.md).
+    the options say: on open_ms same-session T1W/T2W -> FLAIR pairs, 30 refinement steps moved
+    the result 2.4-2.8 mm from the authors' alignment
+    (benchmarks/results/open_ms_points_refine30.md). On raw IXI heads the networks alone score
+    Dice 0.562 with head masks and 0.615 with found brains, 0.618 with the brains of the label
+    maps (benchmarks/results/register_raw_v2.md).
 
     ``moving_labels`` are warped (label-aware) and, with ``fixed_labels``, scored by their mean
     Dice. The metrics carry ``qc_flags`` (reasons to distrust the result, by ``thresholds``) and
