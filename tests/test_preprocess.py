@@ -175,7 +175,7 @@ def test_template_mask_on_real_whole_heads(tmp_path, shared_data):
         assert _mask_dice(mask, ndimage.binary_dilation(labels, iterations=1)) > 0.93, name
 
 
-def test_t1_like_tells_t1w_from_t2w_and_flair(tmp_path, shared_data):
+def test_contrast_class_tells_t1w_from_t2w_and_flair(tmp_path, shared_data):
     """Real heads after the affine alone: T1W is deformed onto, T2W and FLAIR are not (local
     correlation across contrasts would move the brain's edge to the wrong tissue); each gets its
     contrast class."""
@@ -185,15 +185,15 @@ def test_t1_like_tells_t1w_from_t2w_and_flair(tmp_path, shared_data):
 
     template = prepare_template("mni152", 2.0, tmp_path / "t.nii.gz", tmp_path / "tm.nii.gz")
     tmask = load_image(tmp_path / "tm.nii.gz").data > 0
-    assert pp.t1_like(template, template.data, tmask)
-    assert not pp.t1_like(template, np.where(tmask, 1.2 - template.data, 0.0), tmask)
+    assert pp.contrast_class(template, template.data, tmask) == "T1-like"
+    inverted = np.where(tmask, 1.2 - template.data, 0.0)
+    assert pp.contrast_class(template, inverted, tmask) != "T1-like"
     classes = {"T1W": "T1-like", "T2W": "T2-like", "FLAIR": "FLAIR-like"}
     for contrast, expected in classes.items():
         scan = pp.to_ras(load_image(shared_data / f"open_ms/patient04/study1_{contrast}.nii.gz"))
         world = initial_alignment(prepare(template, tmask), prepare(scan))
         seen = apply_transform(scan, Transform(world), template.grid).data
-        assert pp.t1_like(template, seen, tmask) is (contrast == "T1W"), contrast
-        # the CSF tells a T2w (bright) from a FLAIR (suppressed)
+        # white matter against grey tells the T1W; the CSF a T2w (bright) from a FLAIR (suppressed)
         assert pp.contrast_class(template, seen, tmask) == expected, contrast
     # a scan that shows nothing where the template's brain is has no class
     assert pp.contrast_class(template, np.zeros_like(template.data), tmask) is None

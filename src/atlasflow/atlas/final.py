@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from atlasflow.errors import AtlasflowError
 from atlasflow.io.atomic import atomic_write_text
 from atlasflow.io.images import Image, load_image, load_mask
 from atlasflow.registration.options import RegistrationOptions
+
+if TYPE_CHECKING:
+    from atlasflow.registration.qc import QCThresholds
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class FinalTarget:
     mask: np.ndarray
     atlas_path: str
     options: RegistrationOptions
-    thresholds: Any
+    thresholds: QCThresholds
     shift: Image | None
 
 
@@ -91,7 +94,7 @@ def register_to_atlas(
     mask: str | Path,
     *,
     options: RegistrationOptions | Mapping[str, Any],
-    thresholds: Any = None,
+    thresholds: QCThresholds | Mapping[str, Any] | None = None,
     gradient_step: float = 1.0,
     last_mean_velocity: str | Path | None = None,
     workers: int = 1,

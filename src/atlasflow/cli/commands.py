@@ -151,7 +151,8 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
         choices=["brain", "head"],
         default="brain",
         help="a scan without a mask file: its brain found through the MNI152 template (brain, "
-        "~4 s per scan) or the head the engine finds (head: faster, less accurate on whole heads)",
+        "~6 s per scan, and its contrast class) or the head the engine finds (head: faster, less "
+        "accurate on whole heads)",
     )
     p.add_argument("--cost-mask", help="fixed-grid mask of voxels excluded from the similarity")
     RegistrationOptions.add_arguments(p, "register")

@@ -45,11 +45,15 @@ def _successful(args: argparse.Namespace, columns: list[list[str]], what: str) -
 
 
 def _member(image: str, mask: str | None, affine: str | None = None, velocity: str | None = None):
-    """An atlas member named after its scan (``sub-X_ses-Y``; ``sub-X`` without a session)."""
+    """An atlas member named after its scan (``sub-X_ses-Y``; ``sub-X`` without a session).
+
+    ``velocity`` (its field of the previous iteration) is carried only when it is one: a member
+    that failed there (its velocity file is a failure record) starts afresh."""
     from atlasflow.atlas.build import Member
 
+    carried = velocity if velocity and failure_record(velocity) is None else None
     return Member(
-        Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine, velocity
+        Path(image).name.split("_desc-")[0].replace(".nii.gz", ""), image, mask, affine, carried
     )
 
 
@@ -161,9 +165,7 @@ def run_atlas(args: argparse.Namespace) -> int:
                         [out_velocity], f"atlas iteration {args.iteration}", describe(record), image
                     )
                 continue
-            # A member that failed in the previous iteration starts afresh.
-            carried = velocity if velocity and failure_record(velocity) is None else None
-            members.append(_member(image, mask, affine, carried))
+            members.append(_member(image, mask, affine, velocity))
             kept_out.append(out_velocity)
         atlas.run_iteration(
             members,
@@ -227,8 +229,7 @@ def _register_members(args: argparse.Namespace, options: RegistrationOptions) ->
         if failed:  # failed upstream (skip mode): its outputs pass the record on
             write_failure(out.paths(), "registration to the atlas", describe(failed[1]), image)
             continue
-        carried = velocity if velocity and failure_record(velocity) is None else None
-        members.append(_member(image, mask, affine, carried))
+        members.append(_member(image, mask, affine, velocity))
         targets.append(out)
     final.register_to_atlas(
         members,

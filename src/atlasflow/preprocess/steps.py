@@ -181,11 +181,6 @@ def contrast_class(template: Image, seen: np.ndarray, template_mask: np.ndarray)
     return "FLAIR-like"
 
 
-def t1_like(template: Image, seen: np.ndarray, template_mask: np.ndarray) -> bool:
-    """Whether ``seen`` (a scan on the T1w template's grid) shows white matter brighter than grey."""
-    return contrast_class(template, seen, template_mask) == "T1-like"
-
-
 def template_mask_on_scan(
     image: Image, template: Image, template_mask: np.ndarray
 ) -> tuple[np.ndarray, bool, str | None]:
@@ -197,7 +192,7 @@ def template_mask_on_scan(
     is measured inside its brain only, and the scan, whole head and neck included, moves: the
     engine's contrast-independent start (centres of mass, a rotation search, affine mutual
     information, :func:`atlasflow.registration.initial.initial_alignment`). Then, when the scan
-    is T1-like there (:func:`t1_like`), the deep engine deforms the template's brain
+    is T1-like there (:func:`contrast_class`), the deep engine deforms the template's brain
     onto the scan's (networks + :data:`TEMPLATE_MASK_REFINE_STEPS` of local-correlation
     refinement, inside the template brain and one voxel around it; the scan unmasked, as it
     comes) and the mask follows the inverse field. On the 10 whole-head IXI scans, against their
