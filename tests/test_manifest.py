@@ -925,3 +925,43 @@ def test_real_cohort_validates(shared_data: Path, tmp_path: Path):
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), str(tmp_path / "moved.nii.gz"))
     rows[0]["labels"] = str(tmp_path / "moved.nii.gz")
     fails(write_manifest(tmp_path, rows), "labels", "not on the grid")
+
+
+def test_auto_reference_is_the_t1w_unless_no_session_has_one():
+    from atlasflow.cohort.columns import auto_reference
+
+    assert auto_reference([{"t1w", "flair"}, {"flair"}]) == "t1w"  # any T1w: the T1w, as always
+    assert auto_reference([{"t1ce", "flair"}, {"t1ce", "flair"}]) == "t1ce"  # a tie: T1-like first
+    assert auto_reference([{"flair"}, {"t1ce", "flair"}]) == "flair"  # the one every session has
+    assert auto_reference([{"t2w"}, {"pdw"}, {"t2w", "labels"}]) == "t2w"
+    assert auto_reference([set(), {"labels"}]) == "t1w"  # nothing to anchor: loading says why
+
+
+def test_choose_reference_reads_a_bids_folder_or_manifest_and_keeps_a_configured_one(tmp_path):
+    from factories import head, write_nifti
+
+    from atlasflow.cohort.manifest import choose_reference
+
+    root = tmp_path / "bids"
+    for s in ("01", "02"):
+        anat = root / f"sub-{s}" / "ses-1" / "anat"
+        write_nifti(anat / f"sub-{s}_ses-1_ce-gadolinium_T1w.nii.gz", head(1))
+        write_nifti(anat / f"sub-{s}_ses-1_FLAIR.nii.gz", head(2))
+    # a derivative-looking scan in raw anat/ is never an input, so it cannot anchor anything
+    write_nifti(root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_space-MNI_T1w.nii.gz", head(3))
+    reference, why = choose_reference(root, "auto")
+    assert reference == "t1ce"
+    assert why == (
+        f"no session of {root} has a T1w: every session is anchored by its t1ce (2 of 2 sessions "
+        "have one; config contrasts.reference chooses another)"
+    )
+    assert choose_reference(root, "flair") == ("flair", None)
+    assert choose_reference(root, None)[0] == "t1ce"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,session,t1w,flair\n01,1,,a.nii.gz\n02,1,,b.nii.gz\n")
+    assert choose_reference(manifest, "auto")[0] == "flair"
+    manifest.write_text("subject,session,t1w,flair\n01,1,x.nii.gz,a.nii.gz\n02,1,,b.nii.gz\n")
+    assert choose_reference(manifest, "auto") == ("t1w", None)
+    # what cannot be read is left to the loader, which names the problem
+    assert choose_reference(tmp_path / "missing.csv", "auto") == ("t1w", None)
+    assert choose_reference(None, "auto") == ("t1w", None)  # the demo cohort has T1w scans

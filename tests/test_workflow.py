@@ -169,6 +169,34 @@ def test_a_cohort_without_sessions_plans_outputs_without_ses(tmp_path, kind):
     assert "--sessions '' --baseline ''" in text and "--contrasts =flair" in text
 
 
+def test_a_bids_tumour_collection_without_t1w_is_anchored_by_its_post_contrast_t1w(tmp_path):
+    """A BIDS folder of post-contrast T1w and FLAIR scans only, as tumour collections come, and
+    the default config (contrasts.reference: auto): the plan says the ce-T1w anchors every session
+    and names it so through every stage, the longitudinal difference in atlas space included (its
+    ce- entity used to break the change-map rule: the DAG had no job for it)."""
+    from factories import head, write_nifti
+
+    root = tmp_path / "bids"
+    (root / "dataset_description.json").parent.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.8.0"}')
+    for s, t, seed in (("01", "1", 1), ("01", "2", 2), ("02", "1", 3)):
+        anat = root / f"sub-{s}" / f"ses-{t}" / "anat"
+        write_nifti(anat / f"sub-{s}_ses-{t}_ce-gadolinium_T1w.nii.gz", head(seed))
+        write_nifti(anat / f"sub-{s}_ses-{t}_FLAIR.nii.gz", head(seed + 10)[:, :, :10])
+    out = snakemake("-n", "-p", "--configfile", str(TINY), "--config", f"cohort={root}", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"atlasflow: no session of {root} has a T1w: every session is anchored by its t1ce (3 of 3" in out.stderr
+    text = out.stdout + out.stderr
+    stem = "results/sub-01/ses-2/anat/sub-01_ses-2"
+    for name in ("ce-gadolinium_desc-preproc_T1w.nii.gz", "from-ceT1w_to-template_mode-image_xfm.mat",
+                 "from-FLAIR_to-ceT1w_mode-image_xfm.mat", "ce-gadolinium_space-atlas_desc-difference_T1w.nii.gz"):
+        assert f"{stem}_{name}" in text, name
+    for rule in ("difference_to_atlas", "change_map_to_atlas", "flair_change", "atlas_flair", "report_subject"):
+        assert f"rule {rule}:" in text, rule
+    assert "--cross-contrast" not in text  # a post-contrast T1w registers to the T1w template as one contrast
+    assert '"reference": "t1ce"' in text  # the provenance records what auto chose
+
+
 def test_a_flair_reference_plans_flair_anchors_and_no_t1w_for_a_scan_without_one(tmp_path):
     """contrasts.reference: flair on a manifest whose subject 02 has no T1w: every scan's anchor
     is its FLAIR (preprocessed, registered to the template by mutual information, the atlas

@@ -61,12 +61,16 @@ def test_targets_are_layout_names(plan):
         layout.tumor_table("results", "04"),
     ):
         assert path in targets
-    # every change map the longitudinal stage targets is one change_map_to_atlas makes
+    # every change map the longitudinal stage targets is one change_map_to_atlas makes, but the
+    # reference's difference, which difference_to_atlas makes
     for path in plan.longitudinal_targets():
         if "/anat/" in path and "desc-baseline" not in path:
+            if path.endswith("_space-atlas_desc-difference_T1w.nii.gz"):
+                continue
             assert any(path.endswith(f"_space-atlas_{change}.nii.gz") for change in plan.change_maps), (
                 path
             )
+    assert plan.ref("04", "2", space="atlas", desc="difference") in plan.longitudinal_targets()
     assert plan.tumor_frequency_inputs() == [plan.atlas_tumor_mask("04", "2")]
 
 
@@ -284,7 +288,7 @@ def test_a_flair_reference_anchors_every_scan_and_the_t1w_is_one_more_contrast()
     assert plan.member_affines()[0].endswith("sub-01_ses-1_from-FLAIR_to-template_mode-image_xfm.mat")
     # transforms and the longitudinal change maps are named after the FLAIR
     assert plan.xfm("atlas")["warp"].endswith("_from-FLAIR_to-atlas_mode-image_xfm.nii.gz")
-    assert "desc-difference_FLAIR" in plan.change_maps
+    assert "desc-difference_FLAIR" not in plan.change_maps  # its own rule, difference_to_atlas
     followup = wc(subject="01", session="2")
     assert plan.longitudinal_inputs(followup)["baseline"].endswith(
         "sub-01_ses-1_desc-preproc_FLAIR.nii.gz"

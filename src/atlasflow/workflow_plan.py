@@ -34,7 +34,8 @@ from typing import Any
 import pandas as pd
 
 from atlasflow import layout
-from atlasflow.cohort.columns import IMAGE_COLUMNS
+from atlasflow.cohort.columns import IMAGE_COLUMNS, SCAN_COLUMNS
+from atlasflow.cohort.manifest import choose_reference
 from atlasflow.cohort.planning import (
     SHIPPED_MODEL,
     atlas_members,
@@ -109,11 +110,15 @@ class WorkflowPlan(LongitudinalPlan):
         self.cohort = cohort
         # What reading a BIDS cohort skipped or chose (set by from_config; printed at planning).
         self.notes = CohortNotes()
+        # Why the cohort chose the reference (``contrasts.reference: auto`` without T1w scans).
+        self.reference_note: str | None = None
         self.workdir = workdir
         self.out = config["outdir"]
         self.scans = list(zip(cohort["subject"], cohort["session"], strict=True))
         # The session's reference contrast: the scan every other one is aligned to.
-        self.reference = reference_of(config)
+        self.reference = reference_of(
+            config, [{c for c in SCAN_COLUMNS if row.get(c)} for row in cohort.to_dict("records")]
+        )
         self.ref_label = layout.TRANSFORM_LABELS[self.reference]
         # The template is a T1w (MNI152, or a user's T1w): another reference is registered to it
         # by the engine's contrast-independent path.
@@ -147,10 +152,17 @@ class WorkflowPlan(LongitudinalPlan):
         """Validate the cohort of ``config`` (:class:`~atlasflow.errors.AtlasflowError` naming the
         row or file) and choose the atlas members."""
         notes = CohortNotes()
+        # ``contrasts.reference: auto`` is settled before the cohort is read: it says which scan
+        # makes a BIDS session a row.
+        reference, why = choose_reference(
+            cohort_source(config, workdir), (config.get("contrasts") or {}).get("reference")
+        )
+        config = {**config, "contrasts": {**(config.get("contrasts") or {}), "reference": reference}}
         cohort = resolve_cohort(config, workdir=workdir, check_data=check_data, notes=notes)
         members = atlas_members(cohort, config["atlas"]["min_subjects"])
         plan = cls(config, cohort, members, workdir)
         plan.notes = notes
+        plan.reference_note = why
         return plan
 
     def _check_reference(self, config: Mapping[str, Any]) -> None:

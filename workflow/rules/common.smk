@@ -34,6 +34,11 @@ except AtlasflowError as exc:
     print("\n".join([f"atlasflow: error: {first}", *(f"  {line}" for line in rest)]), file=sys.stderr)
     sys.exit(1)
 
+# `contrasts.reference: auto` settled by the cohort: the effective config (provenance) says which.
+config.setdefault("contrasts", {})["reference"] = PLAN.reference
+if workflow.is_main_process and PLAN.reference_note:
+    print(f"atlasflow: {PLAN.reference_note}", file=sys.stderr)
+
 if workflow.is_main_process and PLAN.notes.sessions_filled:
     # A cohort mixing scans with and without sessions is written with sessions throughout.
     print(f"atlasflow: {PLAN.notes.sessions_filled_line()}", file=sys.stderr)

@@ -102,6 +102,23 @@ rule change_map_to_atlas:
         "--warp {input.warp} --interpolation {params.interpolation} --output {output} > {log} 2>&1"
 
 
+# The reference contrast's difference map in atlas space (its name holds the reference's own
+# entities, ce- of a post-contrast T1w before space-).
+use rule change_map_to_atlas as difference_to_atlas with:
+    input:
+        image=ref(space="baseline", desc="difference"),
+        atlas=PLAN.atlas,
+        **PLAN.baseline_xfm("atlas"),
+    output:
+        ref(space="atlas", desc="difference"),
+    log:
+        log("difference_to_atlas"),
+    benchmark:
+        bench("difference_to_atlas")
+    params:
+        interpolation="linear",
+
+
 # The baseline's tumour mask in atlas space.
 use rule warp_labels as baseline_tumor_to_atlas with:
     input:

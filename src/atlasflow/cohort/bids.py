@@ -407,3 +407,27 @@ def load_bids(
     if own and notes.problems:
         raise problems_error(str(root), notes.problems)
     return normalise_table(pd.DataFrame(rows, dtype=object), root)
+
+
+def bids_session_roles(root: Path) -> list[set[str]]:
+    """The scan roles (manifest columns) each raw ``sub-*/[ses-*/]anat/`` folder of a BIDS folder
+    holds, one set per folder: a quick listing for choosing the reference contrast, without the
+    checks and choices of :func:`load_bids` (which reads the folder for real afterwards)."""
+    roles: list[set[str]] = []
+    root = Path(root)
+    for subject in sorted(root.glob("sub-*")):
+        if not subject.is_dir():
+            continue
+        for anat in [subject / "anat", *sorted(subject.glob("ses-*/anat"))]:
+            if not anat.is_dir():
+                continue
+            found = set()
+            for entry in anat.iterdir():
+                parsed = parse_name(entry.name)
+                if parsed is None or not_an_input(*parsed) is not None:
+                    continue
+                role = role_of(*parsed)
+                if role is not None:
+                    found.add(role)
+            roles.append(found)
+    return roles

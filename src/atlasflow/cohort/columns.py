@@ -30,6 +30,22 @@ CONTRAST_COLUMNS = ("t2w", "flair", "t1ce", "pdw")
 SCAN_COLUMNS = ("t1w", *CONTRAST_COLUMNS)
 #: The reference unless the config says otherwise (the schema's required ``t1w`` stands for it).
 DEFAULT_REFERENCE = "t1w"
+#: ``contrasts.reference: auto`` (the default) when no session has a T1w: the contrast most sessions
+#: have, ties going to the first here. A post-contrast T1w looks like the T1w template (registered
+#: to it as one contrast); the others go the engine's contrast-independent way.
+AUTO_ORDER = ("t1ce", "flair", "t2w", "pdw")
+
+
+def auto_reference(sessions: list[set[str]]) -> str:
+    """The reference ``contrasts.reference: auto`` means for sessions holding these scan columns:
+    the T1w when any session has one (or none has any scan), else the one of :data:`AUTO_ORDER`
+    that most sessions have."""
+    counts = {c: sum(c in roles for roles in sessions) for c in SCAN_COLUMNS}
+    if counts[DEFAULT_REFERENCE] or not any(counts.values()):
+        return DEFAULT_REFERENCE
+    return max(AUTO_ORDER, key=lambda c: (counts[c], -AUTO_ORDER.index(c)))
+
+
 #: Columns whose images are on the reference scan's grid (label map and masks; the T1w's by
 #: default; a tumour mask may also be on another contrast's).
 T1W_GRID_COLUMNS = ("labels", "tumor_mask", "brain_mask")

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from atlasflow.cohort.bids import load_bids
+from atlasflow.cohort.bids import bids_session_roles, load_bids
 from atlasflow.cohort.columns import (
     DEFAULT_REFERENCE,
     ORIGIN_COLUMN,
+    auto_reference,
     known_columns,
     normalise_table,
     required_columns,
@@ -85,6 +86,47 @@ def load_cohort(
             f"'{''.join(path.suffixes) or path.name}'"
         )
     return _load_csv(path, reference)
+
+
+def choose_reference(source: str | os.PathLike | None, configured: str | None) -> tuple[str, str | None]:
+    """The contrast that anchors every session, and a line saying why when the cohort chose it.
+
+    ``configured`` (config ``contrasts.reference``) other than ``auto``/None is taken as it is.
+    Otherwise :func:`~atlasflow.cohort.columns.auto_reference` of the sessions of the cohort (a
+    BIDS folder or manifest CSV at ``source``; None: the demo, which has T1w scans): the T1w when
+    any session has one, else, for example, the post-contrast T1w of a tumour collection of
+    FLAIR and post-contrast T1w scans. A source that cannot be read gives the T1w: reading the
+    cohort then says what is wrong with it.
+    """
+    if configured and configured != "auto":
+        return configured, None
+    if source is None:
+        return DEFAULT_REFERENCE, None
+    path = Path(source).expanduser()
+    try:
+        sessions = bids_session_roles(path) if path.is_dir() else _csv_session_roles(path)
+    except (OSError, ValueError, csv.Error, UnicodeDecodeError):
+        return DEFAULT_REFERENCE, None
+    best = auto_reference(sessions)
+    if best == DEFAULT_REFERENCE:
+        return best, None
+    have = sum(best in roles for roles in sessions)
+    return best, (
+        f"no session of {path} has a T1w: every session is anchored by its {best} "
+        f"({have} of {len(sessions)} sessions have one; config contrasts.reference chooses another)"
+    )
+
+
+def _csv_session_roles(path: Path) -> list[set[str]]:
+    """The scan columns filled in each row of a manifest CSV (a quick read, no checks)."""
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return []
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [
+        {k.strip().lower() for k, v in row.items() if k and isinstance(v, str) and v.strip()}
+        for row in rows
+    ]
 
 
 def _load_csv(path: Path, reference: str = DEFAULT_REFERENCE) -> pd.DataFrame:

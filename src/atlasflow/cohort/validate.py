@@ -34,7 +34,7 @@ from atlasflow.cohort.columns import (
     row_validator,
 )
 from atlasflow.cohort.images import ImageInfo, grid_mismatch, validate_images
-from atlasflow.cohort.manifest import load_cohort
+from atlasflow.cohort.manifest import choose_reference, load_cohort
 from atlasflow.cohort.selection import CHOOSE, BidsOptions, Choice, CohortNotes
 from atlasflow.cohort.voxels import SCAN_ROLES as SCAN_COLUMNS
 from atlasflow.errors import AtlasflowError, one_line, problems_error
@@ -315,10 +315,11 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reference",
-        choices=SCAN_COLUMNS,
+        choices=[*SCAN_COLUMNS, "auto"],
         default=None,
         help="the column that anchors every session, as the config's contrasts.reference "
-        "(default: the --configfile's, else t1w); every row must have it, label maps and brain "
+        "(default: the --configfile's, else auto: t1w, or when no session has a T1w the "
+        "contrast most sessions have, t1ce first); every row must have it, label maps and brain "
         "masks must be on its grid",
     )
     parser.add_argument(
@@ -387,9 +388,9 @@ def bids_options(args: argparse.Namespace) -> BidsOptions:
 
 
 def _config_reference(configfile: str | None) -> str:
-    """``contrasts.reference`` of a workflow config file (the default: t1w)."""
+    """``contrasts.reference`` of a workflow config file (the default: auto)."""
     if not configfile:
-        return DEFAULT_REFERENCE
+        return "auto"
     import yaml
 
     try:
@@ -398,7 +399,7 @@ def _config_reference(configfile: str | None) -> str:
     except (OSError, yaml.YAMLError) as exc:
         raise AtlasflowError(f"{configfile}: cannot be read as YAML ({exc})") from None
     contrasts = config.get("contrasts") if isinstance(config, dict) else None
-    return (contrasts or {}).get("reference") or DEFAULT_REFERENCE
+    return (contrasts or {}).get("reference") or "auto"
 
 
 #: Skipped inputs (and choices) listed one per line by ``atlasflow validate``; the rest are counted.
@@ -438,7 +439,9 @@ def run_validate(args: argparse.Namespace) -> int:
     """
     start = time.perf_counter()
     notes = CohortNotes()
-    reference = args.reference or _config_reference(args.configfile)
+    reference, why = choose_reference(args.cohort, args.reference or _config_reference(args.configfile))
+    if why:
+        print(f"atlasflow validate: note: {why}", file=sys.stderr)
     options = replace(bids_options(args), reference=reference)
     table = load_cohort(args.cohort, notes, options, reference)
     table = validate_cohort(

@@ -37,9 +37,18 @@ TRANSFORM_LABELS = layout.TRANSFORM_LABELS
 T1_LIKE = ("t1w", "t1ce")
 
 
-def reference_of(config: Mapping[str, Any]) -> str:
-    """The session's reference contrast (``contrasts.reference``; the T1w by default)."""
-    return (config.get("contrasts") or {}).get("reference") or layout.DEFAULT_REFERENCE
+def reference_of(config: Mapping[str, Any], sessions: list[set[str]] | None = None) -> str:
+    """The session's reference contrast (``contrasts.reference``). ``auto`` (the default) is the
+    T1w, or, given the scan columns each session has and none has a T1w, the contrast most of
+    them have (:func:`atlasflow.cohort.columns.auto_reference`)."""
+    configured = (config.get("contrasts") or {}).get("reference")
+    if configured and configured != "auto":
+        return configured
+    if sessions is None:
+        return layout.DEFAULT_REFERENCE
+    from atlasflow.cohort.columns import auto_reference
+
+    return auto_reference(sessions)
 
 
 def used_contrasts(

@@ -32,12 +32,12 @@ class LongitudinalPlan:
     @property
     def change_maps(self) -> tuple[str, ...]:
         """The change maps carried into atlas space (the ``{change}`` of ``change_map_to_atlas``):
-        log-Jacobian, displacement, the reference contrast's difference, the tumour mask."""
-        suffix, own = layout.CONTRASTS[self.reference]
+        log-Jacobian, displacement, the tumour mask. The reference contrast's difference has its
+        own rule (``difference_to_atlas``): the entity of a post-contrast reference (``ce-``)
+        comes before ``space-`` in its name, which a file-name tail cannot express."""
         return (
             layout.name_tail("map", desc="logjacobian"),
             layout.name_tail("map", desc="displacement"),
-            layout.name_tail(suffix, **own, desc="difference"),
             layout.name_tail("mask", label="tumor"),
         )
 
