@@ -634,7 +634,7 @@ def test_subject_not_bids_safe_or_empty(cohort: Path):
 
 
 def test_t1w_empty_or_not_nifti_name(cohort: Path):
-    fails(edit(cohort, 1, t1w=""), "row 3", "t1w is empty")
+    fails(edit(cohort, 1, t1w=""), "row 3", "t1w is empty, and the T1w anchors every session", "set contrasts.reference")
     fails(edit(cohort, 1, t1w="data/scan.mgz"), "row 3", "t1w '", ".nii or .nii.gz")
 
 

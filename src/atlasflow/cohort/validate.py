@@ -64,6 +64,12 @@ def _schema_problem(error: Any, reference: str = DEFAULT_REFERENCE) -> str:
             f"{field} is empty, but contrasts.reference is {reference}: every scan session needs "
             f"its {reference} (it anchors the session)"
         )
+    if value == "" and field == reference:
+        # The T1w anchors the cohort (auto: some session has one): say how to anchor by another.
+        return (
+            f"{field} is empty, and the T1w anchors every session of this cohort: "
+            f"drop the row, or set contrasts.reference to a contrast every session has"
+        )
     if value == "":
         return f"{field} is empty"
     description = manifest_schema()["properties"].get(field, {}).get("description", "")
