@@ -196,11 +196,27 @@ def test_every_contrast_has_its_alignment_figure_and_qc_row(reports):
         "\u2265 1.030 (contrasts.min_nmi)" in table
         and "\u2264 20.0 mm (contrasts.max_shift_mm)" in table
     )
+    assert "Each contrast aligned to its session's T1w by normalised mutual information" in page
     qc = reports["summaries"]["03"]
     assert qc["contrasts"] == {"1": ["flair"], "2": ["flair"]}
     assert qc["summary"]["contrast/nmi_after"]["status"] == "pass"
     # a subject without other contrasts has no such table
     assert 'id="contrast-alignment"' not in (reports["pages"] / "sub-01.html").read_text()
+
+
+def test_the_alignment_table_names_the_sessions_reference(reports):
+    """With another reference (a post-contrast T1w anchoring a tumour collection) the table says
+    what the contrasts were aligned to, not the T1w."""
+    from dataclasses import replace
+
+    from atlasflow.reports.contrasts import alignment_table
+    from atlasflow.reports.qc import subject_qc
+
+    qc = subject_qc(reports["outdir"], "03", SESSIONS["03"], thresholds=THRESHOLDS)
+    assert "session's T1w by normalised" in alignment_table(qc)
+    table = alignment_table(replace(qc, reference="t1ce"))
+    assert "session's ceT1w by normalised" in table and "in the ceT1w's brain" in table
+    assert "T1w by" not in table.replace("ceT1w by", "")
 
 
 def test_cohort_page_lists_flags_failures_links_and_atlas(reports):

@@ -214,10 +214,11 @@ def alignment_table(qc: SubjectQC) -> str:
         f'<th>{esc(label)}<br><span class="limit">{esc(limit)}</span></th>'
         for label, limit in columns
     )
+    ref = esc(contrast_label(qc.reference))
     return (
         '<h3 id="contrast-alignment">Within-session alignment of the other contrasts</h3>'
-        '<p class="muted">Each contrast aligned to its session\'s T1w by normalised mutual '
-        "information (NMI, on the 2 mm grid in the T1w's brain: about 1.07 for the same head, "
+        f'<p class="muted">Each contrast aligned to its session\'s {ref} by normalised mutual '
+        f"information (NMI, on the 2 mm grid in the {ref}'s brain: about 1.07 for the same head, "
         "lower for another). Shift: mean displacement over the brain from where the scanner put "
         "the scan.</p>"
         f'<table class="qc"><tr><th>session</th><th>contrast</th>{head}'

@@ -38,8 +38,9 @@ DEFINITIONS = [
     ),
     (
         "NMI",
-        "normalised mutual information, (H(A) + H(B)) / H(A, B), of a contrast and its session's T1w "
-        "inside the T1w's brain mask: 1 for unrelated images, higher the better the intensities of "
+        "normalised mutual information, (H(A) + H(B)) / H(A, B), of a contrast and its session's "
+        "reference scan (the T1w unless the run anchored the sessions by another) inside the "
+        "reference's brain mask: 1 for unrelated images, higher the better the intensities of "
         "one predict the other's whatever the contrast (a correlation would not).",
     ),
 ]

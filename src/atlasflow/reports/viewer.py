@@ -461,7 +461,7 @@ def viewer_html(
         "cross-hair; the values of every layer at that point are shown here.</div>"
         '<p class="muted viewer-help">Scroll over a view to move through its slices; right-drag to '
         "adjust contrast. Flicker alternates the fixed image with the chosen scan, as nipreps reports "
-        "do, or the T1w with another contrast: misalignment shows up as movement. Labels and masks keep their values; other volumes are "
+        "do, or the session's reference scan with another contrast: misalignment shows up as movement. Labels and masks keep their values; other volumes are "
         f"stored with 8-bit precision (the step is given per layer).{coarser}</p>"
         '<p class="viewer-fallback" id="viewer-fallback" hidden>This browser cannot draw the viewer '
         "(WebGL2 is needed); the figures below show the same volumes.</p>"
