@@ -644,7 +644,7 @@ def test_a_changed_setting_reruns_the_rules_it_feeds_and_no_others(tiny_run, tmp
     rules = {rule for rule, _ in dry_run(tiny_run, str(longitudinal))}
     assert "longitudinal_register" in rules
     assert rules <= {"longitudinal_register", "longitudinal_tumor_mask", "tumor_table", "change_map_to_atlas",
-                     "tumor_frequency", "report_subject", "report_cohort", "provenance", "all",
+                     "difference_to_atlas", "tumor_frequency", "report_subject", "report_cohort", "provenance", "all",
                      "flair_change", "flair_change_to_atlas"}, rules
     # registration.refine_steps feeds the registrations to the template and to the atlas; the
     # atlas itself (affines, iterations) has its own budgets and needs only the preprocessed scans.
