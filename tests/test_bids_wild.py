@@ -572,3 +572,20 @@ def test_provenance_record_lists_choices_and_skipped_inputs(tmp_path: Path):
             "reason": "a derivative (desc-preproc), not a raw scan",
         }
     ]
+
+
+def test_a_session_without_the_t1w_that_anchors_the_folder_says_what_it_has(tmp_path: Path):
+    """One session with a T1w (so the T1w anchors the folder) and one with a post-contrast T1w
+    and a FLAIR only: the second is skipped, and the note says it has them and how to use them."""
+    root = bids(
+        tmp_path,
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_ce-gd_T1w.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_FLAIR.nii.gz",
+    )
+    table, notes = read(root)
+    assert list(table["session"]) == ["1"]
+    assert dict(notes.skipped)["sub-01/ses-2/anat"] == (
+        "no sub-*_T1w.nii[.gz] file (it has a contrast-enhanced T1w (ce-) and a FLAIR: config "
+        "contrasts.reference anchors every session by another contrast)"
+    )

@@ -956,6 +956,12 @@ def test_choose_reference_reads_a_bids_folder_or_manifest_and_keeps_a_configured
         "have one; config contrasts.reference chooses another)"
     )
     assert choose_reference(root, "flair") == ("flair", None)
+    # reading the cohort settles auto the same way, whoever calls it (the provenance job too)
+    from atlasflow.cohort.planning import resolve_cohort
+
+    table = resolve_cohort({"cohort": str(root), "contrasts": {"reference": "auto"}}, check_data=False)
+    assert list(table["t1ce"].str.endswith("_ce-gadolinium_T1w.nii.gz")) == [True, True]
+    assert list(table["t1w"]) == ["", ""]
     assert choose_reference(root, None)[0] == "t1ce"
     manifest = tmp_path / "m.csv"
     manifest.write_text("subject,session,t1w,flair\n01,1,,a.nii.gz\n02,1,,b.nii.gz\n")

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from atlasflow.cohort.columns import IMAGE_COLUMNS, ORIGIN_COLUMN, normalise_table, strip_prefix
+from atlasflow.cohort.columns import (
+    AUTO_ORDER,
+    IMAGE_COLUMNS,
+    ORIGIN_COLUMN,
+    normalise_table,
+    strip_prefix,
+)
 from atlasflow.cohort.derivatives import Derived, find_derivatives, is_folder
 from atlasflow.cohort.selection import (
     BidsOptions,
@@ -254,7 +260,14 @@ def _bids_anat(
         if anchor != "t1w":
             notes.skipped.append((folder, f"no {_BIDS_KIND[anchor]} scan (contrasts.reference)"))
         elif not t1w_like:
-            notes.skipped.append((folder, "no sub-*_T1w.nii[.gz] file"))
+            others = [_BIDS_KIND[c] for c in AUTO_ORDER if raw.get(c)]
+            hint = (
+                f" (it has a {' and a '.join(others)}: config contrasts.reference anchors every "
+                "session by another contrast)"
+                if others
+                else ""
+            )
+            notes.skipped.append((folder, f"no sub-*_T1w.nii[.gz] file{hint}"))
         return None
     row = {"subject": subject, "session": session or ""}
     for role in IMAGE_COLUMNS:

@@ -7,12 +7,12 @@ cohort that the ``demo_data`` rule will generate.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from atlasflow.cohort.columns import (
-    DEFAULT_REFERENCE,
     IMAGE_COLUMNS,
     known_columns,
     optional_columns,
@@ -52,6 +52,8 @@ def resolve_cohort(
     main process already did it. A BIDS folder is read under the config's ``bids`` section; its
     skipped inputs and choices go to ``notes`` when given.
     """
+    from atlasflow.cohort.manifest import choose_reference
+
     cohort = config.get("cohort")
     if cohort is None:
         from atlasflow.synth.plan import DEMO_CONTRASTS, demo_manifest
@@ -63,7 +65,8 @@ def resolve_cohort(
             n_long=demo["n_long"],
             n_timepoints=demo["n_timepoints"],
             contrasts=demo.get("contrasts", DEMO_CONTRASTS),
-            reference=(config.get("contrasts") or {}).get("reference") or DEFAULT_REFERENCE,
+            # auto: the T1w (the demo has T1w scans)
+            reference=choose_reference(None, (config.get("contrasts") or {}).get("reference"))[0],
         )
         table = _normalise(table)
         for column in IMAGE_COLUMNS:
@@ -76,8 +79,9 @@ def resolve_cohort(
     source = cohort_source(config, workdir)
     notes = CohortNotes() if notes is None else notes
     labels = TumourLabels.of((config.get("longitudinal") or {}).get("tumor_labels"))
-    reference = (config.get("contrasts") or {}).get("reference") or DEFAULT_REFERENCE
-    table = load_cohort(source, notes, BidsOptions.from_config(config), reference)
+    reference, _ = choose_reference(source, (config.get("contrasts") or {}).get("reference"))
+    options = replace(BidsOptions.from_config(config), reference=reference)
+    table = load_cohort(source, notes, options, reference)
     table = validate_cohort(
         table, source, check_data=check_data, notes=notes, tumor_labels=labels, reference=reference
     )
