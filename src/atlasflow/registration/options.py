@@ -102,6 +102,8 @@ class RegistrationOptions:
     label_weight: float = 1.0  # weight of the label term (with fixed and moving labels)
     # "dice" (per label) or "distance" (signed distance to one region's edge)
     label_term: str = "dice"
+    # deep: runs of the velocity network (None: the engine's rule, engine.NETWORK_PASSES)
+    network_passes: int | None = None
 
     # ------------------------------------------------------------------ construction
 
