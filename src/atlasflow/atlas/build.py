@@ -171,7 +171,9 @@ def _register_member(member: Member, target: Target) -> dict:
         measured = register_and_measure(
             fixed,
             moving,
-            replace(options, inverse=False, full_velocity=False),
+            # One network pass per iteration: the carried field makes the iterations a cascade
+            # (two passes in the first iteration: IXI atlas label consistency 0.741 -> 0.738).
+            replace(options, inverse=False, full_velocity=False, network_passes=1),
             fixed_mask=fixed_mask,
             moving_mask=mmask,
             init_affine=init,
