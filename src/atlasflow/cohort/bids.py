@@ -424,23 +424,16 @@ def load_bids(
 
 def bids_session_roles(root: Path) -> list[set[str]]:
     """The scan roles (manifest columns) each raw ``sub-*/[ses-*/]anat/`` folder of a BIDS folder
-    holds, one set per folder: a quick listing for choosing the reference contrast, without the
-    checks and choices of :func:`load_bids` (which reads the folder for real afterwards)."""
+    holds, one set per folder: a quick listing (:func:`_scan_anat`, its notes dropped) for
+    choosing the reference contrast; :func:`load_bids` reads the folder for real afterwards."""
+    root = Path(os.path.abspath(root))
     roles: list[set[str]] = []
-    root = Path(root)
     for subject in sorted(root.glob("sub-*")):
         if not subject.is_dir():
             continue
         for anat in [subject / "anat", *sorted(subject.glob("ses-*/anat"))]:
-            if not anat.is_dir():
-                continue
-            found = set()
-            for entry in anat.iterdir():
-                parsed = parse_name(entry.name)
-                if parsed is None or not_an_input(*parsed) is not None:
-                    continue
-                role = role_of(*parsed)
-                if role is not None:
-                    found.add(role)
-            roles.append(found)
+            if anat.is_dir():
+                session = None if anat.parent == subject else anat.parent.name[4:]
+                found, _ = _scan_anat(anat, root, subject.name[4:], session, CohortNotes())
+                roles.append(set(found))
     return roles
