@@ -3,7 +3,8 @@
 Each step is a function from files to files so that the workflow can cache it as its own target:
 
 1. :func:`reorient` - reorder the voxel array to RAS from the header (no resampling, no interpolation).
-2. :func:`bias_correct` - N4 bias-field correction (ANTs) inside a rough head/brain mask.
+2. :func:`bias_correct` - N4 bias-field correction (:mod:`atlasflow.preprocess.n4`) inside a rough
+   head/brain mask.
 3. :func:`brain_mask` - the given mask, else the label map (dilated), else the template mask carried
    in by an affine registration of the template to the scan.
 4. :func:`finalize` - intensity normalisation inside the mask (robust percentiles to [0, 1]) and
@@ -22,6 +23,7 @@ from scipy import ndimage
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Grid, Image, load_header, load_image, save_image
 from atlasflow.io.itk import read_itk_affine
+from atlasflow.preprocess import n4
 from atlasflow.transforms import Transform, apply_transform
 
 
@@ -69,41 +71,19 @@ def head_mask(image: Image) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
 
 
-#: N4 iterations per fitting level (ANTs' default is 50 at each of 4 levels, tolerance 1e-7, which
-#: real scans never reach). Half of them keep ~90 % of the default's effect on real scans and
-#: more than all of it on the demo's known bias fields, at half the cost: median coefficient of
-#: variation inside anatomical labels, 10 IXI T1w heads: none 0.201, default 0.174, 25x4 0.177;
-#: 12 demo T1w/T2w/FLAIR scans: none 0.162, default 0.143, 25x4 0.139 (the default's last
-#: iterations start to fit anatomy); CPU 3.3 -> 1.7 s per IXI scan, 10.9 -> 4.7 s per demo scan.
-#: benchmarks/n4_settings.py (IXI, white-matter labels): 50x4 or a fifth level flatten the white
-#: matter further (CoV 0.083 -> 0.077-0.079) but lower the white/grey contrast-to-noise (1.89 ->
-#: 1.72-1.81); 15x4 leaves a third more of the field.
-N4_ITERATIONS = (25, 25, 25, 25)
-
-
 def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Path | None = None) -> Image:
-    """Step 2: N4 bias-field correction (:data:`N4_ITERATIONS`).
+    """Step 2: N4 bias-field correction (:mod:`atlasflow.preprocess.n4`) inside the given mask, or
+    else a rough head mask.
 
-    The bias field is smooth, so it is estimated on a grid shrunk 4x (2x on small images): at 2 mm
-    this costs about 9 s of CPU instead of 68 s at shrink 2, for a 2.8% mean difference in the brain.
+    The bias field is smooth, so it is estimated on every 4th voxel (2nd on small images). The
+    shrink factor is isotropic: a thick-slice slab (256x256x24) is judged by its in-plane size, as
+    long as a few slices remain along the short axis.
     """
-    import ants
-
-    from atlasflow.registration.api import from_ants, to_ants
-
     image = load_image(in_path)
     mask = load_image(mask_path).data > 0 if mask_path else head_mask(image)
-    # The shrink factor is isotropic: a thick-slice slab (256x256x24) is judged by its in-plane
-    # size, as long as a few slices remain along the short axis.
     smallest, middle = sorted(image.data.shape)[:2]
     shrink = 4 if middle >= 64 and smallest >= 16 else 2 if middle >= 24 and smallest >= 8 else 1
-    corrected = ants.n4_bias_field_correction(
-        to_ants(image),
-        mask=to_ants(image.with_data(mask.astype(np.float32))),
-        shrink_factor=shrink,
-        convergence={"iters": list(N4_ITERATIONS), "tol": 1e-7},
-    )
-    out = from_ants(corrected)
+    out = image.with_data(n4.correct(image.data, mask, image.grid.spacing, shrink=shrink))
     out.data[~np.isfinite(out.data)] = 0
     save_image(out, out_path)
     return out

@@ -45,9 +45,8 @@ PRELOAD = (
     "nibabel",
     "torch",
     "pandas",
-    # antspyx (N4 of bias_correct and of each contrast's alignment): 1.3-1.5 s an import, paid by
-    # every such job until it was preloaded here; it starts no thread of its own
-    "ants",
+    # antspyx (1.3-1.5 s an import) is left to the `registration.backend: ants` jobs that use it:
+    # since N4 is atlasflow's own (preprocess.n4) no per-scan command of the default workflow does
     "atlasflow.cli.main",
     "atlasflow.cli.commands",
     "atlasflow.cli.steps",
