@@ -12,7 +12,9 @@ Beside atlasflow, in the same run: no registration (world coordinates as the hea
 and ANTs affine with mutual information (antspyx ``Affine``, Mattes MI). The inputs are the raw
 files as a user has them: no masks, no preprocessing. ``atlasflow`` is the engine given the raw
 scans (it finds the heads); ``atlasflow-cli`` is ``atlasflow register`` as typed, which first finds
-each scan's brain through the template (its seconds include that).
+each scan's brain through the template (its seconds include that). ``atlasflow-affine`` and
+``atlasflow-cli-affine`` are the same with ``--affine-only``: where they score as their full
+methods, the deformation was left out (``deformation_helps``) and only the affine counts.
 
     python benchmarks/open_ms_points.py [--data ../shared/data/open_ms] [--methods none,atlasflow,ants]
         [--refine N]   # the atlasflow methods' refinement steps (``atlasflow register --refine``)
@@ -129,7 +131,7 @@ def run_case(
             )
             seconds = reg.seconds
             moved = mapped_points(reg.transform, fixed, world, idx)
-        elif method == "atlasflow-cli":
+        elif method in ("atlasflow-cli", "atlasflow-cli-affine"):
             # `atlasflow register --fixed F --moving M` as typed: each scan's brain found through
             # the template (the command's default), then the engine's default path
             import tempfile
@@ -146,6 +148,7 @@ def run_case(
                     out,
                     find_mask=find_brain,
                     refine_steps=refine,
+                    affine_only=method.endswith("affine"),
                 )
                 transform = load_transform(out.affine, out.warp)
             seconds = metrics["seconds"] + metrics.get("brain_mask_seconds", 0.0)

@@ -50,7 +50,7 @@ rule reorient:
 
 
 rule bias_correct:
-    """N4 bias-field correction (ANTs)."""
+    """N4 bias-field correction (atlasflow.preprocess.n4)."""
     input:
         ref(desc="reoriented"),
     output:
