@@ -120,3 +120,36 @@ def test_jacobian_volume_change_matches_the_simulated_growth(tmp_path):
     assert metrics["ncc_outside_tumor_before"] < metrics["ncc_outside_tumor_affine"] <= metrics["ncc_outside_tumor_after"]
     assert metrics["folding_fraction"] < 0.001
     assert metrics["mass_effect_mean_mm"] > 1.0, "the brain around a growing tumour is pushed away"
+
+
+def test_followup_registration_integrates_its_fine_steps_nearly_as_the_final_field(tmp_path, monkeypatch):
+    """The follow-up -> baseline registration asks the refinement for 5 squarings in its
+    full-resolution steps (growth by mass effect is a large local deformation; the default 2
+    underestimated the demo tumours' growth: benchmarks/demo_tumour_growth.py), and a
+    refinement given them integrates differently from one without."""
+    import torch
+
+    from atlasflow.registration import refine
+
+    seen = {}
+
+    def capture(fixed, moving, options, **kwargs):
+        seen["fine_squarings"] = options.fine_squarings
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(lg, "register_and_measure", capture)
+    image = blob_image()
+    save_image(image, tmp_path / "b.nii.gz")
+    save_image(image, tmp_path / "f.nii.gz")
+    with pytest.raises(RuntimeError, match="captured"):
+        lg.register_followup(tmp_path / "b.nii.gz", tmp_path / "f.nii.gz", pair_outputs(tmp_path), refine_steps=10)
+    assert seen["fine_squarings"] == lg.LONGITUDINAL_FINE_SQUARINGS == 5
+
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, 16, 16, 16)
+    moving = torch.roll(fixed, 2, dims=2)
+    mask = torch.ones_like(fixed)
+    velocity = torch.zeros(1, 3, 8, 8, 8)
+    plain = refine.refine_velocity(fixed, moving, mask, velocity, 4, coarse_share=0.0)
+    finer = refine.refine_velocity(fixed, moving, mask, velocity, 4, coarse_share=0.0, fine_integration_steps=5)
+    assert not torch.allclose(plain, finer)

@@ -203,7 +203,9 @@ def register_deep(
                 opts.label_weight,
                 opts.label_term,
             )
-        velocity, disp_half = refine(pair, moving_w, velocity, opts.refine_steps, steps, **labels)
+        velocity, disp_half = refine(
+            pair, moving_w, velocity, opts.refine_steps, steps, opts.fine_squarings, **labels
+        )
     result = _on_fixed_grid(pair, fixed, world, velocity, disp_half, steps, opts)
     result.seconds = time.perf_counter() - start
     return result

@@ -104,6 +104,9 @@ class RegistrationOptions:
     label_term: str = "dice"
     # deep: runs of the velocity network (None: the engine's rule, engine.NETWORK_PASSES)
     network_passes: int | None = None
+    # deep: squarings of the exponential in the refinement's full-resolution steps (None: as in
+    # its half-resolution ones, refine.REFINE_SQUARINGS)
+    fine_squarings: int | None = None
 
     # ------------------------------------------------------------------ construction
 

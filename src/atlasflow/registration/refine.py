@@ -21,9 +21,10 @@ from atlasflow.registration.working_grid import WorkingPair, mask_box, sample_mo
 REFINE_LR = 0.2
 REFINE_WINDOW = 7
 REFINE_DIFFUSION = 1.0
-# Squarings of the exponential inside the refinement loss (the final field uses the model's).
-# 2 scored as 5 on IXI tuning pairs (i, i+2) at 0.6x the time of a step; 0 (no exponential) lost
-# 0.01 Dice.
+# Squarings of the exponential inside the refinement loss (the final field uses the model's, 7).
+# 2 scored as 5 on IXI tuning pairs (i, i+2) at 0.6x the time of a step (5 in the full-resolution
+# steps: 0.697 -> 0.695); 0 (no exponential) lost 0.01 Dice. Large local deformations need more
+# (RegistrationOptions.fine_squarings, the longitudinal stage's 5).
 REFINE_SQUARINGS = 2
 #: Reach of the signed-distance region term (``label_term="distance"``) around a region's edge.
 DISTANCE_CLIP_MM = 10.0
@@ -80,11 +81,21 @@ def refine(
     velocity: torch.Tensor,
     steps: int,
     integration_steps: int,
+    fine_squarings: int | None = None,
     **labels,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``velocity`` after ``steps`` of :func:`refine_velocity` (``moving_w``: the moving image on
-    the working grid), and its displacement integrated by ``integration_steps`` squarings."""
-    velocity = refine_velocity(pair.fixed_t, moving_w, pair.cost_t, velocity, steps, **labels)
+    the working grid; ``fine_squarings``: its ``fine_integration_steps``), and its displacement
+    integrated by ``integration_steps`` squarings."""
+    velocity = refine_velocity(
+        pair.fixed_t,
+        moving_w,
+        pair.cost_t,
+        velocity,
+        steps,
+        fine_integration_steps=fine_squarings,
+        **labels,
+    )
     with torch.no_grad():
         return velocity, integrate_velocity(velocity, integration_steps)
 
@@ -186,6 +197,7 @@ def refine_velocity(
     diffusion_weight: float = REFINE_DIFFUSION,
     integration_steps: int = REFINE_SQUARINGS,
     coarse_share: float = 0.7,
+    fine_integration_steps: int | None = None,
     fixed_seg: torch.Tensor | None = None,
     moving_seg: torch.Tensor | None = None,
     seg_weight: float = 1.0,
@@ -196,7 +208,8 @@ def refine_velocity(
     Only the velocity inside the box around the mask is optimised (the rest cannot change the
     loss). Coarse-to-fine: the first ``coarse_share`` of the steps compares images at half
     resolution, the rest at full resolution. The exponential uses fewer squaring steps here than
-    the final one (``REFINE_SQUARINGS``: 2 scored as 5 on IXI tuning pairs).
+    the final one: ``integration_steps`` (:data:`REFINE_SQUARINGS`), in the full-resolution steps
+    ``fine_integration_steps`` when given.
 
     ``fixed_seg``/``moving_seg`` (one-hot, channel 0 = background, on the grid of ``fixed``) add
     ``seg_weight`` x soft Dice: regions that correspond even where their intensities do not (a
@@ -252,7 +265,10 @@ def refine_velocity(
     coarse = int(round(steps * coarse_share))
     for step in range(steps):
         opt.zero_grad()
-        disp_half = integrate_velocity(v_box, integration_steps)
+        squarings = integration_steps
+        if step >= coarse and fine_integration_steps:
+            squarings = fine_integration_steps
+        disp_half = integrate_velocity(v_box, squarings)
         if step < coarse:
             warped = warp_region(moving_half, disp_half, offset_half)
             sim = 1 - local_ncc(fixed_hb, warped, window_half, mask_hb, fixed_stats=stats_half)
