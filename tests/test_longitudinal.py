@@ -10,6 +10,18 @@ from atlasflow.longitudinal import change as lg
 from atlasflow.transforms import Transform, apply_transform
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One thread, as the workflow's longitudinal jobs run: beside another test worker on two
+    cores, torch's default threads oversubscribe them (the real-pair tests took 3 minutes)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pair_outputs(folder) -> lg.PairOutputs:
     """The files of one follow-up registration, in ``folder``."""
     return lg.PairOutputs(
