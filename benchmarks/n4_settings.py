@@ -66,12 +66,6 @@ def parse_setting(text: str) -> tuple[str, tuple[int, ...]]:
     return method, (int(iterations),) * int(levels)
 
 
-def shrink_factor(shape: tuple[int, ...]) -> int:
-    """The workflow's rule (:func:`atlasflow.preprocess.steps.bias_correct`)."""
-    smallest, middle = sorted(shape)[:2]
-    return 4 if middle >= 64 and smallest >= 16 else 2 if middle >= 24 and smallest >= 8 else 1
-
-
 def known_field(shape: tuple[int, ...], spacing: np.ndarray, seed: int) -> np.ndarray:
     """A smooth multiplicative field: exp of a sum of random plane waves, wavelengths 150-400 mm,
     normalised to a 0.2 standard deviation in the log domain."""
@@ -114,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from atlasflow.io.images import load_image
-    from atlasflow.preprocess import steps
+    from atlasflow.preprocess import n4, steps
 
     data = Path(args.data)
     settings = ["none", *args.settings.split(",")]
@@ -127,7 +121,7 @@ def main() -> None:
         labels = steps.to_ras(load_image(labels_path)).data.astype(int)
         mask = steps.head_mask(image)
         spacing = image.grid.spacing
-        shrink = shrink_factor(image.data.shape)
+        shrink = n4.shrink_factor(image.data.shape)
         field = known_field(image.data.shape, spacing, seed=number)
         inside = mask & (image.data > 0)
         for setting in settings:
@@ -164,14 +158,14 @@ def main() -> None:
 def unlabelled(paths: list[str], settings: list[str]) -> str:
     """Known-field score and seconds per scan and setting (markdown table)."""
     from atlasflow.io.images import load_image
-    from atlasflow.preprocess import steps
+    from atlasflow.preprocess import n4, steps
 
     lines = ["| scan | shape, mm | " + " | ".join(settings) + " |", "|---" * (len(settings) + 2) + "|"]
     for number, path in enumerate(paths):
         image = steps.to_ras(load_image(path))
         mask = steps.head_mask(image)
         spacing = image.grid.spacing
-        shrink = shrink_factor(image.data.shape)
+        shrink = n4.shrink_factor(image.data.shape)
         field = known_field(image.data.shape, spacing, seed=100 + number)
         inside = mask & (image.data > 0)
         cells = []

@@ -75,14 +75,12 @@ def bias_correct(in_path: str | Path, out_path: str | Path, mask_path: str | Pat
     """Step 2: N4 bias-field correction (:mod:`atlasflow.preprocess.n4`) inside the given mask, or
     else a rough head mask.
 
-    The bias field is smooth, so it is estimated on every 4th voxel (2nd on small images). The
-    shrink factor is isotropic: a thick-slice slab (256x256x24) is judged by its in-plane size, as
-    long as a few slices remain along the short axis.
+    The bias field is smooth, so it is estimated on every 4th voxel (2nd on small images,
+    :func:`atlasflow.preprocess.n4.shrink_factor`).
     """
     image = load_image(in_path)
     mask = load_image(mask_path).data > 0 if mask_path else head_mask(image)
-    smallest, middle = sorted(image.data.shape)[:2]
-    shrink = 4 if middle >= 64 and smallest >= 16 else 2 if middle >= 24 and smallest >= 8 else 1
+    shrink = n4.shrink_factor(image.data.shape)
     out = image.with_data(n4.correct(image.data, mask, image.grid.spacing, shrink=shrink))
     out.data[~np.isfinite(out.data)] = 0
     save_image(out, out_path)
