@@ -1,8 +1,8 @@
 """The engine's affine stages: initial alignment, the affine network, test-time optimisation.
 
 :func:`align_affine` takes a :class:`~atlasflow.registration.working_grid.WorkingPair` from a
-starting fixed world -> moving world affine (centres of mass, :func:`initial_affine`, or a known
-one) to the refined one: the network's 12 parameters around the identity, kept only when they
+starting fixed world -> moving world affine (the engine's searched start or a known one) to the
+refined one: the network's 12 parameters around the identity, kept only when they
 raise the similarity, then Adam on LNCC at quarter resolution (:func:`optimise_affine`).
 """
 
@@ -22,20 +22,6 @@ from atlasflow.registration.working_grid import WorkingPair, mask_box, pooled_af
 AFFINE_STEPS = 40
 AFFINE_LR = 0.01
 AFFINE_MIN_COARSE = 16  # voxels per axis below which the quarter-resolution affine level is skipped
-
-
-def initial_affine(
-    pair: WorkingPair, fixed_affine: np.ndarray, init_affine: np.ndarray | None
-) -> np.ndarray:
-    """Fixed world -> moving world to start from: ``init_affine``, else the translation between
-    the images' centres of mass."""
-    if init_affine is not None:
-        return np.asarray(init_affine, float)
-    world = np.eye(4)
-    world[:3, 3] = centre_of_mass(pair.moving_np, pair.moving_affine) - centre_of_mass(
-        pair.fixed_np, fixed_affine
-    )
-    return world
 
 
 def align_affine(

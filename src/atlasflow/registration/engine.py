@@ -6,7 +6,8 @@ Owns the path from two Images on any grids to a world-space :class:`~atlasflow.t
    mask is given, with its voxel axes reordered to RAS (a permutation, no resampling) and padded
    to a multiple of 16, so the networks always see brains the way round they were trained
    (:mod:`~atlasflow.registration.working_grid`);
-2. initial alignment by centres of mass (or ``init_affine``);
+2. initial alignment (or ``init_affine``): centres of mass matched and the best start of a coarse
+   rotation search scored by mutual information (:func:`searched_start`);
 3. deep affine (12 parameters around the identity), kept only when it improves the similarity, then
    a short test-time optimisation of the affine (Adam on LNCC at quarter resolution;
    :mod:`~atlasflow.registration.affine`);
@@ -40,8 +41,8 @@ from atlasflow.nn.layers import integrate_velocity, resize_displacement, warp_te
 from atlasflow.nn.losses import local_ncc
 from atlasflow.nn.model_io import load_model
 from atlasflow.nn.networks import RegistrationModel
-from atlasflow.registration.affine import AFFINE_STEPS, align_affine, initial_affine
-from atlasflow.registration.initial import deformation_helps, initial_alignment
+from atlasflow.registration.affine import AFFINE_STEPS, align_affine
+from atlasflow.registration.initial import deformation_helps, initial_alignment, rotation_candidates
 from atlasflow.registration.inputs import (
     needs_preparation,
     on_working_grid,
@@ -128,7 +129,7 @@ def register_deep(
 
     Masks live on their own image's grid (similarity only inside); ``cost_mask`` (fixed grid) marks
     voxels left out of the similarity (for example a tumour). ``init_affine`` (4x4, fixed world ->
-    moving world) replaces the centre-of-mass initialisation; with ``affine_network=False``
+    moving world) replaces the searched start (:func:`searched_start`); with ``affine_network=False``
     it is only refined by ``affine_steps`` of test-time optimisation (an atlas iteration, whose
     members are already affinely aligned to the template). ``fixed_labels``/``moving_labels``
     (integer maps on their image's grid) add ``label_weight`` x soft Dice over the labels present
@@ -175,7 +176,11 @@ def register_deep(
     start = time.perf_counter()
 
     pair = prepare_pair(fixed, moving, fixed_mask, moving_mask, cost_mask, fixed_labels, device)
-    world = initial_affine(pair, fixed.affine, init_affine)
+    world = (
+        searched_start(fixed, moving, fixed_mask, moving_mask)
+        if init_affine is None
+        else np.asarray(init_affine, float)
+    )
     affine_steps = AFFINE_STEPS if opts.affine_steps is None else opts.affine_steps
     world = align_affine(pair, world, model if affine_network else None, affine_steps)
     if opts.affine_only:
@@ -209,6 +214,24 @@ def register_deep(
     result = _on_fixed_grid(pair, fixed, world, velocity, disp_half, steps, opts)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def searched_start(
+    fixed: Image, moving: Image, fixed_mask: np.ndarray | None, moving_mask: np.ndarray | None
+) -> np.ndarray:
+    """Where a registration of two prepared scans starts (fixed world -> moving world): their
+    centres of mass matched, turned by the best of the rotation search's grid (-30..30 degrees
+    about each axis, mutual information on ~6 mm copies, :func:`rotation_candidates`); the
+    affine network and the local-correlation steps go on from there.
+
+    Centres of mass alone left the rotation to those steps, which cannot undo a head turned in
+    its scanner: open_ms T1w brains, preprocessed by the workflow, with their headers turned 30
+    degrees about the left-right axis and moved 40 mm registered to the template at NCC 0.71
+    and 0.74 instead of 0.85 and 0.86 (45 degrees: 0.55); from the search, 0.85-0.87 at every
+    angle tried, for ~0.25 s. The 9 IXI pairs scored as before (0.636 networks alone, 0.697 +
+    30 steps).
+    """
+    return rotation_candidates(prepare(fixed, fixed_mask), prepare(moving, moving_mask))[0]
 
 
 def _register_prepared(
