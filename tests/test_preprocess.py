@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from atlasflow.errors import AtlasflowError
 from atlasflow.io.images import Image, load_image, save_image
@@ -92,6 +93,58 @@ def test_empty_brain_mask_is_rejected(tmp_path, blob):
     save_image(blob.with_data(np.zeros(blob.data.shape, np.uint8)), tmp_path / "empty.nii.gz")
     with pytest.raises(AtlasflowError, match="empty"):
         pp.brain_mask(tmp_path / "t1.nii.gz", tmp_path / "m.nii.gz", given_mask=tmp_path / "empty.nii.gz")
+
+
+def test_a_tumour_is_inside_the_brain_mask_whatever_the_mask_came_from(tmp_path, blob):
+    """A brain mask (here given; from labels or the template alike) that cuts off part of the
+    session's tumour gets the tumour added: the tumour is brain, and what lies outside the mask
+    is zeroed by the preprocessing and may fall off the working grid. The tumour mask comes on
+    its own grid (another contrast's, 1 mm), read through the scanner's coordinates."""
+    save_image(blob, tmp_path / "t1.nii.gz")
+    brain = blob.data > 0.4
+    save_image(blob.with_data(brain.astype(np.uint8)), tmp_path / "brain.nii.gz")
+    # a tumour astride the brain's edge, drawn on a finer grid shifted by half a voxel
+    ci, cj = np.array(brain.shape[:2]) // 2
+    edge = np.array([ci, cj, np.nonzero(brain[ci, cj])[0].max()])  # the top of the brain
+    centre = edge @ blob.affine[:3, :3].T + blob.affine[:3, 3]
+    fine = np.eye(4)
+    fine[:3, 3] = centre - 20.0 + 0.5
+    points = np.stack(np.meshgrid(*[np.arange(40.0)] * 3, indexing="ij"), -1) + fine[:3, 3]
+    tumour = np.linalg.norm(points - centre, axis=-1) < 6.0
+    save_image(Image(tumour.astype(np.uint8), fine), tmp_path / "tumour.nii.gz")
+    assert (tumour.sum() > 0) and not np.all(brain)
+
+    plain = pp.brain_mask(tmp_path / "t1.nii.gz", tmp_path / "m0.nii.gz", given_mask=tmp_path / "brain.nii.gz")
+    mask = pp.brain_mask(
+        tmp_path / "t1.nii.gz",
+        tmp_path / "m.nii.gz",
+        given_mask=tmp_path / "brain.nii.gz",
+        lesion_mask=tmp_path / "tumour.nii.gz",
+    )
+    on_scan = pp.carry_labels(tmp_path / "tumour.nii.gz", tmp_path / "t1.nii.gz", tmp_path / "t.nii.gz").data > 0
+    assert on_scan.any() and not (plain.data > 0)[on_scan].all()  # the given mask cut it
+    assert (mask.data > 0)[on_scan].all()
+    assert ((mask.data > 0) & ~(plain.data > 0)).sum() <= ndimage.binary_dilation(on_scan).sum()
+
+
+def test_a_tumour_mask_that_misses_the_scan_is_rejected_by_name(tmp_path, blob):
+    """A mask whose voxels do not land on the preprocessed grid (another patient's, a broken
+    header) is one clear error naming it, not a silently empty tumour."""
+    save_image(blob, tmp_path / "pre.nii.gz")
+    far = Image(np.ones((4, 4, 4), np.uint8), np.diag([1.0, 1.0, 1.0, 1.0]))
+    far.affine[:3, 3] = 500.0
+    save_image(far, tmp_path / "far_mask.nii.gz")
+    with pytest.raises(AtlasflowError, match="far_mask.nii.gz"):
+        pp.carry_labels(
+            tmp_path / "far_mask.nii.gz", tmp_path / "pre.nii.gz", tmp_path / "out.nii.gz", lesion=True
+        )
+    assert not (tmp_path / "out.nii.gz").exists()
+    # on the grid it is carried as before
+    near = far.with_data(far.data)
+    near.affine[:3, 3] = 0.0
+    save_image(near, tmp_path / "near_mask.nii.gz")
+    out = pp.carry_labels(tmp_path / "near_mask.nii.gz", tmp_path / "pre.nii.gz", tmp_path / "out.nii.gz", lesion=True)
+    assert out.data.any()
 
 
 def test_mni152_template_is_written_on_the_working_grid(tmp_path):

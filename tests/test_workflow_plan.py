@@ -89,6 +89,10 @@ def test_option_strings_the_rules_pass(plan):
     mask = plan.mask_inputs(wc(subject="01", session="1"))
     assert list(mask) == ["labels"]
     assert plan.mask_args(None, mask | {"labels": "l.nii.gz"}) == "--labels l.nii.gz"
+    # a session with a tumour mask adds it to the brain mask
+    tumour = plan.mask_inputs(scan)
+    assert tumour["lesion"] == plan.optional(scan, "tumor_mask")
+    assert plan.mask_args(None, tumour | {"lesion": "t.nii.gz"}).endswith("--lesion-mask t.nii.gz")
 
 
 def test_atlas_settings_and_flags_come_from_the_same_config(plan):

@@ -55,6 +55,7 @@ _MASK_FLAGS = {
     "labels": "--labels",
     "template": "--template",
     "template_mask": "--template-mask",
+    "lesion": "--lesion-mask",
 }
 
 
@@ -309,20 +310,22 @@ class WorkflowPlan(LongitudinalPlan):
     # --- preprocessing
 
     def mask_inputs(self, wildcards: Any) -> dict[str, Any]:
-        """What the brain mask is derived from, by config and by what the manifest gives."""
+        """What the brain mask is derived from (config, manifest), + the tumour: a tumour is brain."""
         mode = self.config["preprocess"]["brain_mask"]
         given = self.optional(wildcards, "brain_mask")
         labels = self.optional(wildcards, "labels")
+        extra = {"lesion": lesion} if (lesion := self.optional(wildcards, "tumor_mask")) else {}
         if mode in ("auto", "given") and given:
-            return {"given": given}
+            return {"given": given, **extra}
         if mode in ("auto", "labels") and labels:
-            return {"labels": labels}
+            return {"labels": labels, **extra}
         # The template's brain is deformed onto the scan by the shipped networks: new weights
         # redo the masks.
         return {
             "template": layout.template(self.out),
             "template_mask": layout.template_mask(self.out),
             "model": [str(SHIPPED_MODEL)],
+            **extra,
         }
 
     @staticmethod

@@ -162,4 +162,4 @@ rule preprocess_tumor_mask:
         runtime=5,
     shell:
         "atlasflow preprocess carry --input {input.labels} --reference {input.reference} {params.grids} "
-        "--output {output} > {log} 2>&1"
+        "--lesion --output {output} > {log} 2>&1"

@@ -81,6 +81,10 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels")
     p.add_argument("--template")
     p.add_argument("--template-mask")
+    p.add_argument("--lesion-mask", help="mask: the session's tumour or lesion mask, added to the brain mask")
+    p.add_argument(
+        "--lesion", action="store_true", help="carry: the input is a tumour or lesion mask (it must land on the grid)"
+    )
     p.add_argument("--out-mask")
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--reference", help="carry: image whose grid the labels are resampled onto")
@@ -121,12 +125,18 @@ def run_preprocess(args: argparse.Namespace) -> int:
             labels=args.labels,
             template=template,
             template_mask=template_mask,
+            lesion_mask=args.lesion_mask,
         )
     elif args.step == "finalize":
         pp.finalize(args.input, args.mask, args.output, args.out_mask, spacing=args.spacing)
     elif args.step == "carry":
         pp.carry_labels(
-            args.input, args.reference, args.output, t1w_path=args.t1w, contrast_grids=args.contrast_grid
+            args.input,
+            args.reference,
+            args.output,
+            t1w_path=args.t1w,
+            contrast_grids=args.contrast_grid,
+            lesion=args.lesion,
         )
     return 0
 

@@ -96,12 +96,20 @@ def brain_mask(
     template: Image | None = None,
     template_mask: np.ndarray | None = None,
     dilate_voxels: int = 1,
+    lesion_mask: str | Path | None = None,
 ) -> Image:
     """Step 3: brain mask on the image's grid.
 
     Preference: a given mask; else the label map's foreground (dilated); else the template mask
     carried onto the scan (:func:`template_mask_on_scan`, the only option for a bare scan:
     deformed onto a T1-like scan and dilated like the labels, else affine and dilated 2 voxels).
+
+    ``lesion_mask`` (the session's tumour or lesion mask, on any grid of the session: read
+    through the scanner's coordinates) is added, dilated by ``dilate_voxels``: a tumour is brain,
+    yet a mask found from a healthy template or a healthy parcellation can cut off its rim, and
+    what lies outside the brain mask is zeroed by the preprocessing and can fall off the working
+    grid (a glioblastoma collection's tumours did, and with them the tumour exclusion and the
+    Jacobian volume check of every pair).
     """
     image = load_image(image_path)
     if given_mask:
@@ -118,6 +126,14 @@ def brain_mask(
             raise AtlasflowError(f"{image_path}: no brain mask, no labels and no template to derive one")
         mask, _ = template_brain(image, template, template_mask, dilate_voxels)
         source = "template"
+    if lesion_mask:
+        lesion = _on_grid(_binary(load_image(lesion_mask, dtype=None)), image.grid) > 0.5
+        lesion = ndimage.binary_dilation(lesion, iterations=dilate_voxels)
+        added = lesion & ~mask
+        if added.any():
+            volume = float(added.sum() * np.prod(image.grid.spacing)) / 1000.0
+            print(f"{lesion_mask}: {volume:.1f} mL of the lesion added to the brain mask ({source})")
+        mask = ndimage.binary_fill_holes(mask | lesion)
     if mask.sum() == 0:
         raise AtlasflowError(f"{image_path}: brain mask ({source}) is empty")
     out = image.with_data(mask.astype(np.uint8))
@@ -127,6 +143,11 @@ def brain_mask(
 
 #: Instance-optimisation steps of the deformable step of :func:`template_mask_on_scan`.
 TEMPLATE_MASK_REFINE_STEPS = 10
+#: Thickest voxel (mm) of a scan whose template brain is deformed onto it; thicker slices keep the
+#: affine mask. On 0.9 x 0.9 x 5 mm post-contrast T1 slabs (the glioblastoma collection with its
+#: true voxel sizes) the deformation carried the template brain's edge out to the scalp on two
+#: of five patients (both sessions), while the affine mask followed the brain.
+TEMPLATE_MASK_MAX_DEFORM_MM = 4.0
 #: A scan is T1-like when its white matter (where the T1w template is in its brightest quarter) is
 #: brighter than its grey matter (the template's second quarter) by this ratio of medians. After
 #: the affine alone, raw and uncorrected: 10 IXI T1w 1.16-1.35, open_ms T1W 1.14-1.19, FLAIR
@@ -193,7 +214,7 @@ def template_mask_on_scan(
     # ``world`` maps template points to scan points: the scan's intensities on the template.
     seen = apply_transform(image, Transform(world), template.grid, "linear").data
     contrast = contrast_class(template, seen, template_mask)
-    if contrast == "T1-like":
+    if contrast == "T1-like" and float(image.grid.spacing.max()) <= TEMPLATE_MASK_MAX_DEFORM_MM:
         from atlasflow.registration.api import register
 
         reg = register(
@@ -243,6 +264,11 @@ def implausible_brain(mask: np.ndarray, image: Image) -> str | None:
     if inside < 0.9:
         return f"only {100 * inside:.0f} % of the found brain lies in the scan's foreground"
     return None
+
+
+def _binary(image: Image) -> Image:
+    """A label map or mask as 0/1 floats (any label > 0 is in), for linear resampling."""
+    return image.with_data((np.asarray(image.data) > 0).astype(np.float32))
 
 
 def _on_grid(image: Image, grid: Grid, interpolation: str = "linear") -> np.ndarray:
@@ -307,6 +333,7 @@ def carry_labels(
     *,
     t1w_path: str | Path | None = None,
     contrast_grids: Sequence[tuple[str | Path, str | Path]] = (),
+    lesion: bool = False,
 ) -> Image:
     """Resample a label map or mask (any orientation) onto a reference grid, nearest neighbour.
 
@@ -315,6 +342,10 @@ def carry_labels(
     (the contrast as given, its ``from-<contrast>_to-T1w`` transform), it is carried through that
     session alignment rather than through the scanner's coordinates, which a head movement
     between the two scans would leave off.
+
+    With ``lesion`` (a tumour or lesion mask) most of its voxels must land on the reference grid
+    (:data:`LESION_MIN_SHARE_ON_GRID`), else one error names the file: an empty tumour on the
+    working grid would silently switch off the tumour exclusion and the volume checks.
     """
     transform = Transform.identity()
     if t1w_path is not None and not _same_grid(in_path, t1w_path):
@@ -324,9 +355,36 @@ def carry_labels(
                 break
     labels = to_ras(load_image(in_path, dtype=None))
     reference = load_image(reference_path)
+    if lesion:
+        share = share_on_grid(labels, transform, reference.grid)
+        if share < LESION_MIN_SHARE_ON_GRID:
+            raise AtlasflowError(
+                f"{in_path}: only {share:.0%} of the mask's voxels lie on the scan's working grid "
+                f"({reference_path}, the brain found plus a margin): is it this session's mask, and "
+                "do both headers give the true voxel sizes and positions?"
+            )
     out = apply_transform(labels, transform, reference.grid, "nearest")
     save_image(out, out_path, dtype=_label_dtype(out.data))
     return out
+
+
+#: Share of a tumour or lesion mask's voxels that must land on the working grid (see
+#: :func:`carry_labels`); a mask at the brain's edge may lose a sliver, not half.
+LESION_MIN_SHARE_ON_GRID = 0.5
+
+
+def share_on_grid(labels: Image, transform: Transform, grid: Grid) -> float:
+    """The share of ``labels``' voxels (> 0) whose centres fall inside ``grid`` once carried
+    there (``transform``: grid world -> labels world, as :func:`carry_labels` samples); 1 for an
+    empty map."""
+    idx = np.argwhere(np.asarray(labels.data) > 0)
+    if len(idx) == 0:
+        return 1.0
+    world = idx @ labels.affine[:3, :3].T + labels.affine[:3, 3]
+    to_grid = np.linalg.inv(grid.affine) @ np.linalg.inv(transform.affine)
+    vox = world @ to_grid[:3, :3].T + to_grid[:3, 3]
+    inside = np.all((vox >= -0.5) & (vox <= np.array(grid.shape) - 0.5), axis=1)
+    return float(inside.mean())
 
 
 def _same_grid(a: str | Path, b: str | Path) -> bool:

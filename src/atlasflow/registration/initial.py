@@ -44,6 +44,8 @@ MAX_POINTS = 20000
 NATIVE_LEVEL = (30, 0.001)
 FINEST_MM = 1.0
 TRANSLATION_SCALE_MM = 10.0  # one unit of the translation parameters (all of order one)
+#: A start competes only when it keeps this share of the best start's overlap (see _Level.best).
+MIN_RELATIVE_OVERLAP = 0.7
 
 
 # ------------------------------------------------------------------------------ similarity
@@ -130,6 +132,24 @@ class _Level:
         with torch.no_grad():
             return float(self.nmi(torch.from_numpy(world_map).float()))
 
+    def overlap(self, world_map: np.ndarray) -> float:
+        """The share of the fixed foreground's points that land inside the moving image."""
+        with torch.no_grad():
+            return float(self.sample(torch.from_numpy(world_map).float())[1].mean())
+
+    def best(self, maps: list[np.ndarray]) -> np.ndarray:
+        """The map of highest mutual information among those that keep at least
+        :data:`MIN_RELATIVE_OVERLAP` of the best overlap. Mutual information is measured where the
+        images overlap, so a start that leaves most of the fixed foreground outside the moving
+        image can score highest on a sliver: a post-contrast T1 slab whose header put the head
+        far from the template's world origin kept 13 % of the template brain in the scanner's own
+        coordinates (normalised MI 1.038) against 76 % from the centres of mass (1.037), and the
+        brain mask found there lay beside the head."""
+        overlaps = [self.overlap(m) for m in maps]
+        floor = MIN_RELATIVE_OVERLAP * max(overlaps)
+        kept = [m for m, o in zip(maps, overlaps, strict=True) if o >= floor]
+        return max(kept, key=self.score)
+
 
 def _masked_copy(prepared: PreparedImage, spacing: float) -> Image:
     image, mask = prepared.image, prepared.mask
@@ -208,7 +228,7 @@ def initial_alignment(fixed: PreparedImage, moving: PreparedImage) -> np.ndarray
     # agree to a millimetre before any registration.
     starts = [np.eye(4), *rotation_candidates(fixed, moving)]
     refined = [optimise_nmi(levels[spacing], s, centre, steps, lr, rigid) for s in starts]
-    best = max(refined, key=levels[spacing].score)
+    best = levels[spacing].best(refined)
     for spacing, steps, lr, rigid in finer:
         best = optimise_nmi(levels[spacing], best, centre, steps, lr, rigid)
     # Last, an affine step on the scans as they came, where they are finer than the working grid
@@ -260,7 +280,7 @@ def session_alignment(fixed: PreparedImage, moving: PreparedImage, rigid: bool =
     (spacing, steps, lr, _), *finer = LEVELS
     coarse = _Level(fixed, moving, spacing)
     refined = [optimise_nmi(coarse, s, centre, steps, lr, rigid=True) for s in (np.eye(4), shift)]
-    best = max(refined, key=coarse.score)
+    best = coarse.best(refined)
     for spacing, steps, lr, level_rigid in finer:
         best = optimise_nmi(_Level(fixed, moving, spacing), best, centre, steps, lr, rigid or level_rigid)
     native = max(FINEST_MM, min(_finest(fixed), _finest(moving)))
