@@ -225,19 +225,20 @@ def test_a_glioblastoma_pair_with_its_true_voxel_sizes_is_found_and_aligned(tmp_
     sliver), so the two sessions' brain masks disagreed and the start found on them did not align
     the pair (NCC outside the tumour 0.01 after it); and the tumour fell off the working grid of
     the scan whose brain was misplaced, silently."""
-    import nibabel as nib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gbm_longitudinal import respaced
 
     folder = shared_data / "tumor_progression" / "03"
-    scans = {}
-    for session, stem in (("pre", "Pre"), ("post", "Post")):
-        pair = []
-        for name in (f"{stem}_Scan_T1", f"{stem}_Mask"):
-            image = nib.load(folder / f"{name}.nii.gz")
-            affine = image.affine.copy()
-            affine[:3, :3] = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0) * [0.9, 0.9, 5.0]
-            nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), tmp_path / f"{name}.nii.gz")
-            pair.append(tmp_path / f"{name}.nii.gz")
-        scans[session] = tuple(pair)
+    scans = {
+        session: tuple(
+            respaced(folder / f"{name}.nii.gz", [0.9, 0.9, 5.0], tmp_path / "data")
+            for name in (f"{stem}_Scan_T1", f"{stem}_Mask")
+        )
+        for session, stem in (("pre", "Pre"), ("post", "Post"))
+    }
     files = _workflow_preprocessing(tmp_path, scans, lesion=True)
     for session in ("pre", "post"):
         brain = load_image(files[session][1])

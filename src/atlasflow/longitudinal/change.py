@@ -232,7 +232,7 @@ def register_followup(
     if opts.backend == "deep":
         # Two scans of one head start from the contrast-independent alignment (mutual
         # information, rotation search), kept as found, as raw scans always did: the engine's
-        # start for preprocessed scans (centres of mass, then local correlation) shrank two real
+        # former start for preprocessed scans (centres of mass, then local correlation) shrank two real
         # glioblastoma pairs of 24 thick slices to 0.6x (NCC outside the tumour -0.05 and 0.32
         # where this start gives 0.86 and 0.61).
         start["init_affine"] = initial_alignment(prepare(fixed, fmask), prepare(moving, mmask))
